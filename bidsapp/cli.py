@@ -1,0 +1,305 @@
+"""Command-line interface: ``roimae BIDS_DIR OUTPUT_DIR {pretrain,participant,group} [options]``.
+
+Option names follow fMRIPrep / XCP-D (nipreps), including the underscore spellings
+(``--participant_label``). ``roimae demo OUT_DIR`` writes the synthetic demo dataset.
+Errors are one line on standard error with a BEP027 exit code; ``-vv`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from pydantic import ValidationError
+
+from bidsapp import __version__
+from bidsapp.config import Config
+from bidsapp.errors import ExitCode, RoimaeError, UnknownLevelError, UsageError
+
+LEVELS = ("pretrain", "participant", "group")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors exit 64 (EX_USAGE) with one line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(int(ExitCode.USAGE), f"{self.prog}: error: {message}\n")
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    if not key or not value:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return key, value
+
+
+def _both(name: str) -> list[str]:
+    """``--participant-label`` and its fMRIPrep spelling ``--participant_label``."""
+    spellings = [f"--{name}"]
+    if "-" in name:
+        spellings.append(f"--{name.replace('-', '_')}")
+    return spellings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser of the ``roimae`` command (also read by the Boutiques test)."""
+    parser = _Parser(
+        prog="roimae",
+        description="roimae: ROI-guided masked autoencoder pretraining, embeddings and region "
+        "attribution for MNI-space fMRI (a BIDS-App). Use `roimae demo OUT_DIR` for a demo dataset.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("bids_dir", type=Path, help="fMRIPrep derivatives, or a raw BIDS dataset "
+                        "with derivatives/fmriprep (or -d fmriprep=PATH)")
+    parser.add_argument("output_dir", type=Path, help="where the derivatives are written")
+    parser.add_argument("analysis_level", metavar="{pretrain,participant,group}",
+                        help="processing stage to run")
+    parser.add_argument("--version", action="version", version=f"roimae {__version__}")
+
+    sel = parser.add_argument_group("Selecting input data")
+    sel.add_argument(*_both("participant-label"), dest="participant_label", nargs="+",
+                     metavar="LABEL", help="participants to process ('sub-' optional)")
+    sel.add_argument(*_both("session-label"), dest="session_label", nargs="+", metavar="LABEL",
+                     help="sessions to process ('ses-' optional)")
+    sel.add_argument(*_both("task-label"), "--task-id", dest="task_label", nargs="+",
+                     metavar="LABEL", help="tasks to process ('task-' optional)")
+    sel.add_argument("--space", default=None, help="MNI template space of the BOLD runs "
+                     "(default: first available of MNI152NLin2009cAsym, MNI152NLin6Asym)")
+    sel.add_argument(*_both("bids-filter-file"), dest="bids_filter_file", type=Path,
+                     metavar="FILE", help="JSON file of pybids filters, keyed by 'bold' and/or 'mask'")
+    sel.add_argument(*_both("bids-database-dir"), dest="bids_database_dir", type=Path,
+                     metavar="DIR", help="reuse (or create) a pybids index database here")
+    sel.add_argument("-d", "--derivatives", nargs="+", type=_key_value, metavar="NAME=PATH",
+                     help="derivative datasets to search, e.g. fmriprep=/data/derivatives/fmriprep")
+    sel.add_argument(*_both("skip-bids-validation"), dest="skip_bids_validation",
+                     action="store_true", help="do not run the BIDS validator on raw input")
+
+    gen = parser.add_argument_group("General options")
+    gen.add_argument("-w", *_both("work-dir"), dest="work_dir", type=Path, default=None,
+                     help="work directory for the preprocessed-data cache and temporary files "
+                     "(default: OUTPUT_DIR/.roimae-work)")
+    gen.add_argument("--atlas", type=Path, help="parcellation image (MNI), with --atlas-labels")
+    gen.add_argument(*_both("atlas-labels"), dest="atlas_labels", type=Path,
+                     help="label table (TSV: index, name[, hemisphere, group])")
+    gen.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                     help="where to run the model")
+    gen.add_argument("--nprocs", "--n-cpus", "--n_cpus", dest="nprocs", type=int, default=1,
+                     help="processes for data loading")
+    gen.add_argument(*_both("omp-nthreads"), dest="omp_nthreads", type=int, default=None,
+                     help="threads per process for PyTorch / BLAS (default: all CPUs / nprocs)")
+    gen.add_argument(*_both("random-seed"), dest="random_seed", type=int, default=0,
+                     help="seed of every random choice (masks, splits, initialisation)")
+    gen.add_argument("-v", "--verbose", dest="verbosity", action="count", default=0,
+                     help="more output (-vv also prints tracebacks)")
+
+    pre = parser.add_argument_group("Preprocessing to the model grid")
+    pre.add_argument(*_both("window-frames"), dest="window_frames", type=int, default=20,
+                     help="frames per model input window")
+    pre.add_argument(*_both("target-tr"), dest="target_tr", type=float, default=None,
+                     help="resample every run in time to this repetition time (seconds)")
+
+    mod = parser.add_argument_group("Model and masking")
+    mod.add_argument("--backbone", choices=("swin4d",), default="swin4d", help="encoder")
+    mod.add_argument("--preset", choices=("tiny", "small", "base"), default="tiny",
+                     help="model size (base = NeuroSTORM)")
+    mod.add_argument("--masking", choices=("roi", "random", "brain-random", "roi-voxel"),
+                     default="roi", help="masking strategy for pretraining")
+    mod.add_argument(*_both("mask-ratio"), dest="mask_ratio", type=float, default=0.5,
+                     help="fraction of regions (or tokens, see --mask-ratio-unit) to hide")
+    mod.add_argument(*_both("mask-ratio-unit"), dest="mask_ratio_unit",
+                     choices=("regions", "tokens"), default="regions",
+                     help="what --mask-ratio counts for roi masking")
+    mod.add_argument(*_both("mask-time"), dest="mask_time", choices=("tube", "random"),
+                     default="tube", help="same mask in every frame (tube) or a new one per frame")
+
+    tr = parser.add_argument_group("Pretrain level")
+    tr.add_argument("--epochs", type=int, default=10)
+    tr.add_argument(*_both("batch-size"), dest="batch_size", type=int, default=2)
+    tr.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    tr.add_argument(*_both("weight-decay"), dest="weight_decay", type=float, default=0.05)
+    tr.add_argument(*_both("warmup-epochs"), dest="warmup_epochs", type=float, default=1.0)
+    tr.add_argument(*_both("clip-grad"), dest="clip_grad", type=float, default=1.0)
+    tr.add_argument(*_both("val-fraction"), dest="val_fraction", type=float, default=0.2,
+                    help="fraction of participants held out for the validation loss")
+    tr.add_argument(*_both("norm-pix-loss"), dest="norm_pix_loss", action="store_true",
+                    help="normalise each token's target voxels before the loss")
+    tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+
+    par = parser.add_argument_group("Participant level")
+    par.add_argument("--model", type=Path, help="checkpoint (.safetensors with its .json sidecar); "
+                     "default: the one the pretrain level wrote in OUTPUT_DIR")
+    par.add_argument(*_both("model-desc"), dest="model_desc",
+                     help="which pretrained model in OUTPUT_DIR (its masking, e.g. roi, random)")
+    par.add_argument(*_both("no-attribution"), dest="attribution", action="store_false",
+                     help="embeddings only")
+    par.add_argument(*_both("attribution-subsets"), dest="attribution_subsets", type=int,
+                     default=16, help="random region subsets averaged per region for attribution")
+    par.add_argument("--overwrite", action="store_true", help="redo runs already complete")
+    par.add_argument(*_both("no-reports"), dest="reports", action="store_false",
+                     help="skip the HTML reports")
+
+    grp = parser.add_argument_group("Group level")
+    grp.add_argument("--target", help="participants.tsv column to classify (e.g. diagnosis)")
+    grp.add_argument(*_both("target-map"), dest="target_map", nargs="+", type=_key_value,
+                     metavar="VALUE=CLASS", help="recode target values, e.g. 0=control 1=adhd")
+    grp.add_argument("--classifier", choices=("logreg", "svm", "mlp"), default="logreg")
+    grp.add_argument(*_both("cv-folds"), dest="cv_folds", type=int, default=5)
+    grp.add_argument(*_both("cv-repeats"), dest="cv_repeats", type=int, default=5)
+    grp.add_argument(*_both("cv-groups"), dest="cv_groups", metavar="COLUMN",
+                     help="participants.tsv column whose groups stay in one fold (e.g. site)")
+    grp.add_argument(*_both("n-permutations"), dest="n_permutations", type=int, default=1000)
+    grp.add_argument("--compare", nargs="+", metavar="DESC",
+                     help="compare embedding sets of these models (e.g. roi random)")
+    return parser
+
+
+def build_demo_parser() -> argparse.ArgumentParser:
+    """Parser of ``roimae demo OUT_DIR``."""
+    parser = _Parser(prog="roimae demo", description="Write the synthetic demo dataset "
+                     "(fMRIPrep-style derivatives with planted regional effects).",
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--participants", type=int, default=24)
+    parser.add_argument("--frames", type=int, default=60, help="frames per run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--run", action="store_true",
+                        help="then run pretrain (roi, random), participant and group on it")
+    parser.add_argument("-v", "--verbose", dest="verbosity", action="count", default=0)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Turn parsed arguments into a validated :class:`Config` (raises UsageError)."""
+    if args.analysis_level not in LEVELS:
+        raise UnknownLevelError(
+            f"unknown analysis level {args.analysis_level!r}; choose one of {', '.join(LEVELS)}"
+        )
+    bids_filters: dict = {}
+    if args.bids_filter_file is not None:
+        bids_filters = _read_filter_file(args.bids_filter_file)
+    output_dir = args.output_dir.expanduser().absolute()
+    work_dir = (args.work_dir or output_dir / ".roimae-work").expanduser()
+    omp = args.omp_nthreads or max(1, (os.cpu_count() or 1) // max(1, args.nprocs))
+    try:
+        return Config(
+            bids_dir=args.bids_dir.expanduser().absolute(),
+            output_dir=output_dir,
+            analysis_level=args.analysis_level,
+            work_dir=work_dir.absolute(),
+            bids_database_dir=args.bids_database_dir,
+            skip_bids_validation=args.skip_bids_validation,
+            atlas=args.atlas,
+            atlas_labels=args.atlas_labels,
+            device=args.device,
+            nprocs=args.nprocs,
+            omp_nthreads=omp,
+            random_seed=args.random_seed,
+            verbosity=args.verbosity,
+            selection={
+                "participant_label": args.participant_label,
+                "session_label": args.session_label,
+                "task_label": args.task_label,
+                "space": args.space,
+                "bids_filters": bids_filters,
+                "derivatives": dict(args.derivatives or []),
+            },
+            preprocess={"window_frames": args.window_frames, "target_tr": args.target_tr},
+            model={"backbone": args.backbone, "preset": args.preset},
+            masking={
+                "masking": args.masking,
+                "mask_ratio": args.mask_ratio,
+                "mask_ratio_unit": args.mask_ratio_unit,
+                "mask_time": args.mask_time,
+            },
+            pretrain={
+                "epochs": args.epochs,
+                "batch_size": args.batch_size,
+                "lr": args.lr,
+                "weight_decay": args.weight_decay,
+                "warmup_epochs": args.warmup_epochs,
+                "clip_grad": args.clip_grad,
+                "val_fraction": args.val_fraction,
+                "norm_pix_loss": args.norm_pix_loss,
+                "resume": args.resume,
+            },
+            participant={
+                "model": args.model,
+                "model_desc": args.model_desc,
+                "attribution": args.attribution,
+                "attribution_subsets": args.attribution_subsets,
+                "overwrite": args.overwrite,
+                "reports": args.reports,
+            },
+            group={
+                "target": args.target,
+                "target_map": dict(args.target_map or []),
+                "classifier": args.classifier,
+                "cv_folds": args.cv_folds,
+                "cv_repeats": args.cv_repeats,
+                "cv_groups": args.cv_groups,
+                "n_permutations": args.n_permutations,
+                "compare": args.compare,
+            },
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        raise UsageError(f"{where}: {message}" if where else message) from exc
+
+
+def _read_filter_file(path: Path) -> dict:
+    try:
+        filters = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise UsageError(f"--bids-filter-file {path} does not exist") from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"--bids-filter-file {path} is not valid JSON: {exc}") from exc
+    if not isinstance(filters, dict) or not all(isinstance(v, dict) for v in filters.values()):
+        raise UsageError(
+            f"--bids-filter-file {path} must map query names ('bold', 'mask') to objects"
+        )
+    return filters
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``roimae`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbosity = sum(a.count("v") for a in argv if a.startswith("-") and set(a[1:]) == {"v"})
+    verbosity += argv.count("--verbose")
+    try:
+        if argv and argv[0] == "demo":
+            from bidsapp.workflows import run_demo
+
+            return run_demo(build_demo_parser().parse_args(argv[1:]))
+        args = build_parser().parse_args(argv)
+        config = config_from_args(args)
+        from bidsapp.workflows import run
+
+        return run(config)
+    except RoimaeError as exc:
+        if verbosity >= 2:
+            traceback.print_exc()
+        print(f"roimae: error: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        print("roimae: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: say so in one line unless -vv
+        if verbosity >= 2:
+            traceback.print_exc()
+        print(f"roimae: internal error: {type(exc).__name__}: {exc} (rerun with -vv for the "
+              "traceback and please report it)", file=sys.stderr)
+        return int(ExitCode.FAILURE)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,174 @@
+"""The validated run configuration.
+
+The CLI parses arguments into a :class:`Config`; workflows read only this object, and a copy of it
+is saved under ``OUTPUT_DIR/logs/`` for every run so that each output can be traced to its settings.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+AnalysisLevel = Literal["pretrain", "participant", "group"]
+MaskingName = Literal["roi", "random", "brain-random", "roi-voxel"]
+PresetName = Literal["tiny", "small", "base"]
+BackboneName = Literal["swin4d"]
+Device = Literal["auto", "cpu", "cuda"]
+
+#: BIDS labels are alphanumeric (the BIDS specification, "label" value format).
+LABEL_PATTERN = re.compile(r"^[A-Za-z0-9]+$")
+#: Default output spaces, in order of preference, when ``--space`` is not given.
+DEFAULT_SPACES = ("MNI152NLin2009cAsym", "MNI152NLin6Asym")
+
+
+def _strip_prefix(value: str, prefix: str) -> str:
+    return value[len(prefix) :] if value.startswith(prefix) else value
+
+
+def _check_labels(values: list[str] | None, prefix: str, what: str) -> list[str] | None:
+    if values is None:
+        return None
+    labels = [_strip_prefix(v, prefix) for v in values]
+    for label in labels:
+        if not LABEL_PATTERN.fullmatch(label):
+            raise ValueError(
+                f"invalid {what} label {label!r}: BIDS labels hold only letters and digits"
+            )
+    return sorted(set(labels))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SelectionConfig(_Section):
+    """Which runs of the input dataset to use."""
+
+    participant_label: list[str] | None = None
+    session_label: list[str] | None = None
+    task_label: list[str] | None = None
+    space: str | None = None
+    bids_filters: dict[str, dict] = Field(default_factory=dict)
+    derivatives: dict[str, Path] = Field(default_factory=dict)
+
+    @field_validator("participant_label")
+    @classmethod
+    def _participants(cls, v: list[str] | None) -> list[str] | None:
+        return _check_labels(v, "sub-", "participant")
+
+    @field_validator("session_label")
+    @classmethod
+    def _sessions(cls, v: list[str] | None) -> list[str] | None:
+        return _check_labels(v, "ses-", "session")
+
+    @field_validator("task_label")
+    @classmethod
+    def _tasks(cls, v: list[str] | None) -> list[str] | None:
+        return _check_labels(v, "task-", "task")
+
+    @field_validator("space")
+    @classmethod
+    def _space(cls, v: str | None) -> str | None:
+        if v is not None and not LABEL_PATTERN.fullmatch(v):
+            raise ValueError(f"invalid space {v!r}: a template identifier such as MNI152NLin6Asym")
+        return v
+
+
+class PreprocessConfig(_Section):
+    """How BOLD runs are brought to the model grid."""
+
+    window_frames: int = Field(20, ge=1, le=1024)
+    target_tr: float | None = Field(None, gt=0)
+
+
+class ModelConfig(_Section):
+    """Which backbone and which size."""
+
+    backbone: BackboneName = "swin4d"
+    preset: PresetName = "tiny"
+
+
+class MaskingConfig(_Section):
+    """How tokens or voxels are hidden during pretraining."""
+
+    masking: MaskingName = "roi"
+    mask_ratio: float = Field(0.5, gt=0.0, lt=1.0)
+    mask_ratio_unit: Literal["regions", "tokens"] = "regions"
+    mask_time: Literal["tube", "random"] = "tube"
+
+
+class PretrainConfig(_Section):
+    """Optimisation settings of the pretrain level."""
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(2, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    clip_grad: float = Field(1.0, gt=0)
+    val_fraction: float = Field(0.2, ge=0, lt=1)
+    norm_pix_loss: bool = False
+    resume: bool = False
+
+
+class ParticipantConfig(_Section):
+    """Settings of the participant level."""
+
+    model: Path | None = None
+    model_desc: str | None = None
+    attribution: bool = True
+    attribution_subsets: int = Field(16, ge=1)
+    overwrite: bool = False
+    reports: bool = True
+
+
+class GroupConfig(_Section):
+    """Settings of the group level."""
+
+    target: str | None = None
+    target_map: dict[str, str] = Field(default_factory=dict)
+    classifier: Literal["logreg", "svm", "mlp"] = "logreg"
+    cv_folds: int = Field(5, ge=2)
+    cv_repeats: int = Field(5, ge=1)
+    cv_groups: str | None = None
+    n_permutations: int = Field(1000, ge=0)
+    compare: list[str] | None = None
+
+
+class Config(_Section):
+    """Everything one invocation of roimae needs, validated."""
+
+    bids_dir: Path
+    output_dir: Path
+    analysis_level: AnalysisLevel
+    work_dir: Path
+    bids_database_dir: Path | None = None
+    skip_bids_validation: bool = False
+    atlas: Path | None = None
+    atlas_labels: Path | None = None
+    device: Device = "auto"
+    nprocs: int = Field(1, ge=1)
+    omp_nthreads: int = Field(1, ge=1)
+    random_seed: int = Field(0, ge=0, lt=2**32)
+    verbosity: int = Field(0, ge=0)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    masking: MaskingConfig = Field(default_factory=MaskingConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    participant: ParticipantConfig = Field(default_factory=ParticipantConfig)
+    group: GroupConfig = Field(default_factory=GroupConfig)
+
+    @model_validator(mode="after")
+    def _atlas_pair(self) -> Config:
+        if (self.atlas is None) != (self.atlas_labels is None):
+            raise ValueError("--atlas and --atlas-labels must be given together")
+        return self
+
+    def to_json(self) -> str:
+        """Serialise to JSON (paths as strings), as saved under ``OUTPUT_DIR/logs/``."""
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)

@@ -1,0 +1,83 @@
+"""Exit codes (BEP027) and the exceptions that carry them to the command line.
+
+Every error a user can cause is raised as a :class:`RoimaeError` subclass; the CLI turns it into
+one line on standard error and the matching exit code. Anything else is a bug (exit 1).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Process exit codes, following the BIDS-Apps BEP027 proposal (and ``sysexits.h``)."""
+
+    OK = 0
+    FAILURE = 1
+    VALIDATION_FAILED = 16
+    UNKNOWN_LEVEL = 17
+    NOTHING_SELECTED = 18
+    USAGE = 64
+    BAD_DATA = 65
+    NO_INPUT = 66
+    CANNOT_CREATE_OUTPUT = 73
+    IO_ERROR = 74
+
+
+class RoimaeError(Exception):
+    """An error with a message meant for the user and an exit code."""
+
+    exit_code: ExitCode = ExitCode.FAILURE
+
+    def __init__(self, message: str, exit_code: ExitCode | None = None) -> None:
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class ValidationFailedError(RoimaeError):
+    """The BIDS validator reported errors on the input dataset."""
+
+    exit_code = ExitCode.VALIDATION_FAILED
+
+
+class UnknownLevelError(RoimaeError):
+    """The analysis level is not one of pretrain, participant, group."""
+
+    exit_code = ExitCode.UNKNOWN_LEVEL
+
+
+class NothingSelectedError(RoimaeError):
+    """The filters (labels, space, filter file) select no data."""
+
+    exit_code = ExitCode.NOTHING_SELECTED
+
+
+class UsageError(RoimaeError):
+    """The command line or configuration is wrong."""
+
+    exit_code = ExitCode.USAGE
+
+
+class BadDataError(RoimaeError):
+    """An input file exists but its content cannot be used."""
+
+    exit_code = ExitCode.BAD_DATA
+
+
+class NoInputError(RoimaeError):
+    """An input path does not exist or holds nothing usable."""
+
+    exit_code = ExitCode.NO_INPUT
+
+
+class CannotCreateOutputError(RoimaeError):
+    """The output (or work) directory cannot be created or written."""
+
+    exit_code = ExitCode.CANNOT_CREATE_OUTPUT
+
+
+class IOFailureError(RoimaeError):
+    """Reading or writing failed part-way (disk full, truncated file, ...)."""
+
+    exit_code = ExitCode.IO_ERROR

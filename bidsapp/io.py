@@ -1,0 +1,75 @@
+"""Atomic file writes: every output is written to a temporary name beside it, then renamed.
+
+A crash (or ``SIGKILL``) therefore never leaves a half-written file under its final name, and a
+re-run finds either the complete file or nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from bidsapp.errors import CannotCreateOutputError, IOFailureError
+
+
+def ensure_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) or raise :class:`CannotCreateOutputError`."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CannotCreateOutputError(f"cannot create directory {path}: {exc.strerror}") from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise CannotCreateOutputError(f"directory {path} is not writable")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path in ``path``'s directory; rename it to ``path`` on success.
+
+    The temporary name keeps ``path``'s full suffix (``.nii.gz``, ``.tsv``) so that libraries that
+    pick a format from the file name (nibabel, numpy) write the right one. On error the temporary
+    file is removed and the exception propagates.
+    """
+    path = Path(path)
+    ensure_dir(path.parent)
+    suffix = "".join(path.suffixes) if path.suffixes else ""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=f".tmp{suffix}",
+                                    dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (fsync before rename)."""
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+    except OSError as exc:
+        raise IOFailureError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    return Path(path)
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return atomic_write_bytes(path, text.encode("utf-8"))

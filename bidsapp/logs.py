@@ -1,0 +1,44 @@
+"""Logging set-up shared by every level: messages to standard error and to a log file."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+LOGGER_NAME = "roimae"
+
+
+def get_logger(name: str | None = None) -> logging.Logger:
+    """Return the package logger or one of its children (``roimae.<name>``)."""
+    return logging.getLogger(LOGGER_NAME if name is None else f"{LOGGER_NAME}.{name}")
+
+
+def setup_logging(verbosity: int, log_file: Path | None = None) -> logging.Logger:
+    """Configure the ``roimae`` logger.
+
+    Parameters
+    ----------
+    verbosity : int
+        0 shows warnings and progress (INFO), 1 adds details (DEBUG), 2 adds library debug output.
+    log_file : Path, optional
+        Also write every message at DEBUG level to this file.
+    """
+    logger = get_logger()
+    logger.handlers.clear()
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    console = logging.StreamHandler()
+    console.setLevel(logging.DEBUG if verbosity >= 1 else logging.INFO)
+    console.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s", "%H:%M:%S"))
+    logger.addHandler(console)
+    if log_file is not None:
+        file_handler = logging.FileHandler(log_file, encoding="utf-8")
+        file_handler.setLevel(logging.DEBUG)
+        file_handler.setFormatter(
+            logging.Formatter("%(asctime)s %(name)s [%(levelname)s] %(message)s")
+        )
+        logger.addHandler(file_handler)
+    if verbosity < 2:
+        for noisy in ("bids", "nibabel", "matplotlib", "PIL", "filelock"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    return logger

@@ -1,0 +1,39 @@
+"""Process-wide runtime settings: device choice, threads and seeds."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+from bidsapp.errors import UsageError
+
+
+def resolve_device(name: str) -> torch.device:
+    """Map ``--device`` to a :class:`torch.device`.
+
+    ``auto`` picks CUDA when PyTorch sees a GPU, else the CPU. ``cuda`` without a GPU is a usage
+    error (exit 64) rather than a silent fall-back, so a cluster job never runs 100x slower unseen.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was requested but PyTorch sees no CUDA GPU "
+                         "(use --device cpu or auto, or check the driver / --nv for containers)")
+    return torch.device(name)
+
+
+def set_threads(n_threads: int) -> None:
+    """Use ``n_threads`` threads for PyTorch and (via the environment) BLAS in workers."""
+    torch.set_num_threads(n_threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(n_threads))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch; make CPU kernels deterministic."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)

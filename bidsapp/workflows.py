@@ -1,0 +1,90 @@
+"""From a validated :class:`~bidsapp.config.Config` to the level that does the work.
+
+Data flows one way: CLI -> config -> this module -> the level's workflow -> writers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+from bidsapp.config import Config
+from bidsapp.errors import NoInputError, UsageError
+from bidsapp.io import atomic_write_text, ensure_dir
+from bidsapp.logs import get_logger, setup_logging
+from bidsapp.runtime import resolve_device, set_threads
+
+
+def _is_within(path: Path, parent: Path) -> bool:
+    path, parent = path.resolve(), parent.resolve()
+    return path == parent or parent in path.parents
+
+
+def check_paths(config: Config) -> None:
+    """Refuse a missing input and an output directory that would write into the input."""
+    if not config.bids_dir.is_dir():
+        raise NoInputError(f"BIDS_DIR {config.bids_dir} does not exist or is not a directory")
+    if _is_within(config.output_dir, config.bids_dir):
+        raise UsageError(
+            f"OUTPUT_DIR {config.output_dir} is BIDS_DIR or inside it; choose a directory outside "
+            "the input dataset"
+        )
+
+
+def start_run(config: Config) -> Path:
+    """Create OUTPUT_DIR, the work directory and the log, and save the config; return the log."""
+    ensure_dir(config.output_dir)
+    ensure_dir(config.work_dir)
+    logs_dir = ensure_dir(config.output_dir / "logs")
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    run_id = f"{config.analysis_level}-{stamp}_{uuid.uuid4().hex[:8]}"
+    log_file = logs_dir / f"roimae-{run_id}.log"
+    setup_logging(config.verbosity, log_file)
+    atomic_write_text(logs_dir / f"roimae-{run_id}_config.json", config.to_json() + "\n")
+    return log_file
+
+
+def run(config: Config) -> int:
+    """Run the analysis level of ``config``; return the exit code (errors are raised)."""
+    check_paths(config)
+    device = resolve_device(config.device)
+    start_run(config)
+    set_threads(config.omp_nthreads)
+    log = get_logger()
+    log.info("roimae %s level on %s (device %s, %d threads)", config.analysis_level,
+             config.bids_dir, device, config.omp_nthreads)
+    if config.analysis_level == "pretrain":
+        from bidsapp.pretrain import run_pretrain
+
+        run_pretrain(config, device)
+    elif config.analysis_level == "participant":
+        from bidsapp.participant import run_participant
+
+        run_participant(config, device)
+    else:
+        from bidsapp.group import run_group
+
+        run_group(config)
+    log.info("roimae %s level finished; outputs in %s", config.analysis_level, config.output_dir)
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """``roimae demo OUT_DIR``: write the demo dataset and, with ``--run``, the whole chain."""
+    from bidsapp.demo import make_demo_dataset
+
+    setup_logging(args.verbosity)
+    out_dir = Path(args.out_dir).expanduser().absolute()
+    bids_dir = out_dir / "bids" if args.run else out_dir
+    make_demo_dataset(bids_dir, n_participants=args.participants, n_frames=args.frames,
+                      seed=args.seed)
+    get_logger().info("demo dataset written to %s", bids_dir)
+    if args.run:
+        from bidsapp.demo import run_demo_chain
+
+        run_demo_chain(bids_dir, out_dir / "derivatives", verbosity=args.verbosity,
+                       nprocs=os.cpu_count() or 1)
+    return 0
