@@ -101,15 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="more output (-vv also prints tracebacks)")
 
     pre = parser.add_argument_group("Preprocessing to the model grid")
-    pre.add_argument(*_both("window-frames"), dest="window_frames", type=int, default=20,
-                     help="frames per model input window")
+    pre.add_argument(*_both("window-frames"), dest="window_frames", type=int, default=None,
+                     help="frames per model input window (default: 20 for pretrain, the "
+                     "model's value for participant)")
     pre.add_argument(*_both("target-tr"), dest="target_tr", type=float, default=None,
                      help="resample every run in time to this repetition time (seconds)")
 
     mod = parser.add_argument_group("Model and masking")
     mod.add_argument("--backbone", choices=("swin4d",), default="swin4d", help="encoder")
-    mod.add_argument("--preset", choices=("tiny", "small", "base"), default="tiny",
-                     help="model size (base = NeuroSTORM)")
+    mod.add_argument("--preset", choices=("tiny", "small", "base"), default=None,
+                     help="model size (base = NeuroSTORM; default: tiny for pretrain, the "
+                     "model's preset for participant)")
     mod.add_argument("--masking", choices=("roi", "random", "brain-random", "roi-voxel"),
                      default="roi", help="masking strategy for pretraining")
     mod.add_argument(*_both("mask-ratio"), dest="mask_ratio", type=float, default=0.5,
@@ -141,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument(*_both("no-attribution"), dest="attribution", action="store_false",
                      help="embeddings only")
     par.add_argument(*_both("attribution-subsets"), dest="attribution_subsets", type=int,
-                     default=16, help="random region subsets averaged per region for attribution")
+                     default=8, help="random region subsets per window for attribution (even: each "
+                     "subset is paired with its complement)")
     par.add_argument("--overwrite", action="store_true", help="redo runs already complete")
     par.add_argument(*_both("no-reports"), dest="reports", action="store_false",
                      help="skip the HTML reports")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -81,15 +81,22 @@ class SelectionConfig(_Section):
 class PreprocessConfig(_Section):
     """How BOLD runs are brought to the model grid."""
 
-    window_frames: int = Field(20, ge=1, le=1024)
+    window_frames: int | None = Field(None, ge=1, le=1024)
     target_tr: float | None = Field(None, gt=0)
+
+    #: Frames per window when neither the command line nor a checkpoint says otherwise.
+    DEFAULT_WINDOW_FRAMES: ClassVar[int] = 20
 
 
 class ModelConfig(_Section):
     """Which backbone and which size."""
 
     backbone: BackboneName = "swin4d"
-    preset: PresetName = "tiny"
+    preset: PresetName | None = None
+
+    #: Preset used for pretraining when ``--preset`` is not given (the participant level reads the
+    #: checkpoint's preset instead, and refuses a ``--preset`` that differs from it).
+    DEFAULT_PRESET: ClassVar[PresetName] = "tiny"
 
 
 class MaskingConfig(_Section):
@@ -121,7 +128,7 @@ class ParticipantConfig(_Section):
     model: Path | None = None
     model_desc: str | None = None
     attribution: bool = True
-    attribution_subsets: int = Field(16, ge=1)
+    attribution_subsets: int = Field(8, ge=2)
     overwrite: bool = False
     reports: bool = True
 

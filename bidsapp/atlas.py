@@ -1,0 +1,400 @@
+"""The parcellation that defines the masking units: AAL3 by default, or the user's own atlas.
+
+An :class:`Atlas` holds a 3D integer label image (kept in memory, it is small) and its region
+table. Region ``i`` (0-based position in :attr:`Atlas.regions`, sorted by label value) is the
+contiguous id the model uses; :meth:`Atlas.contiguous` maps label values to these ids.
+
+The atlas is found, in this order (see :func:`load_atlas`):
+
+1. an explicit image and label table (``--atlas`` / ``--atlas-labels``);
+2. ``$ROIMAE_ATLAS_DIR``, a folder holding the image and a label table;
+3. nilearn's AAL3v2 fetcher (cached by nilearn, under ``$ROIMAE_DATA_DIR`` if set).
+
+A label table is a BIDS ``dseg.tsv``: columns ``index`` and ``name``, optionally ``hemisphere``
+and ``group``; missing ones are derived from the AAL naming scheme.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from nibabel.processing import resample_from_to
+
+from bidsapp.errors import BadDataError, NoInputError
+from bidsapp.logs import get_logger
+
+__all__ = ["Atlas", "Region", "group_for_region", "load_atlas"]
+
+log = get_logger("atlas")
+
+DEFAULT_IMAGE = "AAL3v1_2mm.nii.gz"
+DEFAULT_LABELS = "AAL3v1_labels.tsv"
+TABLE_COLUMNS = ("index", "name", "hemisphere", "group")
+NILEARN_VERSION = "3v2"
+_MAX_LABEL = np.iinfo(np.int16).max
+
+# AAL name stem (the name without its ``_L``/``_R`` suffix, or a ``STEM_...`` prefix of it) ->
+# lobe-level group, as in the AAL3v1 table. Older AAL spellings (Cingulum_*, Thalamus) are kept
+# so AAL1/AAL2 tables get groups too.
+_GROUP_OF_STEM = {
+    "Precentral": "central",
+    "Rolandic_Oper": "central",
+    "Paracentral_Lobule": "central",
+    "Frontal": "frontal",
+    "Supp_Motor_Area": "frontal",
+    "Olfactory": "frontal",
+    "Rectus": "frontal",
+    "OFCmed": "frontal",
+    "OFCant": "frontal",
+    "OFCpost": "frontal",
+    "OFClat": "frontal",
+    "Insula": "insula",
+    "Cingulate": "limbic",
+    "Cingulum": "limbic",
+    "Hippocampus": "limbic",
+    "ParaHippocampal": "limbic",
+    "Amygdala": "limbic",
+    "Temporal_Pole": "limbic",
+    "ACC": "limbic",
+    "Calcarine": "occipital",
+    "Cuneus": "occipital",
+    "Lingual": "occipital",
+    "Occipital": "occipital",
+    "Fusiform": "occipital",
+    "Postcentral": "parietal",
+    "Parietal": "parietal",
+    "SupraMarginal": "parietal",
+    "Angular": "parietal",
+    "Precuneus": "parietal",
+    "Caudate": "subcortical",
+    "Putamen": "subcortical",
+    "Pallidum": "subcortical",
+    "Thalamus": "subcortical",
+    "Thal": "subcortical",
+    "N_Acc": "subcortical",
+    "Heschl": "temporal",
+    "Temporal": "temporal",
+    "Cerebelum": "cerebellum",
+    "Cerebellum": "cerebellum",
+    "Vermis": "cerebellum",
+    "VTA": "brainstem",
+    "SN": "brainstem",
+    "Red_N": "brainstem",
+    "LC": "brainstem",
+    "Raphe": "brainstem",
+}
+
+
+@dataclass(frozen=True)
+class Region:
+    """One atlas region.
+
+    Attributes
+    ----------
+    index : int
+        Label value in the image (AAL3v1: 1..170).
+    name : str
+        Region name, e.g. ``"Hippocampus_L"``.
+    hemisphere : str
+        ``"L"``, ``"R"`` or ``"n/a"`` (vermis, midline nuclei).
+    group : str
+        Lobe-level group (central, frontal, temporal, parietal, occipital, insula, limbic,
+        subcortical, cerebellum, brainstem), ``"n/a"`` when unknown.
+    """
+
+    index: int
+    name: str
+    hemisphere: str
+    group: str
+
+
+@dataclass(frozen=True)
+class Atlas:
+    """A label image and its regions.
+
+    Attributes
+    ----------
+    name : str
+        Alphanumeric atlas name, usable as a BIDS ``atlas-`` entity ("AAL3v1", "AAL3v2", or the
+        stem of the user's file).
+    image : nibabel.Nifti1Image
+        3D int16 label image, in memory.
+    regions : tuple of Region
+        Sorted by label value; position ``i`` is the contiguous id used by the model.
+    source : str
+        Where the atlas was loaded from (a path, or ``"nilearn:aal 3v2"``).
+    """
+
+    name: str
+    image: nib.Nifti1Image
+    regions: tuple[Region, ...]
+    source: str
+
+    @cached_property
+    def _labels(self) -> np.ndarray:
+        # (X, Y, Z) int16, read once; the image is built in memory by load_atlas.
+        return np.asarray(self.image.dataobj, dtype=np.int16)
+
+    @cached_property
+    def _lookup(self) -> np.ndarray:
+        # (max label + 1,) int16: label value -> contiguous id, -1 for background/unknown values.
+        indices = np.array([r.index for r in self.regions], dtype=np.int64)
+        lookup = np.full(int(indices.max()) + 1, -1, dtype=np.int16)
+        lookup[indices] = np.arange(len(indices), dtype=np.int16)
+        return lookup
+
+    def table(self) -> pd.DataFrame:
+        """Region table with columns index, name, hemisphere, group (the BIDS dseg.tsv form)."""
+        return pd.DataFrame(
+            [(r.index, r.name, r.hemisphere, r.group) for r in self.regions],
+            columns=list(TABLE_COLUMNS),
+        )
+
+    def resample_to(self, shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:
+        """Label values on another voxel grid (nearest neighbour).
+
+        Parameters
+        ----------
+        shape : tuple of int
+            Target grid shape (X, Y, Z).
+        affine : numpy.ndarray
+            4x4 voxel-to-world affine of the target grid.
+
+        Returns
+        -------
+        numpy.ndarray
+            (X, Y, Z) int16 label values; 0 outside the atlas. A copy of the atlas data when
+            the target grid is the atlas grid.
+        """
+        shape = tuple(int(s) for s in shape)
+        affine = np.asarray(affine, dtype=float)
+        if shape == self.image.shape and np.allclose(affine, self.image.affine):
+            return self._labels.copy()
+        resampled = resample_from_to(self.image, (shape, affine), order=0, mode="constant",
+                                     cval=0)
+        return np.asarray(resampled.dataobj, dtype=np.int16)
+
+    def contiguous(self, labels: np.ndarray) -> np.ndarray:
+        """Map label values to contiguous region ids.
+
+        Parameters
+        ----------
+        labels : numpy.ndarray
+            Integer label values of this atlas (any shape); 0 is background.
+
+        Returns
+        -------
+        numpy.ndarray
+            int16 array of the same shape: region ids 0..R-1, -1 for background.
+
+        Raises
+        ------
+        ValueError
+            If a nonzero value is not a label of this atlas.
+        """
+        labels = np.asarray(labels)
+        if labels.size == 0:
+            return np.empty(labels.shape, dtype=np.int16)
+        unknown_mask = (labels < 0) | (labels >= self._lookup.size)
+        clipped = np.where(unknown_mask, 0, labels)
+        ids = self._lookup[clipped]
+        unknown_mask |= (ids < 0) & (labels != 0)
+        if unknown_mask.any():
+            unknown = np.unique(labels[unknown_mask])[:10].tolist()
+            raise ValueError(f"values {unknown} are not labels of atlas {self.name}")
+        return ids
+
+    def sha256(self) -> str:
+        """Hex SHA-256 of the label grid (shape, affine, int16 data) and the region table."""
+        digest = hashlib.sha256()
+        digest.update(repr(self.image.shape).encode())
+        digest.update(np.ascontiguousarray(self.image.affine, dtype="<f8").tobytes())
+        digest.update(np.ascontiguousarray(self._labels, dtype="<i2").tobytes())
+        digest.update(self.table().to_csv(sep="\t", index=False, lineterminator="\n").encode())
+        return digest.hexdigest()
+
+
+def group_for_region(name: str) -> str:
+    """Lobe-level group of an AAL region name.
+
+    Parameters
+    ----------
+    name : str
+        AAL (1, 2 or 3) region name, e.g. ``"Temporal_Pole_Sup_L"``.
+
+    Returns
+    -------
+    str
+        One of central, frontal, temporal, parietal, occipital, insula, limbic, subcortical,
+        cerebellum, brainstem; ``"n/a"`` for names outside the AAL scheme.
+
+    Examples
+    --------
+    >>> group_for_region("Temporal_Pole_Sup_L"), group_for_region("Temporal_Sup_L")
+    ('limbic', 'temporal')
+    """
+    stem = re.sub(r"_[LR]$", "", name)
+    # The longest matching stem wins, so Temporal_Pole_* is limbic while Temporal_* is temporal.
+    matches = [s for s in _GROUP_OF_STEM if stem == s or stem.startswith(f"{s}_")]
+    return _GROUP_OF_STEM[max(matches, key=len)] if matches else "n/a"
+
+
+def _hemisphere(name: str) -> str:
+    match = re.search(r"_([LR])$", name)
+    return match.group(1) if match else "n/a"
+
+
+def load_atlas(image: Path | None = None, labels: Path | None = None) -> Atlas:
+    """Load the parcellation.
+
+    Parameters
+    ----------
+    image, labels : Path, optional
+        Label image (NIfTI) and its table (TSV with ``index``, ``name``, optional
+        ``hemisphere``, ``group``). Both or neither; when neither, ``$ROIMAE_ATLAS_DIR`` is
+        searched, then nilearn's AAL3v2 is fetched.
+
+    Returns
+    -------
+    Atlas
+
+    Raises
+    ------
+    NoInputError
+        A file is missing, or no atlas can be found or downloaded.
+    BadDataError
+        A file cannot be read, the image is not a 3D integer label image, the table has
+        duplicate or missing entries, or an image label is not in the table.
+    """
+    if (image is None) != (labels is None):
+        raise NoInputError("give both the atlas image (--atlas) and its table (--atlas-labels)")
+    if image is not None and labels is not None:
+        return _atlas_from_files(Path(image), Path(labels))
+    atlas_dir = os.environ.get("ROIMAE_ATLAS_DIR")
+    if atlas_dir:
+        return _atlas_from_files(*_find_in_dir(Path(atlas_dir)))
+    return _atlas_from_nilearn()
+
+
+def _find_in_dir(folder: Path) -> tuple[Path, Path]:
+    """The image and table in ``$ROIMAE_ATLAS_DIR``: the AAL3v1 names, else the only pair."""
+    if not folder.is_dir():
+        raise NoInputError(f"ROIMAE_ATLAS_DIR={folder} is not a directory")
+    if (folder / DEFAULT_IMAGE).is_file() and (folder / DEFAULT_LABELS).is_file():
+        return folder / DEFAULT_IMAGE, folder / DEFAULT_LABELS
+    images = sorted(p for p in folder.glob("*.nii*") if not p.name.startswith("."))
+    tables = sorted(p for p in folder.glob("*.tsv") if not p.name.startswith("."))
+    if len(images) != 1 or len(tables) != 1:
+        raise NoInputError(
+            f"ROIMAE_ATLAS_DIR={folder} must hold {DEFAULT_IMAGE} and {DEFAULT_LABELS}, or "
+            f"exactly one image and one .tsv table (found {len(images)} and {len(tables)})"
+        )
+    return images[0], tables[0]
+
+
+def _atlas_from_nilearn() -> Atlas:
+    from nilearn.datasets import fetch_atlas_aal
+
+    data_dir = os.environ.get("ROIMAE_DATA_DIR") or None
+    try:
+        fetched = fetch_atlas_aal(version=NILEARN_VERSION, data_dir=data_dir, verbose=0)
+    # Any failure here (no network, proxy, truncated archive) means the same to the user.
+    except Exception as exc:
+        raise NoInputError(
+            f"cannot download the AAL3 atlas ({type(exc).__name__}); download AAL3 and pass "
+            "--atlas IMAGE --atlas-labels TABLE.tsv, or set ROIMAE_ATLAS_DIR to a folder with "
+            "the image and its table"
+        ) from exc
+    table = pd.DataFrame({"index": [int(i) for i in fetched.indices], "name": fetched.labels})
+    return _build_atlas(
+        name=f"AAL{NILEARN_VERSION}",
+        img=_read_image(Path(fetched.maps)),
+        table=table,
+        source=f"nilearn:aal {NILEARN_VERSION}",
+    )
+
+
+def _atlas_from_files(image: Path, labels: Path) -> Atlas:
+    stem = re.sub(r"\.nii(\.gz)?$", "", image.name)
+    # "AAL3v1_2mm" -> "AAL3v1": drop the resolution, keep only what a BIDS label allows.
+    name = re.sub(r"[^A-Za-z0-9]", "", re.sub(r"_\d+(p\d+)?mm$", "", stem)) or "atlas"
+    return _build_atlas(name=name, img=_read_image(image), table=_read_table(labels),
+                        source=str(image))
+
+
+def _read_image(path: Path) -> nib.Nifti1Image:
+    """Read a 3D integer label image into memory as int16."""
+    if not path.is_file():
+        raise NoInputError(f"atlas image {path} does not exist")
+    try:
+        img = nib.load(path)
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise BadDataError(f"cannot read atlas image {path}: {exc}") from exc
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise BadDataError(f"atlas image {path} must be 3D, not of shape {data.shape}")
+    if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
+        raise BadDataError(f"atlas image {path} must hold integer labels")
+    if data.min() < 0 or data.max() > _MAX_LABEL:
+        raise BadDataError(f"atlas image {path} labels must lie in 0..{_MAX_LABEL}")
+    header = img.header.copy()
+    header.set_data_dtype(np.int16)
+    return nib.Nifti1Image(data.astype(np.int16), img.affine, header)
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise NoInputError(f"atlas label table {path} does not exist")
+    try:
+        # "n/a" is a value (midline regions), not a missing cell.
+        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        raise BadDataError(f"cannot read atlas label table {path}: {exc}") from exc
+    missing = {"index", "name"} - set(table.columns)
+    if missing:
+        raise BadDataError(f"atlas label table {path} lacks column(s) {', '.join(sorted(missing))}")
+    try:
+        table["index"] = table["index"].astype(int)
+    except ValueError as exc:
+        raise BadDataError(f"atlas label table {path}: 'index' must hold integers") from exc
+    return table
+
+
+def _build_atlas(name: str, img: nib.Nifti1Image, table: pd.DataFrame, source: str) -> Atlas:
+    """Check that image and table agree and turn the table into sorted regions."""
+    table = table[table["index"] != 0].sort_values("index")  # a background row owns nothing
+    for column in ("index", "name"):
+        duplicated = table[column][table[column].duplicated()].unique().tolist()
+        if duplicated:
+            raise BadDataError(f"atlas {source}: duplicate {column} values in table: {duplicated}")
+    if table.empty:
+        raise BadDataError(f"atlas {source}: the label table lists no region")
+    if table["index"].min() < 0 or table["index"].max() > _MAX_LABEL:
+        raise BadDataError(f"atlas {source}: table indices must lie in 1..{_MAX_LABEL}")
+    in_image = set(np.unique(np.asarray(img.dataobj)).tolist()) - {0}
+    in_table = set(table["index"].tolist())
+    not_in_table = sorted(in_image - in_table)
+    if not_in_table:
+        raise BadDataError(
+            f"atlas {source}: image labels {not_in_table} are missing from the label table"
+        )
+    if in_table - in_image:
+        log.debug("atlas %s: table labels without voxels: %s", source,
+                  sorted(in_table - in_image))
+    hemispheres = table["hemisphere"] if "hemisphere" in table else table["name"].map(_hemisphere)
+    groups = table["group"] if "group" in table else table["name"].map(group_for_region)
+    regions = tuple(
+        Region(index=int(i), name=str(n), hemisphere=str(h) or "n/a", group=str(g) or "n/a")
+        for i, n, h, g in zip(table["index"], table["name"], hemispheres, groups, strict=True)
+    )
+    return Atlas(name=name, image=img, regions=regions, source=source)

@@ -1,0 +1,71 @@
+"""From discovered BOLD runs to model inputs: the cache, the participant split and the region grid."""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bidsapp.atlas import Atlas
+from bidsapp.bids.layout import BoldRun
+from bidsapp.config import Config
+from bidsapp.grid import cube_atlas, downsample_labels
+from bidsapp.logs import get_logger
+from bidsapp.model.masking import RegionGrid
+from bidsapp.model.presets import ModelPreset
+from bidsapp.preprocess import CachedRun, PreprocessParams, load_cached, prepare_run
+
+log = get_logger("data")
+
+
+def preprocess_params(config: Config, window_frames: int) -> PreprocessParams:
+    """The preprocessing settings of a run configuration (``window_frames`` already resolved)."""
+    return PreprocessParams(window_frames=window_frames, target_tr=config.preprocess.target_tr)
+
+
+def _prepare(run: BoldRun, cache_root: Path, params: PreprocessParams) -> Path:
+    return prepare_run(run.bold, run.mask, cache_root, params, run.repetition_time).directory
+
+
+def prepare_runs(config: Config, runs: Sequence[BoldRun], window_frames: int) -> list[CachedRun]:
+    """Bring every run to the model grid once (cached in the work directory), ``--nprocs`` at a time."""
+    cache_root = config.work_dir / "cache"
+    params = preprocess_params(config, window_frames)
+    if config.nprocs <= 1 or len(runs) <= 1:
+        directories = [_prepare(run, cache_root, params) for run in runs]
+    else:
+        # spawn, not fork: forking a process that already started PyTorch threads can deadlock.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=config.nprocs, mp_context=context) as pool:
+            directories = list(pool.map(_prepare, runs, [cache_root] * len(runs),
+                                        [params] * len(runs)))
+    return [load_cached(directory) for directory in directories]
+
+
+def split_participants(subjects: Sequence[str], val_fraction: float,
+                       seed: int) -> tuple[list[str], list[str]]:
+    """Hold out a seeded random ``val_fraction`` of participants (at least one when there are two or more).
+
+    Splitting by participant, not by window, keeps windows of one person out of both sets.
+    """
+    unique = sorted(set(subjects))
+    n_val = round(val_fraction * len(unique))
+    if val_fraction > 0 and len(unique) >= 2:
+        n_val = min(max(n_val, 1), len(unique) - 1)
+    order = np.random.default_rng(seed).permutation(len(unique))
+    val = sorted(unique[i] for i in order[:n_val])
+    train = sorted(set(unique) - set(val))
+    return train, val
+
+
+def build_region_grid(atlas: Atlas, preset: ModelPreset) -> RegionGrid:
+    """AAL3 regions on the preset's working grid and token grid (contiguous ids, -1 = none)."""
+    cube = cube_atlas(atlas)
+    labels, brain = downsample_labels(cube.voxel_labels, cube.brain, preset.downsample)
+    grid = RegionGrid.from_labels(torch.from_numpy(labels.astype(np.int64)),
+                                  torch.from_numpy(brain), preset.patch_size, len(atlas.regions))
+    return grid

@@ -1,0 +1,216 @@
+"""The masked autoencoder: Swin4D encoder with a SimMIM-style mask token and a light decoder.
+
+Hidden voxels are zeroed in the input, which also carries a hidden-voxel indicator channel; tokens
+the mask marks as hidden are replaced by a learned mask token after the patch embedding (SimMIM,
+as NeuroSTORM). The decoder undoes the patch merging with linear "pixel-shuffle" upsampling from
+the last stage and maps every token to its ``p^3`` voxels. The loss is the mean squared error over
+hidden brain voxels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bidsapp.model.masking import Mask
+from bidsapp.model.presets import INPUT_SHAPE, ModelPreset
+from bidsapp.model.swin4d import PatchEmbed4D, Swin4DEncoder, depth_to_space, space_to_depth
+
+
+@dataclass
+class MAEOutput:
+    """Result of one training forward pass.
+
+    Attributes
+    ----------
+    loss : torch.Tensor
+        Scalar: mean squared error over hidden brain voxels.
+    pred : torch.Tensor, shape (B, T, D, H, W)
+        Reconstruction at working resolution.
+    target : torch.Tensor, shape (B, T, D, H, W)
+        What ``pred`` is compared with: the pooled input, normalised per token and frame when
+        ``norm_pix_loss`` is on.
+    weight : torch.Tensor, shape (B, T, D, H, W)
+        1.0 on hidden brain voxels (the loss set), 0.0 elsewhere.
+    """
+
+    loss: torch.Tensor
+    pred: torch.Tensor
+    target: torch.Tensor
+    weight: torch.Tensor
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Weighted mean of ``(pred - target)**2``; zero when the weights are all zero."""
+    return ((pred - target) ** 2 * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def normalize_patches(
+    x: torch.Tensor, brain: torch.Tensor, patch_size: int, eps: float = 1e-6
+) -> torch.Tensor:
+    """Standardise every token of every frame over its brain voxels (MAE's ``norm_pix_loss``).
+
+    Parameters
+    ----------
+    x : torch.Tensor, shape (B, T, D, H, W)
+    brain : torch.BoolTensor, shape (B, D, H, W)
+    patch_size : int
+
+    Returns
+    -------
+    torch.Tensor, shape (B, T, D, H, W)
+        Background voxels are standardised with their token's brain statistics; they carry no
+        loss.
+    """
+    patches = space_to_depth(x.unsqueeze(-1), patch_size)  # (B, T, gd, gh, gw, p^3)
+    w = space_to_depth(brain[:, None, ..., None].to(x.dtype), patch_size)  # (B, 1, g.., p^3)
+    count = w.sum(-1, keepdim=True).clamp_min(1.0)
+    mean = (patches * w).sum(-1, keepdim=True) / count
+    var = ((patches - mean) ** 2 * w).sum(-1, keepdim=True) / count
+    return depth_to_space((patches - mean) / (var + eps).sqrt(), patch_size).squeeze(-1)
+
+
+class _Decoder(nn.Module):
+    """From the last stage back to voxels: ``(B, T, g_L.., C_L) -> (B, T, D, H, W)``."""
+
+    def __init__(self, dims: tuple[int, ...], patch_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        # Stage i -> i-1: 8*C_{i-1} channels, shuffled onto the 2x2x2 finer grid.
+        self.ups = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(dims[i]), nn.Linear(dims[i], 8 * dims[i - 1]))
+            for i in range(len(dims) - 1, 0, -1)
+        )
+        self.head = nn.Sequential(nn.LayerNorm(dims[0]), nn.Linear(dims[0], patch_size**3))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        for up in self.ups:
+            z = depth_to_space(up(z), 2)
+        return depth_to_space(self.head(z), self.patch_size).squeeze(-1)
+
+
+class MaskedAutoencoder(nn.Module):
+    """Masked autoencoder on 4D fMRI windows.
+
+    Parameters
+    ----------
+    preset : ModelPreset
+        Sizes (see :mod:`bidsapp.model.presets`).
+    norm_pix_loss : bool
+        Reconstruct every token of every frame standardised over its brain voxels.
+    """
+
+    def __init__(self, preset: ModelPreset, *, norm_pix_loss: bool = False):
+        super().__init__()
+        self.preset = preset
+        self.norm_pix_loss = norm_pix_loss
+        dims = preset.stage_dims()
+        # Two input channels per voxel: the visible value (0 if hidden) and the hidden indicator.
+        self.patch_embed = PatchEmbed4D(preset.patch_size, 2, preset.embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(preset.embed_dim))
+        self.encoder = Swin4DEncoder(
+            preset.grid_shape(), preset.embed_dim, preset.depths, preset.num_heads,
+            preset.window_size, preset.mlp_ratio,
+        )
+        self.decoder = _Decoder(dims, preset.patch_size)
+        self.apply(_init_weights)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def prepare(self, x: torch.Tensor, brain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pool to working resolution.
+
+        Parameters
+        ----------
+        x : torch.Tensor, shape (B, T, 96, 96, 96)
+        brain : torch.BoolTensor, shape (B, 96, 96, 96)
+
+        Returns
+        -------
+        x : torch.Tensor, shape (B, T, D, H, W)
+            Average-pooled values.
+        brain : torch.BoolTensor, shape (B, D, H, W)
+            Voxels at least half brain.
+        """
+        if x.ndim != 5 or tuple(x.shape[2:]) != INPUT_SHAPE:
+            raise ValueError(f"x must be (B, T, 96, 96, 96); got {tuple(x.shape)}")
+        if brain.shape != (x.shape[0], *INPUT_SHAPE):
+            raise ValueError(f"brain must be (B, 96, 96, 96); got {tuple(brain.shape)}")
+        s = self.preset.downsample
+        if s == 1:
+            return x, brain.bool()
+        x = F.avg_pool3d(x, s)  # (B, T, ...) read as (N, C, D, H, W): pools each frame
+        brain = F.avg_pool3d(brain[:, None].to(x.dtype), s)[:, 0] >= 0.5
+        return x, brain
+
+    def _features(self, x: torch.Tensor, mask: Mask | None) -> list[torch.Tensor]:
+        """Encode working-resolution ``x (B, T, D, H, W)``; stage outputs as the encoder's."""
+        if mask is None:
+            hidden = torch.zeros_like(x, dtype=torch.bool)
+        else:
+            hidden = mask.voxels.expand_as(x)  # (B, T, D, H, W); Tm = 1 broadcasts
+        inputs = torch.stack([x.masked_fill(hidden, 0.0), hidden.to(x.dtype)], dim=-1)
+        tokens = self.patch_embed(inputs)  # (B, T, gd, gh, gw, C0)
+        if mask is not None:
+            tokens = torch.where(mask.tokens[..., None], self.mask_token.to(tokens.dtype), tokens)
+        return self.encoder(tokens)
+
+    def forward(self, x: torch.Tensor, brain: torch.Tensor, mask: Mask) -> MAEOutput:
+        """Reconstruct the hidden voxels.
+
+        Parameters
+        ----------
+        x : torch.Tensor, shape (B, T, 96, 96, 96)
+        brain : torch.BoolTensor, shape (B, 96, 96, 96)
+        mask : Mask
+            At this model's working resolution, ``Tm`` = 1 or ``T``.
+        """
+        x, brain = self.prepare(x, brain)
+        pred = self.decoder(self._features(x, mask)[-1])  # (B, T, D, H, W)
+        weight = (mask.voxels & brain[:, None]).expand_as(x).to(x.dtype)
+        target = normalize_patches(x, brain, self.preset.patch_size) if self.norm_pix_loss else x
+        return MAEOutput(masked_mse(pred, target, weight), pred, target, weight)
+
+    def encode(
+        self, x: torch.Tensor, brain: torch.Tensor, mask: Mask | None = None
+    ) -> torch.Tensor:
+        """Embed each window: ``(B, C_last)``.
+
+        The mean of the last stage's features over all frames and the tokens that hold brain
+        (the brain max-pooled to that stage's grid). Each sample is computed independently of
+        the others in the batch.
+
+        Parameters
+        ----------
+        x : torch.Tensor, shape (B, T, 96, 96, 96)
+        brain : torch.BoolTensor, shape (B, 96, 96, 96)
+        mask : Mask, optional
+            Hide part of the input (attribution); nothing is hidden by default.
+        """
+        x, brain = self.prepare(x, brain)
+        feats = self._features(x, mask)[-1]  # (B, T, g_L.., C_L)
+        # A stage-L token holds brain if any of its working voxels does.
+        factor = self.preset.patch_size * 2 ** (len(self.preset.depths) - 1)
+        keep = space_to_depth(brain[..., None], factor).any(-1)  # (B, g_L..)
+        keep = keep[:, None, ..., None].to(feats.dtype)  # (B, 1, g_L.., 1)
+        total = (feats * keep).sum((1, 2, 3, 4))  # (B, C_L)
+        count = keep.sum((1, 2, 3, 4)) * feats.shape[1]  # (B, 1)
+        return total / count.clamp_min(1.0)
+
+
+def _init_weights(module: nn.Module) -> None:
+    """MAE initialisation: truncated-normal linear weights, zero biases."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def count_parameters(preset: ModelPreset) -> int:
+    """Number of trainable parameters of the masked autoencoder of ``preset``."""
+    # The meta device gives shapes without allocating or initialising memory.
+    with torch.device("meta"):
+        model = MaskedAutoencoder(preset)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,470 @@
+"""Masking strategies: which tokens (or voxels) of a 4D window are hidden from the encoder.
+
+Every strategy draws, for a batch of ``B`` windows of ``T`` frames, a :class:`Mask` at the model's
+working resolution. Draws are vectorised on the device of the :class:`RegionGrid` (no Python loop
+over samples) and take every random number from the given ``torch.Generator``, so one seed gives
+one mask. The strategies are backbone-independent: they only know the token grid and the labels.
+
+============  ===============================================================================
+name          what is hidden
+============  ===============================================================================
+roi           whole atlas regions: every token whose majority region was drawn (default)
+roi-voxel     whole atlas regions, voxel-exact: the voxels of the drawn regions
+random        tokens at random over the whole cube (the NeuroSTORM / SimMIM baseline)
+brain-random  tokens at random among brain tokens, at the same expected fraction as ``roi``
+============  ===============================================================================
+
+``mask_time="tube"`` draws one mask per window and repeats it over frames (``Tm = 1``);
+``"random"`` draws one per frame (``Tm = T``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from bidsapp.errors import BadDataError, UsageError
+
+MaskTime = Literal["tube", "random"]
+RatioUnit = Literal["regions", "tokens"]
+
+
+def _blocks(volume: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """View ``(..., D, H, W)`` as ``(..., D/p, H/p, W/p, p**3)``: the voxels of each token."""
+    *lead, d, h, w = volume.shape
+    p = patch_size
+    blocks = volume.reshape(*lead, d // p, p, h // p, p, w // p, p)
+    n = len(lead)
+    order = (*range(n), n, n + 2, n + 4, n + 1, n + 3, n + 5)
+    return blocks.permute(order).reshape(*lead, d // p, h // p, w // p, p**3)
+
+
+def _tokens_to_voxels(tokens: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Expand ``(..., gd, gh, gw)`` to ``(..., D, H, W)``: each voxel takes its token's value."""
+    for dim in (-3, -2, -1):
+        tokens = tokens.repeat_interleave(patch_size, dim=dim)
+    return tokens
+
+
+@dataclass(frozen=True, eq=False)
+class RegionGrid:
+    """Atlas regions on the working grid and on the token grid.
+
+    Build it with :meth:`from_labels`; strategies read it and never change it.
+
+    Attributes
+    ----------
+    voxel_labels : torch.LongTensor, shape (D, H, W)
+        Contiguous region id in ``[0, R)`` per voxel, -1 outside every region.
+    token_labels : torch.LongTensor, shape (gd, gh, gw)
+        The region holding most of the token's brain voxels (ties go to the lowest id), -1 if none.
+    brain_tokens : torch.BoolTensor, shape (gd, gh, gw)
+        The token holds at least one brain voxel.
+    patch_size : int
+        Token edge ``p`` in working-resolution voxels.
+    n_regions : int
+        Number of regions ``R``.
+    brain : torch.BoolTensor, shape (D, H, W)
+        The brain at working resolution (decides which tokens ``roi-voxel`` hides completely).
+    """
+
+    voxel_labels: torch.Tensor
+    token_labels: torch.Tensor
+    brain_tokens: torch.Tensor
+    patch_size: int
+    n_regions: int
+    brain: torch.Tensor
+
+    @classmethod
+    def from_labels(
+        cls,
+        voxel_labels: torch.Tensor,
+        brain: torch.Tensor,
+        patch_size: int,
+        n_regions: int,
+    ) -> RegionGrid:
+        """Compute the token labels (majority region over brain voxels) and the brain tokens.
+
+        Parameters
+        ----------
+        voxel_labels : torch.LongTensor, shape (D, H, W)
+            Contiguous region ids, -1 = no region.
+        brain : torch.BoolTensor, shape (D, H, W)
+            Brain voxels at working resolution.
+        patch_size : int
+            Token edge ``p``; ``D``, ``H`` and ``W`` must be multiples of it.
+        n_regions : int
+            Number of regions ``R``; every label must be in ``[-1, R)``.
+        """
+        if voxel_labels.ndim != 3 or voxel_labels.shape != brain.shape:
+            raise ValueError(
+                f"voxel_labels {tuple(voxel_labels.shape)} and brain {tuple(brain.shape)} "
+                "must be the same (D, H, W) volume"
+            )
+        if any(size % patch_size for size in voxel_labels.shape):
+            raise ValueError(f"grid {tuple(voxel_labels.shape)} is not a multiple of {patch_size}")
+        labels = voxel_labels.long()
+        if labels.numel() and (labels.min() < -1 or labels.max() >= n_regions):
+            raise BadDataError(f"region labels must lie in [-1, {n_regions}); got other values")
+        brain = brain.bool()
+        # Votes per token and region (column 0 = no region); scatter_add is the memory-light
+        # form of one_hot(...).sum(), which would need D*H*W*(R+1) integers.
+        votes_idx = _blocks(labels + 1, patch_size).flatten(0, 2)  # (N, p^3)
+        votes_val = _blocks(brain, patch_size).flatten(0, 2).long()  # (N, p^3)
+        votes = torch.zeros(votes_idx.shape[0], n_regions + 1, dtype=torch.long,
+                            device=labels.device)
+        votes.scatter_add_(1, votes_idx, votes_val)  # (N, R+1)
+        region_votes = votes[:, 1:]
+        # argmax returns the first maximum: ties go to the lowest id.
+        token_labels = torch.where(region_votes.amax(1) > 0, region_votes.argmax(1), -1)
+        grid = tuple(size // patch_size for size in labels.shape)
+        return cls(
+            voxel_labels=labels,
+            token_labels=token_labels.reshape(grid),
+            brain_tokens=votes.sum(1).gt(0).reshape(grid),
+            patch_size=patch_size,
+            n_regions=n_regions,
+            brain=brain,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        """Where the grid (and every mask drawn from it) lives."""
+        return self.voxel_labels.device
+
+    @property
+    def grid_shape(self) -> tuple[int, int, int]:
+        """Token grid ``(gd, gh, gw)``."""
+        return tuple(self.token_labels.shape)
+
+    def to(self, device: torch.device | str) -> RegionGrid:
+        """Return a copy on ``device``."""
+        return RegionGrid(
+            voxel_labels=self.voxel_labels.to(device),
+            token_labels=self.token_labels.to(device),
+            brain_tokens=self.brain_tokens.to(device),
+            patch_size=self.patch_size,
+            n_regions=self.n_regions,
+            brain=self.brain.to(device),
+        )
+
+
+@dataclass
+class Mask:
+    """What a strategy hides, at working resolution.
+
+    Attributes
+    ----------
+    tokens : torch.BoolTensor, shape (B, Tm, gd, gh, gw)
+        True = the token is replaced by the mask token. ``Tm`` is 1 (tube, broadcast over frames)
+        or ``T``.
+    voxels : torch.BoolTensor, shape (B, Tm, D, H, W)
+        True = the voxel is hidden from the input; the loss is on hidden brain voxels.
+    regions : torch.BoolTensor, shape (B, Tm, R), or None
+        The regions drawn (region strategies); None for the random strategies.
+    """
+
+    tokens: torch.Tensor
+    voxels: torch.Tensor
+    regions: torch.Tensor | None = None
+
+    def brain_fraction(self, brain: torch.Tensor) -> torch.Tensor:
+        """Fraction of brain voxels hidden, per sample and averaged over frames.
+
+        Parameters
+        ----------
+        brain : torch.BoolTensor, shape (D, H, W) or (B, D, H, W)
+            The brain at working resolution.
+
+        Returns
+        -------
+        torch.Tensor, shape (B,)
+        """
+        brain = brain.bool()
+        if brain.ndim == 3:
+            brain = brain.unsqueeze(0)
+        brain = brain.unsqueeze(1)  # (B or 1, 1, D, H, W)
+        hidden = (self.voxels & brain).sum((2, 3, 4)).float()  # (B, Tm)
+        return (hidden / brain.sum((2, 3, 4)).clamp_min(1)).mean(1)
+
+
+class MaskingStrategy(Protocol):
+    """Draws a :class:`Mask` for a batch; see :func:`build_masking`."""
+
+    name: str
+
+    def __call__(
+        self, batch_size: int, n_frames: int, generator: torch.Generator | None = None
+    ) -> Mask: ...
+
+
+def _check_unit(unit: str) -> None:
+    if unit not in ("regions", "tokens"):
+        raise UsageError(f"mask ratio unit must be 'regions' or 'tokens'; got {unit!r}")
+
+
+def _scatter_smallest(noise: torch.Tensor, k: int) -> torch.Tensor:
+    """True at the ``k`` smallest entries of the last dimension (``inf`` entries come last)."""
+    chosen = torch.zeros_like(noise, dtype=torch.bool)
+    return chosen.scatter_(-1, noise.topk(k, dim=-1, largest=False).indices, True)
+
+
+class _Masking:
+    """What every strategy shares: the grid, the ratio, the time mode and the noise source."""
+
+    name: ClassVar[str]
+
+    def __init__(self, region_grid: RegionGrid, mask_ratio: float, *, time: MaskTime = "tube"):
+        if not 0.0 < mask_ratio < 1.0:
+            raise UsageError(f"mask ratio must be between 0 and 1 (exclusive); got {mask_ratio}")
+        if time not in ("tube", "random"):
+            raise UsageError(f"mask time must be 'tube' or 'random'; got {time!r}")
+        self.grid = region_grid
+        self.mask_ratio = float(mask_ratio)
+        self.time = time
+
+    def _noise(
+        self, batch_size: int, n_frames: int, n: int, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """Uniform noise ``(B, Tm, n)`` on the grid's device (``generator`` must live there)."""
+        frames = n_frames if self.time == "random" else 1
+        return torch.rand(
+            (batch_size, frames, n), generator=generator, device=self.grid.device
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mask_ratio={self.mask_ratio}, time={self.time!r})"
+
+
+class RandomMasking(_Masking):
+    """``round(ratio * gd*gh*gw)`` tokens at random over the whole cube (NeuroSTORM baseline)."""
+
+    name = "random"
+
+    def __init__(self, region_grid: RegionGrid, mask_ratio: float, *, time: MaskTime = "tube"):
+        super().__init__(region_grid, mask_ratio, time=time)
+        self.n_hidden = max(1, round(self.mask_ratio * region_grid.token_labels.numel()))
+
+    def __call__(
+        self, batch_size: int, n_frames: int, generator: torch.Generator | None = None
+    ) -> Mask:
+        grid = self.grid
+        noise = self._noise(batch_size, n_frames, grid.token_labels.numel(), generator)
+        tokens = _scatter_smallest(noise, self.n_hidden).unflatten(-1, grid.grid_shape)
+        return Mask(tokens, _tokens_to_voxels(tokens, grid.patch_size), None)
+
+
+class BrainRandomMasking(_Masking):
+    """Brain tokens at random, as many (exactly, per sample) as ``roi`` hides on average.
+
+    With ``unit="regions"``, ``roi`` draws ``k`` of the ``R_tok`` regions that own tokens, so it
+    hides on average ``k / R_tok`` of the region-owned brain tokens; this strategy hides that
+    fraction of all brain tokens (``k / R_tok ~= mask_ratio``). With ``unit="tokens"`` it hides
+    ``mask_ratio`` of the brain tokens. Background tokens are never hidden.
+    """
+
+    name = "brain-random"
+
+    def __init__(
+        self,
+        region_grid: RegionGrid,
+        mask_ratio: float,
+        *,
+        unit: RatioUnit = "regions",
+        time: MaskTime = "tube",
+    ):
+        super().__init__(region_grid, mask_ratio, time=time)
+        _check_unit(unit)
+        n_brain = int(region_grid.brain_tokens.sum())
+        if n_brain == 0:
+            raise BadDataError("no token of the model grid holds brain voxels")
+        fraction = self.mask_ratio
+        if unit == "regions":
+            roi = RegionMasking(region_grid, mask_ratio, unit="regions", time=time)
+            owned = int(roi.sizes.sum())
+            fraction = roi.n_drawn / int(roi.eligible.sum()) * owned / n_brain
+        self.n_hidden = max(1, round(fraction * n_brain))
+
+    def __call__(
+        self, batch_size: int, n_frames: int, generator: torch.Generator | None = None
+    ) -> Mask:
+        grid = self.grid
+        noise = self._noise(batch_size, n_frames, grid.brain_tokens.numel(), generator)
+        # Background tokens sort last, so they are never among the n_hidden <= n_brain chosen.
+        noise = noise.masked_fill(~grid.brain_tokens.flatten(), float("inf"))
+        tokens = _scatter_smallest(noise, self.n_hidden).unflatten(-1, grid.grid_shape)
+        return Mask(tokens, _tokens_to_voxels(tokens, grid.patch_size), None)
+
+
+class _RegionDraw(_Masking):
+    """Draws whole regions without replacement; subclasses say what a region hides.
+
+    ``sizes`` (R,) is what each region hides (tokens or brain voxels) and ``total`` the amount
+    that ``mask_ratio`` refers to with ``unit="tokens"``. Regions of size 0 are never drawn.
+    """
+
+    unit_noun: ClassVar[str]
+
+    def __init__(
+        self,
+        region_grid: RegionGrid,
+        mask_ratio: float,
+        *,
+        unit: RatioUnit = "regions",
+        time: MaskTime = "tube",
+    ):
+        super().__init__(region_grid, mask_ratio, time=time)
+        _check_unit(unit)
+        self.unit = unit
+        self.sizes, self.total = self._sizes()  # (R,), scalar
+        self.eligible = self.sizes > 0  # (R,)
+        n_eligible = int(self.eligible.sum())
+        if n_eligible == 0:
+            raise BadDataError(f"no atlas region owns a {self.unit_noun} of the model grid")
+        self.n_drawn = min(n_eligible, max(1, round(self.mask_ratio * n_eligible)))
+
+    def _sizes(self) -> tuple[torch.Tensor, int]:
+        raise NotImplementedError
+
+    def from_regions(self, regions: torch.Tensor) -> Mask:
+        """The mask that hides the given regions (the same code path as a random draw)."""
+        raise NotImplementedError
+
+    def _check_regions(self, regions: torch.Tensor) -> torch.Tensor:
+        if regions.ndim != 3 or regions.shape[-1] != self.grid.n_regions:
+            raise ValueError(
+                f"regions must be (B, Tm, {self.grid.n_regions}); got {tuple(regions.shape)}"
+            )
+        # Column R is the "no region" label -1 (index -1 wraps onto it), never hidden.
+        return F.pad(regions.bool().to(self.grid.device), (0, 1))  # (B, Tm, R+1)
+
+    def draw_regions(
+        self, batch_size: int, n_frames: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Draw regions: ``(B, Tm, R)`` bool, True = drawn."""
+        noise = self._noise(batch_size, n_frames, self.grid.n_regions, generator)
+        noise = noise.masked_fill(~self.eligible, float("inf"))  # (B, Tm, R)
+        if self.unit == "regions":
+            return _scatter_smallest(noise, self.n_drawn)
+        # Visit regions in random order; take each one while the amount hidden before it is still
+        # below the target, so the total stops within one region of the target.
+        order = noise.argsort(dim=-1)  # (B, Tm, R)
+        sizes = self.sizes[order]  # (B, Tm, R)
+        before = sizes.cumsum(-1) - sizes
+        take = (before < self.mask_ratio * self.total) & self.eligible[order]
+        return torch.zeros_like(take).scatter_(-1, order, take)
+
+    def __call__(
+        self, batch_size: int, n_frames: int, generator: torch.Generator | None = None
+    ) -> Mask:
+        return self.from_regions(self.draw_regions(batch_size, n_frames, generator))
+
+
+class RegionMasking(_RegionDraw):
+    """ROI-guided masking: whole atlas regions, as all the tokens they own.
+
+    ``unit="regions"`` hides ``round(ratio * R_tok)`` regions per sample, ``R_tok`` being the
+    regions that own at least one token; ``unit="tokens"`` draws regions until the hidden brain
+    tokens reach ``ratio`` of the brain tokens. Regions owning no token are never drawn.
+    """
+
+    name = "roi"
+    unit_noun = "token"
+
+    def _sizes(self) -> tuple[torch.Tensor, int]:
+        labels = self.grid.token_labels.flatten()
+        sizes = torch.bincount(labels[labels >= 0], minlength=self.grid.n_regions)
+        return sizes, int(self.grid.brain_tokens.sum())
+
+    def from_regions(self, regions: torch.Tensor) -> Mask:
+        """The mask of the given regions.
+
+        Parameters
+        ----------
+        regions : torch.BoolTensor, shape (B, Tm, R)
+
+        Returns
+        -------
+        Mask
+            Tokens whose label is among the regions, and all their voxels.
+        """
+        padded = self._check_regions(regions)
+        tokens = padded[..., self.grid.token_labels]  # (B, Tm, gd, gh, gw)
+        return Mask(tokens, _tokens_to_voxels(tokens, self.grid.patch_size), padded[..., :-1])
+
+
+class RegionVoxelMasking(_RegionDraw):
+    """ROI-guided masking at voxel precision: exactly the voxels of the drawn regions.
+
+    Small regions that own no token are kept (``R_tok`` counts regions owning a brain voxel).
+    Tokens whose brain voxels are all hidden get the mask token; partly hidden tokens see their
+    visible voxels. ``unit="tokens"`` counts brain voxels: regions are drawn until the hidden
+    brain voxels reach ``ratio`` of the brain.
+    """
+
+    name = "roi-voxel"
+    unit_noun = "brain voxel"
+
+    def _sizes(self) -> tuple[torch.Tensor, int]:
+        labels = self.grid.voxel_labels[self.grid.brain]
+        sizes = torch.bincount(labels[labels >= 0], minlength=self.grid.n_regions)
+        return sizes, int(self.grid.brain.sum())
+
+    def from_regions(self, regions: torch.Tensor) -> Mask:
+        """The mask of the given regions.
+
+        Parameters
+        ----------
+        regions : torch.BoolTensor, shape (B, Tm, R)
+
+        Returns
+        -------
+        Mask
+            Voxels whose label is among the regions; tokens with brain voxels all hidden.
+        """
+        grid = self.grid
+        padded = self._check_regions(regions)
+        voxels = padded[..., grid.voxel_labels]  # (B, Tm, D, H, W)
+        visible_brain = _blocks(~voxels & grid.brain, grid.patch_size).any(-1)  # (B, Tm, g...)
+        tokens = grid.brain_tokens & ~visible_brain
+        return Mask(tokens, voxels, padded[..., :-1])
+
+
+def build_masking(
+    name: str,
+    region_grid: RegionGrid,
+    mask_ratio: float,
+    *,
+    unit: RatioUnit = "regions",
+    time: MaskTime = "tube",
+) -> MaskingStrategy:
+    """Build a masking strategy by name.
+
+    Parameters
+    ----------
+    name : {"roi", "roi-voxel", "random", "brain-random"}
+        The strategy (see the module docstring).
+    region_grid : RegionGrid
+        Labels at working resolution and on the token grid.
+    mask_ratio : float
+        In (0, 1): the fraction of regions (``unit="regions"``) or tokens hidden.
+    unit : {"regions", "tokens"}
+        What ``mask_ratio`` counts for the region strategies (and ``brain-random``, which
+        matches ``roi``); ``random`` always counts tokens.
+    time : {"tube", "random"}
+        One mask for all frames, or one per frame.
+    """
+    if name == "random":
+        return RandomMasking(region_grid, mask_ratio, time=time)
+    if name == "brain-random":
+        return BrainRandomMasking(region_grid, mask_ratio, unit=unit, time=time)
+    if name == "roi":
+        return RegionMasking(region_grid, mask_ratio, unit=unit, time=time)
+    if name == "roi-voxel":
+        return RegionVoxelMasking(region_grid, mask_ratio, unit=unit, time=time)
+    raise UsageError(
+        f"unknown masking {name!r}; choose one of roi, roi-voxel, random, brain-random"
+    )

@@ -1,0 +1,252 @@
+"""The ``pretrain`` level: ROI-guided (or random) masked-autoencoder pretraining over the dataset.
+
+Outputs, all under ``OUTPUT_DIR/models/desc-<masking>/`` so that models pretrained with different maskings
+sit side by side:
+
+- ``epoch-NNN.safetensors`` + ``epoch-NNN.json`` + ``epoch-NNN_optim.safetensors``: the checkpoint of each
+  epoch (the last two are kept); ``--resume`` continues from the newest complete one;
+- ``model.safetensors`` + ``model.json``: the final model, read by the participant level;
+- ``training_log.tsv`` (one row per epoch) and ``loss_curve.png``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import torch
+
+from bidsapp import __version__
+from bidsapp.atlas import Atlas, load_atlas
+from bidsapp.bids.derivatives import DerivativesWriter
+from bidsapp.bids.layout import InputDataset, discover_runs
+from bidsapp.bids.validation import validate_input
+from bidsapp.checkpoint import (
+    load_optimizer_state,
+    load_weights,
+    masking_desc,
+    read_metadata,
+    save_checkpoint,
+)
+from bidsapp.config import Config
+from bidsapp.data import build_region_grid, prepare_runs, split_participants
+from bidsapp.distributed import DistributedContext
+from bidsapp.errors import BadDataError, NoInputError
+from bidsapp.io import atomic_path, ensure_dir
+from bidsapp.logs import get_logger
+from bidsapp.model.mae import MaskedAutoencoder
+from bidsapp.model.masking import build_masking
+from bidsapp.model.presets import PRESETS
+from bidsapp.preprocess import CachedRun, WindowDataset
+from bidsapp.runtime import seed_everything
+from bidsapp.training import EpochMetrics, Trainer
+
+log = get_logger("pretrain")
+
+MODELS_DIR = "models"
+KEEP_CHECKPOINTS = 2
+_EPOCH_STEM = re.compile(r"^epoch-(\d{3,})$")
+
+
+def pretrain_preset(config: Config) -> str:
+    """``--preset``, or the default preset for pretraining."""
+    return config.model.preset or config.model.DEFAULT_PRESET
+
+
+def window_frames(config: Config) -> int:
+    """``--window-frames``, or the default for pretraining."""
+    return config.preprocess.window_frames or config.preprocess.DEFAULT_WINDOW_FRAMES
+
+
+def model_dir(output_dir: Path, masking: str) -> Path:
+    """Where the models pretrained with ``masking`` live."""
+    return output_dir / MODELS_DIR / f"desc-{masking_desc(masking)}"
+
+
+def model_metadata(config: Config, atlas: Atlas, runs: list[CachedRun],
+                   split: dict[str, list[str]]) -> dict:
+    """What a checkpoint says about itself: enough to refuse a mismatched config later."""
+    preset = PRESETS[pretrain_preset(config)]
+    return {
+        "roimae_version": __version__,
+        "backbone": config.model.backbone,
+        "preset": preset.describe(),
+        "masking": config.masking.model_dump(),
+        "norm_pix_loss": config.pretrain.norm_pix_loss,
+        "atlas": {"name": atlas.name, "sha256": atlas.sha256(), "n_regions": len(atlas.regions)},
+        "grid": {"cube_shape": [96, 96, 96], "space": "MNI152 2 mm (91x109x91) crop/pad to 96^3",
+                 "downsample": preset.downsample, "patch_size": preset.patch_size},
+        "window_frames": window_frames(config),
+        "target_tr": config.preprocess.target_tr,
+        "random_seed": config.random_seed,
+        "training": config.pretrain.model_dump(exclude={"resume"}),
+        "data": [{"source": r.manifest["source"], "sha256": r.manifest["source_sha256"],
+                  "n_windows": r.n_windows} for r in runs],
+        "split": split,
+    }
+
+
+def _windows(runs: list[CachedRun], subjects_of_runs: list[str],
+             subjects: set[str]) -> list[tuple[int, int]]:
+    return [(i, w) for i, (run, sub) in enumerate(zip(runs, subjects_of_runs, strict=True))
+            if sub in subjects for w in range(run.n_windows)]
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest complete epoch checkpoint (its JSON sidecar exists and parses), if any."""
+    best: tuple[int, Path] | None = None
+    for sidecar in directory.glob("epoch-*.json"):
+        match = _EPOCH_STEM.match(sidecar.stem)
+        if not match:
+            continue
+        try:
+            read_metadata(sidecar)
+        except (BadDataError, NoInputError):
+            continue
+        epoch = int(match.group(1))
+        if best is None or epoch > best[0]:
+            best = (epoch, sidecar.with_suffix(""))
+    return None if best is None else best[1]
+
+
+def _prune(directory: Path, keep: int) -> None:
+    stems = sorted((int(m.group(1)), p.with_suffix("")) for p in directory.glob("epoch-*.json")
+                   if (m := _EPOCH_STEM.match(p.stem)))
+    for _, stem in stems[:-keep]:
+        # Sidecar first: without it the remaining files are no longer a checkpoint.
+        for suffix in (".json", ".safetensors"):
+            with contextlib.suppress(FileNotFoundError):
+                stem.with_suffix(suffix).unlink()
+        with contextlib.suppress(FileNotFoundError):
+            (stem.parent / f"{stem.name}_optim.safetensors").unlink()
+
+
+def plot_loss_curve(history: pd.DataFrame, path: Path, title: str) -> None:
+    """Training and held-out loss per epoch, as a PNG."""
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    ax.plot(history["epoch"], history["train_loss"], "o-", label="training")
+    if history["val_loss"].notna().any():
+        ax.plot(history["epoch"], history["val_loss"], "s-", label="held-out")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("masked reconstruction MSE")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def run_pretrain(config: Config, device: torch.device) -> Path:
+    """Pretrain one model; return the path of the final ``model.safetensors``."""
+    ctx = DistributedContext.setup(device)
+    try:
+        return _pretrain(config, ctx)
+    finally:
+        ctx.shutdown()
+
+
+def _pretrain(config: Config, ctx: DistributedContext) -> Path:
+    atlas = load_atlas(config.atlas, config.atlas_labels)
+    dataset: InputDataset = discover_runs(config)
+    if ctx.is_main:
+        validate_input(config, dataset)
+    runs = prepare_runs(config, dataset.runs, window_frames(config))
+    subjects = [run.subject for run in dataset.runs]
+    train_subjects, val_subjects = split_participants(subjects, config.pretrain.val_fraction,
+                                                      config.random_seed)
+    train_idx = _windows(runs, subjects, set(train_subjects))
+    val_idx = _windows(runs, subjects, set(val_subjects))
+    if not train_idx:
+        raise BadDataError("no training windows: every run is shorter than --window-frames "
+                           f"{window_frames(config)}")
+    log.info("%d runs, %d training windows (%d participants), %d held-out windows (%d)",
+             len(runs), len(train_idx), len(train_subjects), len(val_idx), len(val_subjects))
+
+    preset = PRESETS[pretrain_preset(config)]
+    region_grid = build_region_grid(atlas, preset)
+    masking = build_masking(config.masking.masking, region_grid.to(ctx.device),
+                            config.masking.mask_ratio, unit=config.masking.mask_ratio_unit,
+                            time=config.masking.mask_time)
+    seed_everything(config.random_seed)
+    model = MaskedAutoencoder(preset, norm_pix_loss=config.pretrain.norm_pix_loss)
+    trainer = Trainer(model, masking, WindowDataset(runs, train_idx),
+                      WindowDataset(runs, val_idx) if val_idx else None, ctx=ctx,
+                      seed=config.random_seed, epochs=config.pretrain.epochs,
+                      batch_size=config.pretrain.batch_size, lr=config.pretrain.lr,
+                      weight_decay=config.pretrain.weight_decay,
+                      warmup_epochs=config.pretrain.warmup_epochs,
+                      clip_grad=config.pretrain.clip_grad,
+                      num_workers=max(0, config.nprocs - 1))
+
+    out_dir = model_dir(config.output_dir, config.masking.masking)
+    meta = model_metadata(config, atlas, runs, {"train": train_subjects, "val": val_subjects})
+    history = pd.DataFrame(columns=list(EpochMetrics.__dataclass_fields__))
+    start_epoch = 1
+    if config.pretrain.resume:
+        start_epoch, history = _resume(out_dir, model, trainer, meta)
+    if ctx.is_main:
+        ensure_dir(out_dir)
+        writer = DerivativesWriter(config.output_dir, source_datasets={"preprocessed": dataset.root})
+        writer.ensure_dataset_description()
+        writer.ensure_bidsignore([f"{MODELS_DIR}/"])
+
+    def on_epoch_end(metrics: EpochMetrics) -> None:
+        nonlocal history
+        history = pd.concat([history[history["epoch"] < metrics.epoch],
+                             pd.DataFrame([metrics.as_row()])], ignore_index=True)
+        if not ctx.is_main:
+            return
+        epoch_meta = dict(meta, epoch=metrics.epoch, metrics=metrics.as_row(),
+                          epochs_planned=config.pretrain.epochs)
+        save_checkpoint(out_dir / f"epoch-{metrics.epoch:03d}", model, epoch_meta,
+                        trainer.optimizer)
+        _prune(out_dir, KEEP_CHECKPOINTS)
+        with atomic_path(out_dir / "training_log.tsv") as tmp:
+            history.to_csv(tmp, sep="\t", index=False, na_rep="n/a")
+        plot_loss_curve(history, out_dir / "loss_curve.png",
+                        f"{config.masking.masking} masking, {preset.name} preset")
+
+    if start_epoch <= config.pretrain.epochs:
+        trainer.fit(start_epoch, on_epoch_end)
+    else:
+        log.info("all %d epochs are already done in %s", config.pretrain.epochs, out_dir)
+    final = out_dir / "model.safetensors"
+    if ctx.is_main:
+        last = history.iloc[-1].to_dict() if len(history) else {}
+        save_checkpoint(out_dir / "model", model,
+                        dict(meta, epoch=int(last.get("epoch", 0)), metrics=last,
+                             epochs_planned=config.pretrain.epochs))
+        log.info("model written to %s", final)
+    return final
+
+
+def _resume(out_dir: Path, model: MaskedAutoencoder, trainer: Trainer,
+            meta: dict) -> tuple[int, pd.DataFrame]:
+    stem = latest_checkpoint(out_dir) if out_dir.is_dir() else None
+    if stem is None:
+        log.warning("--resume: no complete checkpoint in %s; starting from epoch 1", out_dir)
+        return 1, pd.DataFrame(columns=list(EpochMetrics.__dataclass_fields__))
+    saved = read_metadata(stem.with_suffix(".json"))
+    for key in ("preset", "masking", "atlas", "window_frames", "backbone"):
+        if json.dumps(saved.get(key), sort_keys=True) != json.dumps(meta[key], sort_keys=True):
+            raise BadDataError(f"--resume: checkpoint {stem.name} was trained with another {key} "
+                               f"({saved.get(key)!r}); start a new OUTPUT_DIR or drop --resume")
+    model.load_state_dict(load_weights(stem, saved))
+    trainer.optimizer.load_state_dict(load_optimizer_state(stem, saved))
+    log_path = out_dir / "training_log.tsv"
+    history = (pd.read_csv(log_path, sep="\t", na_values="n/a") if log_path.is_file()
+               else pd.DataFrame(columns=list(EpochMetrics.__dataclass_fields__)))
+    epoch = int(saved["epoch"])
+    history = history[history["epoch"] <= epoch].reset_index(drop=True)
+    log.info("resuming from %s (epoch %d, held-out loss %s)", stem.name, epoch,
+             np.round(saved["metrics"].get("val_loss", np.nan), 4))
+    return epoch + 1, history

@@ -1,0 +1,190 @@
+"""The pretraining loop: AdamW, warmup + cosine schedule, gradient clipping, bf16 autocast on CUDA.
+
+Determinism: the data order of epoch ``e`` comes from a sampler seeded with ``(seed, e)`` and the masks of
+step ``s`` from a generator seeded with ``(seed, e, s, rank)``; neither depends on what ran before, so a run
+stopped after epoch 1 and resumed to epoch 3 ends with the same weights as an uninterrupted run (on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from bidsapp.distributed import DistributedContext
+from bidsapp.logs import get_logger
+from bidsapp.model.mae import MaskedAutoencoder
+from bidsapp.model.masking import MaskingStrategy
+
+log = get_logger("training")
+
+#: Offset of the validation mask seed, so validation masks never coincide with training ones.
+VALIDATION_SEED_OFFSET = 1_000_003
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Linear warmup to ``peak_lr`` then cosine decay to ``peak_lr * final_fraction`` (per step)."""
+
+    peak_lr: float
+    warmup_steps: int
+    total_steps: int
+    final_fraction: float = 0.01
+
+    def lr(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.peak_lr * (step + 1) / self.warmup_steps
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        floor = self.peak_lr * self.final_fraction
+        return floor + (self.peak_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def step_generator(seed: int, *parts: int, device: torch.device) -> torch.Generator:
+    """A generator whose state depends only on ``seed`` and ``parts`` (epoch, step, rank)."""
+    value = seed
+    for part in parts:
+        value = (value * 1_000_003 + part) % (2**63 - 1)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(value)
+    return generator
+
+
+@dataclass
+class EpochMetrics:
+    """What one epoch reports (one row of the training log)."""
+
+    epoch: int
+    train_loss: float
+    val_loss: float
+    masked_brain_fraction: float
+    lr: float
+    seconds: float
+
+    def as_row(self) -> dict[str, float | int]:
+        return dict(self.__dict__)
+
+
+class Trainer:
+    """Fit a :class:`MaskedAutoencoder` with one masking strategy, on one or many processes."""
+
+    def __init__(self, model: MaskedAutoencoder, masking: MaskingStrategy, train_set: Dataset,
+                 val_set: Dataset | None, *, ctx: DistributedContext, seed: int, epochs: int,
+                 batch_size: int, lr: float, weight_decay: float, warmup_epochs: float,
+                 clip_grad: float, num_workers: int = 0) -> None:
+        self.ctx = ctx
+        self.model = model.to(ctx.device)
+        self.masking = masking
+        self.seed = seed
+        self.epochs = epochs
+        self.clip_grad = clip_grad
+        self.sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank,
+                                          shuffle=True, seed=seed, drop_last=False)
+        pin = ctx.device.type == "cuda"
+        self.train_loader = DataLoader(train_set, batch_size=batch_size, sampler=self.sampler,
+                                       num_workers=num_workers, pin_memory=pin,
+                                       persistent_workers=num_workers > 0)
+        self.val_loader = None
+        if val_set is not None and len(val_set) > 0:
+            val_sampler = DistributedSampler(val_set, num_replicas=ctx.world_size, rank=ctx.rank,
+                                             shuffle=False, drop_last=False)
+            self.val_loader = DataLoader(val_set, batch_size=batch_size, sampler=val_sampler,
+                                         num_workers=num_workers, pin_memory=pin)
+        self.network: torch.nn.Module = (
+            DistributedDataParallel(self.model, device_ids=[ctx.device] if pin else None)
+            if ctx.enabled else self.model
+        )
+        decay, no_decay = _parameter_groups(self.model)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+        steps_per_epoch = len(self.train_loader)
+        self.schedule = Schedule(lr, max(1, round(warmup_epochs * steps_per_epoch)),
+                                 epochs * steps_per_epoch)
+        self.steps_per_epoch = steps_per_epoch
+        self.autocast = ctx.device.type == "cuda"
+
+    def _batches(self, loader: Iterable, desc: str) -> Iterable:
+        return tqdm(loader, desc=desc, leave=False, disable=None if self.ctx.is_main else True,
+                    unit="batch")
+
+    def _forward(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x = batch["x"].to(self.ctx.device, non_blocking=True)          # (B, T, 96, 96, 96)
+        brain = batch["brain"].to(self.ctx.device, non_blocking=True)  # (B, 96, 96, 96)
+        mask = self.masking(x.shape[0], x.shape[1], generator)
+        with torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            out = self.network(x, brain, mask)
+        _, brain_work = self.model.prepare(x[:, :1], brain)
+        return out.loss.float(), mask.brain_fraction(brain_work).mean()
+
+    def train_epoch(self, epoch: int) -> tuple[float, float, float]:
+        """One pass over the training set; returns (mean loss, mean masked fraction, last lr)."""
+        self.network.train()
+        self.sampler.set_epoch(epoch)
+        totals = torch.zeros(3, dtype=torch.float64)
+        lr = 0.0
+        for step, batch in enumerate(self._batches(self.train_loader, f"epoch {epoch}")):
+            global_step = (epoch - 1) * self.steps_per_epoch + step
+            lr = self.schedule.lr(global_step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            generator = step_generator(self.seed, epoch, step, self.ctx.rank,
+                                       device=self.ctx.device)
+            loss, fraction = self._forward(batch, generator)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+            self.optimizer.step()
+            totals += torch.tensor([loss.item(), fraction.item(), 1.0], dtype=torch.float64)
+        totals = self.ctx.all_sum(totals)
+        return totals[0].item() / totals[2].item(), totals[1].item() / totals[2].item(), lr
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Held-out masked reconstruction loss, with the same masks at every epoch."""
+        if self.val_loader is None:
+            return float("nan")
+        self.network.eval()
+        totals = torch.zeros(2, dtype=torch.float64)
+        for step, batch in enumerate(self.val_loader):
+            generator = step_generator(self.seed + VALIDATION_SEED_OFFSET, step, self.ctx.rank,
+                                       device=self.ctx.device)
+            loss, _ = self._forward(batch, generator)
+            n = batch["x"].shape[0]
+            totals += torch.tensor([loss.item() * n, n], dtype=torch.float64)
+        totals = self.ctx.all_sum(totals)
+        return totals[0].item() / max(totals[1].item(), 1.0)
+
+    def fit(self, start_epoch: int, on_epoch_end: Callable[[EpochMetrics], None]) -> None:
+        """Train epochs ``start_epoch .. epochs``; call ``on_epoch_end`` after each one."""
+        for epoch in range(start_epoch, self.epochs + 1):
+            t0 = time.perf_counter()
+            train_loss, fraction, lr = self.train_epoch(epoch)
+            val_loss = self.evaluate()
+            metrics = EpochMetrics(epoch, train_loss, val_loss, fraction, lr,
+                                   time.perf_counter() - t0)
+            if self.ctx.is_main:
+                log.info("epoch %d/%d: train loss %.4f, held-out loss %.4f, %.0f%% of brain "
+                         "masked, %.1f s", epoch, self.epochs, train_loss, val_loss,
+                         100 * fraction, metrics.seconds)
+            on_epoch_end(metrics)
+            self.ctx.barrier()
+
+
+def _parameter_groups(model: torch.nn.Module) -> tuple[list, list]:
+    # As in MAE: no weight decay on biases, norms, positional embeddings and the mask token.
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim <= 1 or "pos" in name or "mask_token" in name or name.endswith(".bias"):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return decay, no_decay
