@@ -141,12 +141,8 @@ class CubeAtlas:
 
 def cube_atlas(atlas: Atlas) -> CubeAtlas:
     """Bring an atlas to the MNI 2 mm grid (nearest neighbour if needed), then to the cube."""
-    image = atlas.image
-    if is_mni_2mm(image.shape, image.affine):
-        labels = np.asarray(image.dataobj).astype(np.int64)  # (91, 109, 91)
-    else:
-        labels = np.asarray(atlas.resample_to(MNI_2MM_SHAPE, MNI_2MM_AFFINE))
-    voxel_labels = to_cube(np.asarray(atlas.contiguous(labels)).astype(np.int16), fill=-1)
+    labels = atlas.resample_to(MNI_2MM_SHAPE, MNI_2MM_AFFINE)  # (91, 109, 91) label values
+    voxel_labels = to_cube(atlas.contiguous(labels).astype(np.int16), fill=-1)
     # Dilation lets tokens at the cortical rim, which hold brain signal, count as brain.
     brain = ndimage.binary_dilation(to_cube(labels > 0, fill=False))
     region_values = np.array([region.index for region in atlas.regions])

@@ -7,18 +7,18 @@ times in space (time is never merged). Parameter counts are of the whole masked 
 (encoder with patch embedding and mask token, plus the light decoder); they are checked by the
 test suite.
 
-=====  ==========  =====  ============  ==================  ============  ===========  =========
-name   working     patch  tokens/frame  dims                depths        heads        params
-=====  ==========  =====  ============  ==================  ============  ===========  =========
-tiny   48^3 (s=2)  4      12^3          16, 32, 64          1, 1, 1       1, 2, 4      121,552
-small  96^3 (s=1)  6      16^3          24, 48, 96, 192     2, 2, 2, 2    2, 4, 8, 16  1,697,448
-base   96^3 (s=1)  6      16^3          36, 72, 144, 288    2, 2, 6, 2    3, 6, 12, 24 7,048,728
-=====  ==========  =====  ============  ==================  ============  ===========  =========
+=====  ==========  =====  ============  ================  ==========  ============  =========
+name   working     patch  tokens/frame  dims              depths      heads         params
+=====  ==========  =====  ============  ================  ==========  ============  =========
+tiny   48^3 (s=2)  4      12^3          16, 32, 64        2, 2, 2     1, 2, 4       213,856
+small  96^3 (s=1)  6      16^3          24, 48, 96, 192   2, 2, 2, 2  2, 4, 8, 16   1,722,984
+base   96^3 (s=1)  6      16^3          36, 72, 144, 288  2, 2, 6, 2  3, 6, 12, 24  4,758,768
+=====  ==========  =====  ============  ================  ==========  ============  =========
 
 ``base`` is the NeuroSTORM configuration (windows 4x4x4x4, MLP ratio 4). ``small`` keeps its grid
-and windows at two thirds of the width and a shallower third stage, for a single modest GPU.
+and windows at two thirds of the width with a shallower third stage, for a modest GPU.
 ``tiny`` is for the CPU demo: a 48^3 working grid, windows 3x3x3x4 (which tile the 12^3, 6^3 and
-3^3 stage grids without padding) and one block per stage.
+3^3 stage grids without padding) and two blocks per stage (plain and shifted windows).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ PRESETS: dict[str, ModelPreset] = {
     preset.name: preset
     for preset in (
         ModelPreset(
-            name="tiny", downsample=2, patch_size=4, embed_dim=16, depths=(1, 1, 1),
+            name="tiny", downsample=2, patch_size=4, embed_dim=16, depths=(2, 2, 2),
             num_heads=(1, 2, 4), window_size=(3, 3, 3, 4),
         ),
         ModelPreset(

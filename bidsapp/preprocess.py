@@ -1,0 +1,504 @@
+"""Each BOLD run to a model-ready, memory-mapped cache entry, once.
+
+A run (BOLD series and its brain mask, in MNI space) is brought to the MNI 2 mm grid if it is on
+another grid, optionally resampled in time, cut to the 96^3 cube (:mod:`bidsapp.grid`), z-scored
+with one mean and standard deviation over all brain voxels and frames (as NeuroSTORM), and stored
+as the brain voxels only::
+
+    <cache_root>/<key[:16]>/
+        data.npy        (n_frames, n_brain) float16, read memory-mapped
+        brain.npy       (96, 96, 96) bool, the run's brain mask in the cube
+        manifest.json   sources and their sha256, parameters, frame count, TR, ...
+
+The key hashes the content of both files and the parameters, so an entry is reused whatever the
+path or time stamp of its inputs, and any change to them makes a new entry. An entry is built in a
+temporary directory and renamed into place when complete, under a file lock, so a crash leaves no
+half entry and two processes never build the same one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import uuid
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from filelock import FileLock
+from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import SpatialImage
+from nilearn.datasets import load_mni152_brain_mask
+from nilearn.image import resample_img
+from scipy.interpolate import interp1d
+
+from bidsapp import __version__
+from bidsapp.errors import BadDataError, IOFailureError, NoInputError
+from bidsapp.grid import CUBE_SHAPE, MNI_2MM_AFFINE, MNI_2MM_SHAPE, from_cube, is_mni_2mm, to_cube
+from bidsapp.io import atomic_write_text, ensure_dir
+from bidsapp.logs import get_logger
+
+log = get_logger("preprocess")
+
+#: Bumped whenever the content of an entry changes meaning; part of the key.
+CACHE_FORMAT = 1
+#: Frames processed at a time: bounds peak memory independently of the run length.
+CHUNK_FRAMES = 16
+#: A resampled run must keep this share of its mask and have this share inside the MNI brain.
+MIN_MNI_OVERLAP = 0.5
+#: What a truncated, corrupt or empty NIfTI raises while it is read.
+_READ_ERRORS = (ImageFileError, OSError, EOFError, zlib.error, ValueError)
+
+
+@dataclass(frozen=True)
+class PreprocessParams:
+    """Settings that change the content of a cache entry.
+
+    Parameters
+    ----------
+    window_frames : int
+        Frames per training window; windows do not overlap.
+    target_tr : float, optional
+        Resample every run to this repetition time (seconds), linearly in time.
+    dtype : str
+        Storage type of the z-scored values: ``"float16"`` or ``"float32"``.
+    """
+
+    window_frames: int = 20
+    target_tr: float | None = None
+    dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        if self.window_frames < 1:
+            raise ValueError(f"window_frames must be >= 1, got {self.window_frames}")
+        if self.target_tr is not None and self.target_tr <= 0:
+            raise ValueError(f"target_tr must be > 0, got {self.target_tr}")
+        if self.dtype not in ("float16", "float32"):
+            raise ValueError(f"dtype must be float16 or float32, got {self.dtype!r}")
+
+    def key(self) -> dict:
+        """The parameters as a JSON-serialisable dict (hashed into the cache key)."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class CachedRun:
+    """One preprocessed run, its values memory-mapped.
+
+    Attributes
+    ----------
+    directory : Path
+        The cache entry.
+    manifest : dict
+        Sources and their sha256, parameters, ``n_frames``, ``repetition_time``, ``n_windows``,
+        normalisation, creation time and roimae version.
+    brain : ndarray, shape (96, 96, 96), bool
+        The run's brain mask in the cube.
+    data : ndarray, shape (n_frames, n_brain)
+        Z-scored values of the brain voxels (C order of the cube), memory-mapped read-only.
+    """
+
+    directory: Path
+    manifest: dict
+    brain: np.ndarray
+    data: np.ndarray
+    _flat_brain: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._flat_brain = np.flatnonzero(self.brain)  # (n_brain,) into the flattened cube
+
+    def __reduce__(self) -> tuple:
+        # Pickling (spawned DataLoader workers) re-opens the entry instead of copying the data.
+        return load_cached, (self.directory,)
+
+    @property
+    def n_frames(self) -> int:
+        """Frames stored (after temporal resampling), leftovers beyond the last window included."""
+        return int(self.manifest["n_frames"])
+
+    @property
+    def n_windows(self) -> int:
+        """Number of non-overlapping windows of ``window_frames`` frames."""
+        return int(self.manifest["n_windows"])
+
+    @property
+    def window_frames(self) -> int:
+        """Frames per window."""
+        return int(self.manifest["params"]["window_frames"])
+
+    @property
+    def repetition_time(self) -> float | None:
+        """Seconds between stored frames, ``None`` if the source did not say."""
+        return self.manifest["repetition_time"]
+
+    def frames(self, start: int, stop: int) -> np.ndarray:
+        """Frames ``start:stop`` as cubes, background 0.
+
+        Returns
+        -------
+        ndarray, shape (stop - start, 96, 96, 96), float32
+        """
+        if not 0 <= start <= stop <= self.n_frames:
+            raise IndexError(f"frames {start}:{stop} outside 0:{self.n_frames}")
+        cubes = np.zeros((stop - start, int(np.prod(CUBE_SHAPE))), dtype=np.float32)
+        cubes[:, self._flat_brain] = self.data[start:stop]
+        return cubes.reshape((stop - start, *CUBE_SHAPE))
+
+    def window(self, index: int) -> np.ndarray:
+        """Window ``index`` as cubes.
+
+        Returns
+        -------
+        ndarray, shape (window_frames, 96, 96, 96), float32
+        """
+        if not 0 <= index < self.n_windows:
+            raise IndexError(f"window {index} outside 0..{self.n_windows - 1}")
+        return self.frames(index * self.window_frames, (index + 1) * self.window_frames)
+
+
+def load_cached(directory: Path) -> CachedRun:
+    """Open a complete cache entry; :class:`IOFailureError` if it is incomplete or corrupt."""
+    directory = Path(directory)
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
+        brain = np.load(directory / "brain.npy")
+        data = np.load(directory / "data.npy", mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise IOFailureError(f"cache entry {directory} is unreadable: {exc}") from exc
+    if brain.shape != CUBE_SHAPE or data.shape != (manifest.get("n_frames"), int(brain.sum())):
+        raise IOFailureError(f"cache entry {directory} is inconsistent; delete it and re-run")
+    return CachedRun(directory=directory, manifest=manifest, brain=brain, data=data)
+
+
+def prepare_run(bold: Path, mask: Path, cache_root: Path, params: PreprocessParams,
+                repetition_time: float | None = None) -> CachedRun:
+    """Preprocess one run into the cache, or reuse its entry.
+
+    Parameters
+    ----------
+    bold : Path
+        4D BOLD series in MNI space (any grid; resampled to the MNI 2 mm grid if needed).
+    mask : Path
+        Brain mask on the BOLD's grid.
+    cache_root : Path
+        Directory holding the cache entries.
+    params : PreprocessParams
+    repetition_time : float, optional
+        TR in seconds (from the sidecar); else the NIfTI header's is used.
+
+    Returns
+    -------
+    CachedRun
+
+    Raises
+    ------
+    BadDataError
+        Unreadable file, not a 4D series, NaN/Inf in the brain, not in MNI space, mask on another
+        grid or empty, too few frames for one window, unknown TR when resampling in time.
+    """
+    bold, mask = Path(bold), Path(mask)
+    sources = {"source": bold, "source_sha256": _sha256(bold),
+               "mask": mask, "mask_sha256": _sha256(mask)}
+    key = _cache_key(sources["source_sha256"], sources["mask_sha256"], params, repetition_time)
+    cache_root = ensure_dir(Path(cache_root))
+    entry = cache_root / key[:16]
+    with FileLock(cache_root / f".{entry.name}.lock"):
+        cached = _existing_entry(entry, key)
+        if cached is not None:
+            log.info("reusing cache %s for %s", entry, bold.name)
+            return cached
+        # Under the lock nobody else builds this entry: what is left is from an older format
+        # or from a process that was killed mid-way.
+        for stale in [entry, *cache_root.glob(f".{entry.name}.*.tmp")]:
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = cache_root / f".{entry.name}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            ensure_dir(tmp)
+            _build_entry(tmp, sources, params, repetition_time, key)
+            os.replace(tmp, entry)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return load_cached(entry)
+
+
+def _sha256(path: Path) -> str:
+    if not path.is_file():
+        raise NoInputError(f"{path} does not exist")
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise IOFailureError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    return digest.hexdigest()
+
+
+def _cache_key(bold_sha: str, mask_sha: str, params: PreprocessParams,
+               repetition_time: float | None) -> str:
+    payload = {"format": CACHE_FORMAT, "bold": bold_sha, "mask": mask_sha,
+               "params": params.key(), "repetition_time": repetition_time}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _existing_entry(entry: Path, key: str) -> CachedRun | None:
+    if not entry.is_dir():
+        return None
+    try:
+        cached = load_cached(entry)
+    except IOFailureError:
+        return None
+    return cached if cached.manifest.get("key") == key else None
+
+
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn what a truncated, corrupt or empty file raises into one line for the user."""
+    try:
+        yield
+    except _READ_ERRORS as exc:
+        raise BadDataError(f"cannot read {path}: {str(exc) or type(exc).__name__} "
+                           "(truncated or corrupt file?)") from exc
+
+
+def _chunks(n: int) -> Iterator[slice]:
+    for start in range(0, n, CHUNK_FRAMES):
+        yield slice(start, min(start + CHUNK_FRAMES, n))
+
+
+def _build_entry(directory: Path, sources: dict[str, Any], params: PreprocessParams,
+                 repetition_time: float | None, key: str) -> None:
+    bold, mask = sources["source"], sources["mask"]
+    # keep_file_open: chunks are read in order, so a .nii.gz is decompressed once, not per chunk.
+    with _reading(bold):
+        image = nib.load(bold, keep_file_open=True)
+    if len(image.shape) != 4:
+        raise BadDataError(f"{bold}: expected a 4D BOLD series, got shape {image.shape}")
+    inside = _mask_on_grid(mask, image, bold)  # (X, Y, Z) bool, on the BOLD's grid
+
+    source_tr = _header_tr(image) if repetition_time is None else float(repetition_time)
+    n_frames = _n_output_frames(image.shape[3], source_tr, params.target_tr, bold)
+    if n_frames < params.window_frames:
+        raise BadDataError(f"{bold}: {n_frames} frames, fewer than one window of "
+                           f"{params.window_frames}")
+    log.info("preparing %s (%d frames)", bold.name, image.shape[3])
+
+    resample = not is_mni_2mm(image.shape, image.affine)
+    brain_mni = _brain_on_mni_grid(inside, image.affine, bold, mask) if resample else inside
+    brain = to_cube(brain_mni, fill=False)  # (96, 96, 96)
+    if not brain.any():
+        raise BadDataError(f"{mask}: no brain voxel inside the model's field of view")
+    # The brain voxels of the MNI grid that the cube keeps, in the cube's C order (the shift
+    # between the grids is monotone along every axis, so both orders agree).
+    kept = from_cube(brain, fill=False)
+
+    values = _brain_values(image, inside, kept, resample, bold)  # (T, n_brain) float32
+    if params.target_tr is not None:
+        values = _resample_time(values, source_tr, params.target_tr)
+    mean, std = _global_stats(values)
+    if not std > 0:
+        raise BadDataError(f"{bold}: the signal is constant inside the brain mask")
+    n_windows = n_frames // params.window_frames
+    if n_frames % params.window_frames:
+        log.debug("%s: last %d frames fill no window and are not used for windows", bold.name,
+                  n_frames % params.window_frames)
+
+    try:
+        data = np.lib.format.open_memmap(directory / "data.npy", mode="w+", dtype=params.dtype,
+                                         shape=values.shape)
+        for rows in _chunks(n_frames):
+            data[rows] = (values[rows] - mean) / std
+        data.flush()
+        del data
+        np.save(directory / "brain.npy", brain)
+        manifest: dict[str, Any] = {
+            "key": key,
+            "format": CACHE_FORMAT,
+            "source": str(bold.absolute()),
+            "source_sha256": sources["source_sha256"],
+            "mask": str(mask.absolute()),
+            "mask_sha256": sources["mask_sha256"],
+            "params": params.key(),
+            "n_frames": n_frames,
+            "repetition_time": params.target_tr or source_tr,
+            "source_repetition_time": source_tr,
+            "n_windows": n_windows,
+            "n_brain": int(brain.sum()),
+            "spatially_resampled": resample,
+            "normalization": {"mean": mean, "std": std},
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "roimae_version": __version__,
+        }
+        atomic_write_text(directory / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    except OSError as exc:
+        raise IOFailureError(f"cannot write cache entry for {bold}: {exc}") from exc
+
+
+def _mask_on_grid(mask: Path, image: SpatialImage, bold: Path) -> np.ndarray:
+    """The mask as a boolean volume, refused unless it is non-empty and on the BOLD's grid."""
+    with _reading(mask):
+        mask_image = nib.load(mask)
+        values = np.asanyarray(mask_image.dataobj)
+    if mask_image.shape != image.shape[:3] or not np.allclose(mask_image.affine, image.affine,
+                                                               atol=1e-3):
+        raise BadDataError(f"mask {mask} (shape {mask_image.shape}) is not on the grid of "
+                           f"{bold} (shape {image.shape[:3]})")
+    inside = values > 0
+    if not inside.any():
+        raise BadDataError(f"mask {mask} is empty")
+    return inside
+
+
+def _header_tr(image: SpatialImage) -> float | None:
+    """TR in seconds from pixdim[4] and the time unit, ``None`` if the header has none."""
+    zooms = image.header.get_zooms()
+    if len(zooms) < 4 or not zooms[3] > 0:
+        return None
+    unit = image.header.get_xyzt_units()[1]
+    return float(zooms[3]) * {"msec": 1e-3, "usec": 1e-6}.get(unit, 1.0)
+
+
+def _n_output_frames(n_frames: int, tr: float | None, target_tr: float | None,
+                     bold: Path) -> int:
+    if target_tr is None:
+        return n_frames
+    if tr is None:
+        raise BadDataError(f"{bold}: the repetition time is unknown (no RepetitionTime and no "
+                           "TR in the header), so it cannot be resampled to --target-tr")
+    return max(round(n_frames * tr / target_tr), 1)
+
+
+@lru_cache(maxsize=1)
+def _template_brain() -> np.ndarray:
+    """MNI152 brain mask shipped with nilearn, on the MNI 2 mm grid: (91, 109, 91) bool."""
+    template = resample_img(load_mni152_brain_mask(resolution=2), target_affine=MNI_2MM_AFFINE,
+                            target_shape=MNI_2MM_SHAPE, interpolation="nearest",
+                            force_resample=True, copy_header=True)
+    return np.asanyarray(template.dataobj) > 0
+
+
+def _resample_volumes(volumes: np.ndarray, affine: np.ndarray, interpolation: str) -> np.ndarray:
+    """(X, Y, Z[, t]) on ``affine`` -> (91, 109, 91[, t]) on the MNI 2 mm grid."""
+    resampled = resample_img(nib.Nifti1Image(volumes, affine), target_affine=MNI_2MM_AFFINE,
+                             target_shape=MNI_2MM_SHAPE, interpolation=interpolation,
+                             force_resample=True, copy_header=True)
+    return np.asanyarray(resampled.dataobj)
+
+
+def _brain_on_mni_grid(inside: np.ndarray, affine: np.ndarray, bold: Path,
+                       mask: Path) -> np.ndarray:
+    """The mask on the MNI 2 mm grid (nearest neighbour), refused if the data are not in MNI."""
+    brain = _resample_volumes(inside.astype(np.uint8), affine, "nearest") > 0
+    source_mm3 = inside.sum() * abs(np.linalg.det(affine[:3, :3]))
+    kept = brain.sum() * abs(np.linalg.det(MNI_2MM_AFFINE[:3, :3])) / source_mm3
+    in_template = (brain & _template_brain()).sum() / max(brain.sum(), 1)
+    if kept < MIN_MNI_OVERLAP or in_template < MIN_MNI_OVERLAP:
+        raise BadDataError(
+            f"{bold} is not in MNI space: on the MNI grid its mask {mask.name} keeps {kept:.0%} "
+            f"of its volume and {in_template:.0%} of it lies in the MNI brain"
+        )
+    log.debug("%s resampled to the MNI 2 mm grid (%.0f%% of the mask kept)", bold.name, 100 * kept)
+    return brain
+
+
+def _brain_values(image: SpatialImage, inside: np.ndarray, kept: np.ndarray,
+                  resample: bool, bold: Path) -> np.ndarray:
+    """Read the run chunk by chunk; return the values of the kept brain voxels.
+
+    Returns
+    -------
+    ndarray, shape (T, n_brain), float32
+    """
+    n_frames = image.shape[3]
+    values = np.empty((n_frames, int(kept.sum())), dtype=np.float32)
+    not_finite = np.zeros(int(inside.sum()), dtype=bool)  # (n_mask,) on the BOLD's grid
+    for frames in _chunks(n_frames):
+        with _reading(bold):
+            chunk = np.asarray(image.dataobj[..., frames], dtype=np.float32)  # (X, Y, Z, t)
+        finite = np.isfinite(chunk)
+        not_finite |= ~finite[inside].all(axis=1)
+        # NaN outside the mask would bleed into the brain through interpolation.
+        chunk[~finite] = 0
+        if resample:
+            chunk = _resample_volumes(chunk, image.affine, "continuous")  # (91, 109, 91, t)
+        values[frames] = chunk[kept].T
+    if not_finite.any():
+        raise BadDataError(f"{bold}: {int(not_finite.sum())} voxels inside the brain mask hold "
+                           "NaN or infinite values")
+    return values
+
+
+def _resample_time(values: np.ndarray, tr: float, target_tr: float) -> np.ndarray:
+    """Linear interpolation along time from ``tr`` to ``target_tr``.
+
+    Frame ``i`` stands for the interval ``[i tr, (i + 1) tr)`` and is sampled at its centre, as
+    NeuroSTORM (``align_corners=False``), so ``round(T tr / target_tr)`` frames cover the same
+    duration; output centres beyond the first or last input centre take that frame's value.
+
+    Returns
+    -------
+    ndarray, shape (round(T tr / target_tr), n_brain), float32
+    """
+    n_in = values.shape[0]
+    n_out = max(round(n_in * tr / target_tr), 1)
+    source_times = (np.arange(n_in) + 0.5) * tr
+    times = np.clip((np.arange(n_out) + 0.5) * target_tr, source_times[0], source_times[-1])
+    if n_in == 1:
+        return np.repeat(values, n_out, axis=0)
+    interpolate = interp1d(source_times, values, axis=0, copy=False, assume_sorted=True)
+    resampled = np.empty((n_out, values.shape[1]), dtype=np.float32)
+    for rows in _chunks(n_out):
+        resampled[rows] = interpolate(times[rows])
+    return resampled
+
+
+def _global_stats(values: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation over every element, two passes in float64, chunk by chunk."""
+    mean = sum(values[rows].sum(dtype=np.float64) for rows in _chunks(len(values))) / values.size
+    square = sum(np.square(values[rows] - mean, dtype=np.float64).sum()
+                 for rows in _chunks(len(values)))
+    return float(mean), float(np.sqrt(square / values.size))
+
+
+class WindowDataset(torch.utils.data.Dataset):
+    """Windows of cached runs as model inputs.
+
+    Parameters
+    ----------
+    runs : sequence of CachedRun
+    window_indices : sequence of (run index, window index), optional
+        The windows to serve; all windows of all runs by default.
+
+    Items are dicts: ``x`` float32 tensor (T, 96, 96, 96), ``brain`` bool tensor (96, 96, 96),
+    ``run`` and ``window`` ints.
+    """
+
+    def __init__(self, runs: Sequence[CachedRun],
+                 window_indices: Sequence[tuple[int, int]] | None = None) -> None:
+        self.runs = list(runs)
+        if window_indices is None:
+            window_indices = [(r, w) for r, run in enumerate(self.runs)
+                              for w in range(run.n_windows)]
+        self.window_indices = [(int(r), int(w)) for r, w in window_indices]
+
+    def __len__(self) -> int:
+        return len(self.window_indices)
+
+    def __getitem__(self, i: int) -> dict:
+        run_index, window_index = self.window_indices[i]
+        run = self.runs[run_index]
+        return {"x": torch.from_numpy(run.window(window_index)),
+                "brain": torch.from_numpy(run.brain.copy()),
+                "run": run_index, "window": window_index}
