@@ -114,6 +114,7 @@ class _Layout:
     """What every participant shares: the mask and per-voxel model terms (V brain voxels)."""
 
     mask: np.ndarray        # (X, Y, Z) bool brain mask
+    voxels: np.ndarray      # (V,) Fortran-order flat indices of the mask voxels
     source: np.ndarray      # (V,) int: 0 global course, k = 1..6 network k
     weight: np.ndarray      # (V,) float32 variance share of the source course (w)
     planted: np.ndarray     # (V,) bool: voxel of an ADHD region
@@ -132,7 +133,7 @@ def make_demo_dataset(out_dir: Path, *, n_participants: int = 24, n_frames: int 
     out_dir : Path
         Dataset root; created if needed, files already there are overwritten.
     n_participants : int
-        At least 4; diagnoses alternate so they are balanced, and each site gets both.
+        At least 4; diagnoses are balanced and each site gets both.
     n_frames : int
         Frames per run (at least 2).
     seed : int
@@ -169,7 +170,7 @@ def make_demo_dataset(out_dir: Path, *, n_participants: int = 24, n_frames: int 
     for row in participants.itertuples():
         bold = _participant_bold(rng, layout, row.diagnosis, SITES[row.site], row.gain,
                                  n_frames, repetition_time)
-        _write_run(out_dir, row.participant_id, layout.mask, bold, repetition_time)
+        _write_run(out_dir, row.participant_id, layout, bold, repetition_time)
         log.debug("demo: wrote %s (%s, %s)", row.participant_id, row.diagnosis, row.site)
     _write_metadata(out_dir, participants.drop(columns="gain"), truth)
     return truth
@@ -190,14 +191,15 @@ def _brain_mask(labels: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(ndimage.binary_dilation(mask, structure))
 
 
-def _lattice_upsampler(mask: np.ndarray, step: int) -> sparse.csr_matrix:
-    """Trilinear interpolation from a ``step``-voxel lattice to the mask voxels.
+def _lattice_upsampler(shape: tuple[int, ...], voxels: np.ndarray,
+                       step: int) -> sparse.csr_matrix:
+    """Trilinear interpolation from a ``step``-voxel lattice to the given voxels.
 
     Each row is divided by its norm, so white unit-variance lattice noise becomes unit-variance
     voxel noise everywhere (a node and a point between nodes alike).
     """
-    voxels = np.argwhere(mask)  # (V, 3)
-    lattice_shape = tuple(int(n) // step + 2 for n in mask.shape)
+    voxels = np.column_stack(np.unravel_index(voxels, shape, order="F"))  # (V, 3)
+    lattice_shape = tuple(int(n) // step + 2 for n in shape)
     position = voxels / step
     base = np.floor(position).astype(np.int64)
     frac = position - base
@@ -218,7 +220,9 @@ def _lattice_upsampler(mask: np.ndarray, step: int) -> sparse.csr_matrix:
 
 def _layout(rng: np.random.Generator, atlas: Atlas, labels: np.ndarray) -> _Layout:
     mask = _brain_mask(labels)
-    voxel_labels = labels[mask]  # (V,)
+    # Fortran order, NIfTI's: a run is then written without transposing the volume.
+    voxels = np.flatnonzero(mask.ravel(order="F"))
+    voxel_labels = labels.ravel(order="F")[voxels]  # (V,)
     source = np.zeros(voxel_labels.shape, dtype=np.int64)
     weight = np.full(voxel_labels.shape, OTHER_WEIGHT, dtype=np.float32)
     for k, names in enumerate(NETWORKS.values(), start=1):
@@ -227,11 +231,12 @@ def _layout(rng: np.random.Generator, atlas: Atlas, labels: np.ndarray) -> _Layo
         weight[in_network] = NETWORK_WEIGHT
     weight[np.isin(voxel_labels, _region_indices(atlas, NOISE_ONLY))] = 0.0
     planted = np.isin(voxel_labels, _region_indices(atlas, ADHD_REGIONS))
-    upsample = _lattice_upsampler(mask, LATTICE_VOXELS)
+    upsample = _lattice_upsampler(mask.shape, voxels, LATTICE_VOXELS)
     profile = upsample @ rng.standard_normal(upsample.shape[1], dtype=np.float32)
     drift = upsample @ rng.standard_normal(upsample.shape[1], dtype=np.float32)
-    return _Layout(mask=mask, source=source, weight=weight, planted=planted, upsample=upsample,
-                   baseline=BASELINE * (1 + PROFILE_SD * profile), drift=DRIFT_SD * drift)
+    return _Layout(mask=mask, voxels=voxels, source=source, weight=weight, planted=planted,
+                   upsample=upsample, baseline=BASELINE * (1 + PROFILE_SD * profile),
+                   drift=DRIFT_SD * drift)
 
 
 def _participants(rng: np.random.Generator, n: int) -> pd.DataFrame:
@@ -263,34 +268,41 @@ def _ar1(rng: np.random.Generator, n: int, n_frames: int, phi: float) -> np.ndar
 def _participant_bold(rng: np.random.Generator, layout: _Layout, diagnosis: str,
                       site: dict[str, float], gain: float, n_frames: int,
                       repetition_time: float) -> np.ndarray:
-    """(V, T) float32 BOLD of one participant's brain voxels (the model of the module docstring)."""
+    """(V, T) float32 BOLD of one participant's brain voxels (the model of the module docstring).
+
+    The per-voxel factors are folded into (V,) coefficients first, so the (V, T) arrays are
+    touched by few in-place operations: this is most of the demo's run time.
+    """
     courses = _ar1(rng, len(NETWORKS) + 1, n_frames, np.exp(-repetition_time / COURSE_TAU_S))
     lattice_noise = _ar1(rng, layout.upsample.shape[1], n_frames,
                          np.exp(-repetition_time / NOISE_TAU_S))
-    noise = layout.upsample @ lattice_noise  # (V, T)
-    fluctuation = (np.sqrt(layout.weight)[:, None] * courses[layout.source]
-                   + np.sqrt(1 - layout.weight)[:, None] * noise)
-    adhd = diagnosis == "adhd"
-    amplitude = np.where(layout.planted & adhd, FLUCTUATION * ADHD_AMPLITUDE, FLUCTUATION)
-    shift = np.where(layout.planted & adhd, ADHD_SHIFT, 0.0)
-    ramp = np.linspace(-0.5, 0.5, n_frames, dtype=np.float32)
-    relative = (1 + shift)[:, None] + amplitude[:, None] * fluctuation + layout.drift[:, None] * ramp
-    thermal = rng.standard_normal(relative.shape, dtype=np.float32)
-    return (gain * site["scale"] * layout.baseline[:, None] * relative
-            + site["thermal_noise"] * BASELINE * thermal).astype(np.float32)
+    planted = layout.planted & (diagnosis == "adhd")
+    scaled = (gain * site["scale"]) * layout.baseline  # (V,) g * scale * b
+    amplitude = scaled * np.where(planted, FLUCTUATION * ADHD_AMPLITUDE, FLUCTUATION)
+    bold = layout.upsample @ lattice_noise  # (V, T) smooth noise n
+    bold *= (amplitude * np.sqrt(1 - layout.weight))[:, None]
+    bold += (amplitude * np.sqrt(layout.weight))[:, None] * courses[layout.source]
+    bold += (scaled * np.where(planted, 1 + ADHD_SHIFT, 1.0))[:, None]
+    bold += (scaled * layout.drift)[:, None] * np.linspace(-0.5, 0.5, n_frames, dtype=np.float32)
+    thermal = rng.standard_normal(bold.shape, dtype=np.float32)
+    thermal *= site["thermal_noise"] * BASELINE
+    bold += thermal
+    return bold
 
 
 def _entities(participant_id: str) -> str:
     return f"{participant_id}_task-{TASK}_space-{SPACE}_res-{RES}"
 
 
-def _write_run(out_dir: Path, participant_id: str, mask: np.ndarray, bold: np.ndarray,
+def _write_run(out_dir: Path, participant_id: str, layout: _Layout, bold: np.ndarray,
                repetition_time: float) -> None:
-    """Write the BOLD series, its brain mask and their sidecars (fMRIPrep names)."""
+    """Write the (V, T) BOLD series, its brain mask and their sidecars (fMRIPrep names)."""
     func = out_dir / participant_id / "func"
     stem = _entities(participant_id)
-    volume = np.zeros((*mask.shape, bold.shape[1]), dtype=np.int16)  # (X, Y, Z, T)
-    volume[mask] = np.rint(bold / SCL_SLOPE).astype(np.int16)
+    mask = layout.mask
+    frames = np.zeros((bold.shape[1], mask.size), dtype=np.int16)  # (T, X*Y*Z), F-order voxels
+    frames[:, layout.voxels] = np.rint(bold / SCL_SLOPE).T
+    volume = frames.reshape(bold.shape[1], *mask.shape[::-1]).T  # (X, Y, Z, T), F-contiguous
     bold_img = nib.Nifti1Image(volume, MNI_2MM_AFFINE)
     bold_img.header.set_slope_inter(SCL_SLOPE, 0.0)
     bold_img.header.set_xyzt_units("mm", "sec")
@@ -329,7 +341,7 @@ def _truth(atlas: Atlas, seed: int, n_frames: int, repetition_time: float,
         "n_frames": n_frames,
         "repetition_time": repetition_time,
         "atlas": {"name": atlas.name, "sha256": atlas.sha256()},
-        "signal_model": " ".join(__doc__.split("Signal model")[1].split()[2:]),
+        "signal_model": (__doc__ or "").partition("------------\n")[2].strip(),
         "baseline": BASELINE,
         "baseline_profile_sd": PROFILE_SD,
         "fluctuation_amplitude": FLUCTUATION,
@@ -347,7 +359,7 @@ def _truth(atlas: Atlas, seed: int, n_frames: int, repetition_time: float,
         "networks": {net: _region_records(atlas, names) for net, names in NETWORKS.items()},
         "noise_only": _region_records(atlas, NOISE_ONLY),
         "sites": SITES,
-        "participants": participants.to_dict(orient="records"),
+        "participants": json.loads(participants.to_json(orient="records")),
         "scl_slope": SCL_SLOPE,
     }
 

@@ -154,3 +154,89 @@ def write_participant_report(output_dir: Path, subject: str, items: Sequence, lo
     report = output_dir / f"sub-{subject}.html"
     atomic_write_text(report, _page(f"roimae sub-{subject}", body))
     return report
+
+
+def plot_roc(results: dict, classes: np.ndarray, path: Path) -> Path:
+    """Out-of-fold ROC curves (first repeat) of each embedding set, binary targets."""
+    from sklearn.metrics import roc_curve
+
+    fig, ax = plt.subplots(figsize=(4.2, 4))
+    positive = classes[1]
+    for desc, res in results.items():
+        pred = res["predictions"]
+        first = pred[pred["repeat"] == 0]
+        fpr, tpr, _ = roc_curve(first["target"] == positive, first[f"p_{positive}"])
+        auc = res["summary"].set_index("metric").loc["roc_auc", "mean"]
+        ax.plot(fpr, tpr, label=f"desc-{desc} (AUC {auc:.2f})")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel(f"true positive rate ({positive})")
+    ax.legend(loc="lower right", fontsize=8)
+    return save_figure(fig, path)
+
+
+def plot_confusion(confusion: np.ndarray, classes: np.ndarray, path: Path, title: str) -> Path:
+    """Confusion matrix summed over all folds and repeats."""
+    fig, ax = plt.subplots(figsize=(3.6, 3.2))
+    ax.imshow(confusion, cmap="Blues")
+    for (i, j), value in np.ndenumerate(confusion):
+        ax.text(j, i, str(value), ha="center", va="center")
+    ax.set_xticks(range(len(classes)), classes)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    return save_figure(fig, path)
+
+
+def write_group_report(output_dir: Path, prefix: str, classes: np.ndarray, results: dict,
+                       comparison: pd.DataFrame | None, atlas) -> Path:
+    """``OUTPUT_DIR/group.html``: metrics, ROC, confusion, comparison, top regions and maps."""
+    from bidsapp.participant import region_map
+
+    figures = ensure_dir(output_dir / "group" / "figures")
+    body = [f"<h1>roimae group report: {html.escape(prefix.removeprefix('target-'))}</h1>",
+            f"<p>Classes: {html.escape(', '.join(map(str, classes)))}. Metrics are the mean and "
+            "standard deviation over the folds of repeated stratified group k-fold "
+            "cross-validation (runs of a participant never straddle folds).</p>"]
+    body.append("<h2>Classification</h2>")
+    for desc, res in results.items():
+        body += [f"<h3>desc-{html.escape(desc)}</h3>", _table_html(res["summary"])]
+        conf = plot_confusion(res["confusion"], classes, figures / f"{prefix}_desc-{desc}_"
+                              "confusion.png", f"desc-{desc}")
+        body.append(_img(conf, output_dir, "confusion matrix"))
+    if len(classes) == 2:
+        roc = plot_roc(results, classes, figures / f"{prefix}_roc.png")
+        body += ["<h3>ROC curves (first repeat, out of fold)</h3>", _img(roc, output_dir, "ROC")]
+    if comparison is not None:
+        body += ["<h2>Comparison of maskings</h2>",
+                 "<p>Fold-wise difference of balanced accuracy on identical folds; p from the "
+                 "corrected resampled t-test (Nadeau &amp; Bengio 2003).</p>",
+                 _table_html(comparison)]
+    body.append("<h2>Regions</h2>")
+    contiguous = atlas.contiguous(np.asarray(atlas.image.dataobj))
+    for desc, res in results.items():
+        table = res["attribution"]
+        body.append(f"<h3>desc-{html.escape(desc)}</h3>")
+        if table["importance"].notna().any():
+            bars = plot_top_regions(table, "importance", figures / f"{prefix}_desc-{desc}_"
+                                    "importance.png", "regions the classifier needs most",
+                                    ascending=False, error="importance_se")
+            body.append(_img(bars, output_dir, "importance"))
+            img = region_map(table["importance"].to_numpy(), contiguous, atlas.image.affine)
+            fig = plot_region_map(img, figures / f"{prefix}_desc-{desc}_importancemap.png",
+                                  "classifier importance", "hot")
+            body.append(_img(fig, output_dir, "importance map"))
+            by_group = (table.groupby("group")["importance"].mean()
+                        .sort_values(ascending=False).reset_index())
+            body += ["<p>Mean importance by region group:</p>", _table_html(by_group)]
+        for column, title, cmap in (("reconerror", "mean reconstruction error", "viridis"),
+                                    ("occlusion", "mean representation sensitivity", "hot")):
+            if table[column].notna().any():
+                img = region_map(table[column].to_numpy(), contiguous, atlas.image.affine)
+                fig = plot_region_map(img, figures / f"{prefix}_desc-{desc}_{column}.png",
+                                      title, cmap)
+                body.append(_img(fig, output_dir, title))
+    report = output_dir / "group.html"
+    atomic_write_text(report, _page("roimae group report", body))
+    return report

@@ -195,7 +195,7 @@ class MaskedAutoencoder(nn.Module):
         factor = self.preset.patch_size * 2 ** (len(self.preset.depths) - 1)
         keep = space_to_depth(brain[..., None], factor).any(-1)  # (B, g_L..)
         keep = keep[:, None, ..., None].to(feats.dtype)  # (B, 1, g_L.., 1)
-        total = (feats * keep).sum((1, 2, 3, 4))  # (B, C_L)
+        total = feats.sum((1, 2, 3, 4))  # (B, C_L)
         count = keep.sum((1, 2, 3, 4)) * feats.shape[1]  # (B, 1)
         return total / count.clamp_min(1.0)
 
