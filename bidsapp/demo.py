@@ -7,7 +7,7 @@ of ``AAL3v1_2mm.nii.gz``) that roimae can process and the BIDS validator accepts
 Signal model
 ------------
 All randomness comes from one ``numpy.random.Generator(seed)``. The brain mask is AAL3 > 0, closed
-and dilated by one voxel and hole-filled (``scipy.ndimage``). Inside it, voxel ``v`` of a
+and dilated by one voxel, holes filled (``scipy.ndimage``). Inside it, voxel ``v`` of a
 participant at frame ``t`` is::
 
     y[v, t] = gain * scale[site] * b[v] * (1 + shift[v] + a[v] * f[v, t] + d[v] * r[t])
@@ -23,8 +23,9 @@ participant at frame ``t`` is::
     unpredictable);
   - every other voxel (other regions, in-mask background) follows a global course with ``w = 0.3``;
 
-* temporal structure: courses and noise are stationary AR(1) processes with coefficients
-  ``exp(-TR / 6 s)`` (courses) and ``exp(-TR / 3 s)`` (noise), not white;
+* temporal structure: courses and lattice noise are AR(1) processes with coefficients
+  ``exp(-TR / 6 s)`` (courses) and ``exp(-TR / 3 s)`` (noise), not white, each standardized over
+  the run (mean 0, SD 1): a voxel's run mean is exactly ``b * (1 + shift)`` and amplitudes exact;
 * spatial structure: ``n`` and ``s`` are white noise on a 6 mm lattice interpolated trilinearly
   (a triangle kernel, FWHM 6 mm) and rescaled to unit variance at every voxel;
 * ``a``: fluctuation amplitude, 2 % of baseline; ``d * r``: a slow linear drift (``r`` runs from
@@ -255,13 +256,14 @@ def _participants(rng: np.random.Generator, n: int) -> pd.DataFrame:
 
 
 def _ar1(rng: np.random.Generator, n: int, n_frames: int, phi: float) -> np.ndarray:
-    """(n, n_frames) float32 stationary AR(1) series of unit variance."""
-    innovations = rng.standard_normal((n, n_frames), dtype=np.float32)
-    series = np.empty_like(innovations)
-    series[:, 0] = innovations[:, 0]
+    """(n, n_frames) float32 AR(1) series, each standardized over the run (mean 0, SD 1)."""
+    series = rng.standard_normal((n, n_frames), dtype=np.float32)  # innovations, then in place
     scale = np.float32(np.sqrt(1 - phi**2))
     for t in range(1, n_frames):
-        series[:, t] = phi * series[:, t - 1] + scale * innovations[:, t]
+        series[:, t] = phi * series[:, t - 1] + scale * series[:, t]
+    # Zero run mean makes a voxel's run mean exactly its baseline; unit SD makes amplitudes exact.
+    series -= series.mean(axis=1, keepdims=True)
+    series /= series.std(axis=1, keepdims=True)
     return series
 
 
@@ -312,10 +314,12 @@ def _write_run(out_dir: Path, participant_id: str, layout: _Layout, bold: np.nda
     resolution = "2 mm isotropic, MNI152NLin6Asym 91x109x91 grid"
     for img, name, sidecar in (
         (bold_img, f"{stem}_desc-preproc_bold",
-         {"RepetitionTime": float(repetition_time), "TaskName": TASK, "SkullStripped": False,
+         {"Description": "Synthetic preprocessed BOLD (roimae demo)",
+          "RepetitionTime": float(repetition_time), "TaskName": TASK, "SkullStripped": False,
           "Resolution": resolution}),
         (mask_img, f"{stem}_desc-brain_mask",
-         {"Type": "Brain", "Resolution": resolution,
+         {"Description": "Brain mask of the synthetic BOLD", "Type": "Brain",
+          "Resolution": resolution,
           "Sources": [f"bids::{participant_id}/func/{stem}_desc-preproc_bold.nii.gz"]}),
     ):
         for code_setter in (img.set_qform, img.set_sform):

@@ -41,6 +41,7 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import SpatialImage
 from nilearn.datasets import load_mni152_brain_mask
 from nilearn.image import resample_img
+from nilearn.image.resampling import BoundingBoxError
 from scipy.interpolate import interp1d
 
 from bidsapp import __version__
@@ -400,7 +401,11 @@ def _resample_volumes(volumes: np.ndarray, affine: np.ndarray, interpolation: st
 def _brain_on_mni_grid(inside: np.ndarray, affine: np.ndarray, bold: Path,
                        mask: Path) -> np.ndarray:
     """The mask on the MNI 2 mm grid (nearest neighbour), refused if the data are not in MNI."""
-    brain = _resample_volumes(inside.astype(np.uint8), affine, "nearest") > 0
+    try:
+        brain = _resample_volumes(inside.astype(np.uint8), affine, "nearest") > 0
+    except BoundingBoxError as exc:
+        raise BadDataError(f"{bold} is not in MNI space: its field of view does not overlap "
+                           "the MNI grid") from exc
     source_mm3 = inside.sum() * abs(np.linalg.det(affine[:3, :3]))
     kept = brain.sum() * abs(np.linalg.det(MNI_2MM_AFFINE[:3, :3])) / source_mm3
     in_template = (brain & _template_brain()).sum() / max(brain.sum(), 1)
@@ -428,9 +433,10 @@ def _brain_values(image: SpatialImage, inside: np.ndarray, kept: np.ndarray,
         with _reading(bold):
             chunk = np.asarray(image.dataobj[..., frames], dtype=np.float32)  # (X, Y, Z, t)
         finite = np.isfinite(chunk)
-        not_finite |= ~finite[inside].all(axis=1)
-        # NaN outside the mask would bleed into the brain through interpolation.
-        chunk[~finite] = 0
+        if not finite.all():
+            not_finite |= ~finite[inside].all(axis=1)
+            # NaN outside the mask would bleed into the brain through interpolation.
+            chunk = np.where(finite, chunk, np.float32(0))
         if resample:
             chunk = _resample_volumes(chunk, image.affine, "continuous")  # (91, 109, 91, t)
         values[frames] = chunk[kept].T

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from bidsapp.config import Config
 from bidsapp.errors import (
     BadDataError,
     ExitCode,
+    NoInputError,
     NothingSelectedError,
     UsageError,
     ValidationFailedError,
@@ -43,6 +46,18 @@ def synthetic(bids_examples: Path) -> Path:
     return bids_examples / "synthetic"
 
 
+@pytest.fixture
+def messages(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """Records of the ``roimae.bids`` logger (which need not propagate to the root logger)."""
+    logger = logging.getLogger("roimae.bids")
+    logger.addHandler(caplog.handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    yield caplog
+    logger.setLevel(level)
+    logger.removeHandler(caplog.handler)
+
+
 def write_derivatives(root: Path, files: dict[str, dict | None],
                       description: dict | None = None) -> Path:
     """A derivatives dataset of empty files; a dict value is written as the JSON sidecar."""
@@ -51,13 +66,17 @@ def write_derivatives(root: Path, files: dict[str, dict | None],
                                    "DatasetType": "derivative",
                                    "GeneratedBy": [{"Name": "fMRIPrep", "Version": "23.2.0"}]}
     (root / "dataset_description.json").write_text(json.dumps(description))
+    add_files(root, files)
+    return root
+
+
+def add_files(root: Path, files: dict[str, dict | None]) -> None:
     for name, sidecar in files.items():
         path = root / name.split("_")[0] / "func" / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
         if sidecar is not None:
             path.with_name(name.split(".")[0] + ".json").write_text(json.dumps(sidecar))
-    return root
 
 
 def bold_and_mask(prefix: str, tr: float = 2.0) -> dict[str, dict | None]:
@@ -192,7 +211,7 @@ def test_raw_without_derivatives(synthetic: Path, tmp_path: Path) -> None:
 
 def test_no_dataset_description(tmp_path: Path) -> None:
     (tmp_path / "data" / "sub-01").mkdir(parents=True)
-    with pytest.raises(ValidationFailedError, match="no dataset_description.json") as info:
+    with pytest.raises(ValidationFailedError, match=r"no dataset_description\.json") as info:
         discover(tmp_path / "data", tmp_path)
     assert info.value.exit_code == ExitCode.VALIDATION_FAILED
 
@@ -200,7 +219,8 @@ def test_no_dataset_description(tmp_path: Path) -> None:
 # --- small derivatives made here: spaces, resolutions, sidecars -------------------------------
 
 
-def test_resolution_and_space_preference(tmp_path: Path) -> None:
+def test_resolution_and_space_preference(tmp_path: Path,
+                                         messages: pytest.LogCaptureFixture) -> None:
     root = write_derivatives(tmp_path / "fmriprep", {
         **bold_and_mask("sub-01_task-rest_space-MNI152NLin6Asym_res-1"),
         **bold_and_mask("sub-01_task-rest_space-MNI152NLin6Asym_res-2"),
@@ -210,6 +230,7 @@ def test_resolution_and_space_preference(tmp_path: Path) -> None:
     dataset = discover(root, tmp_path)
     assert dataset.space == "MNI152NLin6Asym"  # MNI152NLin2009cAsym is absent
     assert [r.name for r in dataset.runs] == ["sub-01_task-rest_space-MNI152NLin6Asym_res-2"]
+    assert "space MNI152NLin6Asym has resolutions 1, 2; using res-2" in messages.text
     fixed = discover(root, tmp_path, bids_filters={"bold": {"res": "1"}})
     assert [r.name for r in fixed.runs] == ["sub-01_task-rest_space-MNI152NLin6Asym_res-1"]
     other = discover(root, tmp_path, space="MNI152NLin2009cSym")
@@ -242,6 +263,7 @@ def test_missing_repetition_time(tmp_path: Path) -> None:
     assert discover(root, tmp_path).runs[0].repetition_time is None
 
 
+@pytest.mark.filterwarnings("ignore:The PipelineDescription field:UserWarning")
 def test_derivatives_without_dataset_type(tmp_path: Path) -> None:
     # fMRIPrep < 1.4 named itself but wrote no DatasetType: still read as derivatives
     root = write_derivatives(tmp_path / "fmriprep",
@@ -252,21 +274,64 @@ def test_derivatives_without_dataset_type(tmp_path: Path) -> None:
     assert dataset.raw_root is None and len(dataset.runs) == 1
 
 
-def test_database_is_reused_and_rebuilt_for_another_dataset(tmp_path: Path) -> None:
-    first = write_derivatives(tmp_path / "a", bold_and_mask("sub-01_task-rest_space-MNI152NLin6Asym"))
-    second = write_derivatives(tmp_path / "b", bold_and_mask("sub-02_task-rest_space-MNI152NLin6Asym"))
+def test_database_is_reused_and_rebuilt_for_another_dataset(
+        tmp_path: Path, messages: pytest.LogCaptureFixture) -> None:
+    first = write_derivatives(tmp_path / "a", bold_and_mask("sub-01_task-rest_space-MNI152Lin"))
+    second = write_derivatives(tmp_path / "b", bold_and_mask("sub-02_task-rest_space-MNI152Lin"))
     database = tmp_path / "db"
     config = Config(bids_dir=first, output_dir=tmp_path / "out", analysis_level="participant",
-                    work_dir=tmp_path / "w", bids_database_dir=database)
+                    work_dir=tmp_path / "w", bids_database_dir=database,
+                    selection={"space": "MNI152Lin"})
     assert [r.subject for r in discover_runs(config).runs] == ["01"]
     assert (database / "layout_index.sqlite").is_file()
     # a file added after indexing is not seen: the index is reused, not rebuilt
-    extra = bold_and_mask("sub-03_task-rest_space-MNI152NLin6Asym")
-    write_derivatives(tmp_path / "a2", extra)
-    for path in (tmp_path / "a2").rglob("sub-03*"):
-        (first / "sub-03" / "func").mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, first / "sub-03" / "func" / path.name)
+    add_files(first, bold_and_mask("sub-03_task-rest_space-MNI152Lin"))
     assert [r.subject for r in discover_runs(config).runs] == ["01"]
+    assert "rebuilding" not in messages.text
     # the same database for another dataset is rebuilt, not silently reused
     other = config.model_copy(update={"bids_dir": second})
     assert [r.subject for r in discover_runs(other).runs] == ["02"]
+    assert "indexes other datasets; rebuilding it" in messages.text
+
+
+# --- several derivative roots (-d NAME=PATH) ---------------------------------------------------
+
+
+def test_runs_from_several_derivative_roots(tmp_path: Path) -> None:
+    main = write_derivatives(tmp_path / "fmriprep",
+                             bold_and_mask("sub-01_task-rest_space-MNI152NLin6Asym"))
+    extra = write_derivatives(tmp_path / "site2" / "fmriprep",
+                              bold_and_mask("sub-02_task-rest_space-MNI152NLin6Asym"))
+    dataset = discover(main, tmp_path, derivatives={"site2": extra})
+    assert dataset.datasets == {"preprocessed": main, "site2": extra}
+    assert [r.source_uri.rsplit("/", 1)[0] for r in dataset.runs] == [
+        "bids:preprocessed:sub-01/func", "bids:site2:sub-02/func"]
+
+
+def test_same_run_in_two_roots(tmp_path: Path) -> None:
+    files = bold_and_mask("sub-01_task-rest_space-MNI152NLin6Asym")
+    main = write_derivatives(tmp_path / "fmriprep", files)
+    copy = write_derivatives(tmp_path / "rerun", files)
+    with pytest.raises(UsageError, match="is in two derivative datasets"):
+        discover(main, tmp_path, derivatives={"rerun": copy})
+
+
+def test_derivative_roots_with_the_same_folder_name(tmp_path: Path) -> None:
+    files = bold_and_mask("sub-01_task-rest_space-MNI152NLin6Asym")
+    main = write_derivatives(tmp_path / "main", files)
+    first = write_derivatives(tmp_path / "a" / "fmriprep", {})
+    second = write_derivatives(tmp_path / "b" / "fmriprep", {})
+    with pytest.raises(UsageError, match="already been added"):
+        discover(main, tmp_path, derivatives={"a": first, "b": second})
+
+
+@pytest.mark.parametrize(("name", "error", "code"), [
+    ("fmriprep", NoInputError, ExitCode.NO_INPUT),  # the path does not exist
+    ("raw", UsageError, ExitCode.USAGE),  # reserved for BIDS_DIR
+])
+def test_bad_derivatives_option(synthetic: Path, tmp_path: Path, name: str,
+                                error: type[Exception], code: ExitCode) -> None:
+    path = tmp_path / "missing" if error is NoInputError else synthetic / "derivatives" / "fmriprep"
+    with pytest.raises(error) as info:
+        discover(synthetic, tmp_path, derivatives={name: path})
+    assert info.value.exit_code == code

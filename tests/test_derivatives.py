@@ -40,21 +40,22 @@ def _no_container(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_entity_order_follows_the_specification() -> None:
-    # The order of the BIDS "Entity table": sub first, desc last, space before atlas before res.
+    # The order of the BIDS "Entity table": sub first, space before atlas before res, desc last;
+    # then stat (statistical derivatives, BEP041 draft) as nilearn writes it.
     assert ENTITY_ORDER[0] == "sub"
-    assert ENTITY_ORDER[-1] == "desc"
+    assert ENTITY_ORDER[-2:] == ("desc", "stat")
     positions = [ENTITY_ORDER.index(key) for key in
                  ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "space", "atlas",
-                  "seg", "res", "den", "label", "desc")]
+                  "seg", "res", "den", "label", "desc", "stat")]
     assert positions == sorted(positions)
 
 
 def test_build_filename_orders_entities() -> None:
-    name = build_filename({"desc": "attribution", "res": "2", "atlas": "AAL3", "run": "1",
+    name = build_filename({"stat": "mean", "desc": "roi", "res": "2", "atlas": "AAL3", "run": "1",
                            "space": "MNI152NLin2009cAsym", "task": "rest", "sub": "01"},
                           "timeseries", ".tsv")
     assert name == ("sub-01_task-rest_run-1_space-MNI152NLin2009cAsym_atlas-AAL3_res-2"
-                    "_desc-attribution_timeseries.tsv")
+                    "_desc-roi_stat-mean_timeseries.tsv")
 
 
 def test_parse_filename_of_fmriprep_output() -> None:
@@ -89,7 +90,8 @@ def test_parse_filename_inverts_build_filename(entities: dict[str, str], suffix:
 
 @pytest.mark.parametrize(("key", "value"), [("desc", "../x"), ("desc", "a_b"), ("desc", "a-b"),
                                             ("desc", ""), ("sub", "01/.."), ("run", "1a"),
-                                            ("stat", "z"), ("atlas", "AAL 3")])
+                                            ("foo", "z"), ("stat", "t-1"),
+                                            ("atlas", "AAL 3")])
 def test_invalid_labels_are_usage_errors(key: str, value: str) -> None:
     with pytest.raises(UsageError) as info:
         check_label(key, value)
@@ -148,8 +150,8 @@ def test_bids_uri(tmp_path: Path) -> None:
     assert writer.bids_uri(tmp_path / "out" / "sub-01" / "x.tsv") == "bids::sub-01/x.tsv"
     assert (writer.bids_uri(source / "sub-01" / "func" / "b.nii.gz")
             == "bids:preprocessed:sub-01/func/b.nii.gz")
-    with pytest.raises(ValueError, match="neither"):
-        writer.bids_uri(tmp_path / "elsewhere.nii")
+    assert writer.bids_uri(tmp_path / "models" / "m.safetensors") == (
+        f"file://{tmp_path}/models/m.safetensors")
 
 
 def test_bids_uri_through_a_symbolic_link(tmp_path: Path) -> None:

@@ -181,3 +181,11 @@ def test_preset_shapes_and_describe() -> None:
     info = json.loads(json.dumps(TINY.describe()))
     assert info["grid_shape"] == [12, 12, 12]
     assert info["n_parameters"] == count_parameters(TINY)
+
+
+def test_forward_rejects_a_mask_at_another_resolution(model: MaskedAutoencoder,
+                                                      brain: torch.Tensor) -> None:
+    wrong = Mask(torch.zeros(2, 1, 16, 16, 16, dtype=torch.bool),
+                 torch.zeros(2, 1, 96, 96, 96, dtype=torch.bool))
+    with pytest.raises(ValueError, match="working-resolution"):
+        model(_x(), brain, wrong)

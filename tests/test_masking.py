@@ -144,6 +144,20 @@ def test_roi_token_unit_stops_within_one_region(grid: RegionGrid, ratio: float) 
         assert min(hidden[b] - HAND_TOKEN_COUNTS[r] for r in drawn) < target
 
 
+def test_roi_token_unit_follows_the_noise_order(grid: RegionGrid) -> None:
+    # Replay the draw with a plain loop: regions in increasing noise, taken until the hidden
+    # tokens reach the target (32 of 64: exactly region 0, so region 0 first means it alone).
+    mask = RegionMasking(grid, 0.5, unit="tokens")(64, 1, _gen(3))
+    noise = torch.rand((64, 1, N_REGIONS), generator=_gen(3)).numpy()
+    for b in range(64):
+        hidden, expected = 0, set()
+        for r in np.argsort(noise[b, 0]):
+            if r in HAND_TOKEN_COUNTS and hidden < 32:
+                expected.add(int(r))
+                hidden += HAND_TOKEN_COUNTS[r]
+        assert set(np.flatnonzero(mask.regions[b, 0].numpy()).tolist()) == expected
+
+
 def test_roi_voxel_token_unit_counts_brain_voxels(grid: RegionGrid) -> None:
     mask = RegionVoxelMasking(grid, 0.5, unit="tokens")(32, 1, _gen(2))
     _, brain = _hand_volumes()

@@ -260,7 +260,8 @@ def test_temporal_resampling_doubles_the_frames(tmp_path: Path, brain_mask: np.n
 def test_nan_outside_the_mask_is_ignored(tmp_path: Path, brain_mask: np.ndarray) -> None:
     series = noise(4)
     series[0, 0, 0, :] = np.nan
-    bold, mask = write_run(tmp_path, series, brain_mask)
+    # Compressed: nibabel hands out read-only arrays, which must not be written to.
+    bold, mask = write_run(tmp_path, series, brain_mask, suffix=".nii.gz")
     run = prepare_run(bold, mask, tmp_path / "cache", PARAMS)
     assert np.isfinite(run.data).all()
 
@@ -299,7 +300,7 @@ def test_too_few_frames_are_refused(tmp_path: Path, brain_mask: np.ndarray) -> N
 
 def test_unknown_tr_is_refused_when_resampling_in_time(tmp_path: Path,
                                                        brain_mask: np.ndarray) -> None:
-    bold, mask = write_run(tmp_path, noise(4), brain_mask, tr=None)
+    bold, mask = write_run(tmp_path, noise(4), brain_mask, tr=0.0)  # pixdim[4] = 0: no TR
     _refused(bold, mask, tmp_path, "repetition time is unknown",
              PreprocessParams(window_frames=2, target_tr=1.0))
 
@@ -336,9 +337,13 @@ def test_zero_byte_files_are_refused(tmp_path: Path, brain_mask: np.ndarray) -> 
     _refused(bold, mask, tmp_path, r"cannot read .*mask\.nii\.gz")
 
 
-def test_affine_outside_mni_is_refused(tmp_path: Path, brain_mask: np.ndarray) -> None:
-    # A 2 mm grid whose field of view lies 300 mm away from the MNI brain (scanner space).
+@pytest.mark.parametrize("shift_mm", [
+    (300, 300, 300),  # the field of view does not overlap the MNI grid at all
+    (0, 30, 70),  # it overlaps, but most of the brain falls outside the MNI brain
+])
+def test_affine_outside_mni_is_refused(tmp_path: Path, brain_mask: np.ndarray,
+                                       shift_mm: tuple[int, int, int]) -> None:
     far = MNI_2MM_AFFINE.copy()
-    far[:3, 3] += 300
+    far[:3, 3] += shift_mm
     bold, mask = write_run(tmp_path, noise(4), brain_mask, far)
     _refused(bold, mask, tmp_path, r"bold\.nii is not in MNI space")

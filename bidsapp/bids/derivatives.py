@@ -29,10 +29,15 @@ from bidsapp.logs import get_logger
 _SCHEMA = load_schema()
 _ENTITIES = [_SCHEMA.objects.entities[long_name] for long_name in _SCHEMA.rules.entities]
 
+#: Entities of statistical derivatives (BEP041 draft) not yet in the specification; nilearn and
+#: FitLins put them after all others (``..._desc-x_stat-t_statmap.nii.gz``).
+_STATS_ENTITIES = {"stat": "label"}
 #: BIDS entities (short keys, e.g. ``sub``) in the order the specification puts them in names.
-ENTITY_ORDER: tuple[str, ...] = tuple(entity["name"] for entity in _ENTITIES)
+ENTITY_ORDER: tuple[str, ...] = (*(entity["name"] for entity in _ENTITIES), *_STATS_ENTITIES)
 #: Format (``label`` or ``index``) of each entity's value.
-ENTITY_FORMATS: dict[str, str] = {entity["name"]: entity["format"] for entity in _ENTITIES}
+ENTITY_FORMATS: dict[str, str] = {
+    **{entity["name"]: entity["format"] for entity in _ENTITIES}, **_STATS_ENTITIES
+}
 #: Version of the BIDS specification the schema describes.
 BIDS_VERSION: str = _SCHEMA["bids_version"]
 #: Standard template identifiers of the BIDS coordinate-systems appendix (``space-`` values).
@@ -332,16 +337,14 @@ class DerivativesWriter:
     def bids_uri(self, path: Path) -> str:
         """BIDS URI of ``path``: ``bids::<relpath>`` in ``OUTPUT_DIR``, else ``bids:<name>:...``.
 
-        Raises
-        ------
-        ValueError
-            When ``path`` is in none of the known datasets.
+        A path in none of the known datasets (a model given with ``--model``, say) gets its
+        ``file://`` URI.
         """
         for name, root in (("", self.output_dir), *self.source_datasets.items()):
             relative = relative_path(Path(path), root)
             if relative is not None:
                 return f"bids:{name}:{relative.as_posix()}"
-        raise ValueError(f"{path} is neither in {self.output_dir} nor in a source dataset")
+        return Path(path).absolute().as_uri()
 
     def ensure_bidsignore(self, patterns: Iterable[str]) -> Path:
         """Add ``patterns`` to ``OUTPUT_DIR/.bidsignore``, keeping its lines, without duplicates."""

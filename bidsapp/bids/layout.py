@@ -26,7 +26,7 @@ from bidsapp.bids.derivatives import (
     parse_filename,
     relative_path,
 )
-from bidsapp.config import DEFAULT_SPACES, Config
+from bidsapp.config import DEFAULT_SPACES, Config, SelectionConfig
 from bidsapp.errors import (
     BadDataError,
     NoInputError,
@@ -163,9 +163,10 @@ def _derivative_roots(bids_dir: Path, description: Mapping[str, Any],
         if not path.is_dir():
             raise NoInputError(f"derivatives {name}={path} does not exist or is not a directory")
         extra[name] = path
-    reserved = {PREPROCESSED, RAW} & set(extra)
-    if reserved and (is_derivative(description) or len(extra) > 1):
-        raise UsageError(f"-d name {sorted(reserved)[0]!r} is reserved; choose another name")
+    reserved = sorted({PREPROCESSED, RAW} & set(extra))
+    if reserved:
+        raise UsageError(f"-d name {reserved[0]!r} is reserved; choose another name "
+                         "(e.g. fmriprep)")
     if is_derivative(description):
         return None, {PREPROCESSED: bids_dir, **extra}
     if extra:
@@ -320,49 +321,27 @@ def read_participants(path: Path) -> pd.DataFrame | None:
     return table
 
 
-def discover_runs(config: Config) -> InputDataset:
-    """Select the preprocessed MNI-space BOLD runs of ``config`` and pair them with brain masks.
+def _labels(selection: SelectionConfig) -> dict[str, list[str]]:
+    """The ``--participant-label`` / ``--session-label`` / ``--task-label`` pybids filters."""
+    labels = {"subject": selection.participant_label, "session": selection.session_label,
+              "task": selection.task_label}
+    return {entity: values for entity, values in labels.items() if values}
 
-    Raises
-    ------
-    ValidationFailedError
-        ``BIDS_DIR`` (or a ``-d`` path) has no ``dataset_description.json``.
-    BadDataError
-        No MNI-space preprocessed BOLD at all, a run without a brain mask, a bad TR.
-    NothingSelectedError
-        Unknown participant labels, or filters that select no run.
-    UsageError
-        ``--space`` that is not an MNI template, or a filter file pybids cannot use.
-    """
-    bids_dir = Path(config.bids_dir).absolute()
-    selection = config.selection
-    raw_root, roots = _derivative_roots(bids_dir, read_description(bids_dir),
-                                        selection.derivatives)
-    descriptions = {name: read_description(root) for name, root in roots.items()}
-    where = " and ".join(str(root) for root in roots.values())
-    layout = _build_layout(roots, config.bids_database_dir)
 
+def _select_bold(layout: BIDSLayout, selection: SelectionConfig, labels: dict[str, list[str]],
+                 where: str) -> tuple[str, list[BIDSFile]]:
+    """The MNI space to use and its preprocessed BOLD files selected by labels and filters."""
     every_bold = _get(layout, _BOLD_QUERY, "bold")
     if not {f.entities.get("space") for f in every_bold} & set(MNI_SPACES):
         raise BadDataError(
             f"no MNI-space preprocessed BOLD (*_space-MNI*_desc-preproc_bold.nii[.gz]) found in "
             f"{where}; run fMRIPrep (--output-spaces MNI152NLin2009cAsym:res-2) first"
         )
-    labels: dict[str, list[str]] = {}
-    for entity, values in (("subject", selection.participant_label),
-                           ("session", selection.session_label),
-                           ("task", selection.task_label)):
-        if values:
-            labels[entity] = values
-    if "subject" in labels:
-        known = {str(f.entities["subject"]) for f in every_bold}
-        unknown = [label for label in labels["subject"] if label not in known]
-        if unknown:
-            raise NothingSelectedError(
-                f"participant label(s) {_listing(unknown)} not found in {where} (available: "
-                f"{_listing(sorted(known))})"
-            )
-
+    known = {str(f.entities["subject"]) for f in every_bold}
+    unknown = [label for label in labels.get("subject", []) if label not in known]
+    if unknown:
+        raise NothingSelectedError(f"participant label(s) {_listing(unknown)} not found in "
+                                   f"{where} (available: {_listing(sorted(known))})")
     bold_filters = _pybids_filters(selection.bids_filters.get("bold", {}))
     selected = [f for f in _get(layout, {**_BOLD_QUERY, **bold_filters, **labels}, "bold")
                 if f.entities.get("space") in MNI_SPACES]
@@ -374,12 +353,15 @@ def discover_runs(config: Config) -> InputDataset:
     if "res" not in bold_filters:
         res = _choose_res({f.entities.get("res") for f in in_space}, space)
         in_space = [f for f in in_space if f.entities.get("res") == res]
+    return space, in_space
 
-    masks = _masks(layout, {"space": space, **labels},
-                   _pybids_filters(selection.bids_filters.get("mask", {})))
+
+def _pair_runs(bold_files: list[BIDSFile], masks: Mapping[tuple, Path],
+               roots: Mapping[str, Path], where: str) -> list[BoldRun]:
+    """A :class:`BoldRun` per BOLD file, sorted by name; every run needs its brain mask."""
     runs: dict[str, BoldRun] = {}
     missing: list[str] = []
-    for bids_file in in_space:
+    for bids_file in bold_files:
         entities = _run_entities(bids_file)
         mask = masks.get(tuple(entities.items()))
         bold = Path(bids_file.path)
@@ -395,16 +377,47 @@ def discover_runs(config: Config) -> InputDataset:
     if missing:
         raise BadDataError(f"no brain mask (desc-brain_mask) for preprocessed BOLD run(s) "
                            f"{_listing(sorted(missing))} in {where}")
+    return sorted(runs.values(), key=lambda run: run.name)
 
+
+def discover_runs(config: Config) -> InputDataset:
+    """Select the preprocessed MNI-space BOLD runs of ``config`` and pair them with brain masks.
+
+    Raises
+    ------
+    ValidationFailedError
+        ``BIDS_DIR`` (or a ``-d`` path) has no ``dataset_description.json``.
+    NoInputError
+        A ``-d`` path does not exist.
+    BadDataError
+        No MNI-space preprocessed BOLD at all, a run without a brain mask, a bad TR.
+    NothingSelectedError
+        Unknown participant labels, or filters that select no run.
+    UsageError
+        ``--space`` that is not an MNI template, a filter file pybids cannot use, a run found in
+        two derivative datasets.
+    """
+    bids_dir = Path(config.bids_dir).absolute()
+    selection = config.selection
+    raw_root, roots = _derivative_roots(bids_dir, read_description(bids_dir),
+                                        selection.derivatives)
+    descriptions = {name: read_description(root) for name, root in roots.items()}
+    where = " and ".join(str(root) for root in roots.values())
+    layout = _build_layout(roots, config.bids_database_dir)
+
+    labels = _labels(selection)
+    space, bold_files = _select_bold(layout, selection, labels, where)
+    masks = _masks(layout, {"space": space, **labels},
+                   _pybids_filters(selection.bids_filters.get("mask", {})))
+    runs = _pair_runs(bold_files, masks, roots, where)
+    log.info("selected %d BOLD run(s) of %d participant(s) in space %s from %s", len(runs),
+             len({run.subject for run in runs}), space, where)
     root = roots[PREPROCESSED]
-    selected_runs = sorted(runs.values(), key=lambda r: r.name)
-    log.info("selected %d BOLD run(s) of %d participant(s) in space %s from %s",
-             len(selected_runs), len({r.subject for r in selected_runs}), space, where)
     return InputDataset(
         root=root,
         raw_root=raw_root,
         space=space,
-        runs=selected_runs,
+        runs=runs,
         participants=read_participants((raw_root or root) / "participants.tsv"),
         description=descriptions[PREPROCESSED],
         datasets={**roots, **({RAW: raw_root} if raw_root is not None else {})},

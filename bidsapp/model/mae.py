@@ -35,12 +35,16 @@ class MAEOutput:
         ``norm_pix_loss`` is on.
     weight : torch.Tensor, shape (B, T, D, H, W)
         1.0 on hidden brain voxels (the loss set), 0.0 elsewhere.
+    embedding : torch.Tensor, shape (B, C_last)
+        The window embedding of the masked input (as :meth:`MaskedAutoencoder.encode`), so that
+        attribution gets reconstruction and embedding from one encoder pass.
     """
 
     loss: torch.Tensor
     pred: torch.Tensor
     target: torch.Tensor
     weight: torch.Tensor
+    embedding: torch.Tensor
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -150,6 +154,12 @@ class MaskedAutoencoder(nn.Module):
         if mask is None:
             hidden = torch.zeros_like(x, dtype=torch.bool)
         else:
+            b, t, *working = x.shape
+            if mask.voxels.shape not in ((b, 1, *working), (b, t, *working)):
+                raise ValueError(
+                    f"mask voxels {tuple(mask.voxels.shape)} do not fit the working-resolution "
+                    f"input {tuple(x.shape)}: expected (B, 1 or T, D, H, W)"
+                )
             hidden = mask.voxels.expand_as(x)  # (B, T, D, H, W); Tm = 1 broadcasts
         inputs = torch.stack([x.masked_fill(hidden, 0.0), hidden.to(x.dtype)], dim=-1)
         tokens = self.patch_embed(inputs)  # (B, T, gd, gh, gw, C0)
@@ -168,10 +178,12 @@ class MaskedAutoencoder(nn.Module):
             At this model's working resolution, ``Tm`` = 1 or ``T``.
         """
         x, brain = self.prepare(x, brain)
-        pred = self.decoder(self._features(x, mask)[-1])  # (B, T, D, H, W)
+        last = self._features(x, mask)[-1]  # (B, T, g_L.., C_L)
+        pred = self.decoder(last)  # (B, T, D, H, W)
         weight = (mask.voxels & brain[:, None]).expand_as(x).to(x.dtype)
         target = normalize_patches(x, brain, self.preset.patch_size) if self.norm_pix_loss else x
-        return MAEOutput(masked_mse(pred, target, weight), pred, target, weight)
+        return MAEOutput(masked_mse(pred, target, weight), pred, target, weight,
+                         self._pool(last, brain))
 
     def encode(
         self, x: torch.Tensor, brain: torch.Tensor, mask: Mask | None = None
@@ -190,12 +202,15 @@ class MaskedAutoencoder(nn.Module):
             Hide part of the input (attribution); nothing is hidden by default.
         """
         x, brain = self.prepare(x, brain)
-        feats = self._features(x, mask)[-1]  # (B, T, g_L.., C_L)
+        return self._pool(self._features(x, mask)[-1], brain)
+
+    def _pool(self, feats: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
+        """Mean of last-stage ``feats (B, T, g_L.., C_L)`` over frames and brain tokens: (B, C_L)."""
         # A stage-L token holds brain if any of its working voxels does.
         factor = self.preset.patch_size * 2 ** (len(self.preset.depths) - 1)
         keep = space_to_depth(brain[..., None], factor).any(-1)  # (B, g_L..)
         keep = keep[:, None, ..., None].to(feats.dtype)  # (B, 1, g_L.., 1)
-        total = feats.sum((1, 2, 3, 4))  # (B, C_L)
+        total = (feats * keep).sum((1, 2, 3, 4))  # (B, C_L)
         count = keep.sum((1, 2, 3, 4)) * feats.shape[1]  # (B, 1)
         return total / count.clamp_min(1.0)
 

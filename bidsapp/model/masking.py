@@ -20,6 +20,7 @@ brain-random  tokens at random among brain tokens, at the same expected fraction
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Protocol
 
@@ -299,7 +300,7 @@ class BrainRandomMasking(_Masking):
         return Mask(tokens, _tokens_to_voxels(tokens, grid.patch_size), None)
 
 
-class _RegionDraw(_Masking):
+class _RegionDraw(_Masking, ABC):
     """Draws whole regions without replacement; subclasses say what a region hides.
 
     ``sizes`` (R,) is what each region hides (tokens or brain voxels) and ``total`` the amount
@@ -326,12 +327,13 @@ class _RegionDraw(_Masking):
             raise BadDataError(f"no atlas region owns a {self.unit_noun} of the model grid")
         self.n_drawn = min(n_eligible, max(1, round(self.mask_ratio * n_eligible)))
 
+    @abstractmethod
     def _sizes(self) -> tuple[torch.Tensor, int]:
-        raise NotImplementedError
+        """What each region hides ``(R,)`` and the amount a ratio in unit "tokens" refers to."""
 
+    @abstractmethod
     def from_regions(self, regions: torch.Tensor) -> Mask:
         """The mask that hides the given regions (the same code path as a random draw)."""
-        raise NotImplementedError
 
     def _check_regions(self, regions: torch.Tensor) -> torch.Tensor:
         if regions.ndim != 3 or regions.shape[-1] != self.grid.n_regions:
