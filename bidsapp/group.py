@@ -90,7 +90,8 @@ def read_targets(participants: pd.DataFrame | None, column: str,
                  target_map: dict[str, str]) -> pd.Series:
     """The target of each participant (index: participant_id with ``sub-``), recoded and cleaned."""
     if participants is None:
-        raise BadDataError("the group level needs participants.tsv in BIDS_DIR")
+        raise BadDataError("the group level needs a participants.tsv: fMRIPrep derivatives have "
+                           "none, so give the raw dataset as BIDS_DIR (with -d fmriprep=PATH)")
     if column not in participants.columns:
         available = ", ".join(c for c in participants.columns if c != "participant_id")
         raise BadDataError(f"participants.tsv has no column {column!r} (columns: {available})")
@@ -309,7 +310,7 @@ def run_group(config: Config) -> None:
                            "e.g. diagnosis)")
     atlas = load_atlas(config.atlas, config.atlas_labels)
     dataset = discover_runs(config)
-    writer = DerivativesWriter(config.output_dir, source_datasets={"preprocessed": dataset.root})
+    writer = DerivativesWriter(config.output_dir, source_datasets=dataset.datasets)
     writer.ensure_dataset_description()
     writer.ensure_bidsignore(BIDSIGNORE)
     targets = read_targets(dataset.participants, config.group.target, config.group.target_map)

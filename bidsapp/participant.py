@@ -7,8 +7,9 @@ the model's masking ``<m>`` (``desc-<m>``), written beside the run in ``OUTPUT_D
 - ``<source>_desc-<m>_stat-mean_embedding.tsv``: the run embedding (mean over windows), one row
 - ``<source>_atlas-AAL3v1_desc-<m>_stat-occluded_embedding.tsv``: one row per region, the run embedding
   with that region hidden (used by the group level)
-- ``<source>_atlas-AAL3v1_stat-reconerror_desc-<m>_boldmap.nii.gz`` and ``..._stat-occlusion_...``: 3D maps
-  on the run's grid, each region's voxels carrying its value (NaN: a region the model grid cannot hide)
+- ``<source>_atlas-AAL3v1_desc-<m>_stat-reconerror_boldmap.nii.gz`` and ``..._stat-occlusion_...``: 3D
+  maps on the run's grid, each region's voxels carrying its value (NaN: a region the model grid cannot
+  hide); ``stat`` follows ``desc`` as in nilearn (it is not a BIDS 1.11 entity)
 - ``<source>_atlas-AAL3v1_desc-<m>_attribution.tsv`` (one row per region) and
   ``..._stat-bygroup_attribution.tsv`` (limbic, cerebellum, ...)
 - a JSON sidecar beside each, and ``OUTPUT_DIR/sub-<label>.html`` with figures in ``sub-<label>/figures/``.
@@ -193,7 +194,7 @@ def run_participant(config: Config, device: torch.device) -> None:
              loaded.masking, loaded.meta.get("epoch"))
     dataset = discover_runs(config)
     validate_input(config, dataset)
-    writer = DerivativesWriter(config.output_dir, source_datasets={"preprocessed": dataset.root})
+    writer = DerivativesWriter(config.output_dir, source_datasets=dataset.datasets)
     writer.ensure_dataset_description()
     writer.ensure_bidsignore(BIDSIGNORE)
     attribution = config.participant.attribution

@@ -390,8 +390,33 @@ def _template_brain() -> np.ndarray:
     return np.asanyarray(template.dataobj) > 0
 
 
+def _shared_voxel_centres(
+    affine: np.ndarray, shape: tuple[int, ...]
+) -> tuple[list[np.ndarray], list[np.ndarray]] | None:
+    """Per axis, MNI indices and the source indices at the same mm, if every MNI voxel centre
+    is a source voxel centre along unpermuted axes (fMRIPrep's res-2 grids); else ``None``."""
+    mni_to_source = np.linalg.inv(affine) @ MNI_2MM_AFFINE  # MNI voxel -> source voxel
+    steps = np.round(mni_to_source[:3])  # (3, 4)
+    if not np.allclose(mni_to_source[:3], steps, atol=1e-3) or not np.array_equal(
+            np.abs(steps[:, :3]), np.eye(3)):
+        return None
+    targets, sources = [], []
+    for axis, n_mni in enumerate(MNI_2MM_SHAPE):
+        source = (steps[axis, axis] * np.arange(n_mni) + steps[axis, 3]).astype(int)
+        inside = (source >= 0) & (source < shape[axis])
+        targets.append(np.flatnonzero(inside))
+        sources.append(source[inside])
+    return targets, sources
+
+
 def _resample_volumes(volumes: np.ndarray, affine: np.ndarray, interpolation: str) -> np.ndarray:
     """(X, Y, Z[, t]) on ``affine`` -> (91, 109, 91[, t]) on the MNI 2 mm grid."""
+    shared = _shared_voxel_centres(affine, volumes.shape)
+    if shared is not None:
+        # Any interpolation returns the source value at a source voxel centre: just copy.
+        resampled = np.zeros(MNI_2MM_SHAPE + volumes.shape[3:], dtype=volumes.dtype)
+        resampled[np.ix_(*shared[0])] = volumes[np.ix_(*shared[1])]
+        return resampled
     resampled = resample_img(nib.Nifti1Image(volumes, affine), target_affine=MNI_2MM_AFFINE,
                              target_shape=MNI_2MM_SHAPE, interpolation=interpolation,
                              force_resample=True, copy_header=True)

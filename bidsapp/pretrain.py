@@ -195,7 +195,7 @@ def _pretrain(config: Config, ctx: DistributedContext) -> Path:
         start_epoch, history = _resume(out_dir, model, trainer, meta)
     if ctx.is_main:
         ensure_dir(out_dir)
-        writer = DerivativesWriter(config.output_dir, source_datasets={"preprocessed": dataset.root})
+        writer = DerivativesWriter(config.output_dir, source_datasets=dataset.datasets)
         writer.ensure_dataset_description()
         writer.ensure_bidsignore([f"{MODELS_DIR}/"])
 

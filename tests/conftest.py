@@ -1,4 +1,4 @@
-"""Shared test fixtures: paths to the read-only data in ``../shared`` (never copied into the repo)."""
+"""Shared test fixtures: paths to the read-only data in ``../shared`` (never copied here)."""
 
 from __future__ import annotations
 

@@ -200,8 +200,16 @@ def test_fmriprep_res2_grid_gives_the_same_cube(tmp_path: Path, brain_mask: np.n
     run = prepare_run(bold, mask, tmp_path / "cache", PARAMS)
     assert run.manifest["spatially_resampled"]
     np.testing.assert_array_equal(run.brain[3:94, :, 3:94], brain_mask[:, 6:102])
-    np.testing.assert_allclose(run.frames(0, 6), z_scored_cubes(series, brain_mask),
-                               atol=F16_ATOL)
+    expected = z_scored_cubes(series, brain_mask)
+    np.testing.assert_allclose(run.frames(0, 6), expected, atol=F16_ATOL)
+    # Shared voxel centres are copied; a 0.01 mm shift goes through spline interpolation
+    # (nilearn) and must agree.
+    affine[:3, 3] += 0.01
+    (tmp_path / "shifted").mkdir()
+    bold, mask = write_run(tmp_path / "shifted", big_series, big_mask, affine)
+    interpolated = prepare_run(bold, mask, tmp_path / "cache", PARAMS)
+    np.testing.assert_array_equal(interpolated.brain, run.brain)
+    np.testing.assert_allclose(interpolated.frames(0, 6), expected, atol=0.05)
 
 
 def test_3mm_grid_is_resampled_to_2mm(tmp_path: Path, brain_mask: np.ndarray) -> None:
@@ -338,8 +346,9 @@ def test_zero_byte_files_are_refused(tmp_path: Path, brain_mask: np.ndarray) -> 
 
 
 @pytest.mark.parametrize("shift_mm", [
-    (300, 300, 300),  # the field of view does not overlap the MNI grid at all
-    (0, 30, 70),  # it overlaps, but most of the brain falls outside the MNI brain
+    (300, 300, 300),  # voxel centres shared with the MNI grid, which holds none of the data
+    (301, 301, 301),  # the field of view does not overlap the MNI grid at all
+    (0, 31, 71),  # it overlaps, but most of the brain falls outside the MNI brain
 ])
 def test_affine_outside_mni_is_refused(tmp_path: Path, brain_mask: np.ndarray,
                                        shift_mm: tuple[int, int, int]) -> None:

@@ -1,0 +1,216 @@
+"""Tests of bidsapp.demo: a 4-participant demo written once per module and read back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import ndimage
+from scipy.signal import detrend
+
+from bidsapp.atlas import Atlas, Region, load_atlas
+from bidsapp.bids.validation import run_bids_validator
+from bidsapp.demo import ADHD_REGIONS, NETWORKS, NOISE_ONLY, TRUTH_FILE, make_demo_dataset
+from bidsapp.errors import UsageError
+
+N_PARTICIPANTS = 4
+N_FRAMES = 16
+TR = 1.5
+PARTICIPANTS = ("sub-01", "sub-02", "sub-03", "sub-04")
+#: Region means of regions this small are dominated by thermal noise; left out of mean checks.
+MIN_VOXELS = 20
+
+
+def _bold_path(root: Path, participant: str) -> Path:
+    return (root / participant / "func" /
+            f"{participant}_task-rest_space-MNI152NLin6Asym_res-2_desc-preproc_bold.nii.gz")
+
+
+def _mask_path(root: Path, participant: str) -> Path:
+    return (root / participant / "func" /
+            f"{participant}_task-rest_space-MNI152NLin6Asym_res-2_desc-brain_mask.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def atlas(atlas_dir: Path) -> Atlas:
+    # Explicit paths: module fixtures run before conftest's per-test ROIMAE_ATLAS_DIR.
+    return load_atlas(atlas_dir / "AAL3v1_2mm.nii.gz", atlas_dir / "AAL3v1_labels.tsv")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory, atlas: Atlas) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("demo") / "bids"
+    truth = make_demo_dataset(root, n_participants=N_PARTICIPANTS, n_frames=N_FRAMES, seed=7,
+                              repetition_time=TR, atlas=atlas)
+    return root, truth
+
+
+@pytest.fixture(scope="module")
+def participants(demo: tuple[Path, dict]) -> pd.DataFrame:
+    return pd.read_csv(demo[0] / "participants.tsv", sep="\t")
+
+
+@pytest.fixture(scope="module")
+def region_means(demo: tuple[Path, dict], atlas: Atlas) -> dict[str, tuple[dict, float]]:
+    """participant -> ({region name: (T,) mean time course}, run mean over the brain mask)."""
+    labels = np.asarray(atlas.image.dataobj)
+    counts = np.bincount(labels.ravel(), minlength=max(r.index for r in atlas.regions) + 1)
+    regions = [r for r in atlas.regions if counts[r.index] >= MIN_VOXELS]
+    index = [r.index for r in regions]
+    means = {}
+    for participant in PARTICIPANTS:
+        bold = nib.load(_bold_path(demo[0], participant)).get_fdata(dtype=np.float32)
+        brain = np.asanyarray(nib.load(_mask_path(demo[0], participant)).dataobj) > 0
+        courses = np.array([ndimage.mean(bold[..., t], labels, index)
+                            for t in range(bold.shape[3])]).T  # (regions, T)
+        means[participant] = (dict(zip([r.name for r in regions], courses, strict=True)),
+                              float(bold[brain].mean()))
+    return means
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    # Linear detrending removes the planted scanner drift, as any analysis would.
+    return float(np.corrcoef(detrend(a), detrend(b))[0, 1])
+
+
+def test_files_and_headers(demo: tuple[Path, dict], atlas: Atlas) -> None:
+    root, _ = demo
+    for participant in PARTICIPANTS:
+        bold = nib.load(_bold_path(root, participant))
+        mask = nib.load(_mask_path(root, participant))
+        assert bold.shape == (91, 109, 91, N_FRAMES)
+        assert mask.shape == (91, 109, 91)
+        assert np.array_equal(bold.affine, atlas.image.affine)
+        assert np.array_equal(mask.affine, atlas.image.affine)
+        assert bold.get_data_dtype() == np.int16
+        assert bold.dataobj.slope == 0.5
+        assert bold.header.get_zooms() == (2.0, 2.0, 2.0, TR)
+        assert bold.header.get_xyzt_units() == ("mm", "sec")
+        assert mask.get_data_dtype() == np.uint8
+        brain = np.asanyarray(mask.dataobj)
+        assert set(np.unique(brain).tolist()) == {0, 1}
+        data = np.asanyarray(bold.dataobj)
+        assert np.all(data[brain == 0] == 0)
+        assert np.all(data[brain == 1] > 0)
+        # The mask holds every AAL3 voxel and looks like a brain mask (~220k voxels at 2 mm).
+        assert np.all(brain[np.asarray(atlas.image.dataobj) > 0] == 1)
+        assert 190_000 < brain.sum() < 260_000
+        sidecar = json.loads(_bold_path(root, participant).with_suffix("").with_suffix(
+            ".json").read_text())
+        assert sidecar["RepetitionTime"] == TR
+        assert sidecar["TaskName"] == "rest"
+        assert sidecar["SkullStripped"] is False
+        assert _mask_path(root, participant).with_suffix("").with_suffix(".json").is_file()
+    description = json.loads((root / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative"
+    assert description["GeneratedBy"][0]["Name"] == "roimae demo"
+    assert (root / "README").is_file()
+    assert (root / "participants.json").is_file()
+
+
+def test_participants_are_balanced(participants: pd.DataFrame) -> None:
+    assert list(participants.columns) == ["participant_id", "diagnosis", "age", "sex", "site"]
+    assert tuple(participants["participant_id"]) == PARTICIPANTS
+    assert participants["diagnosis"].value_counts().to_dict() == {"control": 2, "adhd": 2}
+    for _, site in participants.groupby("site"):
+        assert sorted(site["diagnosis"]) == ["adhd", "control"]
+    assert set(participants["site"]) == {"siteA", "siteB"}
+    assert set(participants["sex"]) <= {"M", "F"}
+
+
+def test_truth_record(demo: tuple[Path, dict], participants: pd.DataFrame) -> None:
+    root, truth = demo
+    assert json.loads((root / TRUTH_FILE).read_text()) == truth
+    assert TRUTH_FILE in (root / ".bidsignore").read_text().split()
+    assert truth["seed"] == 7
+    assert truth["repetition_time"] == TR
+    assert truth["n_frames"] == N_FRAMES
+    effect = truth["adhd_effect"]
+    # Label values from the shared AAL3v1 table.
+    assert effect["regions"] == [
+        {"name": "Hippocampus_L", "index": 41}, {"name": "Hippocampus_R", "index": 42},
+        {"name": "Amygdala_L", "index": 45}, {"name": "Amygdala_R", "index": 46},
+        {"name": "Cerebelum_Crus1_L", "index": 95}, {"name": "Cerebelum_Crus1_R", "index": 96},
+    ]
+    assert effect["amplitude_factor"] == 1.8
+    assert effect["baseline_shift"] == 0.02
+    assert len(truth["networks"]) == 6
+    assert [r["name"] for r in truth["networks"]["limbic"]] == list(NETWORKS["limbic"])
+    assert len(truth["noise_only"]) == 20
+    assert "AR(1)" in truth["signal_model"]
+    recorded = pd.DataFrame(truth["participants"])
+    assert recorded["diagnosis"].tolist() == participants["diagnosis"].tolist()
+
+
+def test_passes_bids_validator(demo: tuple[Path, dict]) -> None:
+    issues = run_bids_validator(demo[0], timeout=120)
+    errors = [issue for issue in issues if issue.severity == "error"]
+    assert errors == []
+
+
+def test_network_regions_correlate_noise_regions_do_not(region_means: dict) -> None:
+    for network, names in NETWORKS.items():
+        r = [_correlation(means[a], means[b]) for means, _ in region_means.values()
+             for i, a in enumerate(names) for b in names[i + 1:]]
+        assert np.mean(r) > 0.7, network
+    # Each noise-only region against its contralateral homologue (an independent process).
+    r = [_correlation(means[left], means[left[:-1] + "R"]) for means, _ in region_means.values()
+         for left in NOISE_ONLY if left.endswith("_L")]
+    assert abs(np.mean(r)) < 0.3
+
+
+def test_planted_baseline_shift(region_means: dict, participants: pd.DataFrame) -> None:
+    # Within a site, region run mean / brain run mean of the adhd participant over the control's.
+    # Known answer: 1.02 in the planted regions (a little less: the brain mean holds them too),
+    # 1 elsewhere; fluctuations have zero run mean, so only thermal noise blurs it.
+    for _, site in participants.groupby("site"):
+        by_diagnosis = dict(zip(site["diagnosis"], site["participant_id"], strict=True))
+        adhd, control = region_means[by_diagnosis["adhd"]], region_means[by_diagnosis["control"]]
+        ratio = {name: (adhd[0][name].mean() / adhd[1]) / (control[0][name].mean() / control[1])
+                 for name in adhd[0]}
+        planted = np.array([ratio[name] for name in ADHD_REGIONS])
+        others = np.array([v for name, v in ratio.items() if name not in ADHD_REGIONS])
+        assert np.all((planted > 1.015) & (planted < 1.021)), planted
+        assert np.all(np.abs(others - 1) < 0.005), others
+
+
+def test_planted_amplitude(region_means: dict, participants: pd.DataFrame) -> None:
+    # Planted regions share their network's course with unplanted partners: the SD ratio of the
+    # region means is the planted amplitude factor 1.8 in adhd participants and 1 in controls.
+    pairs = [("Hippocampus", "ParaHippocampal"), ("Amygdala", "ParaHippocampal"),
+             ("Cerebelum_Crus1", "Cerebelum_Crus2")]
+    for participant, diagnosis in zip(participants["participant_id"], participants["diagnosis"],
+                                      strict=True):
+        means = region_means[participant][0]
+        ratio = np.mean([np.std(means[f"{a}_{side}"]) / np.std(means[f"{b}_{side}"])
+                         for a, b in pairs for side in "LR"])
+        expected = 1.8 if diagnosis == "adhd" else 1.0
+        assert abs(ratio - expected) < 0.2, (participant, ratio)
+
+
+def test_seed_reproducibility(tmp_path: Path, atlas: Atlas) -> None:
+    def first_run(seed: int, name: str) -> np.ndarray:
+        make_demo_dataset(tmp_path / name, n_participants=4, n_frames=3, seed=seed, atlas=atlas)
+        return np.asanyarray(nib.load(_bold_path(tmp_path / name, "sub-01")).dataobj)
+
+    first = first_run(0, "a")
+    assert np.array_equal(first, first_run(0, "b"))
+    assert (tmp_path / "a" / "participants.tsv").read_text() == (
+        tmp_path / "b" / "participants.tsv").read_text()
+    assert not np.array_equal(first, first_run(1, "c"))
+
+
+def test_usage_errors(tmp_path: Path, atlas: Atlas) -> None:
+    with pytest.raises(UsageError, match="4 participants"):
+        make_demo_dataset(tmp_path, n_participants=3, atlas=atlas)
+    with pytest.raises(UsageError, match="frames"):
+        make_demo_dataset(tmp_path, n_frames=1, atlas=atlas)
+    not_aal = Atlas(name="toy", image=atlas.image,
+                    regions=tuple(Region(r.index, f"R{r.index}", "n/a", "n/a")
+                                  for r in atlas.regions), source="test")
+    with pytest.raises(UsageError, match="lacks"):
+        make_demo_dataset(tmp_path, n_participants=4, n_frames=2, atlas=not_aal)
