@@ -358,7 +358,7 @@ def _read_table(path: Path) -> pd.DataFrame:
     try:
         # "n/a" is a value (midline regions), not a missing cell.
         table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise BadDataError(f"cannot read atlas label table {path}: {exc}") from exc
     missing = {"index", "name"} - set(table.columns)
     if missing:
@@ -385,9 +385,9 @@ def _build_atlas(name: str, img: nib.Nifti1Image, table: pd.DataFrame, source: s
     in_table = set(table["index"].tolist())
     not_in_table = sorted(in_image - in_table)
     if not_in_table:
-        raise BadDataError(
-            f"atlas {source}: image labels {not_in_table} are missing from the label table"
-        )
+        shown = f"{not_in_table[:10]}" + (" ..." if len(not_in_table) > 10 else "")
+        raise BadDataError(f"atlas {source}: {len(not_in_table)} image label(s) missing from "
+                           f"the label table: {shown}")
     if in_table - in_image:
         log.debug("atlas %s: table labels without voxels: %s", source,
                   sorted(in_table - in_image))

@@ -150,6 +150,11 @@ def make_demo_dataset(out_dir: Path, *, n_participants: int = 24, n_frames: int 
     dict
         The truth record, also written to ``roimae_demo_truth.json``.
 
+    Notes
+    -----
+    The default 24 participants x 60 frames take about 25 s on 2 CPU cores, under 0.5 GB of
+    memory, and about 0.5 GB of disk.
+
     Raises
     ------
     UsageError

@@ -209,9 +209,11 @@ def prepare_run(bold: Path, mask: Path, cache_root: Path, params: PreprocessPara
         grid or empty, too few frames for one window, unknown TR when resampling in time.
     """
     bold, mask = Path(bold), Path(mask)
-    sources = {"source": bold, "source_sha256": _sha256(bold),
-               "mask": mask, "mask_sha256": _sha256(mask)}
-    key = _cache_key(sources["source_sha256"], sources["mask_sha256"], params, repetition_time)
+    bold_sha, mask_sha = _sha256(bold), _sha256(mask)
+    key = _cache_key(bold_sha, mask_sha, params, repetition_time)
+    provenance = {"key": key, "format": CACHE_FORMAT,
+                  "source": str(bold.absolute()), "source_sha256": bold_sha,
+                  "mask": str(mask.absolute()), "mask_sha256": mask_sha}
     cache_root = ensure_dir(Path(cache_root))
     entry = cache_root / key[:16]
     with FileLock(cache_root / f".{entry.name}.lock"):
@@ -226,7 +228,7 @@ def prepare_run(bold: Path, mask: Path, cache_root: Path, params: PreprocessPara
         tmp = cache_root / f".{entry.name}.{uuid.uuid4().hex[:8]}.tmp"
         try:
             ensure_dir(tmp)
-            _build_entry(tmp, sources, params, repetition_time, key)
+            _build_entry(tmp, bold, mask, params, repetition_time, provenance)
             os.replace(tmp, entry)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -279,9 +281,9 @@ def _chunks(n: int) -> Iterator[slice]:
         yield slice(start, min(start + CHUNK_FRAMES, n))
 
 
-def _build_entry(directory: Path, sources: dict[str, Any], params: PreprocessParams,
-                 repetition_time: float | None, key: str) -> None:
-    bold, mask = sources["source"], sources["mask"]
+def _build_entry(directory: Path, bold: Path, mask: Path, params: PreprocessParams,
+                 repetition_time: float | None, provenance: dict[str, Any]) -> None:
+    """Preprocess ``bold`` into the empty ``directory``; ``provenance`` opens the manifest."""
     # keep_file_open: chunks are read in order, so a .nii.gz is decompressed once, not per chunk.
     with _reading(bold):
         image = nib.load(bold, keep_file_open=True)
@@ -324,13 +326,8 @@ def _build_entry(directory: Path, sources: dict[str, Any], params: PreprocessPar
         data.flush()
         del data
         np.save(directory / "brain.npy", brain)
-        manifest: dict[str, Any] = {
-            "key": key,
-            "format": CACHE_FORMAT,
-            "source": str(bold.absolute()),
-            "source_sha256": sources["source_sha256"],
-            "mask": str(mask.absolute()),
-            "mask_sha256": sources["mask_sha256"],
+        manifest = {
+            **provenance,
             "params": params.key(),
             "n_frames": n_frames,
             "repetition_time": params.target_tr or source_tr,

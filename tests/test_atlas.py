@@ -194,6 +194,7 @@ def test_image_label_missing_from_table(tmp_path: Path) -> None:
     (TOY_TABLE + "9\tVermis_3\n", "duplicate name"),
     ("label\tname\n1\tPrecentral_L\n", "index"),
     ("index\tname\none\tPrecentral_L\n", "integers"),
+    ("", "cannot read"),
 ])
 def test_bad_tables(tmp_path: Path, table: str, match: str) -> None:
     with pytest.raises(BadDataError, match=match):

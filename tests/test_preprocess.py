@@ -306,6 +306,11 @@ def test_too_few_frames_are_refused(tmp_path: Path, brain_mask: np.ndarray) -> N
              PreprocessParams(window_frames=3, target_tr=4.0))
 
 
+def test_constant_signal_is_refused(tmp_path: Path, brain_mask: np.ndarray) -> None:
+    bold, mask = write_run(tmp_path, np.full((*MNI_2MM_SHAPE, 4), 7, np.float32), brain_mask)
+    _refused(bold, mask, tmp_path, "constant inside the brain mask")
+
+
 def test_unknown_tr_is_refused_when_resampling_in_time(tmp_path: Path,
                                                        brain_mask: np.ndarray) -> None:
     bold, mask = write_run(tmp_path, noise(4), brain_mask, tr=0.0)  # pixdim[4] = 0: no TR
