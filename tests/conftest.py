@@ -9,6 +9,9 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("ROIMAE_SHARED_DIR", REPO_ROOT.parent / "shared"))
+# Set at import, not only per test, so that module- and session-scoped fixtures read the local
+# copy too (nothing is ever downloaded in tests).
+os.environ.setdefault("ROIMAE_ATLAS_DIR", str(SHARED_DIR / "atlas" / "aal3"))
 
 
 @pytest.fixture(scope="session")
