@@ -25,7 +25,10 @@ MASKING_DESC = {"roi": "roi", "random": "random", "brain-random": "brainrandom",
 
 
 def masking_desc(masking: str) -> str:
-    """BIDS ``desc-`` label of a masking strategy (labels are alphanumeric: ``brain-random`` -> ``brainrandom``)."""
+    """BIDS ``desc-`` label of a masking strategy.
+
+    BIDS labels are alphanumeric, so ``brain-random`` becomes ``brainrandom``.
+    """
     return MASKING_DESC.get(masking, masking)
 
 

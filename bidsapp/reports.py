@@ -1,5 +1,7 @@
-"""HTML reports with figures, as fMRIPrep writes them: ``OUTPUT_DIR/sub-<label>.html`` with figures in
-``OUTPUT_DIR/sub-<label>/figures/``, and ``OUTPUT_DIR/group.html`` with figures in ``OUTPUT_DIR/group/figures/``.
+"""HTML reports with figures, as fMRIPrep writes them.
+
+``OUTPUT_DIR/sub-<label>.html`` has its figures in ``OUTPUT_DIR/sub-<label>/figures/``, and
+``OUTPUT_DIR/group.html`` in ``OUTPUT_DIR/group/figures/``.
 
 Figures are PNG files referenced by relative paths, so a report opens anywhere without a network.
 """
@@ -14,13 +16,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import nibabel as nib  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import nibabel as nib
+import numpy as np
+import pandas as pd
 
-from bidsapp import __version__  # noqa: E402
-from bidsapp.io import atomic_path, atomic_write_text, ensure_dir  # noqa: E402
+from bidsapp import __version__
+from bidsapp.io import atomic_path, atomic_write_text, ensure_dir
 
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;

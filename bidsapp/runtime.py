@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import random
 
-import numpy as np
 import torch
 
 from bidsapp.errors import UsageError
@@ -32,8 +31,11 @@ def set_threads(n_threads: int) -> None:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and PyTorch; make CPU kernels deterministic."""
+    """Seed Python and PyTorch; make CPU kernels deterministic.
+
+    roimae's own NumPy code draws from explicit ``numpy.random.Generator`` objects, never the
+    global NumPy state.
+    """
     random.seed(seed)
-    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
