@@ -96,6 +96,10 @@ def read_targets(participants: pd.DataFrame | None, column: str,
         available = ", ".join(c for c in participants.columns if c != "participant_id")
         raise BadDataError(f"participants.tsv has no column {column!r} (columns: {available})")
     values = participants.set_index("participant_id")[column]
+    if pd.api.types.is_float_dtype(values) and (values.dropna() % 1 == 0).all():
+        # Integer codes (e.g. ADHD-200 DX 0/1/2/3) read as float because of missing values:
+        # keep them "1", not "1.0", so that --target-map 1=adhd matches.
+        values = values.astype("Int64")
     values = values.map(lambda v: None if pd.isna(v) else str(v).strip())
     if target_map:
         values = values.map(lambda v: target_map.get(v, v) if v is not None else None)
@@ -151,12 +155,16 @@ def evaluate(es: EmbeddingSet, splits: list, classes: np.ndarray, config: Config
     groups = es.runs["cv_group"].to_numpy()
     rows, predictions, models = [], [], []
     confusion = np.zeros((len(classes), len(classes)), dtype=int)
+    participants = es.runs["participant_id"].to_numpy()
     for repeat, fold, train, test in splits:
+        # The inner CV needs two groups in the training folds; with --cv-groups and a single
+        # group left for training (e.g. two sites) it falls back to the participants.
+        inner = groups if len(np.unique(groups[train])) >= 2 else participants
         model = build_classifier(config.group.classifier, config.random_seed,
-                                 _inner_groups(groups, train))
+                                 _inner_groups(inner, train))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            model.fit(es.X[train], y[train], groups=groups[train])
+            model.fit(es.X[train], y[train], groups=inner[train])
         proba = model.predict_proba(es.X[test])
         pred = model.classes_[proba.argmax(1)]
         rows.append({"repeat": repeat, "fold": fold, "n_train": len(train), "n_test": len(test),

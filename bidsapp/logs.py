@@ -19,7 +19,8 @@ def setup_logging(verbosity: int, log_file: Path | None = None) -> logging.Logge
     Parameters
     ----------
     verbosity : int
-        0 shows warnings and progress (INFO), 1 adds details (DEBUG), 2 adds library debug output.
+        0 shows warnings and progress (INFO), 1 adds details (DEBUG), 2 adds library debug output;
+        -1 shows warnings only (the non-zero ranks of a distributed run).
     log_file : Path, optional
         Also write every message at DEBUG level to this file.
     """
@@ -28,7 +29,8 @@ def setup_logging(verbosity: int, log_file: Path | None = None) -> logging.Logge
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
     console = logging.StreamHandler()
-    console.setLevel(logging.DEBUG if verbosity >= 1 else logging.INFO)
+    console.setLevel(logging.DEBUG if verbosity >= 1 else
+                     logging.INFO if verbosity == 0 else logging.WARNING)
     console.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s", "%H:%M:%S"))
     logger.addHandler(console)
     if log_file is not None:

@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bidsapp.config import Config
+from bidsapp.distributed import env_rank
 from bidsapp.errors import NoInputError, UsageError
 from bidsapp.io import atomic_write_text, ensure_dir
 from bidsapp.logs import get_logger, setup_logging
@@ -34,10 +35,16 @@ def check_paths(config: Config) -> None:
         )
 
 
-def start_run(config: Config) -> Path:
-    """Create OUTPUT_DIR, the work directory and the log, and save the config; return the log."""
+def start_run(config: Config) -> Path | None:
+    """Create OUTPUT_DIR, the work directory and the log, and save the config; return the log.
+
+    Under torchrun only rank 0 writes the log file and the config; other ranks log to stderr.
+    """
     ensure_dir(config.output_dir)
     ensure_dir(config.work_dir)
+    if env_rank() != 0:
+        setup_logging(-1 if config.verbosity == 0 else config.verbosity)
+        return None
     logs_dir = ensure_dir(config.output_dir / "logs")
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     run_id = f"{config.analysis_level}-{stamp}_{uuid.uuid4().hex[:8]}"

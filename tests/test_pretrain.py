@@ -1,0 +1,112 @@
+"""The pretrain level: learning, exact resume, checkpoints, torchrun (DDP on CPU), device choice."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bidsapp.cli import main
+from bidsapp.demo import make_demo_dataset
+
+COMMON = ["--window-frames", "10", "--batch-size", "2", "--random-seed", "3", "--nprocs", "1"]
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    bids = tmp_path_factory.mktemp("demo") / "bids"
+    make_demo_dataset(bids, n_participants=4, n_frames=20, seed=1)
+    return bids
+
+
+def _pretrain(bids: Path, out: Path, *extra: str) -> int:
+    return main([str(bids), str(out), "pretrain", *COMMON, *extra])
+
+
+def test_resume_after_epoch_1_equals_uninterrupted_run(small_demo: Path, tmp_path: Path) -> None:
+    """Stopping after epoch 1 and resuming to epoch 3 gives bit-identical weights (CPU)."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert _pretrain(small_demo, straight, "--epochs", "3") == 0
+    assert _pretrain(small_demo, resumed, "--epochs", "1") == 0
+    assert _pretrain(small_demo, resumed, "--epochs", "3", "--resume") == 0
+    a = load_file(straight / "models/desc-roi/model.safetensors")
+    b = load_file(resumed / "models/desc-roi/model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    log = pd.read_csv(resumed / "models/desc-roi/training_log.tsv", sep="\t")
+    assert log["epoch"].tolist() == [1, 2, 3]
+    # Only the last two epoch checkpoints are kept; each is complete (weights, optimizer, sidecar).
+    kept = sorted(p.name for p in (resumed / "models/desc-roi").glob("epoch-*.json"))
+    assert kept == ["epoch-002.json", "epoch-003.json"]
+    meta = json.loads((resumed / "models/desc-roi/model.json").read_text())
+    assert meta["epoch"] == 3 and meta["preset"]["name"] == "tiny"
+    assert meta["masking"]["masking"] == "roi"
+    assert meta["atlas"]["n_regions"] == 166
+    assert len(meta["data"]) == 4 and all(len(d["sha256"]) == 64 for d in meta["data"])
+    assert (resumed / "models/desc-roi/loss_curve.png").stat().st_size > 1000
+
+
+def test_resume_from_a_crash_mid_save_uses_last_complete_checkpoint(small_demo: Path,
+                                                                   tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert _pretrain(small_demo, out, "--epochs", "2") == 0
+    model_dir = out / "models/desc-roi"
+    # A crash while writing epoch 2: its weights exist but its sidecar (written last) does not.
+    (model_dir / "epoch-002.json").unlink()
+    assert _pretrain(small_demo, out, "--epochs", "2", "--resume") == 0
+    log = pd.read_csv(model_dir / "training_log.tsv", sep="\t")
+    assert log["epoch"].tolist() == [1, 2]
+    assert (model_dir / "epoch-002.json").is_file()
+
+
+def test_resume_refuses_another_masking_setup(small_demo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert _pretrain(small_demo, out, "--epochs", "1") == 0
+    assert _pretrain(small_demo, out, "--epochs", "2", "--resume", "--mask-ratio", "0.3") == 65
+
+
+def test_maskings_sit_side_by_side(small_demo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert _pretrain(small_demo, out, "--epochs", "1", "--masking", "brain-random") == 0
+    assert _pretrain(small_demo, out, "--epochs", "1", "--masking", "roi-voxel") == 0
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["desc-brainrandom",
+                                                                  "desc-roivoxel"]
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative"
+    assert "models/" in (out / ".bidsignore").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_device_cuda_without_gpu_exits_64(small_demo: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture) -> None:
+    assert _pretrain(small_demo, tmp_path / "out", "--device", "cuda") == 64
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no CUDA GPU" in err[0]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_on_cpu(small_demo: Path, tmp_path: Path) -> None:
+    """The same command under torchrun trains with DDP (gloo) and rank 0 writes one checkpoint."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun is not None
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [torchrun, "--nproc-per-node", "2", "--master-port", "29517", "-m", "bidsapp",
+         str(small_demo), str(out), "pretrain", "--epochs", "1", *COMMON],
+        capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = json.loads((out / "models/desc-roi/model.json").read_text())
+    assert meta["epoch"] == 1
+    weights = load_file(out / "models/desc-roi/model.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    assert len(list((out / "logs").glob("*_config.json"))) == 1
