@@ -47,9 +47,10 @@ from bidsapp.runtime import seed_everything
 log = get_logger("participant")
 
 #: Non-standard suffixes this level writes (kept out of the BIDS validator's way).
+# Directories without a trailing slash: bids-validator-deno does not match "dir/" patterns.
 BIDSIGNORE = ["*_embedding.tsv", "*_embedding.json", "*_boldmap.nii.gz", "*_boldmap.json",
-              "*_attribution.tsv", "*_attribution.json", "sub-*/figures/", "sub-*.html",
-              "models/", "group/", "group.html", "logs/"]
+              "*_attribution.tsv", "*_attribution.json", "sub-*/figures", "sub-*.html",
+              "models", "group", "group.html", "logs"]
 
 
 def _atlas_label(atlas: Atlas) -> str:

@@ -197,7 +197,7 @@ def _pretrain(config: Config, ctx: DistributedContext) -> Path:
         ensure_dir(out_dir)
         writer = DerivativesWriter(config.output_dir, source_datasets=dataset.datasets)
         writer.ensure_dataset_description()
-        writer.ensure_bidsignore([f"{MODELS_DIR}/"])
+        writer.ensure_bidsignore([MODELS_DIR, "logs"])
 
     def on_epoch_end(metrics: EpochMetrics) -> None:
         nonlocal history

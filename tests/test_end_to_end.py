@@ -1,0 +1,159 @@
+"""The demo chain end to end: pretrain (roi, random) -> participant -> group, with known answers.
+
+One run of :func:`bidsapp.workflows.run_demo_chain` (what ``roimae demo DIR --run`` does) on the demo
+dataset is shared by every test here; each test checks one promise of the pretrain, participant or
+group level against the planted truth recorded in ``roimae_demo_truth.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from bidsapp.atlas import load_atlas
+from bidsapp.bids.validation import run_bids_validator
+from bidsapp.demo import make_demo_dataset
+from bidsapp.logs import setup_logging
+from bidsapp.workflows import DEMO_MASKINGS, run_demo_chain
+
+pytestmark = pytest.mark.slow
+
+N_PARTICIPANTS = 24
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("chain")
+    bids, out = root / "bids", root / "derivatives"
+    truth = make_demo_dataset(bids, n_participants=N_PARTICIPANTS, n_frames=40, seed=0)
+    setup_logging(0)
+    report = run_demo_chain(bids, out, nprocs=1, n_permutations=200)
+    return {"bids": bids, "out": out, "truth": truth, "report": report}
+
+
+def _names(records: list) -> list[str]:
+    return [r["name"] if isinstance(r, dict) else r for r in records]
+
+
+def _region_tables(out: Path, desc: str) -> pd.DataFrame:
+    tables = sorted(out.glob(f"sub-*/func/*_desc-{desc}_attribution.tsv"))
+    assert len(tables) == N_PARTICIPANTS
+    return pd.concat([pd.read_csv(t, sep="\t", na_values="n/a") for t in tables])
+
+
+@pytest.mark.parametrize("desc", ["roi", "random"])
+def test_pretraining_lowers_the_held_out_loss(chain: dict, desc: str) -> None:
+    log = pd.read_csv(chain["out"] / f"models/desc-{desc}/training_log.tsv", sep="\t")
+    first, last = log["val_loss"].iloc[0], log["val_loss"].iloc[-1]
+    assert last < 0.85 * first, (first, last)
+
+
+def test_participant_outputs_for_every_run(chain: dict) -> None:
+    out = chain["out"]
+    atlas = load_atlas()
+    for desc in ("roi", "random"):
+        bolds = sorted(chain["bids"].glob("sub-*/func/*_desc-preproc_bold.nii.gz"))
+        assert len(bolds) == N_PARTICIPANTS
+        for bold_path in bolds[:3]:
+            prefix = bold_path.name.split("_desc-")[0]
+            func = out / bold_path.relative_to(chain["bids"]).parent
+            windows = pd.read_csv(func / f"{prefix}_desc-{desc}_embedding.tsv", sep="\t")
+            mean = pd.read_csv(func / f"{prefix}_desc-{desc}_stat-mean_embedding.tsv", sep="\t")
+            dims = [c for c in windows.columns if re.fullmatch(r"e\d{3}", c)]
+            assert len(windows) == 4 and list(mean.columns) == dims
+            # The run embedding is the mean of the window embeddings.
+            np.testing.assert_allclose(windows[dims].mean().to_numpy(), mean.to_numpy()[0],
+                                       rtol=1e-5, atol=1e-6)
+            sidecar = json.loads((func / f"{prefix}_desc-{desc}_embedding.json").read_text())
+            assert sidecar["Model"]["Masking"] == desc and len(sidecar["Model"]["SHA256"]) == 64
+            assert sidecar["NumberOfWindows"] == 4 and sidecar["Sources"][0].startswith("bids:")
+            bold = nib.load(bold_path)
+            table = pd.read_csv(func / f"{prefix}_atlas-AAL3v1_desc-{desc}_attribution.tsv",
+                                sep="\t", na_values="n/a")
+            assert len(table) == 166
+            labels = atlas.contiguous(atlas.resample_to(bold.shape[:3], bold.affine))
+            for stat, column in (("reconerror", "reconerror"), ("occlusion", "occlusion")):
+                img = nib.load(func / f"{prefix}_atlas-AAL3v1_desc-{desc}_stat-{stat}_boldmap.nii.gz")
+                assert img.shape == bold.shape[:3]
+                np.testing.assert_allclose(img.affine, bold.affine)
+                data = np.asarray(img.dataobj)
+                # Every region with a token carries one constant value: its table value.
+                for r in np.flatnonzero(table["tokens"].to_numpy() > 0)[::10]:
+                    values = np.unique(data[labels == r])
+                    assert values.size == 1
+                    np.testing.assert_allclose(values[0], table[column].iloc[r], rtol=1e-5)
+            # Regions too small to own a token are listed as such, not silently zero.
+            no_token = table["tokens"] == 0
+            assert no_token.any() and table.loc[no_token, "reconerror"].isna().all()
+            assert table.loc[no_token, "note"].str.contains("no token").all()
+
+
+def test_coherent_regions_are_reconstructed_better_than_noise_only_regions(chain: dict) -> None:
+    truth = chain["truth"]
+    network = {n for regions in truth["networks"].values() for n in _names(regions)}
+    noise = set(_names(truth["noise_only"]))
+    errors = _region_tables(chain["out"], "roi").groupby("name")["reconerror"].mean().dropna()
+    coherent, noisy = errors[errors.index.isin(network)], errors[errors.index.isin(noise)]
+    assert len(coherent) >= 20 and len(noisy) >= 10
+    # A ranking with a margin: the median coherent region beats the median noise-only region
+    # clearly, and most coherent regions rank above most noise-only ones.
+    assert coherent.median() < 0.85 * noisy.median(), (coherent.median(), noisy.median())
+    auc = (coherent.to_numpy()[:, None] < noisy.to_numpy()[None, :]).mean()
+    assert auc > 0.75, auc
+
+
+def test_group_classification_beats_chance(chain: dict) -> None:
+    group = chain["out"] / "group"
+    for desc in DEMO_MASKINGS:
+        metrics = pd.read_csv(group / f"target-diagnosis_desc-{desc}_metrics.tsv", sep="\t",
+                              na_values="n/a").set_index("metric")
+        assert metrics.loc["balanced_accuracy", "mean"] > 0.7
+        assert metrics.loc["balanced_accuracy", "permutation_p"] < 0.05
+    comparison = pd.read_csv(group / "target-diagnosis_comparison.tsv", sep="\t", na_values="n/a")
+    assert comparison[["a", "b"]].values.tolist() == [["roi", "random"]]
+    assert comparison["folds"].iloc[0] == 25
+
+
+def test_runs_of_a_participant_never_straddle_folds(chain: dict) -> None:
+    predictions = pd.read_csv(chain["out"] / "group/target-diagnosis_desc-roi_predictions.tsv",
+                              sep="\t")
+    folds_per_participant = predictions.groupby(["repeat", "participant_id"])["fold"].nunique()
+    assert (folds_per_participant == 1).all()
+    # Every participant is tested exactly once per repeat.
+    assert (predictions.groupby("repeat")["participant_id"].nunique() == N_PARTICIPANTS).all()
+
+
+def test_group_attribution_ranks_the_planted_regions_first(chain: dict) -> None:
+    truth = chain["truth"]
+    planted = set(_names(truth["adhd_effect"]["regions"]))
+    table = pd.read_csv(chain["out"] / "group/target-diagnosis_atlas-AAL3v1_desc-roi_attribution.tsv",
+                        sep="\t", na_values="n/a").dropna(subset=["importance"])
+    ranked = table.sort_values("importance", ascending=False)
+    top = set(ranked["name"].head(10))
+    assert len(top & planted) >= 2, ranked.head(10)[["name", "importance"]]
+    by_group = table.groupby("group")["importance"].mean().sort_values(ascending=False)
+    assert set(by_group.index[:3]) & {"limbic", "cerebellum"}, by_group
+
+
+def test_whole_output_passes_the_bids_validator(chain: dict) -> None:
+    errors = [i for i in run_bids_validator(chain["out"]) if i.severity == "error"]
+    assert errors == []
+
+
+def test_reports_open_and_show_their_figures(chain: dict) -> None:
+    out = chain["out"]
+    assert chain["report"] == out / "group.html"
+    for report in (out / "group.html", out / "sub-01.html"):
+        html = report.read_text()
+        images = re.findall(r"<img src='([^']+)'", html)
+        assert len(images) >= 5
+        for src in images:
+            assert not src.startswith(("http:", "https:", "/"))
+            assert (out / src).stat().st_size > 2000
+        assert "http://" not in html and "https://" not in html
