@@ -14,9 +14,9 @@ Cross-validation is honest by construction:
   overlap of training sets between folds.
 
 Region importance for the decision: for each test participant and region r, the drop in the
-cross-validated probability of the participant's true class when its run embedding is replaced by the
-occluded embedding the participant level kept for r (regions the embedding needs to be classified
-correctly score high).
+cross-validated decision margin toward the participant's true class when its run embedding is replaced
+by the occluded embedding the participant level kept for r (regions the embedding needs to be
+classified correctly score high; regions whose occlusion moves every participant alike average out).
 """
 
 from __future__ import annotations
@@ -214,31 +214,64 @@ def permutation_pvalue(es: EmbeddingSet, splits: list, folds_table: pd.DataFrame
     return float((1 + np.sum(null >= observed - 1e-12)) / (1 + n_perm)), null
 
 
+def true_class_margin(model, X: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Decision margin of each row toward its true class (index into ``model.classes_``).
+
+    Binary: the signed decision function (the log-odds for logistic regression); several classes:
+    the true class's score minus the best other score. Classifiers without a decision function
+    (the MLP) use the log-odds of the true class's probability. Unlike a probability, the margin
+    does not saturate, and for a linear probe it is linear in the embedding, so effects that do
+    not depend on the class average out over participants.
+    """
+    if hasattr(model, "decision_function"):
+        scores = model.decision_function(X)
+        if scores.ndim == 1:
+            return np.where(true == 1, scores, -scores)
+    else:
+        proba = np.clip(model.predict_proba(X), 1e-12, 1 - 1e-12)
+        scores = np.log(proba)
+        if scores.shape[1] == 2:
+            return scores[np.arange(len(X)), true] - scores[np.arange(len(X)), 1 - true]
+    own = scores[np.arange(len(X)), true]
+    others = scores.copy()
+    others[np.arange(len(X)), true] = -np.inf
+    return own - others.max(axis=1)
+
+
 def region_importance(es: EmbeddingSet, models: list, atlas: Atlas) -> pd.DataFrame:
-    """Drop in the cross-validated probability of the true class when each region is hidden."""
+    """Drop in the cross-validated decision margin toward the true class when a region is hidden.
+
+    For every fold model and each of its test runs, the run embedding is replaced by the occluded
+    embedding the participant level kept for each region; the importance of a region is the mean
+    margin drop, averaged over repeats within each participant and then over participants; its
+    standard error is across participants (repeats reuse the same people, so they are not
+    independent).
+    """
     n_regions = len(atlas.regions)
     y = es.runs["target"].to_numpy()
-    total = np.zeros(n_regions)
-    sq = np.zeros(n_regions)
-    count = np.zeros(n_regions)
-    occluded = [np.asarray(o) for o in es.runs["occluded"]]          # each (R, C)
+    participants = es.runs["participant_id"].to_numpy()
+    drops: list[np.ndarray] = []
+    owners: list[str] = []
     for _, test, model in models:
         classes = list(model.classes_)
         for i in test:
-            true = classes.index(y[i])
-            base = model.predict_proba(es.X[i : i + 1])[0, true]
-            rows = occluded[i]
-            valid = np.isfinite(rows).all(1)
+            true = np.array([classes.index(y[i])])
+            base = true_class_margin(model, es.X[i : i + 1], true)[0]
+            rows = es.runs["occluded"].iloc[i]                          # (R, C)
+            valid = np.isfinite(rows).all(axis=1)
             drop = np.full(n_regions, np.nan)
             if valid.any():
-                drop[valid] = base - model.predict_proba(rows[valid])[:, true]
-            ok = np.isfinite(drop)
-            total[ok] += drop[ok]
-            sq[ok] += drop[ok] ** 2
-            count[ok] += 1
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = total / count
-        se = np.sqrt(np.maximum(sq / count - mean**2, 0) / np.maximum(count - 1, 1))
+                margins = true_class_margin(model, rows[valid], np.repeat(true, valid.sum()))
+                drop[valid] = base - margins
+            drops.append(drop)
+            owners.append(participants[i])
+    per_test = pd.DataFrame(np.vstack(drops))                           # (tests, R)
+    stacked = per_test.groupby(np.array(owners)).mean().to_numpy()      # (participants, R)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        count = np.isfinite(stacked).sum(axis=0)
+        mean = np.nanmean(stacked, axis=0)
+        se = np.nanstd(stacked, axis=0, ddof=1) / np.sqrt(np.maximum(count, 1))
     table = atlas.table().copy()
     table["importance"] = mean
     table["importance_se"] = se
