@@ -45,13 +45,14 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
+from threadpoolctl import threadpool_limits
 
 from bidsapp.atlas import Atlas, load_atlas
 from bidsapp.bids.derivatives import DerivativesWriter
 from bidsapp.bids.layout import discover_runs
 from bidsapp.checkpoint import masking_desc
 from bidsapp.config import Config
-from bidsapp.errors import BadDataError, NoInputError
+from bidsapp.errors import BadDataError, NoInputError, UsageError
 from bidsapp.io import atomic_write_text, ensure_dir
 from bidsapp.logs import get_logger
 from bidsapp.participant import BIDSIGNORE, RunOutputs, _atlas_label, group_summary, region_map
@@ -205,9 +206,10 @@ def permutation_pvalue(es: EmbeddingSet, splits: list, folds_table: pd.DataFrame
                 scores.append(0.5)
                 continue
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)
+                # A permuted test fold may hold one class only; its score is still defined.
+                warnings.simplefilter("ignore")
                 model = clone(base).fit(es.X[train], y_perm[train])
-            scores.append(balanced_accuracy_score(y_perm[test], model.predict(es.X[test])))
+                scores.append(balanced_accuracy_score(y_perm[test], model.predict(es.X[test])))
         null[i] = np.mean(scores)
     # The null is computed on the first repeat's folds, so the observed score is too.
     observed = folds_table.loc[folds_table["repeat"] == 0, "balanced_accuracy"].mean()
@@ -347,8 +349,14 @@ def summarize(folds_table: pd.DataFrame, p_value: float) -> pd.DataFrame:
 def run_group(config: Config) -> None:
     """Classification, comparison, group attribution and the group report."""
     if not config.group.target:
-        raise BadDataError("the group level needs --target COLUMN (a participants.tsv column, "
-                           "e.g. diagnosis)")
+        raise UsageError("the group level needs --target COLUMN (a participants.tsv column, "
+                         "e.g. diagnosis)")
+    # Many small fits: BLAS threads only add overhead (about 30x slower on 2 busy cores).
+    with threadpool_limits(limits=1):
+        _run_group(config)
+
+
+def _run_group(config: Config) -> None:
     atlas = load_atlas(config.atlas, config.atlas_labels)
     dataset = discover_runs(config)
     writer = DerivativesWriter(config.output_dir, source_datasets=dataset.datasets)
@@ -372,6 +380,14 @@ def run_group(config: Config) -> None:
     classes = _check_classes(sets[0], config.group.cv_folds)
     splits = make_splits(sets[0].runs["target"].to_numpy(), sets[0].runs["cv_group"].to_numpy(),
                          config.group.cv_folds, config.group.cv_repeats, config.random_seed)
+    y = sets[0].runs["target"].to_numpy()
+    for _, _, train, _ in splits:
+        if len(np.unique(y[train])) < 2:
+            # Only with --cv-groups: a group holding (nearly) one class leaves a fold without
+            # the other in training.
+            raise BadDataError(f"a cross-validation fold has a single class ({y[train][0]!r}) "
+                               f"in training: the --cv-groups {config.group.cv_groups} groups "
+                               "are confounded with the target; use other groups or none")
     out_dir = ensure_dir(config.output_dir / "group")
     prefix = f"target-{''.join(c for c in config.group.target if c.isalnum())}"
     results = {}

@@ -25,6 +25,8 @@ def setup_logging(verbosity: int, log_file: Path | None = None) -> logging.Logge
         Also write every message at DEBUG level to this file.
     """
     logger = get_logger()
+    for handler in logger.handlers:
+        handler.close()
     logger.handlers.clear()
     logger.setLevel(logging.DEBUG)
     logger.propagate = False

@@ -63,18 +63,23 @@ def run(config: Config) -> int:
     log = get_logger()
     log.info("roimae %s level on %s (device %s, %d threads)", config.analysis_level,
              config.bids_dir, device, config.omp_nthreads)
-    if config.analysis_level == "pretrain":
-        from bidsapp.pretrain import run_pretrain
+    try:
+        if config.analysis_level == "pretrain":
+            from bidsapp.pretrain import run_pretrain
 
-        run_pretrain(config, device)
-    elif config.analysis_level == "participant":
-        from bidsapp.participant import run_participant
+            run_pretrain(config, device)
+        elif config.analysis_level == "participant":
+            from bidsapp.participant import run_participant
 
-        run_participant(config, device)
-    else:
-        from bidsapp.group import run_group
+            run_participant(config, device)
+        else:
+            from bidsapp.group import run_group
 
-        run_group(config)
+            run_group(config)
+    except Exception as exc:
+        # DEBUG reaches the log file (not the console, where the CLI prints the one-line error).
+        log.debug("failed: %s: %s", type(exc).__name__, exc, exc_info=True)
+        raise
     log.info("roimae %s level finished; outputs in %s", config.analysis_level, config.output_dir)
     return 0
 

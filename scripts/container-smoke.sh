@@ -18,6 +18,7 @@
 #   TORCH_SPEC           PyTorch requirement                        (torch==2.13.0+cpu)
 #   WHEEL_DIR            folder of wheels (e.g. the CPU torch wheel) served to pip in the build
 #                        ($PIP_FIND_LINKS when that is a local folder)
+#   WHEEL_PORT           host loopback port of that wheel server    (38751)
 #   PIP_EXTRA_INDEX_URL  where pip finds TORCH_SPEC when WHEEL_DIR lacks it
 #                        (https://download.pytorch.org/whl/cpu, or nothing when WHEEL_DIR is set)
 #   SMOKE_USER           UID:GID the containers run as              (the caller's: id -u, id -g)
@@ -25,6 +26,8 @@
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
+# BuildKit builds only the atlas stage that ATLAS_SOURCE selects (the legacy builder runs both).
+export DOCKER_BUILDKIT=${DOCKER_BUILDKIT:-1}
 DOCKER=${DOCKER:-docker}
 IMAGE=${IMAGE:-roimae:smoke}
 SKIP_BUILD=${SKIP_BUILD:-0}
@@ -81,10 +84,14 @@ if [[ $SKIP_BUILD != 1 ]]; then
     fi
     if [[ -n $WHEEL_DIR ]]; then
         # Serve the wheels on the host's loopback; the build joins the host network to see it.
-        port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+        # A fixed port: the URL is a build argument, and a new one would void the layer cache.
+        port=${WHEEL_PORT:-38751}
         python3 -m http.server --bind 127.0.0.1 --directory "$WHEEL_DIR" "$port" \
             >"$tmp/wheel-server.log" 2>&1 &
         server_pid=$!
+        sleep 1
+        kill -0 "$server_pid" 2>/dev/null \
+            || { cat "$tmp/wheel-server.log"; fail "cannot serve $WHEEL_DIR on port $port"; }
         build_args+=(--build-arg "PIP_FIND_LINKS=http://127.0.0.1:$port/")
     fi
     if [[ -n $PIP_EXTRA_INDEX_URL ]]; then
@@ -148,7 +155,9 @@ pass "pretrain level in $((SECONDS - t0)) s: models/desc-roi/model.safetensors"
 
 step "torchrun, 2 processes (gloo), inside the container"
 t0=$SECONDS
-run --entrypoint torchrun "$IMAGE" --standalone --nproc-per-node 2 -m bidsapp \
+# --hostname localhost: without a network the container's own name does not resolve, and c10d
+# and gloo look themselves up by it.
+run --hostname localhost --entrypoint torchrun "$IMAGE" --standalone --nproc-per-node 2 -m bidsapp \
     /data /out pretrain -w /work --masking random --epochs 1 --window-frames 10 --device cpu \
     --omp-nthreads 1
 [[ -f $out/models/desc-random/model.safetensors ]] || fail "no models/desc-random/model.safetensors"

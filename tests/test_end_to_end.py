@@ -62,6 +62,7 @@ def test_participant_outputs_for_every_run(chain: dict) -> None:
         assert len(bolds) == N_PARTICIPANTS
         for bold_path in bolds[:3]:
             prefix = bold_path.name.split("_desc-")[0]
+            atlas_prefix = prefix.replace("_res-", "_atlas-AAL3v1_res-")  # BIDS entity order
             func = out / bold_path.relative_to(chain["bids"]).parent
             windows = pd.read_csv(func / f"{prefix}_desc-{desc}_embedding.tsv", sep="\t")
             mean = pd.read_csv(func / f"{prefix}_desc-{desc}_stat-mean_embedding.tsv", sep="\t")
@@ -74,12 +75,12 @@ def test_participant_outputs_for_every_run(chain: dict) -> None:
             assert sidecar["Model"]["Masking"] == desc and len(sidecar["Model"]["SHA256"]) == 64
             assert sidecar["NumberOfWindows"] == 4 and sidecar["Sources"][0].startswith("bids:")
             bold = nib.load(bold_path)
-            table = pd.read_csv(func / f"{prefix}_atlas-AAL3v1_desc-{desc}_attribution.tsv",
+            table = pd.read_csv(func / f"{atlas_prefix}_desc-{desc}_attribution.tsv",
                                 sep="\t", na_values="n/a")
             assert len(table) == 166
             labels = atlas.contiguous(atlas.resample_to(bold.shape[:3], bold.affine))
             for stat, column in (("reconerror", "reconerror"), ("occlusion", "occlusion")):
-                img = nib.load(func / f"{prefix}_atlas-AAL3v1_desc-{desc}_stat-{stat}_boldmap.nii.gz")
+                img = nib.load(func / f"{atlas_prefix}_desc-{desc}_stat-{stat}_boldmap.nii.gz")
                 assert img.shape == bold.shape[:3]
                 np.testing.assert_allclose(img.affine, bold.affine)
                 data = np.asarray(img.dataobj)
