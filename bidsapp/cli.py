@@ -190,7 +190,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
         bids_filters = _read_filter_file(args.bids_filter_file)
     output_dir = args.output_dir.expanduser().absolute()
     work_dir = (args.work_dir or output_dir / ".roimae-work").expanduser()
-    omp = args.omp_nthreads or max(1, (os.cpu_count() or 1) // max(1, args.nprocs))
+    # The CPUs this process may use (a container's or Slurm job's share), not the whole host's.
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    omp = args.omp_nthreads or max(1, (cpus or 1) // max(1, args.nprocs))
     try:
         return Config(
             bids_dir=args.bids_dir.expanduser().absolute(),
