@@ -171,7 +171,7 @@ def build_demo_parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--participants", type=int, default=24)
-    parser.add_argument("--frames", type=int, default=60, help="frames per run")
+    parser.add_argument("--frames", type=int, default=40, help="frames per run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--run", action="store_true",
                         help="then run pretrain (roi, random), participant and group on it")

@@ -13,7 +13,8 @@ participant at frame ``t`` is::
     y[v, t] = gain * scale[site] * b[v] * (1 + shift[v] + a[v] * f[v, t] + d[v] * r[t])
               + sigma[site] * BASELINE * e[v, t]
 
-* ``b``: baseline, ``BASELINE`` (1000) times a smooth spatial profile (``1 + 0.05 * s``);
+* ``b``: baseline, ``BASELINE`` (1000) times a smooth spatial profile (``1 + 0.01 * s``, shared by
+  all participants like anatomy, and weak so that the fluctuations dominate the z-scored signal);
 * ``f``: unit-variance fluctuation, ``sqrt(w) * c[source(v), t] + sqrt(1 - w) * n[v, t]``, where
   ``c`` holds one time course per source and participant and ``n`` is smooth noise;
 
@@ -31,8 +32,8 @@ participant at frame ``t`` is::
 * ``a``: fluctuation amplitude, 2 % of baseline; ``d * r``: a slow linear drift (``r`` runs from
   -0.5 to 0.5 over the run, ``d`` a smooth field with SD 0.5 %);
 * ADHD effect: in the :data:`ADHD_REGIONS` of participants with diagnosis ``adhd`` the amplitude
-  ``a`` is multiplied by :data:`ADHD_AMPLITUDE` (1.8) and the baseline shifted by
-  ``shift = ADHD_SHIFT`` (+2 %); ``shift = 0`` elsewhere and in controls;
+  ``a`` is multiplied by :data:`ADHD_AMPLITUDE` (1.5) and the baseline shifted by
+  ``shift = ADHD_SHIFT`` (+1 %); ``shift = 0`` elsewhere and in controls;
 * site and participant: a global ``scale`` per site (1.0, 1.15), a thermal white noise ``e`` of SD
   ``sigma`` (0.3 %, 0.6 % of ``BASELINE``) per site, and a participant ``gain`` ~ N(1, 0.03).
 
@@ -59,7 +60,7 @@ from bidsapp.grid import MNI_2MM_AFFINE, MNI_2MM_SHAPE
 from bidsapp.io import atomic_path, atomic_write_text, ensure_dir
 from bidsapp.logs import get_logger
 
-__all__ = ["ADHD_REGIONS", "NETWORKS", "NOISE_ONLY", "make_demo_dataset"]
+__all__ = ["ADHD_AMPLITUDE", "ADHD_REGIONS", "ADHD_SHIFT", "NETWORKS", "NOISE_ONLY", "make_demo_dataset"]
 
 log = get_logger("demo")
 
@@ -69,7 +70,7 @@ RES = "2"
 TRUTH_FILE = "roimae_demo_truth.json"
 
 BASELINE = 1000.0
-PROFILE_SD = 0.05
+PROFILE_SD = 0.01
 FLUCTUATION = 0.02
 DRIFT_SD = 0.005
 NETWORK_WEIGHT = 0.8
@@ -83,8 +84,8 @@ SITES = {"siteA": {"scale": 1.0, "thermal_noise": 0.003},
 DIAGNOSES = ("control", "adhd")
 SCL_SLOPE = 0.5
 
-ADHD_AMPLITUDE = 1.8
-ADHD_SHIFT = 0.02
+ADHD_AMPLITUDE = 1.5
+ADHD_SHIFT = 0.01
 
 
 def _bilateral(*stems: str) -> tuple[str, ...]:

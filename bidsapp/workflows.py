@@ -85,7 +85,7 @@ def run(config: Config) -> int:
 
 
 #: Settings of the demo chain: small enough for 2 CPU cores in a few minutes.
-DEMO_PRETRAIN = ["--preset", "tiny", "--epochs", "6", "--batch-size", "4", "--lr", "2e-3",
+DEMO_PRETRAIN = ["--preset", "tiny", "--epochs", "12", "--batch-size", "4", "--lr", "3e-3",
                  "--window-frames", "10"]
 DEMO_MASKINGS = ("roi", "random")
 

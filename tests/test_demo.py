@@ -14,7 +14,15 @@ from scipy.signal import detrend
 
 from bidsapp.atlas import Atlas, Region, load_atlas
 from bidsapp.bids.validation import run_bids_validator
-from bidsapp.demo import ADHD_REGIONS, NETWORKS, NOISE_ONLY, TRUTH_FILE, make_demo_dataset
+from bidsapp.demo import (
+    ADHD_AMPLITUDE,
+    ADHD_REGIONS,
+    ADHD_SHIFT,
+    NETWORKS,
+    NOISE_ONLY,
+    TRUTH_FILE,
+    make_demo_dataset,
+)
 from bidsapp.errors import UsageError
 
 N_PARTICIPANTS = 4
@@ -136,8 +144,8 @@ def test_truth_record(demo: tuple[Path, dict], participants: pd.DataFrame) -> No
         {"name": "Amygdala_L", "index": 45}, {"name": "Amygdala_R", "index": 46},
         {"name": "Cerebelum_Crus1_L", "index": 95}, {"name": "Cerebelum_Crus1_R", "index": 96},
     ]
-    assert effect["amplitude_factor"] == 1.8
-    assert effect["baseline_shift"] == 0.02
+    assert effect["amplitude_factor"] == ADHD_AMPLITUDE
+    assert effect["baseline_shift"] == ADHD_SHIFT
     assert len(truth["networks"]) == 6
     assert [r["name"] for r in truth["networks"]["limbic"]] == list(NETWORKS["limbic"])
     assert len(truth["noise_only"]) == 20
@@ -165,7 +173,7 @@ def test_network_regions_correlate_noise_regions_do_not(region_means: dict) -> N
 
 def test_planted_baseline_shift(region_means: dict, participants: pd.DataFrame) -> None:
     # Within a site, region run mean / brain run mean of the adhd participant over the control's.
-    # Known answer: 1.02 in the planted regions (a little less: the brain mean holds them too),
+    # Known answer: 1 + ADHD_SHIFT in the planted regions (a little less: the brain mean holds them too),
     # 1 elsewhere; fluctuations have zero run mean, so only thermal noise blurs it.
     for _, site in participants.groupby("site"):
         by_diagnosis = dict(zip(site["diagnosis"], site["participant_id"], strict=True))
@@ -174,13 +182,13 @@ def test_planted_baseline_shift(region_means: dict, participants: pd.DataFrame) 
                  for name in adhd[0]}
         planted = np.array([ratio[name] for name in ADHD_REGIONS])
         others = np.array([v for name, v in ratio.items() if name not in ADHD_REGIONS])
-        assert np.all((planted > 1.015) & (planted < 1.021)), planted
+        assert np.all((planted > 1 + 0.75 * ADHD_SHIFT) & (planted < 1 + 1.05 * ADHD_SHIFT)), planted
         assert np.all(np.abs(others - 1) < 0.005), others
 
 
 def test_planted_amplitude(region_means: dict, participants: pd.DataFrame) -> None:
     # Planted regions share their network's course with unplanted partners: the SD ratio of the
-    # region means is the planted amplitude factor 1.8 in adhd participants and 1 in controls.
+    # region means is the planted amplitude factor in adhd participants and 1 in controls.
     pairs = [("Hippocampus", "ParaHippocampal"), ("Amygdala", "ParaHippocampal"),
              ("Cerebelum_Crus1", "Cerebelum_Crus2")]
     for participant, diagnosis in zip(participants["participant_id"], participants["diagnosis"],
@@ -188,7 +196,7 @@ def test_planted_amplitude(region_means: dict, participants: pd.DataFrame) -> No
         means = region_means[participant][0]
         ratio = np.mean([np.std(means[f"{a}_{side}"]) / np.std(means[f"{b}_{side}"])
                          for a, b in pairs for side in "LR"])
-        expected = 1.8 if diagnosis == "adhd" else 1.0
+        expected = ADHD_AMPLITUDE if diagnosis == "adhd" else 1.0
         assert abs(ratio - expected) < 0.2, (participant, ratio)
 
 
