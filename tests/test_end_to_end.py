@@ -130,16 +130,27 @@ def test_runs_of_a_participant_never_straddle_folds(chain: dict) -> None:
     assert (predictions.groupby("repeat")["participant_id"].nunique() == N_PARTICIPANTS).all()
 
 
-def test_group_attribution_ranks_the_planted_regions_first(chain: dict) -> None:
-    truth = chain["truth"]
-    planted = set(_names(truth["adhd_effect"]["regions"]))
-    table = pd.read_csv(chain["out"] / "group/target-diagnosis_atlas-AAL3v1_desc-roi_attribution.tsv",
-                        sep="\t", na_values="n/a").dropna(subset=["importance"])
-    ranked = table.sort_values("importance", ascending=False)
-    top = set(ranked["name"].head(10))
-    assert len(top & planted) >= 2, ranked.head(10)[["name", "importance"]]
+@pytest.mark.parametrize("desc", ["roi", "random"])
+def test_group_attribution_ranks_the_planted_regions_first(chain: dict, desc: str) -> None:
+    """The planted (limbic and cerebellar) regions lead the classifier-based importance.
+
+    Per-region estimates are noisy (16 region subsets per window in the demo), so the test checks
+    what that precision resolves: the best planted region is among the top 5 of ~114 regions, the
+    planted regions beat the others on average by two standard errors, and the top region group
+    is limbic or cerebellum.
+    """
+    planted = set(_names(chain["truth"]["adhd_effect"]["regions"]))
+    table = pd.read_csv(chain["out"] / f"group/target-diagnosis_atlas-AAL3v1_desc-{desc}_"
+                        "attribution.tsv", sep="\t", na_values="n/a").dropna(subset=["importance"])
+    ranked = table.sort_values("importance", ascending=False).reset_index(drop=True)
+    is_planted = ranked["name"].isin(planted)
+    assert is_planted.sum() >= 3  # regions that own a token of the tiny grid
+    assert ranked.index[is_planted].min() < 5, ranked.head(10)[["name", "importance"]]
+    planted_mean = ranked.loc[is_planted, "importance"].mean()
+    others = ranked.loc[~is_planted, "importance"]
+    assert planted_mean - others.mean() > 2 * others.std(ddof=1) / np.sqrt(is_planted.sum())
     by_group = table.groupby("group")["importance"].mean().sort_values(ascending=False)
-    assert set(by_group.index[:3]) & {"limbic", "cerebellum"}, by_group
+    assert by_group.index[0] in {"limbic", "cerebellum"}, by_group
 
 
 def test_whole_output_passes_the_bids_validator(chain: dict) -> None:

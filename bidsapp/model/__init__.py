@@ -1,6 +1,6 @@
-"""The masked autoencoder: masking strategies, the Swin4D backbone and model presets."""
+"""The masked autoencoder: masking strategies, the Swin4D and ViT4D backbones and model presets."""
 
-from bidsapp.model.mae import MAEOutput, MaskedAutoencoder, count_parameters
+from bidsapp.model.mae import MAEOutput, MaskedAutoencoder, SwinMaskedAutoencoder, count_parameters
 from bidsapp.model.masking import (
     BrainRandomMasking,
     Mask,
@@ -11,12 +11,15 @@ from bidsapp.model.masking import (
     RegionVoxelMasking,
     build_masking,
 )
-from bidsapp.model.presets import INPUT_SHAPE, PRESETS, ModelPreset
+from bidsapp.model.presets import BACKBONE_PRESETS, INPUT_SHAPE, PRESETS, VIT4D_PRESETS, ModelPreset
 from bidsapp.model.swin4d import Swin4DEncoder
+from bidsapp.model.vit4d import ViTMaskedAutoencoder
 
 __all__ = [
+    "BACKBONE_PRESETS",
     "INPUT_SHAPE",
     "PRESETS",
+    "VIT4D_PRESETS",
     "BrainRandomMasking",
     "MAEOutput",
     "Mask",
@@ -28,6 +31,8 @@ __all__ = [
     "RegionMasking",
     "RegionVoxelMasking",
     "Swin4DEncoder",
+    "SwinMaskedAutoencoder",
+    "ViTMaskedAutoencoder",
     "build_masking",
     "count_parameters",
 ]

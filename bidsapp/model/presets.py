@@ -19,14 +19,31 @@ base   96^3 (s=1)  6      16^3          36, 72, 144, 288  2, 2, 6, 2  3, 6, 12, 
 and windows at two thirds of the width with a shallower third stage, for a modest GPU.
 ``tiny`` is for the CPU demo: a 48^3 working grid, windows 3x3x3x4 (which tile the 12^3, 6^3 and
 3^3 stage grids without padding) and two blocks per stage (plain and shifted windows).
+
+Each size also exists with the ``vit4d`` backbone (``--backbone vit4d --preset NAME``): a plain
+vision transformer (:mod:`bidsapp.model.vit4d`) on the same working grid and token grid, so the
+same masks apply, whose tokens are ``p^3`` voxels of ``tt`` frames (tubelets, as facebookresearch
+mae_st). Its encoder sees only the visible brain tokens; its decoder (``dim, depth, heads``) sees
+every brain token. The window length must be a multiple of ``tt``.
+
+===========  ==========  =====  ==  ===  =====  =====  ===========  =========
+vit4d        working     patch  tt  dim  depth  heads  decoder      params
+===========  ==========  =====  ==  ===  =====  =====  ===========  =========
+vit4d-tiny   48^3 (s=2)  4      2   64   4      4      32, 1, 2     ?
+vit4d-small  96^3 (s=1)  6      2   128  8      4      64, 2, 4     ?
+vit4d-base   96^3 (s=1)  6      2   192  10     6      96, 2, 4     ?
+===========  ==========  =====  ==  ===  =====  =====  ===========  =========
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 #: Shape of the input cube (2 mm MNI voxels) every preset reads.
 INPUT_SHAPE = (96, 96, 96)
+
+Backbone = Literal["swin4d", "vit4d"]
 
 
 @dataclass(frozen=True)
@@ -36,18 +53,26 @@ class ModelPreset:
     Attributes
     ----------
     name : str
+        The size: tiny, small or base (one preset of each size per backbone).
     downsample : int
         Average-pooling factor from the 96^3 input cube to the working grid.
     patch_size : int
-        Token edge ``p`` in working voxels (a token is ``p x p x p x 1`` frame).
+        Token edge ``p`` in working voxels (a token is ``p x p x p`` voxels of ``tubelet`` frames).
     embed_dim : int
         Channels of stage 0; doubled at every stage.
     depths, num_heads : tuple of int
-        Swin blocks and attention heads per stage.
-    window_size : tuple of int
-        Attention window ``(wd, wh, ww, wt)`` in tokens (clamped to smaller grids).
+        Transformer blocks and attention heads per stage (vit4d: one stage).
+    window_size : tuple of int or None
+        swin4d: attention window ``(wd, wh, ww, wt)`` in tokens (clamped to smaller grids);
+        None for vit4d (global attention).
     mlp_ratio : float
         Hidden width of the block MLPs relative to the channels.
+    backbone : {"swin4d", "vit4d"}
+        The encoder architecture.
+    tubelet : int
+        Frames per token (vit4d; 1 for swin4d).
+    decoder_dim, decoder_depth, decoder_heads : int
+        The transformer decoder of vit4d; 0 for swin4d (whose decoder is linear upsampling).
     """
 
     name: str
@@ -56,8 +81,13 @@ class ModelPreset:
     embed_dim: int
     depths: tuple[int, ...]
     num_heads: tuple[int, ...]
-    window_size: tuple[int, int, int, int]
+    window_size: tuple[int, int, int, int] | None = None
     mlp_ratio: float = 4.0
+    backbone: Backbone = "swin4d"
+    tubelet: int = 1
+    decoder_dim: int = 0
+    decoder_depth: int = 0
+    decoder_heads: int = 0
 
     def __post_init__(self) -> None:
         if len(self.depths) != len(self.num_heads):
@@ -69,13 +99,26 @@ class ModelPreset:
         merges = 2 ** (len(self.depths) - 1)
         if any(g % merges for g in self.grid_shape()):
             raise ValueError(f"preset {self.name}: grid cannot be halved {len(self.depths) - 1}x")
+        decoder = (self.decoder_dim, self.decoder_depth, self.decoder_heads)
+        if self.backbone == "swin4d":
+            if self.window_size is None or self.tubelet != 1 or any(decoder):
+                raise ValueError(f"preset {self.name}: swin4d needs a window, tubelet 1 and no "
+                                 "transformer decoder")
+        elif self.backbone == "vit4d":
+            # Sine-cosine positional embeddings: a quarter of the channels per axis (t, d, h, w).
+            if (len(self.depths) != 1 or self.window_size is not None or not all(decoder)
+                    or self.embed_dim % 8 or self.decoder_dim % 8):
+                raise ValueError(f"preset {self.name}: vit4d needs one stage, no window, a "
+                                 "decoder and dims divisible by 8")
+        else:
+            raise ValueError(f"preset {self.name}: unknown backbone {self.backbone!r}")
 
     def working_shape(self) -> tuple[int, int, int]:
         """Working grid ``(D, H, W)`` in voxels."""
         return tuple(size // self.downsample for size in INPUT_SHAPE)
 
     def grid_shape(self) -> tuple[int, int, int]:
-        """Token grid ``(gd, gh, gw)`` of one frame."""
+        """Token grid ``(gd, gh, gw)`` of one frame (of one tubelet for vit4d)."""
         return tuple(size // self.patch_size for size in self.working_shape())
 
     def stage_dims(self) -> tuple[int, ...]:
@@ -104,6 +147,7 @@ class ModelPreset:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in info.items()}
 
 
+#: The swin4d presets (the default backbone), by size.
 PRESETS: dict[str, ModelPreset] = {
     preset.name: preset
     for preset in (
@@ -121,3 +165,25 @@ PRESETS: dict[str, ModelPreset] = {
         ),
     )
 }
+
+#: The vit4d presets, by size: the grids of the swin4d preset of the same name.
+VIT4D_PRESETS: dict[str, ModelPreset] = {
+    preset.name: preset
+    for preset in (
+        ModelPreset(
+            name="tiny", backbone="vit4d", downsample=2, patch_size=4, tubelet=2, embed_dim=64,
+            depths=(4,), num_heads=(4,), decoder_dim=32, decoder_depth=1, decoder_heads=2,
+        ),
+        ModelPreset(
+            name="small", backbone="vit4d", downsample=1, patch_size=6, tubelet=2, embed_dim=128,
+            depths=(8,), num_heads=(4,), decoder_dim=64, decoder_depth=2, decoder_heads=4,
+        ),
+        ModelPreset(
+            name="base", backbone="vit4d", downsample=1, patch_size=6, tubelet=2, embed_dim=192,
+            depths=(10,), num_heads=(6,), decoder_dim=96, decoder_depth=2, decoder_heads=4,
+        ),
+    )
+}
+
+#: Every preset: ``BACKBONE_PRESETS[backbone][size]``.
+BACKBONE_PRESETS: dict[str, dict[str, ModelPreset]] = {"swin4d": PRESETS, "vit4d": VIT4D_PRESETS}

@@ -1,0 +1,92 @@
+"""Benchmark: one run through the participant level's compute, embeddings only and with attribution.
+
+    python benchmarks/participant.py [--frames 176] [--presets tiny small base]
+
+A 91x109x91 run (176 frames: ADHD-200 at TR 2 s) is brought to the model grid and every window is
+embedded, then (second row) attributed to AAL3 regions with ``--attribution-subsets`` passes per window.
+Each row runs in a fresh process: seconds and peak RSS are its own. Floor: nibabel load + full
+decompression of the run. Targets: peak RSS <= 2.5 GB at ``base`` for a 200-frame run; attribution
+<= 10x the embedding-only time (the naive way, one pass per region, costs ~166x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from _common import emit, in_child
+
+
+def make_run(root: Path, frames: int) -> tuple[Path, Path]:
+    from bidsapp.demo import make_demo_dataset
+
+    make_demo_dataset(root / "bids", n_participants=4, n_frames=frames, seed=0)
+    bold = next((root / "bids").glob("sub-01/func/*_desc-preproc_bold.nii.gz"))
+    return bold, Path(str(bold).replace("desc-preproc_bold", "desc-brain_mask"))
+
+
+def decompress(bold: Path) -> dict:
+    return {"checksum": float(np.asarray(nib.load(bold).dataobj)[..., 0].sum())}
+
+
+def participant(bold: Path, mask: Path, cache: Path, preset_name: str, attribution: bool,
+                subsets: int) -> dict:
+    from bidsapp.atlas import load_atlas
+    from bidsapp.data import build_region_grid
+    from bidsapp.inference import LoadedModel, analyse_run
+    from bidsapp.model.mae import MaskedAutoencoder
+    from bidsapp.model.presets import PRESETS
+    from bidsapp.preprocess import PreprocessParams, prepare_run
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    start = time.perf_counter()
+    run = prepare_run(bold, mask, cache, PreprocessParams(window_frames=20))
+    prepared = time.perf_counter() - start
+    preset = PRESETS[preset_name]
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(preset).to(device).eval()
+    grid = build_region_grid(load_atlas(), preset).to(device)
+    meta = {"masking": {"masking": "roi"}, "window_frames": 20}
+    loaded = LoadedModel(model, meta, Path("untrained"), "0" * 64, preset, grid)
+    start = time.perf_counter()
+    analyse_run(loaded, run, attribution=attribution, n_subsets=subsets, seed=0)
+    return {"windows": run.n_windows, "preprocess_seconds": prepared,
+            "model_seconds": time.perf_counter() - start}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--frames", type=int, default=176)
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    parser.add_argument("--subsets", type=int, default=8)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        bold, mask = make_run(root, args.frames)
+        floor = in_child(decompress, bold)
+        for preset in args.presets:
+            rows = {}
+            for attribution in (False, True):
+                rows[attribution] = in_child(participant, bold, mask, root / "cache", preset,
+                                             attribution, args.subsets)
+            for attribution, result in rows.items():
+                emit({"benchmark": "participant", "preset": preset, "frames": args.frames,
+                      "attribution": attribution, "subsets": args.subsets if attribution else 0,
+                      "windows": result["windows"], "seconds": result["seconds"],
+                      "model_seconds": result["model_seconds"],
+                      "preprocess_seconds": result["preprocess_seconds"],
+                      "peak_rss_mb": result["peak_rss_mb"], "floor": "nibabel load + decompress",
+                      "floor_seconds": floor["seconds"],
+                      "ratio": result["seconds"] / floor["seconds"],
+                      "attribution_over_embedding": (rows[True]["model_seconds"]
+                                                     / rows[False]["model_seconds"])
+                      if attribution else None})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Benchmark: seconds per pretraining step, with the real cached loader and with the batch in memory.
+
+    python benchmarks/pretrain_step.py [--presets tiny small] [--maskings roi random] [--steps 6]
+
+The loader reads windows from the memory-mapped cache (as ``pretrain`` does); the floor is the same
+model step on a batch already in memory. Target: loader step <= 1.1x in-memory step. On a GPU the
+row also gives the fraction of the card's bf16 peak reached (FLOPs counted by PyTorch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _common import emit
+
+#: Dense bf16 peak of known cards (TFLOP/s), for the fraction-of-peak column.
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def prepare(root: Path, frames: int, window: int):
+    from bidsapp.atlas import load_atlas
+    from bidsapp.demo import make_demo_dataset
+    from bidsapp.preprocess import PreprocessParams, prepare_run
+
+    bids = root / "bids"
+    make_demo_dataset(bids, n_participants=4, n_frames=frames, seed=0)
+    runs = [prepare_run(b, Path(str(b).replace("desc-preproc_bold", "desc-brain_mask")),
+                        root / "cache", PreprocessParams(window_frames=window))
+            for b in sorted(bids.glob("sub-*/func/*_desc-preproc_bold.nii.gz"))]
+    return runs, load_atlas()
+
+
+def step_seconds(model, masking, optimizer, batches, device: torch.device, steps: int) -> float:
+    """Mean seconds of ``steps`` training steps after one warm-up step."""
+    autocast = device.type == "cuda"
+    times = []
+    for i, batch in enumerate(itertools.islice(batches, steps + 1)):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        x = batch["x"].to(device, non_blocking=True)
+        brain = batch["brain"].to(device, non_blocking=True)
+        mask = masking(x.shape[0], x.shape[1])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = model(x, brain, mask).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i > 0:
+            times.append(time.perf_counter() - start)
+    return sum(times) / len(times)
+
+
+def flops_per_step(model, masking, batch, device: torch.device) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, brain = batch["x"].to(device), batch["brain"].to(device)
+    with FlopCounterMode(display=False) as counter:
+        model(x, brain, masking(x.shape[0], x.shape[1])).loss.backward()
+    return float(counter.get_total_flops())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    parser.add_argument("--maskings", nargs="+", default=["roi", "random"])
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--window-frames", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+    from torch.utils.data import DataLoader
+
+    from bidsapp.data import build_region_grid
+    from bidsapp.model.mae import MaskedAutoencoder
+    from bidsapp.model.masking import build_masking
+    from bidsapp.model.presets import PRESETS
+    from bidsapp.preprocess import WindowDataset
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        runs, atlas = prepare(Path(tmp), args.window_frames * 3, args.window_frames)
+        dataset = WindowDataset(runs)
+        for preset_name, masking_name in itertools.product(args.presets, args.maskings):
+            preset = PRESETS[preset_name]
+            torch.manual_seed(0)
+            model = MaskedAutoencoder(preset).to(device)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            grid = build_region_grid(atlas, preset).to(device)
+            masking = build_masking(masking_name, grid, 0.5)
+            loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True,
+                                num_workers=args.workers, pin_memory=device.type == "cuda",
+                                persistent_workers=args.workers > 0)
+            batch = next(iter(loader))
+            in_memory = step_seconds(model, masking, optimizer, itertools.repeat(batch), device,
+                                     args.steps)
+            loaded = step_seconds(model, masking, optimizer, itertools.cycle(loader), device,
+                                  args.steps)
+            row = {"benchmark": "pretrain-step", "preset": preset_name, "masking": masking_name,
+                   "device": device.type, "batch": args.batch_size,
+                   "frames": args.window_frames, "loader_workers": args.workers,
+                   "seconds_per_step": loaded, "samples_per_second": args.batch_size / loaded,
+                   "floor": "same step, batch in memory", "floor_seconds": in_memory,
+                   "ratio": loaded / in_memory, "target_ratio": 1.1}
+            if device.type == "cuda":
+                name = torch.cuda.get_device_name(0)
+                peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+                tflops = flops_per_step(model, masking, batch, device) / loaded / 1e12
+                row.update(tflops=tflops, fraction_of_bf16_peak=tflops / peak if peak else None)
+            emit(row)
+
+
+if __name__ == "__main__":
+    main()
