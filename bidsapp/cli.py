@@ -108,7 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="resample every run in time to this repetition time (seconds)")
 
     mod = parser.add_argument_group("Model and masking")
-    mod.add_argument("--backbone", choices=("swin4d",), default="swin4d", help="encoder")
+    mod.add_argument("--backbone", choices=("swin4d", "vit4d"), default=None,
+                     help="encoder: swin4d (NeuroSTORM's shifted windows) or vit4d (plain ViT on "
+                     "the visible brain tokens, as MAE; default: swin4d for pretrain, the model's "
+                     "backbone for participant)")
     mod.add_argument("--preset", choices=("tiny", "small", "base"), default=None,
                      help="model size (base = NeuroSTORM; default: tiny for pretrain, the "
                      "model's preset for participant)")

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 AnalysisLevel = Literal["pretrain", "participant", "group"]
 MaskingName = Literal["roi", "random", "brain-random", "roi-voxel"]
 PresetName = Literal["tiny", "small", "base"]
-BackboneName = Literal["swin4d"]
+BackboneName = Literal["swin4d", "vit4d"]
 Device = Literal["auto", "cpu", "cuda"]
 
 #: BIDS labels are alphanumeric (the BIDS specification, "label" value format).
@@ -91,11 +91,12 @@ class PreprocessConfig(_Section):
 class ModelConfig(_Section):
     """Which backbone and which size."""
 
-    backbone: BackboneName = "swin4d"
+    backbone: BackboneName | None = None
     preset: PresetName | None = None
 
-    #: Preset used for pretraining when ``--preset`` is not given (the participant level reads the
-    #: checkpoint's preset instead, and refuses a ``--preset`` that differs from it).
+    #: Backbone and preset used for pretraining when ``--backbone`` / ``--preset`` are not given
+    #: (the participant level reads the checkpoint's instead, and refuses options that differ).
+    DEFAULT_BACKBONE: ClassVar[BackboneName] = "swin4d"
     DEFAULT_PRESET: ClassVar[PresetName] = "tiny"
 
 

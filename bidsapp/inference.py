@@ -33,7 +33,7 @@ from bidsapp.errors import BadDataError, NoInputError, UsageError
 from bidsapp.logs import get_logger
 from bidsapp.model.mae import MaskedAutoencoder
 from bidsapp.model.masking import RegionGrid, build_masking
-from bidsapp.model.presets import PRESETS, ModelPreset
+from bidsapp.model.presets import BACKBONE_PRESETS, ModelPreset
 from bidsapp.preprocess import CachedRun
 from bidsapp.training import step_generator
 
@@ -90,10 +90,15 @@ def find_model(config: Config) -> Path:
 def load_model(path: Path, atlas: Atlas, config: Config, device: torch.device) -> LoadedModel:
     """Load a checkpoint (safetensors + JSON only) and refuse one that does not fit the config."""
     meta = read_metadata(path)
+    backbone = meta.get("backbone")
     preset_name = meta.get("preset", {}).get("name")
-    if preset_name not in PRESETS:
-        raise BadDataError(f"checkpoint {path} names an unknown preset {preset_name!r}")
-    if config.model.preset is not None and config.model.preset != preset_name:
+    if preset_name not in BACKBONE_PRESETS.get(backbone, {}):
+        raise BadDataError(f"checkpoint {path} names an unknown backbone {backbone!r} or preset "
+                           f"{preset_name!r}")
+    if config.model.backbone not in (None, backbone):
+        raise UsageError(f"checkpoint {path} is a {backbone} model but --backbone "
+                         f"{config.model.backbone} was given")
+    if config.model.preset not in (None, preset_name):
         raise UsageError(f"checkpoint {path} is a {preset_name!r} model but --preset "
                          f"{config.model.preset} was given")
     if config.preprocess.window_frames not in (None, meta.get("window_frames")):
@@ -102,13 +107,13 @@ def load_model(path: Path, atlas: Atlas, config: Config, device: torch.device) -
     if meta.get("atlas", {}).get("sha256") != atlas.sha256():
         raise UsageError(f"checkpoint {path} was trained with another atlas "
                          f"({meta.get('atlas', {}).get('name')}); pass the same --atlas")
-    preset = PRESETS[preset_name]
+    preset = BACKBONE_PRESETS[backbone][preset_name]
     model = MaskedAutoencoder(preset, norm_pix_loss=bool(meta.get("norm_pix_loss", False)))
     state = load_weights(path, meta)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise BadDataError(f"checkpoint {path} does not fit the {preset_name!r} model: "
+        raise BadDataError(f"checkpoint {path} does not fit the {backbone} {preset_name!r} model: "
                            f"{str(exc).splitlines()[0]}") from exc
     model.to(device).eval()
     weights = Path(path).with_suffix(".safetensors")

@@ -7,6 +7,7 @@ re-run finds either the complete file or nothing.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 from collections.abc import Iterator
@@ -49,6 +50,23 @@ def atomic_path(path: Path) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def remove_temporaries(path: Path) -> list[Path]:
+    """Remove the temporary files that writers of ``path`` (or of its sidecar) left when killed.
+
+    :func:`atomic_path` writes ``.<stem>.<random>.tmp<suffix>`` beside ``path``, ``<stem>`` being the
+    name up to its first dot (shared by a data file and its JSON sidecar); a writer killed with
+    SIGKILL leaves it behind. Call this only where no other process is writing ``path``.
+    """
+    path = Path(path)
+    stem = path.name.split(".")[0]
+    removed = []
+    for tmp in path.parent.glob(f".{glob.escape(stem)}.*.tmp*"):
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
 
 
 def _umask() -> int:

@@ -40,6 +40,7 @@ from bidsapp.data import prepare_runs
 from bidsapp.errors import BadDataError
 from bidsapp.inference import LoadedModel, RunAttribution, analyse_run, find_model, load_model
 from bidsapp.inference import __doc__ as ATTRIBUTION_METHOD
+from bidsapp.io import remove_temporaries
 from bidsapp.logs import get_logger
 from bidsapp.preprocess import CachedRun
 from bidsapp.runtime import seed_everything
@@ -206,6 +207,10 @@ def run_participant(config: Config, device: torch.device) -> None:
         if not config.participant.overwrite and out.is_complete(attribution, loaded.sha256):
             log.info("%s: complete, skipped (use --overwrite to redo)", run.name)
         else:
+            # A job killed while writing this run left temporary files: they are redone now.
+            for path in out.data_files(attribution=True):
+                for tmp in remove_temporaries(path):
+                    log.info("%s: removed %s, left by an interrupted job", run.name, tmp.name)
             todo.append((run, out))
     cached = prepare_runs(config, [run for run, _ in todo], loaded.window_frames)
     seed_everything(config.random_seed)

@@ -36,12 +36,12 @@ from bidsapp.checkpoint import (
 from bidsapp.config import Config
 from bidsapp.data import build_region_grid, prepare_runs, split_participants
 from bidsapp.distributed import DistributedContext
-from bidsapp.errors import BadDataError, NoInputError
+from bidsapp.errors import BadDataError, NoInputError, UsageError
 from bidsapp.io import atomic_path, ensure_dir
 from bidsapp.logs import get_logger
 from bidsapp.model.mae import MaskedAutoencoder
 from bidsapp.model.masking import build_masking
-from bidsapp.model.presets import PRESETS
+from bidsapp.model.presets import BACKBONE_PRESETS, ModelPreset
 from bidsapp.preprocess import CachedRun, WindowDataset
 from bidsapp.runtime import seed_everything
 from bidsapp.training import EpochMetrics, Trainer
@@ -53,9 +53,10 @@ KEEP_CHECKPOINTS = 2
 _EPOCH_STEM = re.compile(r"^epoch-(\d{3,})$")
 
 
-def pretrain_preset(config: Config) -> str:
-    """``--preset``, or the default preset for pretraining."""
-    return config.model.preset or config.model.DEFAULT_PRESET
+def pretrain_preset(config: Config) -> ModelPreset:
+    """The preset of ``--backbone`` and ``--preset``, or of their defaults for pretraining."""
+    backbone = config.model.backbone or config.model.DEFAULT_BACKBONE
+    return BACKBONE_PRESETS[backbone][config.model.preset or config.model.DEFAULT_PRESET]
 
 
 def window_frames(config: Config) -> int:
@@ -71,10 +72,10 @@ def model_dir(output_dir: Path, masking: str) -> Path:
 def model_metadata(config: Config, atlas: Atlas, runs: list[CachedRun],
                    split: dict[str, list[str]]) -> dict:
     """What a checkpoint says about itself: enough to refuse a mismatched config later."""
-    preset = PRESETS[pretrain_preset(config)]
+    preset = pretrain_preset(config)
     return {
         "roimae_version": __version__,
-        "backbone": config.model.backbone,
+        "backbone": preset.backbone,
         "preset": preset.describe(),
         "masking": config.masking.model_dump(),
         "norm_pix_loss": config.pretrain.norm_pix_loss,
@@ -155,6 +156,10 @@ def run_pretrain(config: Config, device: torch.device) -> Path:
 
 
 def _pretrain(config: Config, ctx: DistributedContext) -> Path:
+    preset = pretrain_preset(config)
+    if window_frames(config) % preset.tubelet:
+        raise UsageError(f"the {preset.backbone} {preset.name} preset reads tokens of {preset.tubelet} "
+                         f"frames: --window-frames {window_frames(config)} is not a multiple of it")
     atlas = load_atlas(config.atlas, config.atlas_labels)
     dataset: InputDataset = discover_runs(config)
     if ctx.is_main:
@@ -171,7 +176,6 @@ def _pretrain(config: Config, ctx: DistributedContext) -> Path:
     log.info("%d runs, %d training windows (%d participants), %d held-out windows (%d)",
              len(runs), len(train_idx), len(train_subjects), len(val_idx), len(val_subjects))
 
-    preset = PRESETS[pretrain_preset(config)]
     region_grid = build_region_grid(atlas, preset)
     masking = build_masking(config.masking.masking, region_grid.to(ctx.device),
                             config.masking.mask_ratio, unit=config.masking.mask_ratio_unit,
@@ -195,6 +199,9 @@ def _pretrain(config: Config, ctx: DistributedContext) -> Path:
         start_epoch, history = _resume(out_dir, model, trainer, meta)
     if ctx.is_main:
         ensure_dir(out_dir)
+        # Temporary files of a job killed while writing here (atomic writes it never finished).
+        for stale in out_dir.glob(".*.tmp*"):
+            stale.unlink(missing_ok=True)
         writer = DerivativesWriter(config.output_dir, source_datasets=dataset.datasets)
         writer.ensure_dataset_description()
         writer.ensure_bidsignore([MODELS_DIR, "logs"])
@@ -207,13 +214,15 @@ def _pretrain(config: Config, ctx: DistributedContext) -> Path:
             return
         epoch_meta = dict(meta, epoch=metrics.epoch, metrics=metrics.as_row(),
                           epochs_planned=config.pretrain.epochs)
+        # The log before the checkpoint: --resume keeps the log's rows up to the checkpoint's
+        # epoch, so a job killed in between must not lose that epoch's row.
+        with atomic_path(out_dir / "training_log.tsv") as tmp:
+            history.to_csv(tmp, sep="\t", index=False, na_rep="n/a")
         save_checkpoint(out_dir / f"epoch-{metrics.epoch:03d}", model, epoch_meta,
                         trainer.optimizer)
         _prune(out_dir, KEEP_CHECKPOINTS)
-        with atomic_path(out_dir / "training_log.tsv") as tmp:
-            history.to_csv(tmp, sep="\t", index=False, na_rep="n/a")
         plot_loss_curve(history, out_dir / "loss_curve.png",
-                        f"{config.masking.masking} masking, {preset.name} preset")
+                        f"{config.masking.masking} masking, {preset.backbone} {preset.name} preset")
 
     if start_epoch <= config.pretrain.epochs:
         trainer.fit(start_epoch, on_epoch_end)

@@ -117,6 +117,10 @@ def test_cache_is_reused_and_keyed_by_content_and_params(tmp_path: Path,
 
     logger = get_logger("preprocess")
     logger.addHandler(caplog.handler)
+    # Only the second call's records: pytest also attaches caplog's handler to non-propagating
+    # loggers, such as "roimae" once an earlier in-process run set it up, so the first call's
+    # records can be there too.
+    caplog.clear()
     try:
         with caplog.at_level(logging.INFO, logger=logger.name):
             again = prepare_run(bold, mask, cache, PARAMS)

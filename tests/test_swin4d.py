@@ -1,4 +1,5 @@
-"""Tests of the 4D Swin encoder: layout helpers, shifted-window masks, padding, stage shapes."""
+"""Tests of the 4D Swin encoder: layout helpers, shifted-window masks, padding, stage shapes, and
+background skipping in its masked autoencoder."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import itertools
 import pytest
 import torch
 
+from bidsapp.model.mae import MaskedAutoencoder, SwinMaskedAutoencoder, brain_tokens
+from bidsapp.model.masking import RegionGrid, build_masking
 from bidsapp.model.presets import PRESETS
 from bidsapp.model.swin4d import (
     Swin4DEncoder,
@@ -120,3 +123,61 @@ def test_temporal_embedding_tells_frames_apart() -> None:
     with torch.no_grad():
         out = encoder(frame.expand(1, 2, -1, -1, -1, -1).contiguous())[-1]
     assert not torch.allclose(out[:, 0], out[:, 1])
+
+
+def _skip_setup() -> tuple[SwinMaskedAutoencoder, torch.Tensor, torch.Tensor, RegionGrid]:
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(PRESETS["tiny"])
+    brain = torch.zeros(2, 96, 96, 96, dtype=torch.bool)
+    brain[:, 16:80, 16:80, 16:80] = True
+    brain[1, 16:40] = False
+    x = torch.randn(2, 4, 96, 96, 96, generator=torch.Generator().manual_seed(0)) * brain[:, None]
+    x[0, 1, 90, 2, 2] = 1.5  # a nonzero voxel outside the brain: that token is not skipped
+    labels = torch.full((48, 48, 48), -1)
+    labels[8:40, 8:40, 8:40] = torch.arange(32).div(6, rounding_mode="floor")[:, None, None]
+    grid = RegionGrid.from_labels(labels, labels >= 0, 4, 6)
+    return model, x, brain, grid
+
+
+@pytest.mark.parametrize(("masking", "time"), [("roi", "tube"), ("roi-voxel", "random"),
+                                               ("random", "tube")])
+def test_background_skipping_equals_the_plain_path(masking: str, time: str) -> None:
+    model, x, brain, grid = _skip_setup()
+    mask = build_masking(masking, grid, 0.5, time=time)(2, 4, torch.Generator().manual_seed(1))
+    rows = []
+    handle = model.patch_embed.proj.register_forward_hook(
+        lambda _m, args, _out: rows.append(args[0].shape[:-1].numel()))
+    results = {}
+    for skip in (True, False):
+        model.skip_background = skip
+        model.zero_grad()
+        out = model(x, brain, mask)
+        out.loss.backward()
+        with torch.no_grad():
+            feats = model._features(model.prepare(x, brain)[0], mask)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[skip] = out, feats, grads
+    handle.remove()
+    (out, feats, grads), (plain, plain_feats, plain_grads) = results[True], results[False]
+    assert rows[0] < rows[2] // 2  # fewer than half of the tokens were embedded
+    for a, b in zip(feats, plain_feats, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.loss, plain.loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out.embedding, plain.embedding, atol=1e-5, rtol=1e-4)
+    on_brain = brain_tokens(model.prepare(x, brain)[1], 4)
+    on_brain = on_brain.repeat_interleave(4, 1).repeat_interleave(4, 2).repeat_interleave(4, 3)
+    on_brain = on_brain[:, None].expand_as(out.pred)
+    torch.testing.assert_close(out.pred[on_brain], plain.pred[on_brain], atol=1e-5, rtol=1e-4)
+    assert out.pred[~on_brain].abs().sum() == 0
+    assert grads.keys() == plain_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], atol=1e-5, rtol=1e-3, msg=name)
+
+
+@torch.no_grad()
+def test_background_skipping_in_encode() -> None:
+    model, x, brain, _ = _skip_setup()
+    model.eval()
+    skipped = model.encode(x, brain)
+    model.skip_background = False
+    torch.testing.assert_close(skipped, model.encode(x, brain), atol=1e-5, rtol=1e-4)

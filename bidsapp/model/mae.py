@@ -259,7 +259,7 @@ class SwinMaskedAutoencoder(MaskedAutoencoder):
             preset.window_size, preset.mlp_ratio,
         )
         self.decoder = _Decoder(dims, preset.patch_size)
-        self.apply(_init_weights)
+        self.apply(init_weights)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
     def _tokens(self, x: torch.Tensor, mask: Mask | None) -> torch.Tensor:
@@ -312,7 +312,7 @@ class SwinMaskedAutoencoder(MaskedAutoencoder):
         return total / count.clamp_min(1.0)
 
 
-def _init_weights(module: nn.Module) -> None:
+def init_weights(module: nn.Module) -> None:
     """MAE initialisation: truncated-normal linear weights, zero biases."""
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)

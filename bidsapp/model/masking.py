@@ -356,7 +356,9 @@ class _RegionDraw(_Masking, ABC):
         order = noise.argsort(dim=-1)  # (B, Tm, R)
         sizes = self.sizes[order]  # (B, Tm, R)
         before = sizes.cumsum(-1) - sizes
-        take = (before < self.mask_ratio * self.total) & self.eligible[order]
+        # In float64: an integer tensor compared with a Python float is compared in float32, where
+        # a tiny target rounds to 0 and no region would be taken.
+        take = (before.double() < self.mask_ratio * self.total) & self.eligible[order]
         return torch.zeros_like(take).scatter_(-1, order, take)
 
     def __call__(

@@ -22,17 +22,23 @@ and windows at two thirds of the width with a shallower third stage, for a modes
 
 Each size also exists with the ``vit4d`` backbone (``--backbone vit4d --preset NAME``): a plain
 vision transformer (:mod:`bidsapp.model.vit4d`) on the same working grid and token grid, so the
-same masks apply, whose tokens are ``p^3`` voxels of ``tt`` frames (tubelets, as facebookresearch
-mae_st). Its encoder sees only the visible brain tokens; its decoder (``dim, depth, heads``) sees
-every brain token. The window length must be a multiple of ``tt``.
+same masks apply. Its tokens are tubelets of ``p^3`` voxels and ``tt`` frames (as facebookresearch
+mae_st); the window length must be a multiple of ``tt``. The encoder sees only the visible brain
+tokens, with global attention; the decoder (dim, depth, heads) sees every brain token.
 
-===========  ==========  =====  ==  ===  =====  =====  ===========  =========
-vit4d        working     patch  tt  dim  depth  heads  decoder      params
-===========  ==========  =====  ==  ===  =====  =====  ===========  =========
-vit4d-tiny   48^3 (s=2)  4      2   64   4      4      32, 1, 2     ?
-vit4d-small  96^3 (s=1)  6      2   128  8      4      64, 2, 4     ?
-vit4d-base   96^3 (s=1)  6      2   192  10     6      96, 2, 4     ?
-===========  ==========  =====  ==  ===  =====  =====  ===========  =========
+============  ==========  =====  ==  ===  =====  =====  ===========  =========
+vit4d         working     patch  tt  dim  depth  heads  decoder      params
+============  ==========  =====  ==  ===  =====  =====  ===========  =========
+vit4d-tiny    48^3 (s=2)  4      5   64   3      4      32, 1, 2     216,544
+vit4d-small   96^3 (s=1)  6      5   128  7      4      64, 2, 4     1,843,384
+vit4d-base    96^3 (s=1)  6      5   192  9      6      96, 2, 4     4,766,328
+============  ==========  =====  ==  ===  =====  =====  ===========  =========
+
+Global attention costs ``N^2`` in the number ``N`` of tokens, where swin4d's windows cost ``N``.
+Tubelets of 5 frames (10 s at TR 2 s; the default 20-frame windows hold 4) keep ``N`` small: at 50%
+roi masking the encoder sees about 20% of the cube's tokens, some 1,500 per window for
+``vit4d-tiny`` and 3,300 for ``small`` and ``base`` (2-frame tubelets, as mae_st, would make
+attention 6 times as costly).
 """
 
 from __future__ import annotations
@@ -171,16 +177,16 @@ VIT4D_PRESETS: dict[str, ModelPreset] = {
     preset.name: preset
     for preset in (
         ModelPreset(
-            name="tiny", backbone="vit4d", downsample=2, patch_size=4, tubelet=2, embed_dim=64,
-            depths=(4,), num_heads=(4,), decoder_dim=32, decoder_depth=1, decoder_heads=2,
+            name="tiny", backbone="vit4d", downsample=2, patch_size=4, tubelet=5, embed_dim=64,
+            depths=(3,), num_heads=(4,), decoder_dim=32, decoder_depth=1, decoder_heads=2,
         ),
         ModelPreset(
-            name="small", backbone="vit4d", downsample=1, patch_size=6, tubelet=2, embed_dim=128,
-            depths=(8,), num_heads=(4,), decoder_dim=64, decoder_depth=2, decoder_heads=4,
+            name="small", backbone="vit4d", downsample=1, patch_size=6, tubelet=5, embed_dim=128,
+            depths=(7,), num_heads=(4,), decoder_dim=64, decoder_depth=2, decoder_heads=4,
         ),
         ModelPreset(
-            name="base", backbone="vit4d", downsample=1, patch_size=6, tubelet=2, embed_dim=192,
-            depths=(10,), num_heads=(6,), decoder_dim=96, decoder_depth=2, decoder_heads=4,
+            name="base", backbone="vit4d", downsample=1, patch_size=6, tubelet=5, embed_dim=192,
+            depths=(9,), num_heads=(6,), decoder_dim=96, decoder_depth=2, decoder_heads=4,
         ),
     )
 }

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bidsapp.model.mae import MaskedAutoencoder, _init_weights, brain_tokens
+from bidsapp.model.mae import MaskedAutoencoder, brain_tokens, init_weights
 from bidsapp.model.masking import Mask
 from bidsapp.model.presets import ModelPreset
 from bidsapp.model.swin4d import depth_to_space, sinusoidal_embedding, space_to_depth
@@ -140,7 +140,7 @@ class ViTMaskedAutoencoder(MaskedAutoencoder):
         self.mask_token = nn.Parameter(torch.zeros(p.decoder_dim))
         self.decoder = Transformer(p.decoder_dim, p.decoder_depth, p.decoder_heads, p.mlp_ratio)
         self.head = nn.Linear(p.decoder_dim, voxels)
-        self.apply(_init_weights)
+        self.apply(init_weights)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
     def _grid(self, x: torch.Tensor) -> tuple[int, int, int, int]:
@@ -170,9 +170,9 @@ class ViTMaskedAutoencoder(MaskedAutoencoder):
         brain_flat = brain_tokens(brain, p)[:, None].expand(b, grid[0], *grid[1:]).reshape(b, n)
         hidden = patchify(self.hidden_voxels(x, mask), p, tt).reshape(b, n, -1)  # (B, N, P)
         visible = brain_flat
-        if mask is not None:  # dropped: hidden in every frame of the tubelet
-            tokens = mask.tokens.expand(b, x.shape[1], *grid[1:])
-            visible = visible & ~tokens.reshape(b, grid[0], tt, -1).all(2).reshape(b, n)
+        if mask is not None:  # a token is dropped when it is hidden in every frame of its tubelet
+            hidden_tokens = mask.tokens.expand(b, x.shape[1], *grid[1:]).reshape(b, grid[0], tt, -1)
+            visible = visible & ~hidden_tokens.all(2).reshape(b, n)
         index, valid = pack(visible)  # (B, Nv)
         rows = index[..., None].expand(-1, -1, hidden.shape[-1])  # (B, Nv, P)
         values = patchify(x, p, tt).reshape(b, n, -1).gather(1, rows)  # (B, Nv, P)
@@ -197,11 +197,11 @@ class ViTMaskedAutoencoder(MaskedAutoencoder):
         nb = slots.shape[1]
         # Slot of each encoded token among its sample's brain tokens; padding goes to slot Nb.
         rank = brain_flat.cumsum(1) - 1  # (B, N)
-        target = torch.where(valid, rank.gather(1, index), nb)  # (B, Nv)
+        slot = torch.where(valid, rank.gather(1, index), nb)  # (B, Nv)
         y = self.decoder_embed(latent)  # (B, Nv, Cd)
         cd = y.shape[-1]
         z = self.mask_token.to(y.dtype).expand(b, nb + 1, cd)
-        z = z.scatter(1, target[..., None].expand(-1, -1, cd), y)[:, :nb]  # (B, Nb, Cd)
+        z = z.scatter(1, slot[..., None].expand(-1, -1, cd), y)[:, :nb]  # (B, Nb, Cd)
         z = z + sincos_embedding_4d(grid, cd, x.device)[slots].to(z.dtype)
         out = self.head(self.decoder(z, slot_valid)) * slot_valid[..., None]  # (B, Nb, P)
         pred = out.new_zeros(b, n, out.shape[-1]).scatter(

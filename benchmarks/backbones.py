@@ -1,0 +1,106 @@
+"""Benchmark: seconds per training step of each backbone, relative to swin4d at the same preset.
+
+    python benchmarks/backbones.py [--presets tiny small] [--backbones swin4d swin4d-plain vit4d]
+                                   [--batch-size 2] [--frames 20] [--steps 3]
+
+A step is what the pretrain level does per batch (mask draw, forward, backward, AdamW) on windows
+of noise in the AAL3 brain (0 outside, as the cache gives), with ``roi`` masking at 50% of the
+regions. ``swin4d-plain`` is swin4d without background skipping. The visible-token fraction is the
+share of the cube's tokens (all frames) that the encoder processes. Every measurement runs in a
+fresh process; with ``--repeats`` the backbones are measured in turn and each row gives the median
+(the ratio to swin4d is of medians). CUDA with bf16 autocast when available, else the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from _common import emit, in_child
+
+
+def measure(backbone: str, preset_name: str, batch: int, frames: int, steps: int,
+            warmup: int) -> dict:
+    from bidsapp.atlas import load_atlas
+    from bidsapp.data import build_region_grid
+    from bidsapp.grid import cube_atlas
+    from bidsapp.model.mae import MaskedAutoencoder, count_parameters
+    from bidsapp.model.masking import build_masking
+    from bidsapp.model.presets import BACKBONE_PRESETS
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    preset = BACKBONE_PRESETS[backbone.removesuffix("-plain")][preset_name]
+    atlas = load_atlas()
+    torch.manual_seed(0)
+    brain = torch.from_numpy(cube_atlas(atlas).brain).to(device).expand(batch, -1, -1, -1)
+    x = torch.randn(batch, frames, 96, 96, 96, device=device) * brain[:, None]
+    masking = build_masking("roi", build_region_grid(atlas, preset).to(device), 0.5)
+    model = MaskedAutoencoder(preset).to(device)
+    if backbone == "swin4d-plain":
+        model.skip_background = False
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    encoded: list[float] = []
+    if preset.backbone == "vit4d":  # the encoder's valid tokens, per sample
+        model.encoder.register_forward_hook(
+            lambda _m, args, _out: encoded.append(args[1].sum().item() / batch))
+    n_tokens = frames * torch.tensor(preset.grid_shape()).prod().item() / preset.tubelet
+    times = []
+    for i in range(warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        mask = masking(batch, frames)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(x, brain, mask).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    seconds = sum(times) / len(times)
+    return {"benchmark": "backbone-step", "backbone": backbone, "preset": preset_name,
+            "device": device.type, "batch": batch, "frames": frames,
+            "seconds_per_step": seconds, "samples_per_second": batch / seconds,
+            "n_parameters": count_parameters(preset),
+            "visible_token_fraction": sum(encoded) / len(encoded) / n_tokens if encoded else 1.0,
+            "steps": steps, "warmup": warmup}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    parser.add_argument("--backbones", nargs="+", default=["swin4d", "swin4d-plain", "vit4d"],
+                        choices=["swin4d", "swin4d-plain", "vit4d"])
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--frames", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="measure every backbone this many times, interleaved; report medians")
+    args = parser.parse_args()
+    backbones = ["swin4d", *(b for b in args.backbones if b != "swin4d")]
+    for preset in args.presets:
+        rows: dict[str, list[dict]] = {b: [] for b in backbones}
+        for _ in range(args.repeats):
+            for backbone in backbones:
+                rows[backbone].append(in_child(measure, backbone, preset, args.batch_size,
+                                               args.frames, args.steps, args.warmup))
+        reference = statistics.median(r["seconds_per_step"] for r in rows["swin4d"])
+        for backbone in args.backbones:
+            seconds = [r["seconds_per_step"] for r in rows[backbone]]
+            row = dict(rows[backbone][0], seconds_per_step=statistics.median(seconds),
+                       seconds_per_step_repeats=seconds, repeats=args.repeats)
+            row.update(samples_per_second=args.batch_size / row["seconds_per_step"],
+                       ratio_to_swin4d=row["seconds_per_step"] / reference,
+                       peak_rss_mb=max(r["peak_rss_mb"] for r in rows[backbone]))
+            del row["seconds"]
+            emit(row)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,496 @@
+"""Bad input, one table: every case exits with its README code, one error line, and no partial output.
+
+Each case builds its input in ``tmp_path`` (a copy of a small demo dataset, of the 0-byte fMRIPrep
+fixture, of the atlas or of a pretrained checkpoint, then damaged), runs ``roimae`` in-process
+through :func:`bidsapp.cli.main` and checks
+
+- the exit code of the README table and a fragment of the message;
+- that the message is one ``roimae: error:`` line, the last on standard error, without traceback;
+- that nothing but the run's log (``logs/``), its work directory (``.roimae-work/``) and, for a
+  failure after the outputs were started, ``dataset_description.json`` / ``.bidsignore`` (and
+  their lock file) appeared in OUTPUT_DIR, and that no temporary file (``*.tmp*``) is left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from bidsapp.cli import main
+from bidsapp.demo import make_demo_dataset
+from bidsapp.logs import get_logger
+
+#: A console log record (``HH:MM:SS [LEVEL] message``), as bidsapp.logs formats them.
+_LOG_RECORD = re.compile(r"^\d\d:\d\d:\d\d \[(DEBUG|INFO|WARNING|ERROR)\] ")
+ENTITIES = "task-rest_space-MNI152NLin6Asym_res-2"
+FAST = ["--window-frames", "10", "--epochs", "1", "--batch-size", "2"]
+#: What a run may leave in OUTPUT_DIR when it fails before / after it started writing outputs.
+EARLY_LEFTOVERS = {"logs", ".roimae-work"}
+LATE_LEFTOVERS = EARLY_LEFTOVERS | {"dataset_description.json", ".bidsignore", ".roimae.lock"}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging() -> Iterator[None]:
+    """Leave no console handler on capsys's closed stream to the tests that follow."""
+    yield
+    logger = get_logger()
+    for handler in logger.handlers:
+        handler.close()
+    logger.handlers.clear()
+    logger.setLevel(logging.NOTSET)
+    logger.propagate = True
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-participant, 20-frame demo dataset (read-only: cases damage copies of it)."""
+    root = tmp_path_factory.mktemp("bad-input") / "demo"
+    make_demo_dataset(root, n_participants=4, n_frames=20, seed=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def pretrained(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """OUTPUT_DIR of one tiny pretraining (1 epoch, 10-frame windows) on the demo."""
+    out = tmp_path_factory.mktemp("bad-input-model") / "out"
+    assert main([str(demo), str(out), "pretrain", *FAST, "--nprocs", "1"]) == 0
+    return out
+
+
+@dataclass
+class Ctx:
+    """What a case builds on; ``checks`` are extra assertions run after the command."""
+
+    tmp: Path
+    request: pytest.FixtureRequest
+    out: Path
+    checks: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def demo(self) -> Path:
+        return self.request.getfixturevalue("demo")
+
+    @property
+    def pretrained(self) -> Path:
+        return self.request.getfixturevalue("pretrained")
+
+    @property
+    def model(self) -> Path:
+        return self.pretrained / "models" / "desc-roi" / "model.safetensors"
+
+    def demo_copy(self) -> Path:
+        copy = self.tmp / "bids"
+        shutil.copytree(self.demo, copy)
+        return copy
+
+    def model_copy(self) -> Path:
+        folder = self.tmp / "ckpt"
+        folder.mkdir()
+        for name in ("model.safetensors", "model.json"):
+            shutil.copy(self.model.with_name(name), folder / name)
+        return folder / "model.safetensors"
+
+
+def _bold(bids: Path, sub: str = "01") -> Path:
+    return bids / f"sub-{sub}/func/sub-{sub}_{ENTITIES}_desc-preproc_bold.nii.gz"
+
+
+def _mask(bids: Path, sub: str = "01") -> Path:
+    return bids / f"sub-{sub}/func/sub-{sub}_{ENTITIES}_desc-brain_mask.nii.gz"
+
+
+def _rewrite(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> None:
+    """Replace a NIfTI by ``data`` on ``affine`` (default: its own), keeping its TR."""
+    old = nib.load(path)
+    img = nib.Nifti1Image(data, old.affine if affine is None else affine)
+    if data.ndim == 4:
+        img.header.set_zooms((*img.header.get_zooms()[:3], old.header.get_zooms()[3]))
+    img.header.set_xyzt_units("mm", "sec")
+    path.unlink()
+    nib.save(img, path)
+
+
+def _bold_data(bids: Path) -> np.ndarray:
+    return nib.load(_bold(bids)).get_fdata(dtype=np.float32)
+
+
+def _participant(ctx: Ctx, bids: Path, *extra: str) -> list[str]:
+    """The participant level with the shared model (a ``--model`` in ``extra`` replaces it)."""
+    return [bids, ctx.out, "participant", "--model", ctx.model, "--no-reports", *extra]
+
+
+def _pretrain(ctx: Ctx, bids: Path, *extra: str) -> list[str]:
+    return [bids, ctx.out, "pretrain", *FAST, *extra]
+
+
+# --- input datasets ------------------------------------------------------------------------------
+
+def no_description(ctx: Ctx) -> list:
+    bids = ctx.demo_copy()
+    (bids / "dataset_description.json").unlink()
+    return _pretrain(ctx, bids)
+
+
+def not_bids(ctx: Ctx) -> list:
+    folder = ctx.tmp / "home"
+    (folder / "photos").mkdir(parents=True)
+    (folder / "notes.txt").write_text("not a dataset\n")
+    (folder / "photos" / "cat.jpg").write_bytes(b"\xff\xd8\xff\xe0")
+    return _pretrain(ctx, folder)
+
+
+def description_not_json(ctx: Ctx) -> list:
+    bids = ctx.demo_copy()
+    (bids / "dataset_description.json").write_text('{"Name": "demo", "DatasetType": ')
+    return _pretrain(ctx, bids)
+
+
+def bids_dir_is_a_file(ctx: Ctx) -> list:
+    afile = ctx.tmp / "dataset.zip"
+    afile.write_bytes(b"PK\x03\x04")
+    return _pretrain(ctx, afile)
+
+
+def _empty_fmriprep(ctx: Ctx) -> Path:
+    """The ds000001 fMRIPrep fixture (0-byte NIfTIs): its description and sub-16's MNI BOLD + masks."""
+    source = ctx.request.getfixturevalue("bids_examples") / "ds000001-fmriprep"
+    copy = ctx.tmp / "ds000001-fmriprep"
+    (copy / "sub-16" / "func").mkdir(parents=True)
+    shutil.copy(source / "dataset_description.json", copy)
+    pattern = "sub-16/func/*_space-MNI152NLin2009cAsym_res-2_desc-*"
+    files = [p for p in source.glob(pattern) if "preproc_bold" in p.name or "brain_mask" in p.name]
+    assert len(files) == 12 and all(p.stat().st_size == 0 for p in files if p.suffix == ".gz")
+    for path in files:
+        shutil.copy(path, copy / "sub-16" / "func")
+    return copy
+
+
+def zero_byte_pretrain(ctx: Ctx) -> list:
+    return _pretrain(ctx, _empty_fmriprep(ctx))
+
+
+def zero_byte_participant(ctx: Ctx) -> list:
+    return _participant(ctx, _empty_fmriprep(ctx))
+
+
+def truncated_gz(ctx: Ctx) -> list:
+    bids = ctx.demo_copy()
+    bold = _bold(bids)
+    data = bold.read_bytes()
+    bold.write_bytes(data[: len(data) * 2 // 3])
+    return _participant(ctx, bids, "--participant-label", "01")
+
+
+def bold_3d(ctx: Ctx) -> list:
+    bids = ctx.demo_copy()
+    _rewrite(_bold(bids), _bold_data(bids)[..., 0])
+    return _pretrain(ctx, bids)
+
+
+def too_few_frames_pretrain(ctx: Ctx) -> list:
+    bids = ctx.demo_copy()
+    _rewrite(_bold(bids), _bold_data(bids)[..., :5])
+    return _pretrain(ctx, bids)
+
+
+def too_few_frames_participant(ctx: Ctx) -> list:
+    bids = ctx.demo_copy()
+    _rewrite(_bold(bids), _bold_data(bids)[..., :9])  # the model's windows are 10 frames
+    return _participant(ctx, bids, "--participant-label", "01")
+
+
+def _non_finite(ctx: Ctx, value: float) -> Path:
+    bids = ctx.demo_copy()
+    data = _bold_data(bids)
+    inside = np.argwhere(nib.load(_mask(bids)).get_fdata() > 0)[1000]
+    data[(*inside, 3)] = value
+    _rewrite(_bold(bids), data)
+    return bids
+
+
+def nan_voxel(ctx: Ctx) -> list:
+    return _pretrain(ctx, _non_finite(ctx, np.nan))
+
+
+def inf_voxel(ctx: Ctx) -> list:
+    return _participant(ctx, _non_finite(ctx, np.inf), "--participant-label", "01")
+
+
+def affine_not_mni(ctx: Ctx) -> list:
+    """Scanner coordinates under an MNI file name: BOLD and mask 80 mm up and 40 mm forward."""
+    bids = ctx.demo_copy()
+    affine = nib.load(_bold(bids)).affine.copy()
+    affine[:3, 3] += [0.0, 40.0, 80.0]
+    _rewrite(_bold(bids), _bold_data(bids), affine)
+    mask = nib.load(_mask(bids))
+    _rewrite(_mask(bids), np.asarray(mask.dataobj), affine)
+    return _pretrain(ctx, bids)
+
+
+def mask_other_grid(ctx: Ctx) -> list:
+    bids = ctx.demo_copy()
+    mask = np.asarray(nib.load(_mask(bids)).dataobj)[::2, ::2, ::2]   # a 4 mm mask
+    affine = nib.load(_mask(bids)).affine @ np.diag([2.0, 2.0, 2.0, 1.0])
+    _rewrite(_mask(bids), np.ascontiguousarray(mask), affine)
+    return _participant(ctx, bids, "--participant-label", "01")
+
+
+# --- selection and paths ---------------------------------------------------------------------------
+
+def unknown_label(ctx: Ctx) -> list:
+    return _participant(ctx, ctx.demo, "--participant-label", "01", "sub-07")
+
+
+def label_with_path(ctx: Ctx) -> list:
+    return _participant(ctx, ctx.demo, "--participant-label", "../x")
+
+
+def _input_untouched(ctx: Ctx, bids: Path) -> None:
+    files = _files(bids)
+
+    def untouched() -> None:
+        assert _files(bids) == files, "the input dataset was written to"
+    ctx.checks.append(untouched)
+
+
+def output_is_bids_dir(ctx: Ctx) -> list:
+    bids = ctx.demo_copy()
+    ctx.out = bids
+    _input_untouched(ctx, bids)
+    return _participant(ctx, bids)
+
+
+def output_inside_bids_dir(ctx: Ctx) -> list:
+    bids = ctx.demo_copy()
+    ctx.out = bids / "derivatives" / "roimae"
+    _input_untouched(ctx, bids)
+    return [bids, ctx.out, "group", "--target", "diagnosis"]
+
+
+def output_under_a_file(ctx: Ctx) -> list:
+    afile = ctx.tmp / "afile"
+    afile.write_text("a regular file\n")
+    ctx.out = afile / "out"
+    return _participant(ctx, ctx.demo)
+
+
+# --- group level -----------------------------------------------------------------------------------
+
+def _fake_embeddings(ctx: Ctx, bids: Path) -> None:
+    """Run embeddings where the participant level writes them (the group level reads nothing else)."""
+    rng = np.random.default_rng(0)
+    for sub in ("01", "02", "03", "04"):
+        path = ctx.out / f"sub-{sub}/func/sub-{sub}_{ENTITIES}_desc-roi_stat-mean_embedding.tsv"
+        path.parent.mkdir(parents=True)
+        pd.DataFrame(rng.normal(size=(1, 8)), columns=[f"e{i:03d}" for i in range(8)]).to_csv(
+            path, sep="\t", index=False)
+
+
+def group_without_target(ctx: Ctx) -> list:
+    return [ctx.demo, ctx.out, "group"]
+
+
+def group_no_target_column(ctx: Ctx) -> list:
+    bids = ctx.demo_copy()
+    table = pd.read_csv(bids / "participants.tsv", sep="\t")
+    table.drop(columns="diagnosis").to_csv(bids / "participants.tsv", sep="\t", index=False)
+    _fake_embeddings(ctx, bids)
+    return [bids, ctx.out, "group", "--target", "diagnosis", "--cv-folds", "2"]
+
+
+def group_one_class(ctx: Ctx) -> list:
+    bids = ctx.demo_copy()
+    table = pd.read_csv(bids / "participants.tsv", sep="\t")
+    table.assign(diagnosis="control").to_csv(bids / "participants.tsv", sep="\t", index=False)
+    _fake_embeddings(ctx, bids)
+    return [bids, ctx.out, "group", "--target", "diagnosis", "--cv-folds", "2"]
+
+
+# --- atlas and checkpoints -------------------------------------------------------------------------
+
+def atlas_labels_missing(ctx: Ctx) -> list:
+    source = ctx.request.getfixturevalue("atlas_dir")
+    folder = ctx.tmp / "atlas"
+    folder.mkdir()
+    shutil.copy(source / "AAL3v1_2mm.nii.gz", folder)
+    table = pd.read_csv(source / "AAL3v1_labels.tsv", sep="\t", dtype=str, keep_default_na=False)
+    table[~table["name"].str.startswith("Hippocampus")].to_csv(folder / "labels.tsv", sep="\t",
+                                                               index=False)
+    return _pretrain(ctx, ctx.demo, "--atlas", folder / "AAL3v1_2mm.nii.gz",
+                     "--atlas-labels", folder / "labels.tsv")
+
+
+def _sidecar(weights: Path, **changes) -> None:
+    """Edit a checkpoint's JSON sidecar; its weight hash always matches the weight file."""
+    sidecar = weights.with_suffix(".json")
+    meta = json.loads(sidecar.read_text())
+    meta.update(changes, weights_sha256=hashlib.sha256(weights.read_bytes()).hexdigest())
+    sidecar.write_text(json.dumps(meta))
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: proof that a pickle was loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _evil_pickle(ctx: Ctx, path: Path) -> None:
+    marker = ctx.tmp / "pwned"
+    torch.save({"patch_embed.weight": _Payload(marker)}, path)
+
+    def nothing_unpickled() -> None:
+        assert not marker.exists(), "the pickle was loaded: it ran code"
+    ctx.checks.append(nothing_unpickled)
+
+
+def checkpoint_pickle(ctx: Ctx) -> list:
+    """A pickle under the checkpoint's name, with a sidecar that vouches for it (hash included)."""
+    weights = ctx.model_copy()
+    _evil_pickle(ctx, weights)
+    _sidecar(weights)
+    return _participant(ctx, ctx.demo, "--participant-label", "01", "--model", weights)
+
+
+def checkpoint_pickle_pt(ctx: Ctx) -> list:
+    weights = ctx.tmp / "model.pt"
+    _evil_pickle(ctx, weights)
+    return _participant(ctx, ctx.demo, "--participant-label", "01", "--model", weights)
+
+
+def checkpoint_truncated(ctx: Ctx) -> list:
+    weights = ctx.model_copy()
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    _sidecar(weights)
+    return _participant(ctx, ctx.demo, "--participant-label", "01", "--model", weights)
+
+
+def checkpoint_other_preset_option(ctx: Ctx) -> list:
+    return _participant(ctx, ctx.demo, "--participant-label", "01", "--preset", "small")
+
+
+def checkpoint_other_preset_weights(ctx: Ctx) -> list:
+    """tiny weights whose sidecar says small: refused when the weights are loaded, not run."""
+    weights = ctx.model_copy()
+    meta = json.loads(weights.with_suffix(".json").read_text())
+    _sidecar(weights, preset=dict(meta["preset"], name="small"))
+    return _participant(ctx, ctx.demo, "--participant-label", "01", "--model", weights)
+
+
+def resume_other_preset(ctx: Ctx) -> list:
+    shutil.copytree(ctx.pretrained / "models", ctx.out / "models")
+    return [ctx.demo, ctx.out, "pretrain", "--window-frames", "10", "--epochs", "2",
+            "--resume", "--preset", "small"]
+
+
+@dataclass(frozen=True)
+class Case:
+    build: Callable[[Ctx], list]
+    code: int
+    message: str | tuple[str, ...]   # fragment(s) of the error line
+    late: bool = False   # fails after dataset_description.json / .bidsignore were written
+
+
+CASES = {
+    # 16: not a BIDS dataset
+    "no dataset_description.json": Case(no_description, 16, "no dataset_description.json"),
+    "not a BIDS directory": Case(not_bids, 16, "is not a BIDS dataset"),
+    "dataset_description.json not JSON": Case(description_not_json, 16, "is not valid JSON"),
+    # 66: no input
+    "BIDS_DIR is a file": Case(bids_dir_is_a_file, 66, "does not exist or is not a directory"),
+    # 65: bad data
+    "0-byte NIfTI, pretrain": Case(zero_byte_pretrain, 65, "Empty file"),
+    "0-byte NIfTI, participant": Case(zero_byte_participant, 65, "Empty file", late=True),
+    "truncated .nii.gz": Case(truncated_gz, 65, "(truncated or corrupt file?)", late=True),
+    "3D BOLD": Case(bold_3d, 65, "expected a 4D BOLD series, got shape (91, 109, 91)"),
+    "fewer frames than a window, pretrain": Case(too_few_frames_pretrain, 65,
+                                                 "5 frames, fewer than one window of 10"),
+    "fewer frames than a window, participant": Case(too_few_frames_participant, 65,
+                                                    "9 frames, fewer than one window of 10",
+                                                    late=True),
+    "NaN voxel": Case(nan_voxel, 65, "1 voxels inside the brain mask hold NaN or infinite"),
+    "Inf voxel": Case(inf_voxel, 65, "1 voxels inside the brain mask hold NaN or infinite",
+                      late=True),
+    "affine not in MNI space": Case(affine_not_mni, 65, "is not in MNI space"),
+    "mask on another grid": Case(mask_other_grid, 65, "is not on the grid of", late=True),
+    "atlas labels missing from its table": Case(atlas_labels_missing, 65,
+                                                "2 image label(s) missing from the label table: [41, 42]"),
+    # 18: nothing selected
+    "unknown participant label": Case(unknown_label, 18, "participant label(s) 07 not found"),
+    # 64: usage
+    "label with path characters": Case(label_with_path, 64, "invalid participant label '../x'"),
+    "OUTPUT_DIR is BIDS_DIR": Case(output_is_bids_dir, 64, "is BIDS_DIR or inside it"),
+    "OUTPUT_DIR inside BIDS_DIR": Case(output_inside_bids_dir, 64, "is BIDS_DIR or inside it"),
+    "group without --target": Case(group_without_target, 64, "needs --target COLUMN"),
+    # 73: cannot create output
+    "OUTPUT_DIR under a regular file": Case(output_under_a_file, 73, "cannot create directory"),
+    # 65: group-level input
+    "participants.tsv without the target": Case(group_no_target_column, 65,
+                                                 "participants.tsv has no column 'diagnosis'",
+                                                 late=True),
+    "participants.tsv with one class": Case(group_one_class, 65,
+                                            "the target has a single class ('control')",
+                                            late=True),
+    # checkpoints: never unpickled; refused unless they fit
+    "checkpoint is a pickle": Case(checkpoint_pickle, 65, "is not a valid safetensors file"),
+    "checkpoint is a .pt pickle": Case(checkpoint_pickle_pt, 64,
+                                       "pickled PyTorch checkpoints are refused"),
+    "truncated safetensors": Case(checkpoint_truncated, 65, "is not a valid safetensors file"),
+    "checkpoint of another preset (--preset)": Case(checkpoint_other_preset_option, 64,
+                                                    "is a 'tiny' model but --preset small"),
+    "checkpoint of another preset (weights)": Case(checkpoint_other_preset_weights, 65,
+                                                   ("does not fit the", "'small' model")),
+    "--resume from another preset": Case(resume_other_preset, 65,
+                                         "was trained with another preset"),
+}
+
+
+def _files(root: Path) -> set[Path]:
+    return {p.relative_to(root) for p in root.rglob("*")} if root.is_dir() else set()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input(name: str, tmp_path: Path, request: pytest.FixtureRequest,
+                   capsys: pytest.CaptureFixture[str]) -> None:
+    case = CASES[name]
+    ctx = Ctx(tmp=tmp_path, request=request, out=tmp_path / "out")
+    argv = [str(a) for a in case.build(ctx)]
+    before = _files(ctx.out)
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as exc:   # argparse errors leave main() as the console script does
+        code = exc.code
+    err = capsys.readouterr().err
+
+    assert code == case.code, err[-3000:]
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert lines and lines[-1].startswith("roimae: error: "), err[-3000:]
+    others = [line for line in lines if not _LOG_RECORD.match(line)]
+    assert others == [lines[-1]], others
+    fragments = (case.message,) if isinstance(case.message, str) else case.message
+    assert all(fragment in lines[-1] for fragment in fragments), lines[-1]
+    # No partial output: only the log, the work directory and (late failures) the dataset files.
+    allowed = LATE_LEFTOVERS if case.late else EARLY_LEFTOVERS
+    new = sorted(str(p) for p in _files(ctx.out) - before if p.parts[0] not in allowed)
+    assert new == []
+    assert sorted(str(p) for p in tmp_path.rglob("*.tmp*")) == []
+    for check in ctx.checks:
+        check()
