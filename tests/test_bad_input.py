@@ -55,9 +55,9 @@ def _fresh_logging() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 4-participant, 20-frame demo dataset (read-only: cases damage copies of it)."""
+    """A 4-participant, 10-frame demo dataset (read-only: cases damage copies of it)."""
     root = tmp_path_factory.mktemp("bad-input") / "demo"
-    make_demo_dataset(root, n_participants=4, n_frames=20, seed=0)
+    make_demo_dataset(root, n_participants=4, n_frames=10, seed=0)
     return root
 
 
