@@ -1,7 +1,7 @@
 """Shared helpers of the benchmarks: machine description, timing in a child process, JSON output.
 
 Each measurement runs in a fresh child process (``multiprocessing`` spawn), so that its peak resident
-memory (``ru_maxrss``) is its own and no cache of an earlier measurement helps it.
+memory (``VmHWM``) is its own and no cache of an earlier measurement helps it.
 """
 
 from __future__ import annotations
@@ -28,12 +28,27 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB.
+
+    ``VmHWM`` of the process's own address space on Linux: unlike ``ru_maxrss``, it does not carry
+    over the parent's peak through fork + exec, so a spawned child reports only its own memory.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def _child(fn: Callable[..., dict], args: tuple, queue: multiprocessing.Queue) -> None:
     start = time.perf_counter()
     result = fn(*args)
     result.setdefault("seconds", time.perf_counter() - start)
-    # ru_maxrss is in KiB on Linux.
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = peak_rss_mb()
     queue.put(result)
 
 
@@ -46,6 +61,13 @@ def in_child(fn: Callable[..., dict], *args: Any) -> dict:
     result = queue.get()
     process.join()
     return result
+
+
+def best_of(repeats: int, fn: Callable[..., dict], *args: Any) -> dict:
+    """The fastest of ``repeats`` runs of :func:`in_child` (the least disturbed by other load)."""
+    results = [in_child(fn, *args) for _ in range(repeats)]
+    best = min(results, key=lambda result: result["seconds"])
+    return {**best, "repeats": repeats}
 
 
 def emit(record: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -37,6 +38,7 @@ import nibabel as nib
 import numpy as np
 import torch
 from filelock import FileLock
+from nibabel.affines import apply_affine
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import SpatialImage
 from nilearn.datasets import load_mni152_brain_mask
@@ -307,7 +309,8 @@ def _build_entry(directory: Path, bold: Path, mask: Path, params: PreprocessPara
     # between the grids is monotone along every axis, so both orders agree).
     kept = from_cube(brain, fill=False)
 
-    values = _brain_values(image, inside, kept, resample, bold)  # (T, n_brain) float32
+    sampler = VoxelSampler.between(kept, image.affine, image.shape)
+    values = _brain_values(image, inside, sampler, bold)  # (T, n_brain) float32
     if params.target_tr is not None:
         values = _resample_time(values, source_tr, params.target_tr)
     mean, std = _global_stats(values)
@@ -322,7 +325,9 @@ def _build_entry(directory: Path, bold: Path, mask: Path, params: PreprocessPara
         data = np.lib.format.open_memmap(directory / "data.npy", mode="w+", dtype=params.dtype,
                                          shape=values.shape)
         for rows in _chunks(n_frames):
-            data[rows] = (values[rows] - mean) / std
+            normalised = values[rows] - np.float32(mean)
+            normalised *= np.float32(1 / std)
+            data[rows] = normalised
         data.flush()
         del data
         np.save(directory / "brain.npy", brain)
@@ -387,44 +392,85 @@ def _template_brain() -> np.ndarray:
     return np.asanyarray(template.dataobj) > 0
 
 
-def _shared_voxel_centres(
-    affine: np.ndarray, shape: tuple[int, ...]
-) -> tuple[list[np.ndarray], list[np.ndarray]] | None:
-    """Per axis, MNI indices and the source indices at the same mm, if every MNI voxel centre
-    is a source voxel centre along unpermuted axes (fMRIPrep's res-2 grids); else ``None``."""
-    mni_to_source = np.linalg.inv(affine) @ MNI_2MM_AFFINE  # MNI voxel -> source voxel
-    steps = np.round(mni_to_source[:3])  # (3, 4)
-    if not np.allclose(mni_to_source[:3], steps, atol=1e-3) or not np.array_equal(
-            np.abs(steps[:, :3]), np.eye(3)):
-        return None
-    targets, sources = [], []
-    for axis, n_mni in enumerate(MNI_2MM_SHAPE):
-        source = (steps[axis, axis] * np.arange(n_mni) + steps[axis, 3]).astype(int)
-        inside = (source >= 0) & (source < shape[axis])
-        targets.append(np.flatnonzero(inside))
-        sources.append(source[inside])
-    return targets, sources
+def _flat_voxels(voxels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """(n, 3) voxel indices -> their positions in a volume flattened as NIfTI stores it (F order)."""
+    return np.ravel_multi_index(tuple(voxels.T), shape[:3], order="F")
 
 
-def _resample_volumes(volumes: np.ndarray, affine: np.ndarray, interpolation: str) -> np.ndarray:
-    """(X, Y, Z[, t]) on ``affine`` -> (91, 109, 91[, t]) on the MNI 2 mm grid."""
-    shared = _shared_voxel_centres(affine, volumes.shape)
-    if shared is not None:
-        # Any interpolation returns the source value at a source voxel centre: just copy.
-        resampled = np.zeros(MNI_2MM_SHAPE + volumes.shape[3:], dtype=volumes.dtype)
-        resampled[np.ix_(*shared[0])] = volumes[np.ix_(*shared[1])]
-        return resampled
-    resampled = resample_img(nib.Nifti1Image(volumes, affine), target_affine=MNI_2MM_AFFINE,
-                             target_shape=MNI_2MM_SHAPE, interpolation=interpolation,
-                             force_resample=True, copy_header=True)
-    return np.asanyarray(resampled.dataobj)
+@dataclass(frozen=True)
+class VoxelSampler:
+    """How each kept voxel of the MNI 2 mm grid is read from a source grid.
+
+    A copy when the kept voxel centres are source voxel centres (the MNI grid itself, fMRIPrep's
+    97 x 115 x 97 res-2 grid, flipped axes); trilinear interpolation otherwise (a 3 mm grid), with
+    source voxels outside the grid counted as 0. Only the kept (brain) voxels are computed, from
+    frames kept in their on-disk layout, so no volume is resampled or transposed as a whole.
+
+    Attributes
+    ----------
+    indices : ndarray, shape (n_corners, n_brain), int64
+        Flat source voxel (F order) of each corner: 1 corner for a copy, 8 for trilinear.
+    weights : ndarray, shape (n_corners, n_brain), float32, or None
+        Trilinear weights; ``None`` for a copy.
+    """
+
+    indices: np.ndarray
+    weights: np.ndarray | None
+
+    @classmethod
+    def between(cls, kept: np.ndarray, source_affine: np.ndarray,
+                source_shape: tuple[int, ...]) -> VoxelSampler:
+        """The sampler of the ``kept`` (91, 109, 91) voxels, in C order, from a source grid."""
+        shape = np.array(source_shape[:3])
+        mni_to_source = np.linalg.inv(source_affine) @ MNI_2MM_AFFINE
+        source = apply_affine(mni_to_source, np.argwhere(kept))  # (n_brain, 3) source voxels
+        nearest = np.round(source).astype(np.int64)
+        if np.allclose(source, nearest, atol=1e-3) and ((nearest >= 0) & (nearest < shape)).all():
+            return cls(_flat_voxels(nearest, source_shape)[None], None)
+        base = np.floor(source).astype(np.int64)
+        fraction = (source - base).astype(np.float32)
+        indices, weights = [], []
+        for corner in itertools.product((0, 1), repeat=3):
+            voxel = base + corner
+            inside = ((voxel >= 0) & (voxel < shape)).all(axis=1)
+            weight = np.prod(np.where(corner, fraction, 1 - fraction), axis=1)
+            indices.append(_flat_voxels(np.clip(voxel, 0, shape - 1), source_shape))
+            weights.append(np.where(inside, weight, 0))
+        return cls(np.stack(indices), np.stack(weights).astype(np.float32))
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        """Sample flattened frames.
+
+        Parameters
+        ----------
+        frames : ndarray, shape (t, n_source)
+            Source volumes, each flattened in F order; any real dtype. Non-finite values are read
+            as 0 (the caller refuses them inside the brain mask).
+
+        Returns
+        -------
+        ndarray, shape (t, n_brain), float32
+        """
+        sampled = np.zeros((frames.shape[0], self.indices.shape[1]), dtype=np.float32)
+        for corner, index in enumerate(self.indices):
+            values = np.take(frames, index, axis=1)  # (t, n_brain)
+            if values.dtype.kind == "f":
+                values = np.nan_to_num(values, copy=False, nan=0, posinf=0, neginf=0)
+            if self.weights is None:
+                sampled[:] = values
+            else:
+                sampled += values * self.weights[corner]
+        return sampled
 
 
 def _brain_on_mni_grid(inside: np.ndarray, affine: np.ndarray, bold: Path,
                        mask: Path) -> np.ndarray:
     """The mask on the MNI 2 mm grid (nearest neighbour), refused if the data are not in MNI."""
     try:
-        brain = _resample_volumes(inside.astype(np.uint8), affine, "nearest") > 0
+        resampled = resample_img(nib.Nifti1Image(inside.astype(np.uint8), affine),
+                                 target_affine=MNI_2MM_AFFINE, target_shape=MNI_2MM_SHAPE,
+                                 interpolation="nearest", force_resample=True, copy_header=True)
+        brain = np.asanyarray(resampled.dataobj) > 0
     except BoundingBoxError as exc:
         raise BadDataError(f"{bold} is not in MNI space: its field of view does not overlap "
                            "the MNI grid") from exc
@@ -440,8 +486,8 @@ def _brain_on_mni_grid(inside: np.ndarray, affine: np.ndarray, bold: Path,
     return brain
 
 
-def _brain_values(image: SpatialImage, inside: np.ndarray, kept: np.ndarray,
-                  resample: bool, bold: Path) -> np.ndarray:
+def _brain_values(image: SpatialImage, inside: np.ndarray, sampler: VoxelSampler,
+                  bold: Path) -> np.ndarray:
     """Read the run chunk by chunk; return the values of the kept brain voxels.
 
     Returns
@@ -449,19 +495,16 @@ def _brain_values(image: SpatialImage, inside: np.ndarray, kept: np.ndarray,
     ndarray, shape (T, n_brain), float32
     """
     n_frames = image.shape[3]
-    values = np.empty((n_frames, int(kept.sum())), dtype=np.float32)
-    not_finite = np.zeros(int(inside.sum()), dtype=bool)  # (n_mask,) on the BOLD's grid
+    values = np.empty((n_frames, sampler.indices.shape[1]), dtype=np.float32)
+    mask_voxels = _flat_voxels(np.argwhere(inside), image.shape)  # (n_mask,)
+    not_finite = np.zeros(len(mask_voxels), dtype=bool)
     for frames in _chunks(n_frames):
         with _reading(bold):
-            chunk = np.asarray(image.dataobj[..., frames], dtype=np.float32)  # (X, Y, Z, t)
-        finite = np.isfinite(chunk)
-        if not finite.all():
-            not_finite |= ~finite[inside].all(axis=1)
-            # NaN outside the mask would bleed into the brain through interpolation.
-            chunk = np.where(finite, chunk, np.float32(0))
-        if resample:
-            chunk = _resample_volumes(chunk, image.affine, "continuous")  # (91, 109, 91, t)
-        values[frames] = chunk[kept].T
+            chunk = np.asanyarray(image.dataobj[..., frames])  # (X, Y, Z, t), F order as stored
+        flat = chunk.T.reshape(chunk.shape[3], -1)  # (t, X * Y * Z): a view, no copy
+        if flat.dtype.kind == "f":
+            not_finite |= ~np.isfinite(np.take(flat, mask_voxels, axis=1)).all(axis=0)
+        values[frames] = sampler(flat)
     if not_finite.any():
         raise BadDataError(f"{bold}: {int(not_finite.sum())} voxels inside the brain mask hold "
                            "NaN or infinite values")
@@ -493,10 +536,18 @@ def _resample_time(values: np.ndarray, tr: float, target_tr: float) -> np.ndarra
 
 
 def _global_stats(values: np.ndarray) -> tuple[float, float]:
-    """Mean and standard deviation over every element, two passes in float64, chunk by chunk."""
-    mean = sum(values[rows].sum(dtype=np.float64) for rows in _chunks(len(values))) / values.size
-    square = sum(np.square(values[rows] - mean, dtype=np.float64).sum()
-                 for rows in _chunks(len(values)))
+    """Mean and standard deviation over every element, chunk by chunk.
+
+    Two passes (squares about the mean, so a large mean costs no precision); each frame or chunk
+    is reduced in float32 (NumPy's pairwise summation and BLAS dot products, ~1e-7 relative) and
+    the partial sums are added in float64.
+    """
+    chunks = list(_chunks(len(values)))
+    mean = sum(values[rows].sum(axis=1).sum(dtype=np.float64) for rows in chunks) / values.size
+    square = 0.0
+    for rows in chunks:
+        centred = values[rows] - np.float32(mean)
+        square += float(np.einsum("ij,ij->", centred, centred))
     return float(mean), float(np.sqrt(square / values.size))
 
 

@@ -20,6 +20,7 @@ from bidsapp.logs import get_logger
 from bidsapp.preprocess import (
     CachedRun,
     PreprocessParams,
+    VoxelSampler,
     WindowDataset,
     load_cached,
     prepare_run,
@@ -206,8 +207,8 @@ def test_fmriprep_res2_grid_gives_the_same_cube(tmp_path: Path, brain_mask: np.n
     np.testing.assert_array_equal(run.brain[3:94, :, 3:94], brain_mask[:, 6:102])
     expected = z_scored_cubes(series, brain_mask)
     np.testing.assert_allclose(run.frames(0, 6), expected, atol=F16_ATOL)
-    # Shared voxel centres are copied; a 0.01 mm shift goes through spline interpolation
-    # (nilearn) and must agree.
+    # Shared voxel centres are copied; a 0.01 mm shift goes through trilinear interpolation
+    # and must agree.
     affine[:3, 3] += 0.01
     (tmp_path / "shifted").mkdir()
     bold, mask = write_run(tmp_path / "shifted", big_series, big_mask, affine)
@@ -216,9 +217,32 @@ def test_fmriprep_res2_grid_gives_the_same_cube(tmp_path: Path, brain_mask: np.n
     np.testing.assert_allclose(interpolated.frames(0, 6), expected, atol=0.05)
 
 
+def test_half_voxel_shift_averages_the_eight_neighbours() -> None:
+    # A source grid shifted by half a voxel (1 mm) along every axis: each MNI voxel centre lies
+    # at the centre of a cube of 8 source voxels, so trilinear weights are all 1/8.
+    affine = MNI_2MM_AFFINE.copy()
+    affine[:3, 3] += (-1, 1, 1)  # source voxel (i, j, k) sits at MNI voxel (i, j, k) + 1/2
+    shape = (8, 9, 10)
+    rng = np.random.default_rng(3)
+    volumes = rng.normal(size=(*shape, 2)).astype(np.float32)
+    kept = np.zeros(MNI_2MM_SHAPE, dtype=bool)
+    kept[[1, 4, 6], [2, 5, 7], [3, 1, 8]] = True
+    sampler = VoxelSampler.between(kept, affine, shape)
+    assert sampler.indices.shape == (8, 3)
+    flat = volumes.reshape(-1, 2, order="F").T  # (t, n_source), F order as NIfTI stores it
+    expected = [volumes[i - 1:i + 1, j - 1:j + 1, k - 1:k + 1].mean(axis=(0, 1, 2))
+                for i, j, k in np.argwhere(kept)]
+    np.testing.assert_allclose(sampler(flat), np.array(expected).T, rtol=1e-5)
+    # A voxel centre at the grid's edge takes 0 for the neighbours outside it.
+    kept[:] = False
+    kept[0, 0, 0] = True
+    edge = VoxelSampler.between(kept, affine, shape)
+    np.testing.assert_allclose(edge(flat)[:, 0], volumes[0, 0, 0] / 8, rtol=1e-5)
+
+
 def test_3mm_grid_is_resampled_to_2mm(tmp_path: Path, brain_mask: np.ndarray) -> None:
     # A 3 mm MNI grid (RAS, origin (-90, -126, -72)) holding a signal linear in x (mm) times
-    # the frame number: cubic interpolation reproduces it, so the known answer is x * (t + 1).
+    # the frame number: trilinear interpolation reproduces it, so the known answer is x * (t + 1).
     affine = np.diag([3.0, 3, 3, 1])
     affine[:3, 3] = (-90, -126, -72)
     shape = (61, 73, 61)
