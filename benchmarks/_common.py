@@ -6,13 +6,14 @@ memory (``VmHWM``) is its own and no cache of an earlier measurement helps it.
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 import os
 import platform
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -73,3 +74,33 @@ def best_of(repeats: int, fn: Callable[..., dict], *args: Any) -> dict:
 def emit(record: dict[str, Any]) -> None:
     """Print one measurement as a JSON object on one line."""
     print(json.dumps({**record, "machine": machine()}, default=float), flush=True)
+
+
+def step_seconds(model: torch.nn.Module, masking: Callable, optimizer: torch.optim.Optimizer,
+                 batches: Iterable[dict], device: torch.device, steps: int,
+                 warmup: int = 1) -> float:
+    """Mean seconds of ``steps`` pretraining steps (as the pretrain level runs them: mask draw,
+    forward with bf16 autocast on CUDA, backward, AdamW) after ``warmup`` untimed ones.
+
+    ``batches`` yields dicts with ``x`` (B, T, 96, 96, 96) and ``brain`` (B, 96, 96, 96), on any
+    device; moving them to ``device`` is part of the step.
+    """
+    autocast = device.type == "cuda"
+    times = []
+    for i, batch in enumerate(itertools.islice(batches, warmup + steps)):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        x = batch["x"].to(device, non_blocking=True)
+        brain = batch["brain"].to(device, non_blocking=True)
+        mask = masking(x.shape[0], x.shape[1])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = model(x, brain, mask).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return sum(times) / len(times)

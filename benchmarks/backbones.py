@@ -14,11 +14,11 @@ fresh process; with ``--repeats`` the backbones are measured in turn and each ro
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
-import time
 
 import torch
-from _common import emit, in_child
+from _common import emit, in_child, step_seconds
 
 
 def measure(backbone: str, preset_name: str, batch: int, frames: int, steps: int,
@@ -46,22 +46,8 @@ def measure(backbone: str, preset_name: str, batch: int, frames: int, steps: int
         model.encoder.register_forward_hook(
             lambda _m, args, _out: encoded.append(args[1].sum().item() / batch))
     n_tokens = frames * torch.tensor(preset.grid_shape()).prod().item() / preset.tubelet
-    times = []
-    for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        mask = masking(batch, frames)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = model(x, brain, mask).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    seconds = sum(times) / len(times)
+    batches = itertools.repeat({"x": x, "brain": brain})
+    seconds = step_seconds(model, masking, optimizer, batches, device, steps, warmup)
     return {"benchmark": "backbone-step", "backbone": backbone, "preset": preset_name,
             "device": device.type, "batch": batch, "frames": frames,
             "seconds_per_step": seconds, "samples_per_second": batch / seconds,

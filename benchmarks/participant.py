@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import nibabel as nib
@@ -21,10 +22,16 @@ import numpy as np
 import torch
 from _common import emit, in_child
 
+from bidsapp.atlas import load_atlas
+from bidsapp.data import build_region_grid
+from bidsapp.demo import make_demo_dataset
+from bidsapp.inference import LoadedModel, analyse_run
+from bidsapp.model.mae import MaskedAutoencoder
+from bidsapp.model.presets import PRESETS
+from bidsapp.preprocess import PreprocessParams, prepare_run
+
 
 def make_run(root: Path, frames: int) -> tuple[Path, Path]:
-    from bidsapp.demo import make_demo_dataset
-
     make_demo_dataset(root / "bids", n_participants=4, n_frames=frames, seed=0)
     bold = next((root / "bids").glob("sub-01/func/*_desc-preproc_bold.nii.gz"))
     return bold, Path(str(bold).replace("desc-preproc_bold", "desc-brain_mask"))
@@ -36,16 +43,10 @@ def decompress(bold: Path) -> dict:
 
 def participant(bold: Path, mask: Path, cache: Path, preset_name: str, attribution: bool,
                 subsets: int) -> dict:
-    from bidsapp.atlas import load_atlas
-    from bidsapp.data import build_region_grid
-    from bidsapp.inference import LoadedModel, analyse_run
-    from bidsapp.model.mae import MaskedAutoencoder
-    from bidsapp.model.presets import PRESETS
-    from bidsapp.preprocess import PreprocessParams, prepare_run
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
-    run = prepare_run(bold, mask, cache, PreprocessParams(window_frames=20))
+    # A fresh cache per row: each row pays for its preprocessing, as a first participant run does.
+    run = prepare_run(bold, mask, cache / uuid.uuid4().hex, PreprocessParams(window_frames=20))
     prepared = time.perf_counter() - start
     preset = PRESETS[preset_name]
     torch.manual_seed(0)

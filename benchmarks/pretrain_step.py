@@ -12,11 +12,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from _common import emit
+from _common import emit, step_seconds
 
 #: Dense bf16 peak of known cards (TFLOP/s), for the fraction-of-peak column.
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -33,29 +32,6 @@ def prepare(root: Path, frames: int, window: int):
                         root / "cache", PreprocessParams(window_frames=window))
             for b in sorted(bids.glob("sub-*/func/*_desc-preproc_bold.nii.gz"))]
     return runs, load_atlas()
-
-
-def step_seconds(model, masking, optimizer, batches, device: torch.device, steps: int) -> float:
-    """Mean seconds of ``steps`` training steps after one warm-up step."""
-    autocast = device.type == "cuda"
-    times = []
-    for i, batch in enumerate(itertools.islice(batches, steps + 1)):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        x = batch["x"].to(device, non_blocking=True)
-        brain = batch["brain"].to(device, non_blocking=True)
-        mask = masking(x.shape[0], x.shape[1])
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = model(x, brain, mask).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i > 0:
-            times.append(time.perf_counter() - start)
-    return sum(times) / len(times)
 
 
 def flops_per_step(model, masking, batch, device: torch.device) -> float:

@@ -68,9 +68,7 @@ def build_region_grid(atlas: Atlas, preset: ModelPreset) -> RegionGrid:
     labels, brain = downsample_labels(cube.voxel_labels, cube.brain, preset.downsample)
     grid = RegionGrid.from_labels(torch.from_numpy(labels.astype(np.int64)),
                                   torch.from_numpy(brain), preset.patch_size, len(atlas.regions))
-    owned = torch.bincount(grid.token_labels[grid.token_labels >= 0].flatten(),
-                           minlength=grid.n_regions)
-    missing = [atlas.regions[i].name for i in torch.nonzero(owned == 0).flatten().tolist()]
+    missing = [atlas.regions[i].name for i in grid.regions_without_tokens()]
     if missing:
         log.info("%d of %d %s regions own no token of the %s grid (patch %d at %dx downsampling) "
                  "and cannot be hidden by roi masking or attributed: %s", len(missing),

@@ -11,8 +11,9 @@ NeuroSTORM does for such inputs (``select_middle_96`` followed by ``pad_to_96``)
 Hence cube voxel ``(i, j, k)`` is MNI-grid voxel ``(i - 3, j + 6, k - 3)``, and :func:`cube_affine`
 maps both to the same millimetres, so the atlas and the data register voxel for voxel.
 
-The atlas is then summarised per token (a ``patch^3`` block of the cube) by majority vote, which is
-what region-guided masking hides or keeps.
+The atlas is then summarised per token (a ``patch^3`` block of the cube) by majority vote
+(:meth:`bidsapp.model.masking.RegionGrid.from_labels`), which is what region-guided masking hides
+or keeps.
 """
 
 from __future__ import annotations
@@ -209,38 +210,3 @@ def downsample_labels(
         return voxel_labels.astype(np.int16), brain.astype(bool)
     majority, fraction = _block_majority(voxel_labels, brain, factor)
     return majority, fraction >= 0.5
-
-
-def token_labels(
-    voxel_labels: np.ndarray, brain: np.ndarray, patch: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Region of each token (``patch^3`` block) of the cube.
-
-    Parameters
-    ----------
-    voxel_labels : ndarray, shape (D, H, W), int
-        Region ids ``0..R-1`` or -1.
-    brain : ndarray, shape (D, H, W), bool
-    patch : int
-        Token edge in voxels; must divide D, H and W.
-
-    Returns
-    -------
-    labels : ndarray, shape (D/p, H/p, W/p), int16
-        Region holding most brain voxels of the token (ties -> lowest id; -1 if none).
-    brain_tokens : ndarray, shape (D/p, H/p, W/p), bool
-        Tokens with at least one brain voxel.
-    """
-    majority, fraction = _block_majority(voxel_labels, brain, patch)
-    return majority, fraction > 0
-
-
-def regions_without_tokens(token_labels: np.ndarray, n_regions: int) -> np.ndarray:
-    """Ids in ``0..n_regions-1`` that own no token (too small for the patch size).
-
-    Returns
-    -------
-    ndarray, shape (n_missing,), int
-        Sorted region ids.
-    """
-    return np.setdiff1d(np.arange(n_regions), token_labels[token_labels >= 0])

@@ -32,7 +32,7 @@ from bidsapp.data import build_region_grid
 from bidsapp.errors import BadDataError, NoInputError, UsageError
 from bidsapp.logs import get_logger
 from bidsapp.model.mae import MaskedAutoencoder
-from bidsapp.model.masking import RegionGrid, build_masking
+from bidsapp.model.masking import Mask, RegionGrid, build_masking
 from bidsapp.model.presets import BACKBONE_PRESETS, ModelPreset
 from bidsapp.preprocess import CachedRun
 from bidsapp.training import step_generator
@@ -147,17 +147,57 @@ def _subsets(eligible: torch.Tensor, n_subsets: int, generator: torch.Generator)
     return pairs[:, None, :]
 
 
+def _region_errors(pred: torch.Tensor, target: torch.Tensor, mask: Mask, labelled: torch.Tensor,
+                   labelled_regions: torch.Tensor, n_regions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared reconstruction error summed over each region's hidden voxels, and their count.
+
+    Parameters
+    ----------
+    pred, target : torch.Tensor, shape (k, T, D, H, W)
+    mask : Mask
+        Hiding whole tubes (``Tm`` = 1), as region subsets do.
+    labelled : torch.LongTensor, shape (V,)
+        Flat indices of the brain voxels that belong to a region.
+    labelled_regions : torch.LongTensor, shape (V,)
+        Their regions.
+
+    Returns
+    -------
+    error, hidden : torch.Tensor, shape (k, R)
+        Sum of squared errors over hidden (voxel, frame) pairs, and the number of such pairs.
+    """
+    k, n_frames = pred.shape[:2]
+    # Only the hidden labelled voxels are read: about half of a quarter of the cube.
+    hidden = mask.voxels[:, 0].flatten(1).index_select(1, labelled)  # (k, V) bool
+    error = torch.zeros(k, n_regions, device=pred.device, dtype=pred.dtype)
+    count = torch.zeros(k, n_regions, device=pred.device, dtype=pred.dtype)
+    for i in range(k):
+        where = hidden[i].nonzero().squeeze(1)  # (Vh,) among the labelled voxels
+        voxels, regions = labelled[where], labelled_regions[where]
+        diff = pred[i].flatten(1).index_select(1, voxels) - target[i].flatten(1).index_select(1, voxels)
+        error[i].index_add_(0, regions, (diff * diff).sum(0))  # (T, Vh) -> (Vh,) -> (R,)
+        count[i].index_add_(0, regions, torch.full_like(regions, n_frames, dtype=pred.dtype))
+    return error, count
+
+
 @torch.inference_mode()
 def analyse_run(loaded: LoadedModel, run: CachedRun, *, attribution: bool, n_subsets: int,
-                seed: int, batch_size: int = 4) -> RunAttribution:
-    """Embed every window of ``run`` and, optionally, attribute to AAL3 regions."""
+                seed: int, batch_size: int | None = None) -> RunAttribution:
+    """Embed every window of ``run`` and, optionally, attribute to AAL3 regions.
+
+    ``batch_size`` masked passes run at once: by default 4 on a GPU and 1 on the CPU, where a
+    batch is no faster per pass (0.318 vs 0.313 s at ``small``) and multiplies activation memory.
+    """
     model, grid = loaded.model, loaded.region_grid
     device = grid.device
+    batch_size = batch_size or (4 if device.type == "cuda" else 1)
     region_masking = build_masking("roi-voxel" if loaded.masking == "roi-voxel" else "roi",
                                    grid, 0.5)
     eligible = region_masking.eligible                      # (R,)
     n_regions = grid.n_regions
-    brain_work_labels = torch.where(grid.brain, grid.voxel_labels, -1).flatten()  # (D*H*W,)
+    # Reconstruction errors are read at the labelled brain voxels only (a quarter of the cube).
+    labelled = (grid.brain & (grid.voxel_labels >= 0)).flatten().nonzero().squeeze(1)  # (V,)
+    labelled_regions = grid.voxel_labels.flatten()[labelled]                            # (V,)
     window_embs, deltas, err_sum, err_sq, err_n = [], [], None, None, None
     example: dict[str, np.ndarray] = {}
     for w in range(run.n_windows):
@@ -177,14 +217,10 @@ def analyse_run(loaded: LoadedModel, run: CachedRun, *, attribution: bool, n_sub
             mask = region_masking.from_regions(chunk)
             out = model(x.expand(k, -1, -1, -1, -1), brain.expand(k, -1, -1, -1), mask)
             embs.append(out.embedding)                                  # (k, C)
-            sq = ((out.pred - out.target) ** 2 * out.weight).sum(1).flatten(1)  # (k, DHW)
-            hidden = out.weight.sum(1).flatten(1)                       # (k, DHW) frames hidden
-            index = brain_work_labels.clamp_min(0).expand(k, -1)
-            valid = (brain_work_labels >= 0).to(sq.dtype)
-            errs.append(torch.zeros(k, n_regions, device=device, dtype=sq.dtype)
-                        .scatter_add_(1, index, sq * valid))
-            counts.append(torch.zeros(k, n_regions, device=device, dtype=sq.dtype)
-                          .scatter_add_(1, index, hidden * valid))
+            error, hidden = _region_errors(out.pred, out.target, mask, labelled,
+                                           labelled_regions, n_regions)  # (k, R) each
+            errs.append(error)
+            counts.append(hidden)
             if w == 0 and start == 0:
                 t = x.shape[1] // 2
                 mid = out.target.shape[2] // 2

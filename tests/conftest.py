@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,32 @@ def bids_examples(shared_dir: Path) -> Path:
 def _atlas_env(monkeypatch: pytest.MonkeyPatch, atlas_dir: Path) -> None:
     """Every test reads AAL3 from the local copy; nothing is downloaded."""
     monkeypatch.setenv("ROIMAE_ATLAS_DIR", str(atlas_dir))
+
+
+@dataclass(frozen=True)
+class PretrainedDemo:
+    """A demo dataset and the OUTPUT_DIR of one tiny ``roi`` pretraining on it."""
+
+    bids: Path
+    out: Path
+
+    @property
+    def model(self) -> Path:
+        return self.out / "models" / "desc-roi" / "model.safetensors"
+
+
+@pytest.fixture(scope="session")
+def pretrained_demo(tmp_path_factory: pytest.TempPathFactory) -> PretrainedDemo:
+    """4 participants x 20 frames, pretrained 1 epoch on 10-frame windows (2 per run).
+
+    Shared by every test of a worker: read-only, tests copy what they change.
+    """
+    from bidsapp.cli import main
+    from bidsapp.demo import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("pretrained-demo")
+    bids, out = root / "bids", root / "out"
+    make_demo_dataset(bids, n_participants=4, n_frames=20, seed=2)
+    assert main([str(bids), str(out), "pretrain", "--epochs", "1", "--window-frames", "10",
+                 "--batch-size", "2", "--nprocs", "1", "--omp-nthreads", "1"]) == 0
+    return PretrainedDemo(bids, out)

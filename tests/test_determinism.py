@@ -16,21 +16,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import PretrainedDemo
 
 from bidsapp.cli import main
-from bidsapp.demo import make_demo_dataset
 
 SUBJECTS = ("01", "02")
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("determinism")
-    bids, out = root / "bids", root / "out"
-    make_demo_dataset(bids, n_participants=4, n_frames=10, seed=6)
-    assert main([str(bids), str(out), "pretrain", "--window-frames", "10", "--epochs", "1",
-                 "--batch-size", "2", "--nprocs", "1", "--omp-nthreads", "1"]) == 0
-    return bids, out / "models" / "desc-roi" / "model.safetensors"
+@pytest.fixture
+def pretrained(pretrained_demo: PretrainedDemo) -> tuple[Path, Path]:
+    return pretrained_demo.bids, pretrained_demo.model
 
 
 def _outputs(pretrained: tuple[Path, Path], out: Path, *options: str) -> dict[str, np.ndarray]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from nibabel.affines import apply_affine
 
 from bidsapp.atlas import Atlas, load_atlas
@@ -20,10 +21,9 @@ from bidsapp.grid import (
     downsample_labels,
     from_cube,
     is_mni_2mm,
-    regions_without_tokens,
     to_cube,
-    token_labels,
 )
+from bidsapp.model.masking import RegionGrid
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +178,12 @@ def test_downsample_labels_factor_one_is_identity() -> None:
         downsample_labels(labels, brain, 4)
 
 
+def token_grid(labels: np.ndarray, brain: np.ndarray, patch: int) -> RegionGrid:
+    n_regions = int(labels.max()) + 1
+    return RegionGrid.from_labels(torch.from_numpy(labels.astype(np.int64)),
+                                  torch.from_numpy(brain), patch, n_regions)
+
+
 def test_token_labels_by_hand() -> None:
     labels = np.full((4, 4, 4), -1, dtype=np.int16)
     brain = np.zeros((4, 4, 4), dtype=bool)
@@ -187,18 +193,21 @@ def test_token_labels_by_hand() -> None:
     brain[3, 3, 3] = False  # voxel -> no region, but still a brain token
     brain[2, 2, 2] = True
     labels[2, 2, 2] = -1
-    tokens, brain_tokens = token_labels(labels, brain, 2)
+    grid = token_grid(labels, brain, 2)
+    tokens, brain_tokens = grid.token_labels.numpy(), grid.brain_tokens.numpy()
     assert tokens.shape == (2, 2, 2)
     assert tokens[0, 0, 0] == 7 and brain_tokens[0, 0, 0]
     assert tokens[1, 1, 1] == -1 and brain_tokens[1, 1, 1]
     assert brain_tokens.sum() == 2 and (tokens >= 0).sum() == 1
+    assert grid.regions_without_tokens() == [0, 1, 2, 3, 4, 5, 6]
 
 
 def test_token_labels_match_a_loop_over_tokens() -> None:
     rng = np.random.default_rng(3)
     labels = rng.integers(-1, 4, size=(8, 12, 8)).astype(np.int16)
     brain = rng.random(labels.shape) > 0.4
-    tokens, brain_tokens = token_labels(labels, brain, 4)
+    grid = token_grid(labels, brain, 4)
+    tokens, brain_tokens = grid.token_labels.numpy(), grid.brain_tokens.numpy()
     for index in np.ndindex(tokens.shape):
         block = tuple(slice(4 * i, 4 * i + 4) for i in index)
         votes = Counter(labels[block][brain[block] & (labels[block] >= 0)].tolist())
@@ -208,24 +217,23 @@ def test_token_labels_match_a_loop_over_tokens() -> None:
         assert brain_tokens[index] == brain[block].any()
 
 
-def test_regions_without_tokens_by_hand() -> None:
-    np.testing.assert_array_equal(regions_without_tokens(np.array([[[0, 2, -1, 2]]]), 4), [1, 3])
-
-
 def test_regions_without_tokens_on_aal3(atlas: Atlas) -> None:
     cube = cube_atlas(atlas)
     names = np.array([r.name for r in atlas.regions])
-    tokens, brain_tokens = token_labels(cube.voxel_labels, cube.brain, 6)
+    grid = RegionGrid.from_labels(torch.from_numpy(cube.voxel_labels.astype(np.int64)),
+                                  torch.from_numpy(cube.brain), 6, cube.n_regions)
+    tokens, brain_tokens = grid.token_labels.numpy(), grid.brain_tokens.numpy()
     assert tokens.shape == (16, 16, 16) and brain_tokens[tokens >= 0].all()
-    missing = set(names[regions_without_tokens(tokens, cube.n_regions)])
+    missing = set(names[grid.regions_without_tokens()])
     # At 12 mm tokens the small thalamic and brainstem nuclei own no token; lobes all do.
     assert len(missing) == 28
     assert {"LC_L", "LC_R", "Raphe_D", "VTA_L", "Thal_LGN_L", "N_Acc_L"} <= missing
     assert not missing & {"Precentral_L", "Hippocampus_R", "Thal_PuM_L", "Cerebelum_Crus1_L"}
     # Presets at 4 mm (2x coarser) with patch 4: 16 mm tokens, more regions lose out.
     coarse, coarse_brain = downsample_labels(cube.voxel_labels, cube.brain, 2)
-    coarse_tokens, _ = token_labels(coarse, coarse_brain, 4)
-    assert coarse_tokens.shape == (12, 12, 12)
-    coarse_missing = set(names[regions_without_tokens(coarse_tokens, cube.n_regions)])
+    coarse_grid = RegionGrid.from_labels(torch.from_numpy(coarse.astype(np.int64)),
+                                         torch.from_numpy(coarse_brain), 4, cube.n_regions)
+    assert coarse_grid.grid_shape == (12, 12, 12)
+    coarse_missing = set(names[coarse_grid.regions_without_tokens()])
     assert len(coarse_missing) == 52
     assert {"Amygdala_L", "Heschl_R", "Vermis_6"} <= coarse_missing

@@ -12,23 +12,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import PretrainedDemo
 
 from bidsapp.cli import main
-from bidsapp.demo import make_demo_dataset
 
 PREFIX = "task-rest_space-MNI152NLin6Asym_res-2"
 #: Entities in BIDS order: ``atlas`` comes before ``res``.
 ATLAS_PREFIX = "task-rest_space-MNI152NLin6Asym_atlas-AAL3v1_res-2"
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("participant")
-    bids, out = root / "bids", root / "out"
-    make_demo_dataset(bids, n_participants=4, n_frames=20, seed=2)
-    assert main([str(bids), str(out), "pretrain", "--epochs", "1", "--window-frames", "10",
-                 "--batch-size", "2", "--nprocs", "1"]) == 0
-    return bids, out
+@pytest.fixture
+def pretrained(pretrained_demo: PretrainedDemo) -> tuple[Path, Path]:
+    return pretrained_demo.bids, pretrained_demo.out
 
 
 def _fresh_output(pretrained: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:

@@ -25,6 +25,7 @@ and the gathering would cost more than they save.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -42,8 +43,6 @@ class MAEOutput:
 
     Attributes
     ----------
-    loss : torch.Tensor
-        Scalar: mean squared error over hidden brain voxels.
     pred : torch.Tensor, shape (B, T, D, H, W)
         Reconstruction at working resolution (0 on tokens without brain, except for the plain
         swin4d path).
@@ -57,11 +56,16 @@ class MAEOutput:
         attribution gets reconstruction and embedding from one encoder pass.
     """
 
-    loss: torch.Tensor
     pred: torch.Tensor
     target: torch.Tensor
     weight: torch.Tensor
     embedding: torch.Tensor
+
+    @cached_property
+    def loss(self) -> torch.Tensor:
+        """Scalar: mean squared error over hidden brain voxels (computed when first asked for, so
+        that inference, which never asks, does not pay for it)."""
+        return masked_mse(self.pred, self.target, self.weight)
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -186,7 +190,7 @@ class MaskedAutoencoder(nn.Module):
         pred, embedding = self._reconstruct(x, brain, mask)  # (B, T, D, H, W), (B, C)
         weight = (mask.voxels & brain[:, None]).to(x.dtype).expand_as(x)
         target = normalize_patches(x, brain, self.preset.patch_size) if self.norm_pix_loss else x
-        return MAEOutput(masked_mse(pred, target, weight), pred, target, weight, embedding)
+        return MAEOutput(pred, target, weight, embedding)
 
     def encode(
         self, x: torch.Tensor, brain: torch.Tensor, mask: Mask | None = None

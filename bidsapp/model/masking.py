@@ -141,6 +141,12 @@ class RegionGrid:
         """Token grid ``(gd, gh, gw)``."""
         return tuple(self.token_labels.shape)
 
+    def regions_without_tokens(self) -> list[int]:
+        """Sorted ids of the regions that own no token (too small for the patch size)."""
+        owned = torch.bincount(self.token_labels[self.token_labels >= 0].flatten(),
+                               minlength=self.n_regions)
+        return torch.nonzero(owned == 0).flatten().tolist()
+
     def to(self, device: torch.device | str) -> RegionGrid:
         """Return a copy on ``device``."""
         return RegionGrid(

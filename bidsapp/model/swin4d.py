@@ -110,8 +110,12 @@ def window_attention_mask(
     return (code[:, :, None] == code[:, None, :]).unsqueeze(1)
 
 
-class WindowAttention(nn.Module):
-    """Multi-head self-attention inside windows, through ``scaled_dot_product_attention``."""
+class MultiHeadAttention(nn.Module):
+    """Multi-head self-attention inside groups of tokens, through ``scaled_dot_product_attention``.
+
+    A group is a window (swin4d: ``nW`` windows of ``B`` samples) or a whole sample (vit4d: ``B``
+    groups of one sample each); tokens attend only within their group.
+    """
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -122,7 +126,11 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """``x (nW, B, N, C)``, ``mask (nW, 1, N, N)`` or None -> ``(nW, B, N, C)``."""
+        """``x (G, B, N, C)``, ``mask (G, 1, N or 1, N)`` or None -> ``(G, B, N, C)``.
+
+        ``mask`` is boolean (True = may be attended to) or additive, and is shared by the ``B``
+        samples and the heads of a group.
+        """
         n_win, b, n, c = x.shape
         h = self.num_heads
         qkv = self.qkv(x).view(n_win, b, n, 3, h, c // h)
@@ -144,7 +152,7 @@ class SwinBlock4D(nn.Module):
         self.window = (wt, wd, wh, ww)  # (wt, wd, wh, ww): the order of the token axes
         self.shift = tuple(w // 2 for w in self.window) if shifted else (0, 0, 0, 0)
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, num_heads)
+        self.attn = MultiHeadAttention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))

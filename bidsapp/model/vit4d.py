@@ -20,13 +20,17 @@ the batch.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bidsapp.model.mae import MaskedAutoencoder, brain_tokens, init_weights
 from bidsapp.model.masking import Mask
 from bidsapp.model.presets import ModelPreset
-from bidsapp.model.swin4d import depth_to_space, sinusoidal_embedding, space_to_depth
+from bidsapp.model.swin4d import (
+    MultiHeadAttention,
+    depth_to_space,
+    sinusoidal_embedding,
+    space_to_depth,
+)
 
 
 def patchify(x: torch.Tensor, patch_size: int, tubelet: int) -> torch.Tensor:
@@ -75,39 +79,20 @@ def pack(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return index, torch.arange(m, device=keep.device) < counts[:, None]
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention over a padded batch, through ``scaled_dot_product_attention``."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by {num_heads} heads")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """``x (B, N, C)``, ``keys (B, 1, 1, N)`` bool (True = may be attended to) -> ``(B, N, C)``."""
-        b, n, c = x.shape
-        h = self.num_heads
-        q, k, v = self.qkv(x).view(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4)  # (B, h, N, C/h)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys)  # (B, h, N, C/h)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
-
-
 class Block(nn.Module):
     """Pre-norm transformer block: attention then MLP, each with a residual connection."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, num_heads)
+        self.attn = MultiHeadAttention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
     def forward(self, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), keys)
+        """``x (B, N, C)``, ``keys (B, 1, 1, N)`` bool (True = may be attended to) -> ``(B, N, C)``."""
+        x = x + self.attn(self.norm1(x)[:, None], keys)[:, 0]  # each sample is its own group
         return x + self.mlp(self.norm2(x))
 
 
