@@ -50,7 +50,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--window-frames", type=int, default=20)
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=0,
+                        help="DataLoader worker processes (pretrain uses --nprocs - 1)")
     args = parser.parse_args()
     from torch.utils.data import DataLoader
 
@@ -58,7 +59,7 @@ def main() -> None:
     from bidsapp.model.mae import MaskedAutoencoder
     from bidsapp.model.masking import build_masking
     from bidsapp.model.presets import PRESETS
-    from bidsapp.preprocess import WindowDataset
+    from bidsapp.preprocess import WindowDataset, collate_windows
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,6 +73,7 @@ def main() -> None:
             grid = build_region_grid(atlas, preset).to(device)
             masking = build_masking(masking_name, grid, 0.5)
             loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True,
+                                collate_fn=collate_windows,
                                 num_workers=args.workers, pin_memory=device.type == "cuda",
                                 persistent_workers=args.workers > 0)
             batch = next(iter(loader))

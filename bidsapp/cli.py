@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(*_both("norm-pix-loss"), dest="norm_pix_loss", action="store_true",
                     help="normalise each token's target voxels before the loss")
     tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    tr.add_argument(*_both("torch-compile"), dest="torch_compile", action="store_true",
+                    help="compile the training step with torch.compile (pays off on CUDA over "
+                    "long runs; the first steps are slower while it compiles)")
 
     par = parser.add_argument_group("Participant level")
     par.add_argument("--model", type=Path, help="checkpoint (.safetensors with its .json sidecar); "
@@ -146,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument(*_both("no-attribution"), dest="attribution", action="store_false",
                      help="embeddings only")
     par.add_argument(*_both("attribution-subsets"), dest="attribution_subsets", type=int,
-                     default=8, help="random region subsets per window for attribution (even: each "
-                     "subset is paired with its complement)")
+                     default=6, help="random region subsets per window for attribution (even: each "
+                     "subset is paired with its complement; cost K + 1 passes per window, "
+                     "precision ~ sqrt(K x windows))")
     par.add_argument("--overwrite", action="store_true", help="redo runs already complete")
     par.add_argument(*_both("no-reports"), dest="reports", action="store_false",
                      help="skip the HTML reports")
@@ -237,6 +241,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
                 "val_fraction": args.val_fraction,
                 "norm_pix_loss": args.norm_pix_loss,
                 "resume": args.resume,
+                "torch_compile": args.torch_compile,
             },
             participant={
                 "model": args.model,

@@ -121,6 +121,7 @@ class PretrainConfig(_Section):
     val_fraction: float = Field(0.2, ge=0, lt=1)
     norm_pix_loss: bool = False
     resume: bool = False
+    torch_compile: bool = False
 
 
 class ParticipantConfig(_Section):
@@ -129,7 +130,7 @@ class ParticipantConfig(_Section):
     model: Path | None = None
     model_desc: str | None = None
     attribution: bool = True
-    attribution_subsets: int = Field(8, ge=2)
+    attribution_subsets: int = Field(6, ge=2)
     overwrite: bool = False
     reports: bool = True
 

@@ -116,10 +116,11 @@ class CachedRun:
     manifest: dict
     brain: np.ndarray
     data: np.ndarray
-    _flat_brain: np.ndarray = field(init=False, repr=False)
+    brain_index: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._flat_brain = np.flatnonzero(self.brain)  # (n_brain,) into the flattened cube
+        #: (n_brain,) int64: where the columns of ``data`` lie in the flattened cube.
+        self.brain_index = np.flatnonzero(self.brain)
 
     def __reduce__(self) -> tuple:
         # Pickling (spawned DataLoader workers) re-opens the entry instead of copying the data.
@@ -155,7 +156,7 @@ class CachedRun:
         if not 0 <= start <= stop <= self.n_frames:
             raise IndexError(f"frames {start}:{stop} outside 0:{self.n_frames}")
         cubes = np.zeros((stop - start, int(np.prod(CUBE_SHAPE))), dtype=np.float32)
-        cubes[:, self._flat_brain] = self.data[start:stop]
+        cubes[:, self.brain_index] = self.data[start:stop]
         return cubes.reshape((stop - start, *CUBE_SHAPE))
 
     def window(self, index: int) -> np.ndarray:
@@ -552,7 +553,7 @@ def _global_stats(values: np.ndarray) -> tuple[float, float]:
 
 
 class WindowDataset(torch.utils.data.Dataset):
-    """Windows of cached runs as model inputs.
+    """Windows of cached runs as model inputs, kept compact until they are batched.
 
     Parameters
     ----------
@@ -560,8 +561,10 @@ class WindowDataset(torch.utils.data.Dataset):
     window_indices : sequence of (run index, window index), optional
         The windows to serve; all windows of all runs by default.
 
-    Items are dicts: ``x`` float32 tensor (T, 96, 96, 96), ``brain`` bool tensor (96, 96, 96),
-    ``run`` and ``window`` ints.
+    Items are dicts: ``values`` (T, n_brain) tensor of the stored brain values (a quarter of the
+    cube, float16 by default), ``brain_index`` (n_brain,) int64 flat indices of the run's brain
+    voxels in the cube, ``run`` and ``window`` ints. :func:`collate_windows` turns a list of them
+    into model inputs; a DataLoader needs ``collate_fn=collate_windows``.
     """
 
     def __init__(self, runs: Sequence[CachedRun],
@@ -578,6 +581,31 @@ class WindowDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         run_index, window_index = self.window_indices[i]
         run = self.runs[run_index]
-        return {"x": torch.from_numpy(run.window(window_index)),
-                "brain": torch.from_numpy(run.brain.copy()),
+        if not 0 <= window_index < run.n_windows:
+            raise IndexError(f"window {window_index} outside 0..{run.n_windows - 1}")
+        frames = slice(window_index * run.window_frames, (window_index + 1) * run.window_frames)
+        return {"values": torch.from_numpy(np.array(run.data[frames])),  # read from the memmap
+                "brain_index": torch.from_numpy(run.brain_index),
                 "run": run_index, "window": window_index}
+
+
+def collate_windows(items: Sequence[dict]) -> dict:
+    """Batch :class:`WindowDataset` items into model inputs, writing each cube once.
+
+    Returns
+    -------
+    dict
+        ``x`` float32 tensor (B, T, 96, 96, 96), background 0; ``brain`` bool tensor
+        (B, 96, 96, 96); ``run`` and ``window`` int64 tensors (B,).
+    """
+    n_voxels = int(np.prod(CUBE_SHAPE))
+    n_frames = items[0]["values"].shape[0]
+    x = torch.zeros(len(items), n_frames, n_voxels)
+    brain = torch.zeros(len(items), n_voxels, dtype=torch.bool)
+    for row, item in enumerate(items):
+        x[row].index_copy_(1, item["brain_index"], item["values"].float())
+        brain[row, item["brain_index"]] = True
+    return {"x": x.view(len(items), n_frames, *CUBE_SHAPE),
+            "brain": brain.view(len(items), *CUBE_SHAPE),
+            "run": torch.tensor([item["run"] for item in items]),
+            "window": torch.tensor([item["window"] for item in items])}

@@ -85,7 +85,7 @@ def model_metadata(config: Config, atlas: Atlas, runs: list[CachedRun],
         "window_frames": window_frames(config),
         "target_tr": config.preprocess.target_tr,
         "random_seed": config.random_seed,
-        "training": config.pretrain.model_dump(exclude={"resume"}),
+        "training": config.pretrain.model_dump(exclude={"resume", "torch_compile"}),
         "data": [{"source": r.manifest["source"], "sha256": r.manifest["source_sha256"],
                   "n_windows": r.n_windows} for r in runs],
         "split": split,
@@ -189,7 +189,8 @@ def _pretrain(config: Config, ctx: DistributedContext) -> Path:
                       weight_decay=config.pretrain.weight_decay,
                       warmup_epochs=config.pretrain.warmup_epochs,
                       clip_grad=config.pretrain.clip_grad,
-                      num_workers=max(0, config.nprocs - 1))
+                      num_workers=max(0, config.nprocs - 1),
+                      compile_model=config.pretrain.torch_compile)
 
     out_dir = model_dir(config.output_dir, config.masking.masking)
     meta = model_metadata(config, atlas, runs, {"train": train_subjects, "val": val_subjects})

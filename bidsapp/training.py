@@ -21,6 +21,7 @@ from bidsapp.distributed import DistributedContext
 from bidsapp.logs import get_logger
 from bidsapp.model.mae import MaskedAutoencoder
 from bidsapp.model.masking import MaskingStrategy
+from bidsapp.preprocess import collate_windows
 
 log = get_logger("training")
 
@@ -77,7 +78,7 @@ class Trainer:
     def __init__(self, model: MaskedAutoencoder, masking: MaskingStrategy, train_set: Dataset,
                  val_set: Dataset | None, *, ctx: DistributedContext, seed: int, epochs: int,
                  batch_size: int, lr: float, weight_decay: float, warmup_epochs: float,
-                 clip_grad: float, num_workers: int = 0) -> None:
+                 clip_grad: float, num_workers: int = 0, compile_model: bool = False) -> None:
         self.ctx = ctx
         self.model = model.to(ctx.device)
         self.masking = masking
@@ -88,6 +89,7 @@ class Trainer:
                                           shuffle=True, seed=seed, drop_last=False)
         pin = ctx.device.type == "cuda"
         self.train_loader = DataLoader(train_set, batch_size=batch_size, sampler=self.sampler,
+                                       collate_fn=collate_windows,
                                        num_workers=num_workers, pin_memory=pin,
                                        persistent_workers=num_workers > 0)
         self.val_loader = None
@@ -95,11 +97,15 @@ class Trainer:
             val_sampler = DistributedSampler(val_set, num_replicas=ctx.world_size, rank=ctx.rank,
                                              shuffle=False, drop_last=False)
             self.val_loader = DataLoader(val_set, batch_size=batch_size, sampler=val_sampler,
+                                         collate_fn=collate_windows,
                                          num_workers=num_workers, pin_memory=pin)
         self.network: torch.nn.Module = (
             DistributedDataParallel(self.model, device_ids=[ctx.device] if pin else None)
             if ctx.enabled else self.model
         )
+        if compile_model:
+            # Only the forward is compiled; weights and checkpoints stay those of ``self.model``.
+            self.network = torch.compile(self.network)
         decay, no_decay = _parameter_groups(self.model)
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": weight_decay},

@@ -22,6 +22,7 @@ from bidsapp.preprocess import (
     PreprocessParams,
     VoxelSampler,
     WindowDataset,
+    collate_windows,
     load_cached,
     prepare_run,
 )
@@ -175,12 +176,22 @@ def test_window_dataset(tmp_path: Path, brain_mask: np.ndarray) -> None:
     dataset = WindowDataset([run, run])
     assert len(dataset) == 4
     item = dataset[3]
-    assert item["x"].shape == (4, *CUBE_SHAPE) and item["x"].dtype == torch.float32
-    assert item["brain"].shape == CUBE_SHAPE and item["brain"].dtype == torch.bool
-    assert (item["run"], item["window"]) == (1, 1)
-    np.testing.assert_array_equal(item["x"].numpy(), run.window(1))
+    assert item["values"].shape == (4, int(run.brain.sum())) and (item["run"], item["window"]) == (1, 1)
+    batch = collate_windows([dataset[3], dataset[0]])
+    assert batch["x"].shape == (2, 4, *CUBE_SHAPE) and batch["x"].dtype == torch.float32
+    assert batch["brain"].shape == (2, *CUBE_SHAPE) and batch["brain"].dtype == torch.bool
+    assert batch["run"].tolist() == [1, 0] and batch["window"].tolist() == [1, 0]
+    np.testing.assert_array_equal(batch["x"][0].numpy(), run.window(1))
+    np.testing.assert_array_equal(batch["x"][1].numpy(), run.window(0))
+    np.testing.assert_array_equal(batch["brain"][0].numpy(), run.brain)
     subset = WindowDataset([run], window_indices=[(0, 1)])
     assert len(subset) == 1 and subset[0]["window"] == 1
+    with pytest.raises(IndexError):
+        WindowDataset([run], window_indices=[(0, 2)])[0]
+    # A DataLoader with worker processes batches the same way.
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=collate_windows,
+                                         num_workers=1)
+    np.testing.assert_array_equal(next(iter(loader))["x"][1].numpy(), run.window(1))
     # Pickling (spawned DataLoader workers) reopens the entry memory-mapped.
     clone = pickle.loads(pickle.dumps(run))
     assert isinstance(clone, CachedRun) and isinstance(clone.data, np.memmap)
