@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import platform
 import resource
+import statistics
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -79,7 +80,7 @@ def emit(record: dict[str, Any]) -> None:
 def step_seconds(model: torch.nn.Module, masking: Callable, optimizer: torch.optim.Optimizer,
                  batches: Iterable[dict], device: torch.device, steps: int,
                  warmup: int = 1) -> float:
-    """Mean seconds of ``steps`` pretraining steps (as the pretrain level runs them: mask draw,
+    """Median seconds of ``steps`` pretraining steps (as the pretrain level runs them: mask draw,
     forward with bf16 autocast on CUDA, backward, AdamW) after ``warmup`` untimed ones.
 
     ``batches`` yields dicts with ``x`` (B, T, 96, 96, 96) and ``brain`` (B, 96, 96, 96), on any
@@ -103,4 +104,4 @@ def step_seconds(model: torch.nn.Module, masking: Callable, optimizer: torch.opt
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    return sum(times) / len(times)
+    return statistics.median(times)

@@ -104,6 +104,9 @@ class Trainer:
             if ctx.enabled else self.model
         )
         if compile_model:
+            # Background skipping selects tokens by content (data-dependent shapes, graph breaks);
+            # the plain path computes the same outputs with static shapes, which compile well.
+            self.model.skip_background = False
             # Only the forward is compiled; weights and checkpoints stay those of ``self.model``.
             self.network = torch.compile(self.network)
         decay, no_decay = _parameter_groups(self.model)

@@ -110,3 +110,18 @@ def test_torchrun_two_processes_on_cpu(small_demo: Path, tmp_path: Path) -> None
     weights = load_file(out / "models/desc-roi/model.safetensors")
     assert all(torch.isfinite(v).all() for v in weights.values())
     assert len(list((out / "logs").glob("*_config.json"))) == 1
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_the_same_model(small_demo: Path, tmp_path: Path) -> None:
+    """--torch-compile (inductor, here on the CPU) gives the eager run's weights, under the same
+    parameter names, so its checkpoints load anywhere."""
+    assert _pretrain(small_demo, tmp_path / "eager", "--epochs", "1") == 0
+    assert _pretrain(small_demo, tmp_path / "compiled", "--epochs", "1", "--torch-compile") == 0
+    eager = load_file(tmp_path / "eager/models/desc-roi/model.safetensors")
+    compiled = load_file(tmp_path / "compiled/models/desc-roi/model.safetensors")
+    assert eager.keys() == compiled.keys()
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], atol=1e-5, rtol=1e-4)
+    meta = json.loads((tmp_path / "compiled/models/desc-roi/model.json").read_text())
+    assert "torch_compile" not in meta["training"]  # a run setting, not a property of the model
