@@ -25,6 +25,8 @@ def main() -> None:
     parser.add_argument("--participants", type=int, default=1000)
     parser.add_argument("--permutations", type=int, default=1000)
     parser.add_argument("--dims", type=int, default=64)
+    parser.add_argument("--cv-repeats", type=int, default=1,
+                        help="fold sets (the group level's default is 5)")
     args = parser.parse_args()
     from bidsapp.config import Config
     from bidsapp.group import EmbeddingSet, build_classifier, evaluate, make_splits, permutation_pvalue
@@ -42,19 +44,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         config = Config(bids_dir=Path(tmp), output_dir=Path(tmp) / "out", analysis_level="group",
                         work_dir=Path(tmp) / "w",
-                        group={"target": "diagnosis", "cv_repeats": 1,
+                        group={"target": "diagnosis", "cv_repeats": args.cv_repeats,
                                "n_permutations": args.permutations})
     with threadpool_limits(limits=1):
         start = time.perf_counter()
         build_classifier("logreg", 0, 3).fit(X, y, groups=runs["cv_group"])
         floor = time.perf_counter() - start
         start = time.perf_counter()
-        splits = make_splits(y, runs["cv_group"].to_numpy(), 5, 1, 0)
+        splits = make_splits(y, runs["cv_group"].to_numpy(), 5, args.cv_repeats, 0)
         folds, *_ = evaluate(es, splits, np.array(["adhd", "control"]), config)
         cv_seconds = time.perf_counter() - start
         p_value, _ = permutation_pvalue(es, splits, folds, config)
         seconds = time.perf_counter() - start
     emit({"benchmark": "group", "participants": n, "dims": args.dims, "folds": 5,
+          "cv_repeats": args.cv_repeats,
           "permutations": args.permutations, "seconds": seconds, "cv_seconds": cv_seconds,
           "permutation_seconds": seconds - cv_seconds,
           "balanced_accuracy": float(folds["balanced_accuracy"].mean()), "p_value": p_value,
