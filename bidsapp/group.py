@@ -53,7 +53,7 @@ from bidsapp.bids.layout import discover_runs
 from bidsapp.checkpoint import masking_desc
 from bidsapp.config import Config
 from bidsapp.errors import BadDataError, NoInputError, UsageError
-from bidsapp.io import atomic_write_text, ensure_dir
+from bidsapp.io import atomic_write_text, ensure_dir, remove_stale_temporaries, remove_temporaries
 from bidsapp.logs import get_logger
 from bidsapp.participant import BIDSIGNORE, RunOutputs, _atlas_label, group_summary, region_map
 
@@ -389,6 +389,10 @@ def _run_group(config: Config) -> None:
                                f"in training: the --cv-groups {config.group.cv_groups} groups "
                                "are confounded with the target; use other groups or none")
     out_dir = ensure_dir(config.output_dir / "group")
+    # A group job killed while writing left temporary files; this job rewrites every output.
+    for tmp in [*remove_stale_temporaries(out_dir), *remove_stale_temporaries(out_dir / "figures"),
+                *remove_temporaries(config.output_dir / "group.html")]:
+        log.info("removed %s, left by an interrupted job", tmp.name)
     prefix = f"target-{''.join(c for c in config.group.target if c.isalnum())}"
     results = {}
     for es in sets:

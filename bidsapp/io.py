@@ -69,6 +69,21 @@ def remove_temporaries(path: Path) -> list[Path]:
     return removed
 
 
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Remove every temporary file that :func:`atomic_path` writers left in ``directory`` when killed.
+
+    Not recursive. Call this only where this process is the directory's only writer (the group
+    level's outputs, one participant's figures).
+    """
+    directory = Path(directory)
+    removed = []
+    for tmp in directory.glob(".*.tmp*") if directory.is_dir() else []:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -2,9 +2,9 @@
 
 A run (BOLD series and its brain mask, in MNI space) is brought to the MNI 2 mm grid if it is on
 another grid (its values copied where voxel centres coincide, as on fMRIPrep's res-2 grid, else
-interpolated trilinearly; the mask by nearest neighbour), optionally resampled in time, cut to the 96^3 cube (:mod:`bidsapp.grid`), z-scored
-with one mean and standard deviation over all brain voxels and frames (as NeuroSTORM), and stored
-as the brain voxels only::
+interpolated trilinearly; the mask by nearest neighbour), optionally resampled in time, cut to
+the 96^3 cube (:mod:`bidsapp.grid`), z-scored with one mean and standard deviation over all brain
+voxels and frames (as NeuroSTORM), and stored as the brain voxels only::
 
     <cache_root>/<key[:16]>/
         data.npy        (n_frames, n_brain) float16, read memory-mapped

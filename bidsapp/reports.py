@@ -22,7 +22,13 @@ import numpy as np
 import pandas as pd
 
 from bidsapp import __version__
-from bidsapp.io import atomic_path, atomic_write_text, ensure_dir
+from bidsapp.io import (
+    atomic_path,
+    atomic_write_text,
+    ensure_dir,
+    remove_stale_temporaries,
+    remove_temporaries,
+)
 
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;
@@ -110,6 +116,9 @@ def write_participant_report(output_dir: Path, subject: str, items: Sequence, lo
                              atlas) -> Path:
     """``OUTPUT_DIR/sub-<label>.html``: per run, the maps, the top regions, a reconstruction."""
     figures = ensure_dir(output_dir / f"sub-{subject}" / "figures")
+    # Left by a job killed while writing this report, which is now rewritten whole.
+    remove_stale_temporaries(figures)
+    remove_temporaries(output_dir / f"sub-{subject}.html")
     body = [f"<h1>roimae: sub-{html.escape(subject)}</h1>",
             "<table class='meta'>"
             f"<tr><td>Model</td><td>{html.escape(str(loaded.path))}</td></tr>"

@@ -330,3 +330,24 @@ def test_ensure_bidsignore_merges(tmp_path: Path) -> None:
     assert (tmp_path / ".bidsignore").read_text() == "logs/\n*_timeseries.tsv\n*.safetensors\n"
     with pytest.raises(UsageError):
         writer.ensure_bidsignore(["a\nb"])
+
+
+def test_temporaries_left_by_killed_writers_are_removed(tmp_path: Path) -> None:
+    from bidsapp.io import atomic_path, remove_stale_temporaries, remove_temporaries
+
+    target = tmp_path / "sub-01_desc-roi_embedding.tsv"
+    # What a writer killed inside ``atomic_path`` leaves: its temporary file, never the target.
+    killed = atomic_path(target)
+    partial = killed.__enter__()
+    partial.write_text("half")
+    assert partial.name.startswith(".sub-01_desc-roi_embedding.") and partial.suffix == ".tsv"
+    other = tmp_path / ".sub-02_desc-roi_embedding.x1y2.tmp.tsv"
+    other.write_text("half")
+    kept = [tmp_path / "sub-02_desc-roi_embedding.tsv", tmp_path / ".bidsignore"]
+    for path in kept:
+        path.write_text("complete")
+    # One output's temporaries (its sidecar shares the stem), then a whole directory's.
+    assert remove_temporaries(tmp_path / "sub-01_desc-roi_embedding.json") == [partial]
+    assert remove_stale_temporaries(tmp_path) == [other]
+    assert sorted(tmp_path.iterdir()) == sorted(kept) and not target.exists()
+    assert remove_stale_temporaries(tmp_path / "missing") == []

@@ -253,9 +253,17 @@ def test_group_level_finds_planted_difference_and_region(demo: Path, tmp_path: P
                                                          capsys) -> None:
     out = tmp_path / "out"
     write_fake_outputs(demo, out, atlas, occluded=True)
+    # What a group job killed while writing leaves behind: removed by the next one.
+    stale = [out / "group" / ".target-diagnosis_desc-roi_folds.k1ll3d.tmp.tsv",
+             out / "group" / "figures" / ".target-diagnosis_roc.k1ll3d.tmp.png",
+             out / ".group.k1ll3d.tmp.html"]
+    for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"partial")
     code, err = run_group([demo, out, "group", "--target", "diagnosis", "--n-permutations", "20",
                            "--cv-repeats", "2"], capsys)
     assert code == 0, err
+    assert not any(path.exists() for path in stale)
     metrics = pd.read_csv(_group_file(out, "target-diagnosis_desc-roi_metrics.tsv"), sep="\t",
                           na_values="n/a").set_index("metric")
     assert metrics.loc["balanced_accuracy", "mean"] > 0.8
