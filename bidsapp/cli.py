@@ -289,7 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbosity = sum(a.count("v") for a in argv if a.startswith("-") and set(a[1:]) == {"v"})
     verbosity += argv.count("--verbose")
     try:
-        if argv and argv[0] == "demo":
+        # ``roimae demo OUT ...`` unless it reads as a BIDS-App call on a BIDS_DIR named demo.
+        if argv and argv[0] == "demo" and not (len(argv) >= 3 and argv[2] in LEVELS):
             from bidsapp.workflows import run_demo
 
             return run_demo(build_demo_parser().parse_args(argv[1:]))

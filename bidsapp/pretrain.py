@@ -248,7 +248,9 @@ def _resume(out_dir: Path, model: MaskedAutoencoder, trainer: Trainer,
     saved = read_metadata(stem.with_suffix(".json"))
     for key in ("preset", "masking", "atlas", "window_frames", "backbone"):
         if json.dumps(saved.get(key), sort_keys=True) != json.dumps(meta[key], sort_keys=True):
-            raise BadDataError(f"--resume: checkpoint {stem.name} was trained with another {key} "
+            # The options disagree with the checkpoint: a usage error, as for --preset at the
+            # participant level.
+            raise UsageError(f"--resume: checkpoint {stem.name} was trained with another {key} "
                                f"({saved.get(key)!r}); start a new OUTPUT_DIR or drop --resume")
     model.load_state_dict(load_weights(stem, saved))
     trainer.optimizer.load_state_dict(load_optimizer_state(stem, saved))

@@ -96,6 +96,14 @@ def test_console_demo_writes_a_dataset(tmp_path: Path) -> None:
     assert header == ["participant_id", "diagnosis", "age", "sex", "site"]
 
 
+def test_bids_dir_named_demo_is_not_the_demo_command(tmp_path: Path) -> None:
+    # ``demo OUT pretrain`` is a BIDS-App call on ./demo, which does not exist here.
+    done = _console("demo", str(tmp_path / "out"), "pretrain", cwd=tmp_path)
+    assert done.returncode == 66
+    assert done.stderr.splitlines() == [
+        f"roimae: error: BIDS_DIR {tmp_path / 'demo'} does not exist or is not a directory"]
+
+
 def test_console_error_is_one_line_and_the_exit_status(tmp_path: Path) -> None:
     done = _console(str(tmp_path / "missing"), str(tmp_path / "out"), "pretrain")
     assert done.returncode == 66
