@@ -44,7 +44,7 @@ COPY docker/requirements.txt /tmp/roimae/requirements.txt
 RUN pip install --constraint /tmp/roimae/requirements.txt "${TORCH_SPEC}" \
     && pip install --requirement /tmp/roimae/requirements.txt
 
-COPY pyproject.toml README.md /tmp/roimae/src/
+COPY pyproject.toml README.md LICENSE /tmp/roimae/src/
 COPY bidsapp /tmp/roimae/src/bidsapp
 # --no-deps: everything is pinned above; pip check proves nothing is missing or conflicting.
 RUN pip install --no-deps /tmp/roimae/src \
