@@ -39,7 +39,8 @@ def write_run(directory: Path, shape: tuple[int, int, int], voxel: float, frames
     centre = (np.array(shape, dtype=np.float32) - 1)[:, None, None, None] / 2
     radius = np.sqrt((((grid - centre) / centre) ** 2).sum(0))
     mask = radius < 0.8
-    texture = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), 2 / voxel * 2)
+    sigma = 4 / voxel  # 4 mm of smoothing, in voxels
+    texture = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma)
     texture = (texture - texture[mask].min()) / np.ptp(texture[mask])
     base = np.where(mask, 300 + 900 * texture, 0).astype(np.float32)
     data = np.empty((*shape, frames), dtype=np.int16)

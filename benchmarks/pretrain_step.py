@@ -3,9 +3,9 @@
     python benchmarks/pretrain_step.py [--presets tiny small] [--maskings roi random] [--steps 6]
 
 The loader reads windows from the memory-mapped cache (as ``pretrain`` does); the floor is the same
-model steps on the same batches already in memory; the two alternate for `--rounds` and each keeps its fastest
-round (the median of its steps). Target: loader step <= 1.1x in-memory step. On a GPU the
-row also gives the fraction of the card's bf16 peak reached (FLOPs counted by PyTorch).
+model steps on the same batches already in memory. The two alternate for ``--rounds`` and each
+keeps its fastest round (the median of its steps). Target: loader step <= 1.1x in-memory step. On
+a GPU the row also gives the fraction of the card's bf16 peak reached (FLOPs counted by PyTorch).
 """
 
 from __future__ import annotations

@@ -160,6 +160,12 @@ class CachedRun:
         cubes[:, self.brain_index] = self.data[start:stop]
         return cubes.reshape((stop - start, *CUBE_SHAPE))
 
+    def window_slice(self, index: int) -> slice:
+        """The frames of window ``index``; :class:`IndexError` if there is no such window."""
+        if not 0 <= index < self.n_windows:
+            raise IndexError(f"window {index} outside 0..{self.n_windows - 1}")
+        return slice(index * self.window_frames, (index + 1) * self.window_frames)
+
     def window(self, index: int) -> np.ndarray:
         """Window ``index`` as cubes.
 
@@ -167,9 +173,8 @@ class CachedRun:
         -------
         ndarray, shape (window_frames, 96, 96, 96), float32
         """
-        if not 0 <= index < self.n_windows:
-            raise IndexError(f"window {index} outside 0..{self.n_windows - 1}")
-        return self.frames(index * self.window_frames, (index + 1) * self.window_frames)
+        frames = self.window_slice(index)
+        return self.frames(frames.start, frames.stop)
 
 
 def load_cached(directory: Path) -> CachedRun:
@@ -453,16 +458,20 @@ class VoxelSampler:
         -------
         ndarray, shape (t, n_brain), float32
         """
+        if self.weights is None:
+            return self._gather(frames, self.indices[0]).astype(np.float32, copy=False)
         sampled = np.zeros((frames.shape[0], self.indices.shape[1]), dtype=np.float32)
-        for corner, index in enumerate(self.indices):
-            values = np.take(frames, index, axis=1)  # (t, n_brain)
-            if values.dtype.kind == "f":
-                values = np.nan_to_num(values, copy=False, nan=0, posinf=0, neginf=0)
-            if self.weights is None:
-                sampled[:] = values
-            else:
-                sampled += values * self.weights[corner]
+        for index, weight in zip(self.indices, self.weights, strict=True):
+            sampled += self._gather(frames, index) * weight
         return sampled
+
+    @staticmethod
+    def _gather(frames: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """``frames[:, index]`` (t, n_brain), non-finite values read as 0."""
+        values = np.take(frames, index, axis=1)
+        if values.dtype.kind == "f":
+            values = np.nan_to_num(values, copy=False, nan=0, posinf=0, neginf=0)
+        return values
 
 
 def _brain_on_mni_grid(inside: np.ndarray, affine: np.ndarray, bold: Path,
@@ -582,9 +591,7 @@ class WindowDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         run_index, window_index = self.window_indices[i]
         run = self.runs[run_index]
-        if not 0 <= window_index < run.n_windows:
-            raise IndexError(f"window {window_index} outside 0..{run.n_windows - 1}")
-        frames = slice(window_index * run.window_frames, (window_index + 1) * run.window_frames)
+        frames = run.window_slice(window_index)
         return {"values": torch.from_numpy(np.array(run.data[frames])),  # read from the memmap
                 "brain_index": torch.from_numpy(run.brain_index),
                 "run": run_index, "window": window_index}

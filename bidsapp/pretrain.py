@@ -251,7 +251,7 @@ def _resume(out_dir: Path, model: MaskedAutoencoder, trainer: Trainer,
             # The options disagree with the checkpoint: a usage error, as for --preset at the
             # participant level.
             raise UsageError(f"--resume: checkpoint {stem.name} was trained with another {key} "
-                               f"({saved.get(key)!r}); start a new OUTPUT_DIR or drop --resume")
+                             f"({saved.get(key)!r}); start a new OUTPUT_DIR or drop --resume")
     model.load_state_dict(load_weights(stem, saved))
     trainer.optimizer.load_state_dict(load_optimizer_state(stem, saved))
     log_path = out_dir / "training_log.tsv"
