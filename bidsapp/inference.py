@@ -11,10 +11,18 @@ half of the regions hidden, each subset paired with its complement, so every reg
 - **occlusion effect** of region r on the window embedding: ``delta_r = mean(emb | r hidden) -
   mean(emb | r visible)``, the average change of the embedding when r is hidden in the model's training
   context (half the regions hidden). The occluded embedding of r is ``emb + delta_r`` and the
-  **representation sensitivity** is ``1 - cos(emb, emb + delta_r)`` on the run embedding. Each delta mixes
-  in the other regions' effects with mean zero; its precision improves as ``1/sqrt(K * windows)``.
+  **representation sensitivity** is ``|delta_r| / s``, the displacement of the run embedding in units
+  of ``s``, the root-mean-square distance of the run's window embeddings from their mean (how far the
+  embedding moves when a region is hidden, compared with how far it moves from one window of the same
+  run to the next; a cosine is blind to this, since every embedding shares a large common component).
+  Each delta mixes in the other regions' effects with mean zero; its precision improves as
+  ``1/sqrt(K * windows)``.
 
-Cost: ``K + 1`` encoder passes per window instead of ``R + 1`` (166 + 1 for AAL3).
+Regions are hidden at voxel resolution (``roi-voxel``, whatever the model was trained with), so that
+regions too small to own a token are attributed too.
+
+Cost: ``K + 1`` encoder passes per window instead of ``R + 1`` (166 + 1 for AAL3). The unmasked pass
+also gives the region readouts (:mod:`bidsapp.readouts`).
 """
 
 from __future__ import annotations
@@ -30,11 +38,13 @@ from bidsapp.checkpoint import file_sha256, load_weights, masking_desc, read_met
 from bidsapp.config import Config
 from bidsapp.data import build_region_grid
 from bidsapp.errors import BadDataError, NoInputError, UsageError
+from bidsapp.grid import cube_atlas
 from bidsapp.logs import get_logger
 from bidsapp.model.mae import MaskedAutoencoder
 from bidsapp.model.masking import Mask, RegionGrid, build_masking
 from bidsapp.model.presets import BACKBONE_PRESETS, ModelPreset
 from bidsapp.preprocess import CachedRun
+from bidsapp.readouts import RegionPooling, feature_correlation, region_embedding
 from bidsapp.training import step_generator
 
 log = get_logger("inference")
@@ -50,6 +60,7 @@ class LoadedModel:
     sha256: str
     preset: ModelPreset
     region_grid: RegionGrid
+    pooling: RegionPooling
 
     @property
     def masking(self) -> str:
@@ -117,8 +128,9 @@ def load_model(path: Path, atlas: Atlas, config: Config, device: torch.device) -
                            f"{str(exc).splitlines()[0]}") from exc
     model.to(device).eval()
     weights = Path(path).with_suffix(".safetensors")
+    pooling = RegionPooling.from_atlas(cube_atlas(atlas), preset.patch_size * preset.downsample)
     return LoadedModel(model, meta, weights, file_sha256(weights), preset,
-                       build_region_grid(atlas, preset).to(device))
+                       build_region_grid(atlas, preset).to(device), pooling.to(device))
 
 
 @dataclass
@@ -127,10 +139,12 @@ class RunAttribution:
 
     window_embeddings: np.ndarray     # (W, C)
     embedding: np.ndarray             # (C,) mean over windows
+    region_embeddings: np.ndarray     # (R, C0) region features, mean over frames
+    feature_connectivity: np.ndarray  # (R, R) correlation of region features over frames
     recon_error: np.ndarray | None    # (R,) NaN where a region cannot be hidden
     recon_error_se: np.ndarray | None  # (R,)
     occluded_embeddings: np.ndarray | None  # (R, C) run embedding with the region hidden
-    occlusion: np.ndarray | None      # (R,) 1 - cosine(embedding, occluded embedding)
+    occlusion: np.ndarray | None      # (R,) |occluded - embedding| / window spread
     eligible: np.ndarray              # (R,) bool: the region can be hidden at this model's grid
     example: dict[str, np.ndarray]    # one window's middle frame: input, masked, reconstruction
 
@@ -191,20 +205,20 @@ def analyse_run(loaded: LoadedModel, run: CachedRun, *, attribution: bool, n_sub
     model, grid = loaded.model, loaded.region_grid
     device = grid.device
     batch_size = batch_size or (4 if device.type == "cuda" else 1)
-    region_masking = build_masking("roi-voxel" if loaded.masking == "roi-voxel" else "roi",
-                                   grid, 0.5)
+    region_masking = build_masking("roi-voxel", grid, 0.5)
     eligible = region_masking.eligible                      # (R,)
     n_regions = grid.n_regions
     # Reconstruction errors are read at the labelled brain voxels only (a quarter of the cube).
     labelled = (grid.brain & (grid.voxel_labels >= 0)).flatten().nonzero().squeeze(1)  # (V,)
     labelled_regions = grid.voxel_labels.flatten()[labelled]                            # (V,)
-    window_embs, deltas, err_sum, err_sq, err_n = [], [], None, None, None
+    window_embs, region_feats, deltas, err_sum, err_sq, err_n = [], [], [], None, None, None
     example: dict[str, np.ndarray] = {}
     for w in range(run.n_windows):
         x = torch.from_numpy(run.window(w))[None].to(device)            # (1, T, 96, 96, 96)
         brain = torch.from_numpy(run.brain)[None].to(device)            # (1, 96, 96, 96)
-        emb = model.encode(x, brain)                                    # (1, C)
+        emb, tokens, valid = model.encode_tokens(x, brain)              # (1, C), (1, T', g.., C0)
         window_embs.append(emb[0])
+        region_feats.append(loaded.pooling(tokens[0], valid[0]).cpu())  # (T', R, C0)
         if not attribution:
             continue
         regions = _subsets(eligible, n_subsets,
@@ -248,7 +262,9 @@ def analyse_run(loaded: LoadedModel, run: CachedRun, *, attribution: bool, n_sub
         err_n = n if err_n is None else err_n + n
     window_embeddings = torch.stack(window_embs).float().cpu().numpy()  # (W, C)
     embedding = window_embeddings.mean(0)
-    result = RunAttribution(window_embeddings, embedding, None, None, None, None,
+    features = torch.cat(region_feats).double().numpy()                # (F, R, C0)
+    result = RunAttribution(window_embeddings, embedding, region_embedding(features),
+                            feature_correlation(features), None, None, None, None,
                             eligible.cpu().numpy(), example)
     if attribution:
         n = err_n.clamp_min(1)
@@ -260,9 +276,16 @@ def analyse_run(loaded: LoadedModel, run: CachedRun, *, attribution: bool, n_sub
                                             torch.nan).cpu().numpy()
         delta = torch.stack(deltas).mean(0).float().cpu().numpy()       # (R, C)
         occluded = embedding[None, :] + delta
-        cos = (occluded @ embedding) / (np.linalg.norm(occluded, axis=1)
-                                       * np.linalg.norm(embedding) + 1e-12)
+        spread = window_spread(window_embeddings)
         eligible_np = result.eligible
         result.occluded_embeddings = np.where(eligible_np[:, None], occluded, np.nan)
-        result.occlusion = np.where(eligible_np, 1.0 - cos, np.nan)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            sensitivity = np.linalg.norm(delta, axis=1) / spread
+        result.occlusion = np.where(eligible_np & (spread > 0), sensitivity, np.nan)
     return result
+
+
+def window_spread(window_embeddings: np.ndarray) -> float:
+    """Root-mean-square distance of window embeddings ``(W, C)`` from their mean (0 for one window)."""
+    centred = window_embeddings - window_embeddings.mean(0)
+    return float(np.sqrt((centred**2).sum(1).mean()))

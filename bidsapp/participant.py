@@ -5,6 +5,13 @@ the model's masking ``<m>`` (``desc-<m>``), written beside the run in ``OUTPUT_D
 
 - ``<source>_desc-<m>_embedding.tsv``: one row per window (``window``, ``onset`` in seconds, ``e000``...)
 - ``<source>_desc-<m>_stat-mean_embedding.tsv``: the run embedding (mean over windows), one row
+- ``<source>_atlas-AAL3v1_desc-<m>_stat-region_embedding.tsv``: one row per region, its features at the
+  encoder's finest stage averaged over frames (:mod:`bidsapp.readouts`)
+- ``<source>_atlas-AAL3v1_desc-<m>_stat-pearsoncorrelation_relmat.tsv``: region x region correlation
+  of the region features over frames (connectivity in the model's feature space)
+- ``<source>_atlas-AAL3v1_stat-mean_timeseries.tsv`` and ``..._stat-pearsoncorrelation_relmat.tsv``
+  (no ``desc``: they do not depend on the model): the functional-connectivity baseline, region mean
+  signals of the same preprocessed run and their Pearson correlations (BEP017 names, as XCP-D)
 - ``<source>_atlas-AAL3v1_desc-<m>_stat-occluded_embedding.tsv``: one row per region, the run embedding
   with that region hidden (used by the group level)
 - ``<source>_atlas-AAL3v1_desc-<m>_stat-reconerror_boldmap.nii.gz`` and ``..._stat-occlusion_...``: 3D
@@ -38,11 +45,20 @@ from bidsapp.bids.validation import validate_input
 from bidsapp.config import Config
 from bidsapp.data import prepare_runs
 from bidsapp.errors import BadDataError
-from bidsapp.inference import LoadedModel, RunAttribution, analyse_run, find_model, load_model
+from bidsapp.grid import CubeAtlas, cube_atlas
+from bidsapp.inference import (
+    LoadedModel,
+    RunAttribution,
+    analyse_run,
+    find_model,
+    load_model,
+    window_spread,
+)
 from bidsapp.inference import __doc__ as ATTRIBUTION_METHOD
 from bidsapp.io import remove_temporaries
 from bidsapp.logs import get_logger
 from bidsapp.preprocess import CachedRun
+from bidsapp.readouts import correlation_matrix, region_timeseries
 from bidsapp.runtime import seed_everything
 
 log = get_logger("participant")
@@ -50,7 +66,8 @@ log = get_logger("participant")
 #: Non-standard suffixes this level writes (kept out of the BIDS validator's way).
 # Directories without a trailing slash: bids-validator-deno does not match "dir/" patterns.
 BIDSIGNORE = ["*_embedding.tsv", "*_embedding.json", "*_boldmap.nii.gz", "*_boldmap.json",
-              "*_attribution.tsv", "*_attribution.json", "sub-*/figures", "sub-*.html",
+              "*_attribution.tsv", "*_attribution.json", "*_relmat.tsv", "*_relmat.json",
+              "*_timeseries.tsv", "*_timeseries.json", "sub-*/figures", "sub-*.html",
               "models", "group", "group.html", "logs"]
 
 
@@ -67,6 +84,13 @@ class RunOutputs:
 
         self.embedding = path("embedding", ".tsv", desc=desc)
         self.mean_embedding = path("embedding", ".tsv", desc=desc, stat="mean")
+        self.region_embedding = path("embedding", ".tsv", atlas=atlas_label, desc=desc,
+                                     stat="region")
+        self.connectivity = path("relmat", ".tsv", atlas=atlas_label, desc=desc,
+                                 stat="pearsoncorrelation")
+        # The baseline does not depend on the model: no desc.
+        self.timeseries = path("timeseries", ".tsv", atlas=atlas_label, stat="mean")
+        self.fc = path("relmat", ".tsv", atlas=atlas_label, stat="pearsoncorrelation")
         self.occluded = path("embedding", ".tsv", atlas=atlas_label, desc=desc, stat="occluded")
         self.recon_map = path("boldmap", ".nii.gz", atlas=atlas_label, stat="reconerror", desc=desc)
         self.occlusion_map = path("boldmap", ".nii.gz", atlas=atlas_label, stat="occlusion",
@@ -76,7 +100,8 @@ class RunOutputs:
         self.done = self.embedding.with_suffix(".json")
 
     def data_files(self, attribution: bool) -> list[Path]:
-        files = [self.embedding, self.mean_embedding]
+        files = [self.embedding, self.mean_embedding, self.region_embedding, self.connectivity,
+                 self.timeseries, self.fc]
         if attribution:
             files += [self.occluded, self.recon_map, self.occlusion_map, self.table, self.groups]
         return files
@@ -106,7 +131,7 @@ def region_table(atlas: Atlas, loaded: LoadedModel, result: RunAttribution,
     table["reconerror_se"] = result.recon_error_se
     table["occlusion"] = result.occlusion
     table["note"] = np.where(result.eligible, "n/a",
-                             "owns no token of the model grid: cannot be hidden")
+                             "no voxel on the model's working grid: cannot be hidden")
     return table
 
 
@@ -132,8 +157,47 @@ def _embedding_frame(rows: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[f"e{i:03d}" for i in range(rows.shape[1])])
 
 
+def _relmat_frame(matrix: np.ndarray, names: list[str]) -> pd.DataFrame:
+    """A square region x region table with a ``Node`` column (as XCP-D's relmat files)."""
+    frame = pd.DataFrame(matrix, columns=names)
+    frame.insert(0, "Node", names)
+    return frame
+
+
+def write_readouts(writer: DerivativesWriter, out: RunOutputs, cached: CachedRun, cube: CubeAtlas,
+                   atlas: Atlas, result: RunAttribution, sources: list[str],
+                   model_info: dict) -> None:
+    """The region readouts of the model and the functional-connectivity baseline of one run."""
+    names = [region.name for region in atlas.regions]
+    regions = _embedding_frame(result.region_embeddings)
+    regions.insert(0, "name", names)
+    regions.insert(0, "index", [region.index for region in atlas.regions])
+    writer.write_tsv(out.region_embedding, regions)
+    writer.write_sidecar(out.region_embedding, {
+        "Description": "Region embeddings: the encoder's finest-stage token features pooled per "
+                       "region (weighted by the share of the region's voxels in each token) and "
+                       "averaged over frames", "Atlas": atlas.name, "Sources": sources,
+        "Model": model_info})
+    writer.write_tsv(out.connectivity, _relmat_frame(result.feature_connectivity, names))
+    writer.write_sidecar(out.connectivity, {
+        "Description": "Connectivity in the model's feature space: for every channel, the Pearson "
+                       "correlation of two regions' features over frames, averaged over channels",
+        "Atlas": atlas.name, "Sources": sources, "Model": model_info})
+    timeseries = region_timeseries(cached, cube)
+    writer.write_tsv(out.timeseries, pd.DataFrame(timeseries, columns=names))
+    writer.write_sidecar(out.timeseries, {
+        "Description": "Functional-connectivity baseline: mean z-scored signal of each region's "
+                       "voxels in the run's brain mask, on the model cube, every frame",
+        "Atlas": atlas.name, "Sources": sources, "RepetitionTime": cached.repetition_time})
+    writer.write_tsv(out.fc, _relmat_frame(correlation_matrix(timeseries), names))
+    writer.write_sidecar(out.fc, {
+        "Description": "Functional-connectivity baseline: Pearson correlation of the region "
+                       "time series (nilearn ConnectivityMeasure, empirical covariance)",
+        "Atlas": atlas.name, "Sources": [*sources, writer.bids_uri(out.timeseries)]})
+
+
 def write_run(writer: DerivativesWriter, out: RunOutputs, run: BoldRun, cached: CachedRun,
-              atlas: Atlas, loaded: LoadedModel, result: RunAttribution,
+              atlas: Atlas, cube: CubeAtlas, loaded: LoadedModel, result: RunAttribution,
               config: Config) -> None:
     """Write one run's outputs (each atomically; the completion sidecar last)."""
     tr = cached.repetition_time
@@ -149,7 +213,8 @@ def write_run(writer: DerivativesWriter, out: RunOutputs, run: BoldRun, cached: 
     writer.write_tsv(out.mean_embedding, _embedding_frame(result.embedding[None]))
     writer.write_sidecar(out.mean_embedding, {
         "Description": "Run embedding: mean of the window embeddings", "Sources": sources,
-        "Model": model_info})
+        "Model": model_info, "WindowSpread": window_spread(result.window_embeddings)})
+    write_readouts(writer, out, cached, cube, atlas, result, sources, model_info)
     meta: dict = {
         "Description": "Window embeddings of the pretrained roimae encoder (no masking)",
         "Sources": sources, "Model": model_info, "RepetitionTime": tr,
@@ -170,19 +235,21 @@ def write_run(writer: DerivativesWriter, out: RunOutputs, run: BoldRun, cached: 
         for path, column, text in (
             (out.recon_map, "reconerror", "Masked reconstruction error of each region (MSE of "
              "z-scored signal over its hidden brain voxels); lower = reconstructed better"),
-            (out.occlusion_map, "occlusion", "Representation sensitivity of each region: 1 - "
-             "cosine(run embedding, run embedding with the region hidden)"),
+            (out.occlusion_map, "occlusion", "Representation sensitivity of each region: the "
+             "distance between the run embedding and the run embedding with the region hidden, "
+             "in units of the RMS distance of the run's window embeddings from their mean"),
         ):
             writer.write_nifti(path, region_map(table[column].to_numpy(), contiguous, affine))
             writer.write_sidecar(path, {"Description": text, "Sources": sources,
                                         "Atlas": atlas.name, "Model": model_info,
-                                        "NaNMeans": "the region owns no token of the model grid"})
+                                        "NaNMeans": "the region has no voxel on the model's "
+                                                    "working grid"})
         writer.write_tsv(out.table, table)
         writer.write_tsv(out.groups, group_summary(table, ("reconerror", "occlusion")))
         meta["Attribution"] = {
             "Method": " ".join(ATTRIBUTION_METHOD.split()), "Subsets": config.participant.
             attribution_subsets, "Atlas": atlas.name, "Regions": len(atlas.regions),
-            "RegionsWithoutToken": int((~result.eligible).sum()),
+            "RegionsNotHidden": int((~result.eligible).sum()),
         }
     writer.write_sidecar(out.embedding, meta)   # last: marks the run complete
 
@@ -213,6 +280,7 @@ def run_participant(config: Config, device: torch.device) -> None:
                     log.info("%s: removed %s, left by an interrupted job", run.name, tmp.name)
             todo.append((run, out))
     cached = prepare_runs(config, [run for run, _ in todo], loaded.window_frames)
+    cube = cube_atlas(atlas)
     seed_everything(config.random_seed)
     by_subject: dict[str, list] = defaultdict(list)
     for i, ((run, out), cache) in enumerate(zip(todo, cached, strict=True), start=1):
@@ -223,7 +291,7 @@ def run_participant(config: Config, device: torch.device) -> None:
         result = analyse_run(loaded, cache, attribution=attribution,
                              n_subsets=config.participant.attribution_subsets,
                              seed=config.random_seed)
-        write_run(writer, out, run, cache, atlas, loaded, result, config)
+        write_run(writer, out, run, cache, atlas, cube, loaded, result, config)
         log.info("[%d/%d] %s: %d windows%s in %.1f s", i, len(todo), run.name, cache.n_windows,
                  " + attribution" if attribution else "", time.perf_counter() - t0)
         by_subject[run.subject].append((run, out, result))

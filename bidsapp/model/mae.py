@@ -207,6 +207,37 @@ class MaskedAutoencoder(nn.Module):
         x, brain = self.prepare(x, brain)
         return self._embed(x, brain, mask)
 
+    def encode_tokens(
+        self, x: torch.Tensor, brain: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Embed each window and keep its finest token features (nothing hidden).
+
+        The global embedding averages away what differs between regions and frames; the token
+        features of the finest stage keep it, for region readouts (:mod:`bidsapp.readouts`).
+
+        Parameters
+        ----------
+        x : torch.Tensor, shape (B, T, 96, 96, 96)
+        brain : torch.BoolTensor, shape (B, 96, 96, 96)
+
+        Returns
+        -------
+        embedding : torch.Tensor, shape (B, C)
+            As :meth:`encode`, from the same pass.
+        tokens : torch.Tensor, shape (B, T', gd, gh, gw, C0)
+            Features on the token grid; ``T' = T / tubelet`` steps.
+        valid : torch.BoolTensor, shape (B, gd, gh, gw)
+            Tokens that carry features (every token for swin4d; brain tokens for vit4d).
+        """
+        x, brain = self.prepare(x, brain)
+        return self._embed_tokens(x, brain)
+
+    def _embed_tokens(
+        self, x: torch.Tensor, brain: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Working-resolution ``x``, ``brain`` -> embedding, token features, valid tokens."""
+        raise NotImplementedError
+
     def _reconstruct(
         self, x: torch.Tensor, brain: torch.Tensor, mask: Mask
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -306,6 +337,15 @@ class SwinMaskedAutoencoder(MaskedAutoencoder):
         A stage-L token holds brain if any of its working voxels does.
         """
         return self._pool(self._features(x, mask)[-1], brain)
+
+    def _embed_tokens(
+        self, x: torch.Tensor, brain: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stage-0 features (the finest grid) beside the pooled last stage, from one pass."""
+        feats = self._features(x, None)
+        first = feats[0]  # (B, T, gd, gh, gw, C0)
+        valid = torch.ones(first.shape[0], *first.shape[2:5], dtype=torch.bool, device=x.device)
+        return self._pool(feats[-1], brain), first, valid
 
     def _pool(self, feats: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
         """Mean of last-stage ``feats (B, T, g_L.., C_L)`` over frames and brain tokens: (B, C_L)."""

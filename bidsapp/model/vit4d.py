@@ -198,3 +198,16 @@ class ViTMaskedAutoencoder(MaskedAutoencoder):
         """The mean of the encoder output over the visible brain tokens of all frames."""
         latent, _, valid, _ = self._encode(x, brain, mask)
         return self._mean(latent, valid)
+
+    def _embed_tokens(
+        self, x: torch.Tensor, brain: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The encoder output put back on the token grid (0 on background tokens)."""
+        latent, index, valid, brain_flat = self._encode(x, brain, None)
+        grid = self._grid(x)
+        b, n, c = brain_flat.shape[0], brain_flat.shape[1], latent.shape[-1]
+        # Padding slots point at background tokens, which are 0 whatever they receive.
+        tokens = latent.new_zeros(b, n, c).scatter(1, index[..., None].expand(-1, -1, c),
+                                                   latent * valid[..., None])
+        tokens = tokens.view(b, *grid, c)  # (B, T', gd, gh, gw, C)
+        return self._mean(latent, valid), tokens, brain_tokens(brain, self.preset.patch_size)

@@ -1,0 +1,210 @@
+"""Region readouts of a model's token features, and the functional-connectivity baseline.
+
+A window embedding averages the last stage over every token and frame, which keeps a baseline
+shift but averages away differences of amplitude and covariance between regions. The readouts
+below keep them. From the finest stage of the encoder (one token per ``p^3`` working voxels and
+frame), features are pooled per atlas region and frame:
+
+- :class:`RegionPooling`: region r's feature at a frame is the mean of the token features weighted
+  by the share of r's atlas voxels (2 mm cube) each token holds, so every region with voxels gets
+  a feature, also regions too small to own a token;
+- :func:`region_embedding`: the mean over frames, ``(R, C)``;
+- :func:`feature_correlation`: for every channel, the Pearson correlation between two regions'
+  features over frames, averaged over channels, ``(R, R)``: functional connectivity in the
+  model's feature space.
+
+The baseline (:func:`region_timeseries`, :func:`correlation_matrix`) is what a researcher would
+compute without roimae: region mean signals of the same preprocessed run and their Pearson
+correlations through nilearn's :class:`~nilearn.connectome.ConnectivityMeasure`. For
+classification, correlation matrices enter as the Fisher z of their upper triangle
+(:func:`vectorize`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from nilearn.connectome import ConnectivityMeasure
+from sklearn.covariance import EmpiricalCovariance
+
+from bidsapp.grid import CubeAtlas
+from bidsapp.preprocess import CachedRun
+
+#: Frames per chunk when region means are read from the cache (bounds float32 memory).
+_CHUNK_FRAMES = 64
+
+
+@dataclass(frozen=True)
+class RegionPooling:
+    """Token features -> region features, by the share of each region's voxels in each token.
+
+    Attributes
+    ----------
+    weights : torch.Tensor, shape (R, N)
+        ``weights[r, n]``: the number of region r's voxels (2 mm cube) inside token n, over
+        region r's voxels; rows sum to 1 (0 for a region without voxels).
+    """
+
+    weights: torch.Tensor
+
+    @classmethod
+    def from_atlas(cls, cube: CubeAtlas, token_edge: int) -> RegionPooling:
+        """Weights for tokens of ``token_edge`` cube voxels per side (``patch * downsample``)."""
+        labels = cube.voxel_labels.astype(np.int64)
+        size = labels.shape[0]
+        if any(n != size or n % token_edge for n in labels.shape):
+            raise ValueError(f"a cube {labels.shape} does not tile into {token_edge}-voxel tokens")
+        grid = size // token_edge
+        i, j, k = np.nonzero(labels >= 0)
+        token = ((i // token_edge) * grid + j // token_edge) * grid + k // token_edge
+        n_tokens, n_regions = grid**3, cube.n_regions
+        counts = np.bincount(labels[i, j, k] * n_tokens + token,
+                             minlength=n_regions * n_tokens).reshape(n_regions, n_tokens)
+        totals = counts.sum(1, keepdims=True)
+        weights = counts / np.maximum(totals, 1)
+        return cls(torch.from_numpy(weights.astype(np.float32)))
+
+    def to(self, device: torch.device | str) -> RegionPooling:
+        """Return a copy on ``device``."""
+        return RegionPooling(self.weights.to(device))
+
+    def __call__(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Pool ``tokens (T', gd, gh, gw, C)`` of one window to regions.
+
+        Parameters
+        ----------
+        tokens : torch.Tensor, shape (T', gd, gh, gw, C)
+        valid : torch.BoolTensor, shape (gd, gh, gw)
+            Tokens that carry features; the weights are renormalised over them.
+
+        Returns
+        -------
+        torch.Tensor, shape (T', R, C)
+            NaN for a region none of whose voxels lies in a valid token.
+        """
+        weights = self.weights * valid.flatten().to(self.weights.dtype)  # (R, N)
+        total = weights.sum(1, keepdim=True)  # (R, 1)
+        weights = weights / total.clamp_min(1e-12)
+        flat = tokens.flatten(1, 3).to(weights.dtype)  # (T', N, C)
+        pooled = torch.einsum("rn,tnc->trc", weights, flat)  # (T', R, C)
+        return pooled.masked_fill((total == 0)[None], float("nan"))
+
+
+def region_embedding(features: np.ndarray) -> np.ndarray:
+    """Mean region features over frames.
+
+    Parameters
+    ----------
+    features : ndarray, shape (F, R, C)
+
+    Returns
+    -------
+    ndarray, shape (R, C)
+    """
+    return features.mean(axis=0)
+
+
+def feature_correlation(features: np.ndarray) -> np.ndarray:
+    """Region-by-region correlation of region features over frames, averaged over channels.
+
+    ``corr[r, s] = mean over channels c of pearson(features[:, r, c], features[:, s, c])``, the
+    mean taken over the channels that vary in both regions.
+
+    Parameters
+    ----------
+    features : ndarray, shape (F, R, C)
+
+    Returns
+    -------
+    ndarray, shape (R, R)
+        Symmetric, 1 on the diagonal of regions with a varying channel, NaN for pairs without
+        one (e.g. a region without features).
+    """
+    x = features.astype(np.float64)
+    x = x - x.mean(axis=0)
+    sd = np.sqrt((x**2).mean(axis=0))  # (R, C)
+    varies = np.isfinite(sd) & (sd > 1e-12 * np.nanmax(sd, initial=0.0))
+    z = np.where(varies, x / np.where(varies, sd, 1.0), 0.0)  # (F, R, C)
+    products = np.einsum("frc,fsc->rs", z, z) / len(x)  # sum over frames and channels
+    pairs = varies.astype(np.float64) @ varies.T.astype(np.float64)  # (R, R) shared channels
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = np.where(pairs > 0, products / pairs, np.nan)
+    return np.clip(corr, -1.0, 1.0)
+
+
+def region_timeseries(run: CachedRun, cube: CubeAtlas) -> np.ndarray:
+    """Mean signal of every region over the run's brain voxels, frame by frame.
+
+    Parameters
+    ----------
+    run : CachedRun
+        The preprocessed run (all stored frames, the leftovers after the last window included).
+    cube : CubeAtlas
+        The atlas on the model cube.
+
+    Returns
+    -------
+    ndarray, shape (n_frames, R), float64
+        NaN for a region without a voxel in the run's brain mask.
+    """
+    labels = cube.voxel_labels.ravel()[run.brain_index].astype(np.int64)  # (n_brain,)
+    inside = labels >= 0
+    columns = labels[inside]
+    counts = np.bincount(columns, minlength=cube.n_regions).astype(np.float64)
+    out = np.zeros((run.n_frames, cube.n_regions))
+    for start in range(0, run.n_frames, _CHUNK_FRAMES):
+        chunk = np.asarray(run.data[start:start + _CHUNK_FRAMES], dtype=np.float32)[:, inside]
+        sums = np.zeros((chunk.shape[0], cube.n_regions))
+        for row, values in enumerate(chunk):
+            sums[row] = np.bincount(columns, weights=values, minlength=cube.n_regions)
+        out[start:start + chunk.shape[0]] = sums
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, out / counts, np.nan)
+
+
+def correlation_matrix(timeseries: np.ndarray) -> np.ndarray:
+    """Pearson correlation of region time series with nilearn's ConnectivityMeasure.
+
+    Parameters
+    ----------
+    timeseries : ndarray, shape (n_frames, R)
+        NaN columns (regions without voxels) and constant columns are left out of the estimate
+        and get NaN rows and columns.
+
+    Returns
+    -------
+    ndarray, shape (R, R)
+    """
+    n_regions = timeseries.shape[1]
+    finite = np.isfinite(timeseries).all(axis=0)
+    keep = finite & (np.nanstd(np.where(finite, timeseries, 0.0), axis=0) > 0)
+    corr = np.full((n_regions, n_regions), np.nan)
+    if keep.sum() < 2 or len(timeseries) < 3:
+        return corr
+    measure = ConnectivityMeasure(kind="correlation", cov_estimator=EmpiricalCovariance())
+    corr[np.ix_(keep, keep)] = measure.fit_transform([timeseries[:, keep]])[0]
+    return corr
+
+
+def vectorize(matrix: np.ndarray) -> np.ndarray:
+    """Fisher z of the upper triangle (diagonal excluded) of a correlation matrix, row by row.
+
+    Parameters
+    ----------
+    matrix : ndarray, shape (R, R)
+
+    Returns
+    -------
+    ndarray, shape (R * (R - 1) / 2,)
+        NaN where the correlation is NaN.
+    """
+    rows, cols = np.triu_indices(matrix.shape[0], k=1)
+    values = np.clip(matrix[rows, cols], -1 + 1e-7, 1 - 1e-7)
+    return np.arctanh(values)
+
+
+def edge_regions(n_regions: int) -> tuple[np.ndarray, np.ndarray]:
+    """The two regions of each entry of :func:`vectorize`'s output, in its order."""
+    return np.triu_indices(n_regions, k=1)

@@ -1,0 +1,176 @@
+"""Region readouts and the connectivity baseline (bidsapp.readouts) on hand-computable inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from nilearn.connectome import ConnectivityMeasure
+from nilearn.maskers import NiftiLabelsMasker
+from sklearn.covariance import EmpiricalCovariance
+
+from bidsapp.atlas import load_atlas
+from bidsapp.grid import MNI_2MM_AFFINE, MNI_2MM_SHAPE, CubeAtlas, cube_affine, cube_atlas
+from bidsapp.preprocess import PreprocessParams, prepare_run
+from bidsapp.readouts import (
+    RegionPooling,
+    correlation_matrix,
+    edge_regions,
+    feature_correlation,
+    region_embedding,
+    region_timeseries,
+    vectorize,
+)
+
+
+def _cube(labels: np.ndarray, n_regions: int) -> CubeAtlas:
+    return CubeAtlas(voxel_labels=labels.astype(np.int16), brain=labels >= 0,
+                     region_values=np.arange(1, n_regions + 1))
+
+
+def test_region_pooling_weights_tokens_by_the_share_of_region_voxels() -> None:
+    # Tokens of 48 cube voxels: a 2^3 token grid. Region 0 lies in token (0,0,0) only; region 1
+    # has 3 voxels in token (0,0,0) and 1 voxel in token (1,1,1); region 2 has no voxel.
+    labels = np.full((96, 96, 96), -1)
+    labels[0:2, 0:2, 0:2] = 0
+    labels[10, 10, 10:13] = 1
+    labels[60, 60, 60] = 1
+    pooling = RegionPooling.from_atlas(_cube(labels, 3), token_edge=48)
+    tokens = torch.zeros(2, 2, 2, 2, 3)  # (T', gd, gh, gw, C)
+    tokens[:, 0, 0, 0] = torch.tensor([1.0, 2.0, 3.0])
+    tokens[:, 1, 1, 1] = torch.tensor([5.0, 6.0, 7.0])
+    tokens[1] *= 2  # the second frame doubles
+    valid = torch.ones(2, 2, 2, dtype=torch.bool)
+    pooled = pooling(tokens, valid)  # (T', R, C)
+    assert pooled.shape == (2, 3, 3)
+    torch.testing.assert_close(pooled[0, 0], torch.tensor([1.0, 2.0, 3.0]))
+    torch.testing.assert_close(pooled[0, 1], 0.75 * torch.tensor([1.0, 2.0, 3.0])
+                               + 0.25 * torch.tensor([5.0, 6.0, 7.0]))
+    torch.testing.assert_close(pooled[1, 1], 2 * pooled[0, 1])
+    assert torch.isnan(pooled[:, 2]).all()
+    # A token without features (vit4d background) is left out and the weights renormalised.
+    valid[1, 1, 1] = False
+    torch.testing.assert_close(pooling(tokens, valid)[0, 1], torch.tensor([1.0, 2.0, 3.0]))
+
+
+def test_every_aal3_region_gets_features_at_the_tiny_token_size(atlas_dir: Path) -> None:
+    # Regions too small to own a token (52 at tiny) still get a weighted share of tokens.
+    cube = cube_atlas(load_atlas(atlas_dir / "AAL3v1_2mm.nii.gz", atlas_dir / "AAL3v1_labels.tsv"))
+    pooling = RegionPooling.from_atlas(cube, token_edge=8)
+    torch.testing.assert_close(pooling.weights.sum(1), torch.ones(cube.n_regions))
+
+
+def test_region_embedding_and_feature_correlation_on_known_features() -> None:
+    rng = np.random.default_rng(0)
+    n_frames, n_channels = 200, 4
+    course = rng.normal(size=(n_frames, 1))
+    other = rng.normal(size=(n_frames, 1))
+    gains = np.array([1.0, -2.0, 0.5, 3.0])
+    features = np.stack([
+        2.0 + course * gains,                  # region 0: the course in every channel
+        -1.0 + 3 * course * gains,             # region 1: the same course, scaled
+        5.0 - course * gains,                  # region 2: the course reversed
+        other * gains,                         # region 3: an independent course
+        np.full((n_frames, n_channels), 7.0),  # region 4: constant (no correlation defined)
+    ], axis=1)                                 # (F, R, C)
+    np.testing.assert_allclose(region_embedding(features)[:3, 0],
+                               [2 + course.mean(), -1 + 3 * course.mean(), 5 - course.mean()])
+    corr = feature_correlation(features)
+    np.testing.assert_allclose(corr[0, 1], 1.0, atol=1e-12)
+    np.testing.assert_allclose(corr[0, 2], -1.0, atol=1e-12)
+    expected = np.mean([np.corrcoef(features[:, 0, c], features[:, 3, c])[0, 1]
+                        for c in range(n_channels)])
+    np.testing.assert_allclose(corr[0, 3], expected, atol=1e-12)
+    np.testing.assert_allclose(corr, corr.T)
+    assert np.isnan(corr[4]).all() and np.isnan(corr[:, 4]).all()
+
+
+def test_feature_correlation_averages_over_the_channels_that_vary() -> None:
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(50, 3, 2))
+    features[:, 0, 1] = 4.0  # region 0 does not vary in channel 1
+    corr = feature_correlation(features)
+    np.testing.assert_allclose(corr[0, 1], np.corrcoef(features[:, 0, 0], features[:, 1, 0])[0, 1],
+                               atol=1e-12)
+    np.testing.assert_allclose(corr[1, 2], np.mean([np.corrcoef(features[:, 1, c],
+                                                                features[:, 2, c])[0, 1]
+                                                    for c in range(2)]), atol=1e-12)
+
+
+def test_vectorize_is_the_fisher_z_of_the_upper_triangle() -> None:
+    matrix = np.array([[1.0, 0.5, -0.2], [0.5, 1.0, np.nan], [-0.2, np.nan, 1.0]])
+    np.testing.assert_allclose(vectorize(matrix), [np.arctanh(0.5), np.arctanh(-0.2), np.nan])
+    first, second = edge_regions(3)
+    assert first.tolist() == [0, 0, 1] and second.tolist() == [1, 2, 2]
+
+
+def test_connectivity_baseline_matches_nilearn_computed_directly(tmp_path: Path,
+                                                                 atlas_dir: Path) -> None:
+    atlas = load_atlas(atlas_dir / "AAL3v1_2mm.nii.gz", atlas_dir / "AAL3v1_labels.tsv")
+    labels = np.asarray(atlas.image.dataobj)
+    mask = labels > 0
+    rng = np.random.default_rng(2)
+    # Three courses painted into three groups of regions, plus voxel noise.
+    courses = rng.normal(size=(3, 30))
+    series = np.zeros((*MNI_2MM_SHAPE, 30), dtype=np.float32)
+    series[mask] = 100 + courses[labels[mask] % 3] * 5 + rng.normal(size=(mask.sum(), 30))
+    for name, data in (("bold.nii", series), ("mask.nii", mask.astype(np.uint8))):
+        image = nib.Nifti1Image(data, MNI_2MM_AFFINE)
+        image.header.set_xyzt_units("mm", "sec")
+        if data.ndim == 4:
+            image.header.set_zooms((2.0, 2.0, 2.0, 2.0))
+        nib.save(image, tmp_path / name)
+    run = prepare_run(tmp_path / "bold.nii", tmp_path / "mask.nii", tmp_path / "cache",
+                      PreprocessParams(window_frames=10))
+    cube = cube_atlas(atlas)
+    timeseries = region_timeseries(run, cube)  # (30, R)
+    # nilearn's own region means of the same preprocessed frames, on the cube.
+    frames = np.moveaxis(run.frames(0, run.n_frames), 0, -1)
+    masker = NiftiLabelsMasker(nib.Nifti1Image(cube.voxel_labels.astype(np.int32) + 1,
+                                               cube_affine()),
+                               mask_img=nib.Nifti1Image(run.brain.astype(np.uint8), cube_affine()),
+                               strategy="mean", standardize=None)
+    expected = masker.fit_transform(nib.Nifti1Image(frames, cube_affine()))
+    assert expected.shape == timeseries.shape
+    np.testing.assert_allclose(timeseries, expected, atol=1e-5)
+    corr = correlation_matrix(timeseries)
+    direct = ConnectivityMeasure(kind="correlation", cov_estimator=EmpiricalCovariance())
+    np.testing.assert_allclose(corr, direct.fit_transform([expected])[0], atol=1e-6)
+    np.testing.assert_allclose(corr, np.corrcoef(timeseries.T), atol=1e-6)
+    # Regions painted with one course correlate strongly.
+    same = [i for i, r in enumerate(atlas.regions) if r.index % 3 == atlas.regions[0].index % 3]
+    assert np.nanmean(corr[np.ix_(same, same)]) > 0.9
+
+
+def test_correlation_matrix_leaves_out_regions_without_signal() -> None:
+    rng = np.random.default_rng(3)
+    timeseries = rng.normal(size=(40, 4))
+    timeseries[:, 1] = np.nan
+    timeseries[:, 3] = 2.0
+    corr = correlation_matrix(timeseries)
+    assert np.isnan(corr[1]).all() and np.isnan(corr[:, 3]).all()
+    np.testing.assert_allclose(corr[0, 2], np.corrcoef(timeseries[:, 0], timeseries[:, 2])[0, 1])
+
+
+@pytest.mark.parametrize("backbone", ["swin4d", "vit4d"])
+def test_encode_tokens_gives_the_embedding_of_encode(backbone: str) -> None:
+    from bidsapp.model.mae import MaskedAutoencoder
+    from bidsapp.model.presets import BACKBONE_PRESETS
+
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(BACKBONE_PRESETS[backbone]["tiny"]).eval()
+    brain = torch.zeros(1, 96, 96, 96, dtype=torch.bool)
+    brain[:, 20:70, 20:80, 20:70] = True
+    x = torch.randn(1, 10, 96, 96, 96) * brain[:, None]
+    with torch.no_grad():
+        embedding, tokens, valid = model.encode_tokens(x, brain)
+        torch.testing.assert_close(embedding, model.encode(x, brain))
+    steps = 10 // BACKBONE_PRESETS[backbone]["tiny"].tubelet
+    assert tokens.shape[:5] == (1, steps, 12, 12, 12)
+    assert valid.shape == (1, 12, 12, 12) and valid.any()
+    # Tokens outside the brain carry nothing for vit4d (it never encodes them).
+    if backbone == "vit4d":
+        assert (tokens[0, :, ~valid[0]] == 0).all()
