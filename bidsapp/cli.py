@@ -166,8 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     grp.add_argument(*_both("cv-groups"), dest="cv_groups", metavar="COLUMN",
                      help="participants.tsv column whose groups stay in one fold (e.g. site)")
     grp.add_argument(*_both("n-permutations"), dest="n_permutations", type=int, default=1000)
-    grp.add_argument("--compare", nargs="+", metavar="DESC",
-                     help="compare embedding sets of these models (e.g. roi random)")
+    grp.add_argument("--compare", nargs="+", metavar="SET",
+                     help="score these feature sets on identical folds: model maskings (e.g. roi "
+                     "random) and the baselines fc (functional connectivity) and covariates "
+                     "(default: every model found, fc, and covariates when --covariates is given)")
+    grp.add_argument("--features", nargs="+", choices=("connectivity", "region", "global"),
+                     default=["connectivity"],
+                     help="readouts of each model: connectivity of its region features, region "
+                     "embeddings, or the run embedding")
+    grp.add_argument("--covariates", nargs="+", metavar="COLUMN",
+                     help="participants.tsv columns of the covariates baseline (e.g. age sex)")
     return parser
 
 
@@ -260,6 +268,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
                 "cv_groups": args.cv_groups,
                 "n_permutations": args.n_permutations,
                 "compare": args.compare,
+                "features": args.features,
+                "covariates": args.covariates,
             },
         )
     except ValidationError as exc:

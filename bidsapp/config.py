@@ -18,6 +18,10 @@ MaskingName = Literal["roi", "random", "brain-random", "roi-voxel"]
 PresetName = Literal["tiny", "small", "base"]
 BackboneName = Literal["swin4d", "vit4d"]
 Device = Literal["auto", "cpu", "cuda"]
+Readout = Literal["connectivity", "region", "global"]
+MASKING_NAMES = ("roi", "random", "brain-random", "roi-voxel")
+#: Their BIDS ``desc`` labels, also accepted where a masking is named.
+MASKING_DESCS = ("brainrandom", "roivoxel")
 
 #: BIDS labels are alphanumeric (the BIDS specification, "label" value format).
 LABEL_PATTERN = re.compile(r"^[A-Za-z0-9]+$")
@@ -146,6 +150,18 @@ class GroupConfig(_Section):
     cv_groups: str | None = None
     n_permutations: int = Field(1000, ge=0)
     compare: list[str] | None = None
+    features: list[Readout] = Field(default_factory=lambda: ["connectivity"], min_length=1)
+    covariates: list[str] | None = None
+
+    @field_validator("compare")
+    @classmethod
+    def _compare(cls, v: list[str] | None) -> list[str] | None:
+        allowed = (*MASKING_NAMES, *MASKING_DESCS, "fc", "covariates")
+        for name in v or []:
+            if name not in allowed:
+                raise ValueError(f"--compare {name!r}: give model maskings (roi, random, "
+                                 "brain-random, roi-voxel) and the baselines fc, covariates")
+        return v
 
 
 class Config(_Section):

@@ -13,10 +13,22 @@ Cross-validation is honest by construction:
   of balanced accuracy with the corrected resampled t-test (Nadeau & Bengio 2003), which accounts for the
   overlap of training sets between folds.
 
+Feature sets. Each model (``desc``) is read through one or more readouts (``--features``): the
+feature-space connectivity of its regions (``connectivity``, the Fisher z of the upper triangle),
+its region embeddings (``region``) or the run embedding (``global``); see :mod:`bidsapp.readouts`.
+Two baselines are scored on the same folds: ``fc``, the Fisher z of the Pearson correlations of the
+region mean signals of the same preprocessed runs, and ``covariates``, the phenotype columns of
+``--covariates`` alone (the "no imaging" floor). Every classifier is one scikit-learn pipeline fit on
+the training folds only: mean imputation, standardisation and a PCA that keeps every component (a
+rotation onto the training rows' span, exact for an L2-penalised linear model, and what makes 10^4
+connectivity features cheap), then the classifier.
+
 Region importance for the decision: for each test participant and region r, the drop in the
-cross-validated decision margin toward the participant's true class when its run embedding is replaced
-by the occluded embedding the participant level kept for r (regions the embedding needs to be
-classified correctly score high; regions whose occlusion moves every participant alike average out).
+cross-validated decision margin toward the participant's true class when r is hidden from the
+classifier: for the run embedding, by the occluded embedding the participant level kept for r; for
+region and connectivity features, by replacing every feature that involves r with its training mean
+(regions the features need to be classified correctly score high; regions whose occlusion moves
+every participant alike average out).
 """
 
 from __future__ import annotations
@@ -31,7 +43,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 from sklearn.base import clone
+from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import (
     accuracy_score,
@@ -55,20 +69,72 @@ from bidsapp.config import Config
 from bidsapp.errors import BadDataError, NoInputError, UsageError
 from bidsapp.io import atomic_write_text, ensure_dir, remove_stale_temporaries, remove_temporaries
 from bidsapp.logs import get_logger
-from bidsapp.participant import BIDSIGNORE, RunOutputs, _atlas_label, group_summary, region_map
+from bidsapp.participant import (
+    BIDSIGNORE,
+    RunOutputs,
+    _atlas_label,
+    baseline_outputs,
+    group_summary,
+    region_map,
+)
+from bidsapp.readouts import edge_regions, vectorize
 
 log = get_logger("group")
 
 METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "f1_macro")
 
 
+#: Readouts of a model's outputs, best first on the real-signal benchmark (docs/science.md).
+READOUTS = ("connectivity", "region", "global")
+#: Feature sets that need no model.
+BASELINES = ("fc", "covariates")
+
+#: How the group level scores feature sets (recorded in ``*_settings.json``).
+GROUP_METHOD = (
+    "Repeated stratified group k-fold cross-validation (participants, or --cv-groups, never "
+    "straddle folds); per fold a pipeline fit on the training folds only: mean imputation, "
+    "standardisation, PCA keeping every component, classifier with its regularisation chosen by "
+    "an inner grouped cross-validation. Permutation p-value: diagnoses permuted between "
+    "participants on the first repeat's folds. Comparisons: corrected resampled t-test (Nadeau & "
+    "Bengio 2003) on fold-wise balanced accuracy. Region importance: drop in the decision margin "
+    "toward the true class when a region is hidden from the classifier."
+)
+
+
 @dataclass
 class EmbeddingSet:
-    """The run embeddings of one model (``desc``) with each run's participant, label and group."""
+    """The features of one feature set, with each run's participant, label and group.
 
-    desc: str
-    runs: pd.DataFrame          # run, participant_id, target, cv_group, table, occluded
-    X: np.ndarray               # (n_runs, C)
+    Attributes
+    ----------
+    name : str
+        How tables and the report name the set: ``<desc>-<readout>`` for a model, else the
+        baseline's name.
+    stem : str
+        Its part of file names: ``desc-<desc>_feature-<readout>`` or ``feature-<baseline>``.
+    desc : str or None
+        The model's masking description; None for a baseline.
+    readout : str
+        One of :data:`READOUTS` or :data:`BASELINES`.
+    runs : pandas.DataFrame
+        ``run, participant_id, target, cv_group, table, occluded``, one row per run.
+    X : ndarray, shape (n_runs, F)
+    regions : list of ndarray or None
+        For each atlas region, the columns of ``X`` that involve it (None: no such mapping).
+    """
+
+    name: str
+    stem: str
+    desc: str | None
+    readout: str
+    runs: pd.DataFrame
+    X: np.ndarray
+    regions: list[np.ndarray] | None = None
+
+    @property
+    def is_baseline(self) -> bool:
+        """A set that needs no model."""
+        return self.desc is None
 
 
 def build_classifier(name: str, seed: int, inner_groups: int) -> GridSearchCV:
@@ -82,7 +148,8 @@ def build_classifier(name: str, seed: int, inner_groups: int) -> GridSearchCV:
     else:
         estimator = MLPClassifier(hidden_layer_sizes=(64,), max_iter=500, random_state=seed)
         grid = {"clf__alpha": np.logspace(-4, 0, 3)}
-    pipeline = Pipeline([("scale", StandardScaler()), ("clf", estimator)])
+    pipeline = Pipeline([("impute", SimpleImputer(strategy="mean")), ("scale", StandardScaler()),
+                         ("reduce", PCA(svd_solver="full")), ("clf", estimator)])
     return GridSearchCV(pipeline, grid, cv=GroupKFold(n_splits=inner_groups),
                         scoring="balanced_accuracy", refit=True)
 
@@ -190,6 +257,13 @@ def permutation_pvalue(es: EmbeddingSet, splits: list, folds_table: pd.DataFrame
     params = Counter(folds_table["selected"]).most_common(1)[0][0]
     base = build_classifier(config.group.classifier, config.random_seed, 2).estimator
     base.set_params(**{f"clf__{k}": v for k, v in json.loads(params).items()})
+    classifier = base.steps[-1][1]
+    first_repeat = [s for s in splits if s[0] == 0]
+    # Imputation, scaling and PCA do not see the labels: fit once per fold, not per permutation.
+    folds = []
+    for _, _, train, test in first_repeat:
+        prepare = Pipeline(base.steps[:-1]).fit(es.X[train])
+        folds.append((train, test, prepare.transform(es.X[train]), prepare.transform(es.X[test])))
     y = es.runs["target"].to_numpy()
     participants = es.runs["participant_id"].to_numpy()
     unique, inverse = np.unique(participants, return_inverse=True)
@@ -197,19 +271,18 @@ def permutation_pvalue(es: EmbeddingSet, splits: list, folds_table: pd.DataFrame
     labels = np.array([first[p] for p in unique])
     rng = np.random.default_rng(config.random_seed)
     null = np.empty(n_perm)
-    first_repeat = [s for s in splits if s[0] == 0]
     for i in range(n_perm):
         y_perm = rng.permutation(labels)[inverse]
         scores = []
-        for _, _, train, test in first_repeat:
+        for train, test, x_train, x_test in folds:
             if len(np.unique(y_perm[train])) < 2:
                 scores.append(0.5)
                 continue
             with warnings.catch_warnings():
                 # A permuted test fold may hold one class only; its score is still defined.
                 warnings.simplefilter("ignore")
-                model = clone(base).fit(es.X[train], y_perm[train])
-                scores.append(balanced_accuracy_score(y_perm[test], model.predict(es.X[test])))
+                model = clone(classifier).fit(x_train, y_perm[train])
+                scores.append(balanced_accuracy_score(y_perm[test], model.predict(x_test)))
         null[i] = np.mean(scores)
     # The null is computed on the first repeat's folds, so the observed score is too.
     observed = folds_table.loc[folds_table["repeat"] == 0, "balanced_accuracy"].mean()
@@ -243,8 +316,10 @@ def true_class_margin(model, X: np.ndarray, true: np.ndarray) -> np.ndarray:
 def region_importance(es: EmbeddingSet, models: list, atlas: Atlas) -> pd.DataFrame:
     """Drop in the cross-validated decision margin toward the true class when a region is hidden.
 
-    For every fold model and each of its test runs, the run embedding is replaced by the occluded
-    embedding the participant level kept for each region; the importance of a region is the mean
+    For every fold model and each of its test runs, region r is hidden from the classifier: the
+    run embedding is replaced by the occluded embedding the participant level kept for r (the
+    ``global`` readout), or every feature that involves r is set to its training mean (region and
+    connectivity features: the pipeline imputes them). The importance of a region is the mean
     margin drop, averaged over repeats within each participant and then over participants; its
     standard error is across participants (repeats reuse the same people, so they are not
     independent).
@@ -256,17 +331,25 @@ def region_importance(es: EmbeddingSet, models: list, atlas: Atlas) -> pd.DataFr
     owners: list[str] = []
     for _, test, model in models:
         classes = list(model.classes_)
-        for i in test:
-            true = np.array([classes.index(y[i])])
-            base = true_class_margin(model, es.X[i : i + 1], true)[0]
-            rows = es.runs["occluded"].iloc[i]                          # (R, C)
-            valid = np.isfinite(rows).all(axis=1)
-            drop = np.full(n_regions, np.nan)
-            if valid.any():
-                margins = true_class_margin(model, rows[valid], np.repeat(true, valid.sum()))
-                drop[valid] = base - margins
-            drops.append(drop)
-            owners.append(participants[i])
+        true = np.array([classes.index(v) for v in y[test]])
+        base = true_class_margin(model, es.X[test], true)               # (n_test,)
+        drop = np.full((len(test), n_regions), np.nan)
+        if es.regions is None:
+            for row, i in enumerate(test):
+                occluded = es.runs["occluded"].iloc[i]                  # (R, C)
+                valid = np.isfinite(occluded).all(axis=1)
+                if valid.any():
+                    margins = true_class_margin(model, occluded[valid],
+                                                np.repeat(true[row], valid.sum()))
+                    drop[row, valid] = base[row] - margins
+        else:
+            for r, columns in enumerate(es.regions):
+                if len(columns):
+                    hidden = es.X[test].copy()
+                    hidden[:, columns] = np.nan
+                    drop[:, r] = base - true_class_margin(model, hidden, true)
+        drops.append(drop)
+        owners.extend(participants[test])
     per_test = pd.DataFrame(np.vstack(drops))                           # (tests, R)
     stacked = per_test.groupby(np.array(owners)).mean().to_numpy()      # (participants, R)
     with warnings.catch_warnings():
@@ -280,47 +363,136 @@ def region_importance(es: EmbeddingSet, models: list, atlas: Atlas) -> pd.DataFr
     return table
 
 
-def _load_embedding_set(desc: str, dataset, writer: DerivativesWriter, targets: pd.Series,
-                        cv_groups: pd.Series | None, atlas_label: str) -> EmbeddingSet:
+def _read_relmat(path: Path) -> np.ndarray:
+    """A ``relmat.tsv`` (``Node`` column, then one column per region) as an (R, R) array."""
+    frame = pd.read_csv(path, sep="\t", na_values="n/a", index_col=0)
+    return frame.to_numpy(dtype=np.float64)
+
+
+def _read_features(readout: str, path: Path) -> np.ndarray | None:
+    """The feature vector of one run for a readout, None when its file is missing."""
+    if not path.is_file():
+        return None
+    if readout in ("connectivity", "fc"):
+        return vectorize(_read_relmat(path))
+    frame = pd.read_csv(path, sep="\t", na_values="n/a").filter(regex=r"^e\d+$")
+    return frame.to_numpy(dtype=np.float64).ravel()
+
+
+def _feature_regions(readout: str, n_regions: int, n_features: int) -> list[np.ndarray] | None:
+    """For each region, the feature columns that involve it (None for the run embedding)."""
+    if readout in ("connectivity", "fc"):
+        first, second = edge_regions(n_regions)
+        return [np.flatnonzero((first == r) | (second == r)) for r in range(n_regions)]
+    if readout == "region":
+        width = n_features // n_regions
+        return [np.arange(r * width, (r + 1) * width) for r in range(n_regions)]
+    return None
+
+
+def _set_names(desc: str | None, readout: str) -> tuple[str, str]:
+    if desc is None:
+        return readout, f"feature-{readout}"
+    return f"{desc}-{readout}", f"desc-{desc}_feature-{readout}"
+
+
+def _load_embedding_set(desc: str | None, readout: str, dataset, writer: DerivativesWriter,
+                        targets: pd.Series, cv_groups: pd.Series | None, atlas_label: str,
+                        n_regions: int) -> EmbeddingSet:
+    """The runs of one model (or the FC baseline, ``desc=None``) through one readout."""
     rows, vectors, missing = [], [], 0
     for run in dataset.runs:
         pid = f"sub-{run.subject}"
         if pid not in targets.index:
             continue
-        out = RunOutputs(writer, run, desc, atlas_label)
-        if not out.mean_embedding.is_file():
+        out = RunOutputs(writer, run, desc, atlas_label) if desc else None
+        if out is None:
+            path = baseline_outputs(writer, run, atlas_label)[1]
+        else:
+            path = {"global": out.mean_embedding, "region": out.region_embedding,
+                    "connectivity": out.connectivity}[readout]
+        vec = _read_features(readout, path)
+        if vec is None:
             missing += 1
             continue
-        vec = pd.read_csv(out.mean_embedding, sep="\t").to_numpy(dtype=np.float64)[0]
         occluded = None
-        if out.occluded.is_file():
+        if out is not None and readout == "global" and out.occluded.is_file():
             occluded = pd.read_csv(out.occluded, sep="\t", na_values="n/a").filter(
                 regex=r"^e\d+$").to_numpy(dtype=np.float64)
         vectors.append(vec)
         rows.append({"run": run.name, "participant_id": pid, "target": targets[pid],
                      "cv_group": pid if cv_groups is None else str(cv_groups.get(pid)),
-                     "table": out.table if out.table.is_file() else None,
+                     "table": out.table if out is not None and out.table.is_file() else None,
                      "occluded": occluded})
+    name, stem = _set_names(desc, readout)
     if missing:
-        log.warning("desc-%s: %d selected runs have no embedding (run the participant level)",
-                    desc, missing)
+        log.warning("%s: %d selected runs have no %s features (run the participant level)",
+                    name, missing, readout)
     if not rows:
-        raise NoInputError(f"no desc-{desc} embeddings found in the output directory: run the "
-                           f"participant level with the desc-{desc} model first")
-    return EmbeddingSet(desc, pd.DataFrame(rows), np.vstack(vectors))
+        what = f"desc-{desc} {readout}" if desc else "functional-connectivity"
+        raise NoInputError(f"no {what} features found in the output directory: run the "
+                           "participant level first" + (f" with the desc-{desc} model" if desc
+                                                        else ""))
+    if len({len(v) for v in vectors}) > 1:
+        raise BadDataError(f"{name}: the runs' feature files have different sizes (outputs of "
+                           "different models or atlases under one name?)")
+    X = np.vstack(vectors)
+    return EmbeddingSet(name, stem, desc, readout, pd.DataFrame(rows), X,
+                        _feature_regions(readout, n_regions, X.shape[1]))
 
 
-def _find_descs(config: Config) -> list[str]:
-    if config.group.compare:
-        return [masking_desc(d) for d in config.group.compare]
-    if config.participant.model_desc:
-        return [masking_desc(config.participant.model_desc)]
-    found = sorted({p.name.split("_desc-")[1].split("_")[0]
-                    for p in config.output_dir.glob("sub-*/**/*_stat-mean_embedding.tsv")})
-    if not found:
-        raise NoInputError(f"no embeddings in {config.output_dir}: run the participant level "
-                           "first")
-    return found
+def covariate_set(participants: pd.DataFrame, columns: list[str], runs: pd.DataFrame
+                  ) -> EmbeddingSet:
+    """The ``covariates`` baseline: phenotype columns only, for the given runs.
+
+    Numeric columns enter as they are, other columns one-hot (categories from every participant,
+    which does not look at the target); missing values stay NaN and are imputed inside the
+    training folds.
+    """
+    table = participants.set_index("participant_id")
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise BadDataError(f"participants.tsv has no column {', '.join(map(repr, missing))} "
+                           "(--covariates)")
+    parts = []
+    for column in columns:
+        values = table[column].replace({"n/a": np.nan})
+        numeric = pd.to_numeric(values, errors="coerce")
+        if numeric.notna().sum() == values.notna().sum():
+            parts.append(numeric.rename(column).to_frame())
+        else:
+            dummies = pd.get_dummies(values.astype("string").str.strip(), prefix=column,
+                                     dtype=float)
+            dummies[values.isna()] = np.nan
+            parts.append(dummies)
+    features = pd.concat(parts, axis=1)
+    X = features.loc[runs["participant_id"]].to_numpy(dtype=np.float64)
+    return EmbeddingSet("covariates", "feature-covariates", None, "covariates",
+                        runs.assign(table=None, occluded=None).reset_index(drop=True), X)
+
+
+def _wanted_sets(config: Config) -> list[tuple[str | None, str]]:
+    """``(desc, readout)`` of every feature set to score; ``desc`` None for a baseline."""
+    names = config.group.compare
+    if names is None:
+        if config.participant.model_desc:
+            names = [config.participant.model_desc]
+        else:
+            names = sorted({p.name.split("_desc-")[1].split("_")[0] for p in
+                            config.output_dir.glob("sub-*/**/*_stat-mean_embedding.tsv")})
+            if not names:
+                raise NoInputError(f"no embeddings in {config.output_dir}: run the participant "
+                                   "level first")
+        names = [*names, "fc"] + (["covariates"] if config.group.covariates else [])
+    wanted: list[tuple[str | None, str]] = []
+    for name in names:
+        if name in BASELINES:
+            if name == "covariates" and not config.group.covariates:
+                raise UsageError("--compare covariates needs --covariates COLUMN [COLUMN ...]")
+            wanted.append((None, name))
+        else:
+            wanted += [(masking_desc(name), readout) for readout in config.group.features]
+    return list(dict.fromkeys(wanted))
 
 
 def _check_classes(es: EmbeddingSet, folds: int) -> np.ndarray:
@@ -370,13 +542,21 @@ def _run_group(config: Config) -> None:
                                "(--cv-groups)")
         cv_groups = dataset.participants.set_index("participant_id")[config.group.cv_groups]
     label = _atlas_label(atlas)
-    sets = [_load_embedding_set(d, dataset, writer, targets, cv_groups, label)
-            for d in _find_descs(config)]
+    wanted = _wanted_sets(config)
+    sets = [_load_embedding_set(desc, readout, dataset, writer, targets, cv_groups, label,
+                                len(atlas.regions))
+            for desc, readout in wanted if readout != "covariates"]
+    if not sets:
+        raise UsageError("the covariates baseline alone has no runs to score: compare it with a "
+                         "model or fc")
     # The same runs for every set, so that folds and comparisons are paired.
     common = set.intersection(*(set(es.runs["run"]) for es in sets))
     for es in sets:
         keep = es.runs["run"].isin(common).to_numpy()
         es.runs, es.X = es.runs[keep].reset_index(drop=True), es.X[keep]
+    if any(readout == "covariates" for _, readout in wanted):
+        runs = sets[0].runs[["run", "participant_id", "target", "cv_group"]]
+        sets.append(covariate_set(dataset.participants, config.group.covariates, runs))
     classes = _check_classes(sets[0], config.group.cv_folds)
     splits = make_splits(sets[0].runs["target"].to_numpy(), sets[0].runs["cv_group"].to_numpy(),
                          config.group.cv_folds, config.group.cv_repeats, config.random_seed)
@@ -399,7 +579,7 @@ def _run_group(config: Config) -> None:
         folds_table, predictions, models, confusion = evaluate(es, splits, classes, config)
         p_value, null = permutation_pvalue(es, splits, folds_table, config)
         summary = summarize(folds_table, p_value)
-        stem = f"{prefix}_desc-{es.desc}"
+        stem = f"{prefix}_{es.stem}"
         writer.write_tsv(out_dir / f"{stem}_folds.tsv", folds_table)
         writer.write_tsv(out_dir / f"{stem}_predictions.tsv", predictions)
         writer.write_tsv(out_dir / f"{stem}_metrics.tsv", summary)
@@ -407,29 +587,82 @@ def _run_group(config: Config) -> None:
                          pd.DataFrame(confusion, index=classes, columns=classes)
                          .rename_axis("true").reset_index())
         attribution = group_attribution(es, models, atlas)
-        write_group_maps(writer, out_dir, f"atlas-{label}_desc-{es.desc}", attribution, atlas,
-                         prefix)
+        if es.readout != "covariates":
+            write_group_maps(writer, out_dir, f"atlas-{label}_{es.stem}", attribution, atlas,
+                             prefix)
         bal = summary.set_index("metric").loc["balanced_accuracy"]
-        log.info("desc-%s: balanced accuracy %.3f +- %.3f (permutation p = %.4f, %d runs, "
-                 "%d participants)", es.desc, bal["mean"], bal["sd"], p_value, len(es.runs),
-                 es.runs["participant_id"].nunique())
-        results[es.desc] = {"folds": folds_table, "summary": summary, "predictions": predictions,
+        log.info("%s: balanced accuracy %.3f +- %.3f (permutation p = %.4f, %d runs, "
+                 "%d participants, %d features)", es.name, bal["mean"], bal["sd"], p_value,
+                 len(es.runs), es.runs["participant_id"].nunique(), es.X.shape[1])
+        results[es.name] = {"folds": folds_table, "summary": summary, "predictions": predictions,
                             "confusion": confusion, "attribution": attribution, "null": null}
-    comparison = compare_sets(results, splits, len(sets[0].runs))
+    n_runs = len(sets[0].runs)
+    comparison = compare_sets(results, splits, n_runs)
     if comparison is not None:
         writer.write_tsv(out_dir / f"{prefix}_comparison.tsv", comparison)
+    scores = score_table(sets, results, splits, n_runs)
+    writer.write_tsv(out_dir / f"{prefix}_scores.tsv", scores)
     atomic_write_text(out_dir / f"{prefix}_settings.json", json.dumps({
         "target": config.group.target, "target_map": config.group.target_map,
         "classes": classes.tolist(), "classifier": config.group.classifier,
         "cv_folds": config.group.cv_folds, "cv_repeats": config.group.cv_repeats,
         "cv_groups": config.group.cv_groups or "participant_id",
         "n_permutations": config.group.n_permutations, "random_seed": config.random_seed,
-        "descs": [es.desc for es in sets], "method": " ".join((__doc__ or "").split()),
+        "features": config.group.features, "covariates": config.group.covariates,
+        "sets": [es.name for es in sets], "method": GROUP_METHOD,
     }, indent=2) + "\n")
     from bidsapp.reports import write_group_report
 
-    report = write_group_report(config.output_dir, prefix, classes, results, comparison, atlas)
+    report = write_group_report(config.output_dir, prefix, classes, results, comparison, scores,
+                                atlas)
     log.info("group report: %s", report)
+
+
+def effective_rank(X: np.ndarray) -> float:
+    """``exp`` of the entropy of the normalised squared singular values of centred ``X``.
+
+    1 when every row differs from the mean along one direction, ``min(n, F)`` when the variance
+    is spread evenly: how many directions the features of different participants really use.
+    """
+    finite = X[:, np.isfinite(X).all(axis=0)]
+    centred = finite - finite.mean(axis=0)
+    power = np.linalg.svd(centred, compute_uv=False) ** 2
+    if power.sum() == 0:
+        return 0.0
+    share = power[power > 0] / power.sum()
+    return float(np.exp(-(share * np.log(share)).sum()))
+
+
+def score_table(sets: list[EmbeddingSet], results: dict, splits: list, n_runs: int
+                ) -> pd.DataFrame:
+    """One row per feature set: scores, and the comparison with the best baseline.
+
+    The best baseline is the one of highest mean balanced accuracy; each other set is compared
+    with it on the same folds by the corrected resampled t-test.
+    """
+    n_test = int(np.mean([len(s[3]) for s in splits]))
+    baselines = [es.name for es in sets if es.is_baseline]
+    best = max(baselines, key=lambda n: results[n]["folds"]["balanced_accuracy"].mean(),
+               default=None)
+    rows = []
+    for es in sets:
+        folds = results[es.name]["folds"]
+        summary = results[es.name]["summary"].set_index("metric")
+        row = {"set": es.name, "kind": "baseline" if es.is_baseline else "model",
+               "desc": es.desc, "readout": es.readout, "features": es.X.shape[1],
+               "effective_rank": effective_rank(es.X),
+               "balanced_accuracy": summary.loc["balanced_accuracy", "mean"],
+               "balanced_accuracy_sd": summary.loc["balanced_accuracy", "sd"],
+               "roc_auc": summary.loc["roc_auc", "mean"],
+               "permutation_p": summary.loc["balanced_accuracy", "permutation_p"],
+               "best_baseline": best, "difference": np.nan, "t": np.nan, "p_corrected": np.nan}
+        if best is not None and es.name != best:
+            diff = (folds["balanced_accuracy"].to_numpy()
+                    - results[best]["folds"]["balanced_accuracy"].to_numpy())
+            t, p = corrected_ttest(diff, n_runs - n_test, n_test)
+            row.update(difference=diff.mean(), t=t, p_corrected=p)
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def group_attribution(es: EmbeddingSet, models: list, atlas: Atlas) -> pd.DataFrame:
@@ -446,7 +679,7 @@ def group_attribution(es: EmbeddingSet, models: list, atlas: Atlas) -> pd.DataFr
                     else np.nan
         else:
             table[measure] = np.nan
-    if all(o is not None for o in es.runs["occluded"]):
+    if es.regions is not None or all(o is not None for o in es.runs["occluded"]):
         importance = region_importance(es, models, atlas)
         table["importance"] = importance["importance"]
         table["importance_se"] = importance["importance_se"]

@@ -75,6 +75,19 @@ def _atlas_label(atlas: Atlas) -> str:
     return "".join(ch for ch in atlas.name if ch.isalnum())
 
 
+def baseline_outputs(writer: DerivativesWriter, run: BoldRun, atlas_label: str
+                     ) -> tuple[Path, Path]:
+    """The region time series and correlation matrix of the connectivity baseline of one run.
+
+    They do not depend on the model, so their names have no ``desc``.
+    """
+    def path(suffix: str, stat: str) -> Path:
+        return writer.path_for(run.entities, suffix=suffix, extension=".tsv", atlas=atlas_label,
+                               stat=stat)
+
+    return path("timeseries", "mean"), path("relmat", "pearsoncorrelation")
+
+
 class RunOutputs:
     """The paths of one run's outputs."""
 
@@ -88,9 +101,7 @@ class RunOutputs:
                                      stat="region")
         self.connectivity = path("relmat", ".tsv", atlas=atlas_label, desc=desc,
                                  stat="pearsoncorrelation")
-        # The baseline does not depend on the model: no desc.
-        self.timeseries = path("timeseries", ".tsv", atlas=atlas_label, stat="mean")
-        self.fc = path("relmat", ".tsv", atlas=atlas_label, stat="pearsoncorrelation")
+        self.timeseries, self.fc = baseline_outputs(writer, run, atlas_label)
         self.occluded = path("embedding", ".tsv", atlas=atlas_label, desc=desc, stat="occluded")
         self.recon_map = path("boldmap", ".nii.gz", atlas=atlas_label, stat="reconerror", desc=desc)
         self.occlusion_map = path("boldmap", ".nii.gz", atlas=atlas_label, stat="occlusion",

@@ -178,7 +178,7 @@ def plot_roc(results: dict, classes: np.ndarray, path: Path) -> Path:
         first = pred[pred["repeat"] == 0]
         fpr, tpr, _ = roc_curve(first["target"] == positive, first[f"p_{positive}"])
         auc = res["summary"].set_index("metric").loc["roc_auc", "mean"]
-        ax.plot(fpr, tpr, label=f"desc-{desc} (AUC {auc:.2f})")
+        ax.plot(fpr, tpr, label=f"{desc} (AUC {auc:.2f})")
     ax.plot([0, 1], [0, 1], ":", color="grey")
     ax.set_xlabel("false positive rate")
     ax.set_ylabel(f"true positive rate ({positive})")
@@ -201,8 +201,8 @@ def plot_confusion(confusion: np.ndarray, classes: np.ndarray, path: Path, title
 
 
 def write_group_report(output_dir: Path, prefix: str, classes: np.ndarray, results: dict,
-                       comparison: pd.DataFrame | None, atlas) -> Path:
-    """``OUTPUT_DIR/group.html``: metrics, ROC, confusion, comparison, top regions and maps."""
+                       comparison: pd.DataFrame | None, scores: pd.DataFrame, atlas) -> Path:
+    """``OUTPUT_DIR/group.html``: scores beside the baselines, metrics, ROC, confusion, regions."""
     from bidsapp.participant import region_map
 
     figures = ensure_dir(output_dir / "group" / "figures")
@@ -210,17 +210,25 @@ def write_group_report(output_dir: Path, prefix: str, classes: np.ndarray, resul
             f"<p>Classes: {html.escape(', '.join(map(str, classes)))}. Metrics are the mean and "
             "standard deviation over the folds of repeated stratified group k-fold "
             "cross-validation (runs of a participant never straddle folds).</p>"]
+    body += ["<h2>Models and baselines</h2>",
+             "<p>Every feature set on the same folds. <code>fc</code>: functional connectivity "
+             "(Pearson correlations of region mean signals); <code>covariates</code>: phenotype "
+             "columns only. <code>difference</code>, <code>t</code> and <code>p_corrected</code> "
+             "compare each set with the best baseline (corrected resampled t-test, Nadeau &amp; "
+             "Bengio 2003). <code>effective_rank</code>: how many directions the features of "
+             "different runs use (a near-constant embedding has a rank near 1).</p>",
+             _table_html(scores)]
     body.append("<h2>Classification</h2>")
-    for desc, res in results.items():
-        body += [f"<h3>desc-{html.escape(desc)}</h3>", _table_html(res["summary"])]
-        conf = plot_confusion(res["confusion"], classes, figures / f"{prefix}_desc-{desc}_"
-                              "confusion.png", f"desc-{desc}")
+    for name, res in results.items():
+        body += [f"<h3>{html.escape(name)}</h3>", _table_html(res["summary"])]
+        conf = plot_confusion(res["confusion"], classes, figures / f"{prefix}_{name}_"
+                              "confusion.png", name)
         body.append(_img(conf, output_dir, "confusion matrix"))
     if len(classes) == 2:
         roc = plot_roc(results, classes, figures / f"{prefix}_roc.png")
         body += ["<h3>ROC curves (first repeat, out of fold)</h3>", _img(roc, output_dir, "ROC")]
     if comparison is not None:
-        body += ["<h2>Comparison of maskings</h2>",
+        body += ["<h2>Pairwise comparisons</h2>",
                  "<p>Fold-wise difference of balanced accuracy on identical folds; p from the "
                  "corrected resampled t-test (Nadeau &amp; Bengio 2003).</p>",
                  _table_html(comparison)]
@@ -228,14 +236,14 @@ def write_group_report(output_dir: Path, prefix: str, classes: np.ndarray, resul
     contiguous = atlas.contiguous(np.asarray(atlas.image.dataobj))
     for desc, res in results.items():
         table = res["attribution"]
-        body.append(f"<h3>desc-{html.escape(desc)}</h3>")
+        body.append(f"<h3>{html.escape(desc)}</h3>")
         if table["importance"].notna().any():
-            bars = plot_top_regions(table, "importance", figures / f"{prefix}_desc-{desc}_"
+            bars = plot_top_regions(table, "importance", figures / f"{prefix}_{desc}_"
                                     "importance.png", "regions the classifier needs most",
                                     ascending=False, error="importance_se")
             body.append(_img(bars, output_dir, "importance"))
             img = region_map(table["importance"].to_numpy(), contiguous, atlas.image.affine)
-            fig = plot_region_map(img, figures / f"{prefix}_desc-{desc}_importancemap.png",
+            fig = plot_region_map(img, figures / f"{prefix}_{desc}_importancemap.png",
                                   "classifier importance", "hot")
             body.append(_img(fig, output_dir, "importance map"))
             by_group = (table.groupby("group")["importance"].mean()
@@ -245,7 +253,7 @@ def write_group_report(output_dir: Path, prefix: str, classes: np.ndarray, resul
                                     ("occlusion", "mean representation sensitivity", "hot")):
             if table[column].notna().any():
                 img = region_map(table[column].to_numpy(), contiguous, atlas.image.affine)
-                fig = plot_region_map(img, figures / f"{prefix}_desc-{desc}_{column}.png",
+                fig = plot_region_map(img, figures / f"{prefix}_{desc}_{column}.png",
                                       title, cmap)
                 body.append(_img(fig, output_dir, title))
     report = output_dir / "group.html"
