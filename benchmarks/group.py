@@ -40,7 +40,7 @@ def main() -> None:
                          "participant_id": [f"sub-{i}" for i in range(n)], "target": y,
                          "cv_group": [f"sub-{i}" for i in range(n)], "table": None,
                          "occluded": None})
-    es = EmbeddingSet("roi", runs, X)
+    es = EmbeddingSet("roi-global", "desc-roi_feature-global", "roi", "global", runs, X)
     with tempfile.TemporaryDirectory() as tmp:
         config = Config(bids_dir=Path(tmp), output_dir=Path(tmp) / "out", analysis_level="group",
                         work_dir=Path(tmp) / "w",

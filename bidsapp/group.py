@@ -472,7 +472,11 @@ def covariate_set(participants: pd.DataFrame, columns: list[str], runs: pd.DataF
 
 
 def _wanted_sets(config: Config) -> list[tuple[str | None, str]]:
-    """``(desc, readout)`` of every feature set to score; ``desc`` None for a baseline."""
+    """``(desc, readout)`` of every feature set to score; ``desc`` None for a baseline.
+
+    Without ``--compare``: every model found (or ``--model-desc``), ``fc`` and, with
+    ``--covariates``, ``covariates``.
+    """
     names = config.group.compare
     if names is None:
         if config.participant.model_desc:
@@ -543,9 +547,19 @@ def _run_group(config: Config) -> None:
         cv_groups = dataset.participants.set_index("participant_id")[config.group.cv_groups]
     label = _atlas_label(atlas)
     wanted = _wanted_sets(config)
-    sets = [_load_embedding_set(desc, readout, dataset, writer, targets, cv_groups, label,
-                                len(atlas.regions))
-            for desc, readout in wanted if readout != "covariates"]
+    sets = []
+    for desc, readout in wanted:
+        if readout == "covariates":
+            continue
+        try:
+            sets.append(_load_embedding_set(desc, readout, dataset, writer, targets, cv_groups,
+                                            label, len(atlas.regions)))
+        except NoInputError:
+            if readout != "fc" or config.group.compare is not None:
+                raise
+            # Outputs of an older participant level: the baseline is left out, not the models.
+            log.warning("no functional-connectivity baseline files (rerun the participant "
+                        "level to write them): the fc baseline is left out")
     if not sets:
         raise UsageError("the covariates baseline alone has no runs to score: compare it with a "
                          "model or fc")

@@ -23,9 +23,19 @@ from bidsapp.atlas import Atlas, load_atlas
 from bidsapp.bids.derivatives import DerivativesWriter
 from bidsapp.bids.layout import discover_runs, read_participants
 from bidsapp.cli import build_parser, config_from_args, main
+from bidsapp.config import Config
 from bidsapp.demo import make_demo_dataset
 from bidsapp.errors import BadDataError, ExitCode
-from bidsapp.group import corrected_ttest, fold_metrics, make_splits, read_targets
+from bidsapp.group import (
+    EmbeddingSet,
+    corrected_ttest,
+    effective_rank,
+    evaluate,
+    fold_metrics,
+    make_splits,
+    permutation_pvalue,
+    read_targets,
+)
 from bidsapp.logs import get_logger
 from bidsapp.participant import RunOutputs, _atlas_label
 
@@ -254,46 +264,47 @@ def test_group_level_finds_planted_difference_and_region(demo: Path, tmp_path: P
     out = tmp_path / "out"
     write_fake_outputs(demo, out, atlas, occluded=True)
     # What a group job killed while writing leaves behind: removed by the next one.
-    stale = [out / "group" / ".target-diagnosis_desc-roi_folds.k1ll3d.tmp.tsv",
+    stale = [out / "group" / ".target-diagnosis_desc-roi_feature-global_folds.k1ll3d.tmp.tsv",
              out / "group" / "figures" / ".target-diagnosis_roc.k1ll3d.tmp.png",
              out / ".group.k1ll3d.tmp.html"]
     for path in stale:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"partial")
     code, err = run_group([demo, out, "group", "--target", "diagnosis", "--n-permutations", "20",
-                           "--cv-repeats", "2"], capsys)
+                           "--cv-repeats", "2", "--features", "global"], capsys)
     assert code == 0, err
     assert not any(path.exists() for path in stale)
-    metrics = pd.read_csv(_group_file(out, "target-diagnosis_desc-roi_metrics.tsv"), sep="\t",
+    metrics = pd.read_csv(_group_file(out, "target-diagnosis_desc-roi_feature-global_metrics.tsv"), sep="\t",
                           na_values="n/a").set_index("metric")
     assert metrics.loc["balanced_accuracy", "mean"] > 0.8
     # 20 permutations: the smallest possible p is 1/21.
     assert metrics.loc["balanced_accuracy", "permutation_p"] == pytest.approx(1 / 21)
     assert metrics.loc["roc_auc", "mean"] > 0.9
-    folds = pd.read_csv(_group_file(out, "target-diagnosis_desc-roi_folds.tsv"), sep="\t")
+    folds = pd.read_csv(_group_file(out, "target-diagnosis_desc-roi_feature-global_folds.tsv"), sep="\t")
     assert len(folds) == 2 * 5 and set(folds["n_test"] + folds["n_train"]) == {N_PARTICIPANTS}
-    predictions = pd.read_csv(_group_file(out, "target-diagnosis_desc-roi_predictions.tsv"),
+    predictions = pd.read_csv(_group_file(out, "target-diagnosis_desc-roi_feature-global_predictions.tsv"),
                               sep="\t")
     # Every participant is tested exactly once per repeat.
     assert (predictions.groupby("repeat")["participant_id"].value_counts() == 1).all()
     assert predictions["participant_id"].nunique() == N_PARTICIPANTS
-    confusion = pd.read_csv(_group_file(out, "target-diagnosis_desc-roi_confusion.tsv"), sep="\t")
+    confusion = pd.read_csv(_group_file(out, "target-diagnosis_desc-roi_feature-global_"
+                                             "confusion.tsv"), sep="\t")
     assert confusion["true"].tolist() == ["adhd", "control"]
     assert confusion[["adhd", "control"]].to_numpy().sum() == 2 * N_PARTICIPANTS
     settings = json.loads(_group_file(out, "target-diagnosis_settings.json").read_text())
     assert settings["classes"] == ["adhd", "control"]
-    assert settings["cv_groups"] == "participant_id" and settings["descs"] == ["roi"]
+    assert settings["cv_groups"] == "participant_id" and settings["sets"] == ["roi-global"]
     assert (out / "group.html").is_file()
     # Region importance: only the planted region matters; the unhideable one has no value.
     attribution = pd.read_csv(
-        _group_file(out, "target-diagnosis_atlas-AAL3v1_desc-roi_attribution.tsv"), sep="\t",
+        _group_file(out, "target-diagnosis_atlas-AAL3v1_desc-roi_feature-global_attribution.tsv"), sep="\t",
         na_values="n/a").set_index("name")
     importance = attribution["importance"]
     assert importance.idxmax() == KEY_REGION and importance[KEY_REGION] > 0.1
     assert np.isnan(importance[HIDDEN_REGION])
     others = importance.drop([KEY_REGION, HIDDEN_REGION])
     assert np.allclose(others, 0.0, atol=1e-9)
-    assert _group_file(out, "target-diagnosis_atlas-AAL3v1_desc-roi_stat-importance_boldmap"
+    assert _group_file(out, "target-diagnosis_atlas-AAL3v1_desc-roi_feature-global_stat-importance_boldmap"
                             ".nii.gz").is_file()
 
 
@@ -302,14 +313,14 @@ def test_group_level_without_occluded_embeddings_has_no_importance(demo: Path, t
     out = tmp_path / "out"
     write_fake_outputs(demo, out, atlas, occluded=False)
     code, err = run_group([demo, out, "group", "--target", "diagnosis", "--n-permutations", "0",
-                           "--cv-repeats", "1"], capsys)
+                           "--cv-repeats", "1", "--features", "global"], capsys)
     assert code == 0, err
-    attribution = pd.read_csv(_group_file(out, "target-diagnosis_atlas-AAL3v1_desc-roi_"
+    attribution = pd.read_csv(_group_file(out, "target-diagnosis_atlas-AAL3v1_desc-roi_feature-global_"
                                                "attribution.tsv"), sep="\t", na_values="n/a")
     assert len(attribution) == len(atlas.regions)
     assert attribution[["importance", "importance_se", "reconerror", "occlusion"]].isna().all().all()
     assert not list((out / "group").glob("*_boldmap.nii.gz"))
-    metrics = pd.read_csv(_group_file(out, "target-diagnosis_desc-roi_metrics.tsv"), sep="\t",
+    metrics = pd.read_csv(_group_file(out, "target-diagnosis_desc-roi_feature-global_metrics.tsv"), sep="\t",
                           na_values="n/a").set_index("metric")
     assert metrics.loc["balanced_accuracy", "mean"] > 0.8
     assert np.isnan(metrics.loc["balanced_accuracy", "permutation_p"])   # --n-permutations 0
@@ -321,15 +332,15 @@ def test_group_level_cv_groups_keeps_each_site_out_of_training(demo: Path, tmp_p
     write_fake_outputs(demo, out, atlas)
     # Two sites, so two folds: leave-one-site-out.
     code, err = run_group([demo, out, "group", "--target", "diagnosis", "--cv-groups", "site",
-                           "--cv-folds", "2", "--cv-repeats", "1", "--n-permutations", "0"],
-                          capsys)
+                           "--cv-folds", "2", "--cv-repeats", "1", "--n-permutations", "0",
+                           "--features", "global"], capsys)
     assert code == 0, err
     site = pd.read_csv(demo / "participants.tsv", sep="\t").set_index("participant_id")["site"]
-    predictions = pd.read_csv(_group_file(out, "target-diagnosis_desc-roi_predictions.tsv"),
+    predictions = pd.read_csv(_group_file(out, "target-diagnosis_desc-roi_feature-global_predictions.tsv"),
                               sep="\t")
     test_sites = predictions.groupby("fold")["participant_id"].agg(lambda p: set(site[p]))
     assert sorted(map(sorted, test_sites)) == [["siteA"], ["siteB"]]
-    folds = pd.read_csv(_group_file(out, "target-diagnosis_desc-roi_folds.tsv"), sep="\t")
+    folds = pd.read_csv(_group_file(out, "target-diagnosis_desc-roi_feature-global_folds.tsv"), sep="\t")
     assert folds["n_test"].tolist() == [(site == s).sum() for s in
                                         [next(iter(t)) for t in test_sites]]
     settings = json.loads(_group_file(out, "target-diagnosis_settings.json").read_text())
@@ -366,10 +377,208 @@ def test_group_level_input_errors_exit_65(demo_copy: Path, tmp_path: Path, atlas
     table.to_csv(tsv, sep="\t", index=False)
     out = tmp_path / "out"
     write_fake_outputs(demo_copy, out, atlas)
-    code, err = run_group([demo_copy, out, "group", *options], capsys)
+    code, err = run_group([demo_copy, out, "group", *options, "--features", "global"], capsys)
     assert code == 65
     assert "Traceback" not in err
     assert err.splitlines()[-1].startswith("roimae: error: ")
     assert message in err.splitlines()[-1]
     # Nothing of the group level was written.
     assert not (out / "group").exists() and not (out / "group.html").exists()
+
+
+# --- readouts and baselines -------------------------------------------------------------------------
+
+def write_fake_connectivity(bids: Path, out: Path, atlas: Atlas, *, desc: str = "roi",
+                            seed: int = 1) -> None:
+    """Model and baseline connectivity matrices of every run: only the model's carry the class.
+
+    In the model's matrix, the connections of KEY_REGION with the first 30 regions are +0.4
+    (adhd) or -0.4 (control) on noise of SD 0.1 (a hub whose coupling differs); the baseline's
+    (``fc``) is noise alone.
+    """
+    config = config_from_args(build_parser().parse_args([str(bids), str(out), "group"]))
+    dataset = discover_runs(config)
+    writer = DerivativesWriter(out, source_datasets=dataset.datasets)
+    diagnosis = dataset.participants.set_index("participant_id")["diagnosis"]
+    names = atlas.table()["name"].tolist()
+    key = names.index(KEY_REGION)
+    partners = [r for r in range(30) if r != key]
+    rng = np.random.default_rng(seed)
+
+    def relmat(planted: float) -> pd.DataFrame:
+        noise = rng.normal(0, 0.1, size=(len(names), len(names)))
+        matrix = np.clip((noise + noise.T) / np.sqrt(2), -0.9, 0.9)
+        matrix[key, partners] += planted
+        matrix[partners, key] += planted
+        np.fill_diagonal(matrix, 1.0)
+        frame = pd.DataFrame(matrix, columns=names)
+        frame.insert(0, "Node", names)
+        return frame
+
+    for run in dataset.runs:
+        sign = 1.0 if diagnosis[f"sub-{run.subject}"] == "adhd" else -1.0
+        paths = RunOutputs(writer, run, desc, _atlas_label(atlas))
+        paths.connectivity.parent.mkdir(parents=True, exist_ok=True)
+        relmat(0.4 * sign).to_csv(paths.connectivity, sep="\t", index=False)
+        relmat(0.0).to_csv(paths.fc, sep="\t", index=False)
+
+
+def test_connectivity_readout_beside_baselines_on_identical_folds(demo: Path, tmp_path: Path,
+                                                                  atlas: Atlas, capsys) -> None:
+    out = tmp_path / "out"
+    write_fake_outputs(demo, out, atlas, shift=0.0)
+    write_fake_connectivity(demo, out, atlas)
+    code, err = run_group([demo, out, "group", "--target", "diagnosis", "--covariates", "age",
+                           "site", "--n-permutations", "10", "--cv-repeats", "1"], capsys)
+    assert code == 0, err
+    scores = pd.read_csv(_group_file(out, "target-diagnosis_scores.tsv"), sep="\t",
+                         na_values="n/a").set_index("set")
+    # Default: every model found, with the connectivity readout, fc, and the covariates.
+    assert scores.index.tolist() == ["roi-connectivity", "fc", "covariates"]
+    n_regions = len(atlas.regions)
+    assert scores.loc["roi-connectivity", "features"] == n_regions * (n_regions - 1) // 2
+    assert scores.loc["roi-connectivity", "balanced_accuracy"] > 0.85
+    assert scores.loc["roi-connectivity", "permutation_p"] == pytest.approx(1 / 11)
+    assert scores.loc["fc", "permutation_p"] > 0.05  # noise: no better than permuted labels
+    # age + one-hot site: 3 columns.
+    assert scores.loc["covariates", "features"] == 3
+    best = scores.loc[["fc", "covariates"], "balanced_accuracy"].idxmax()
+    assert (scores["best_baseline"] == best).all()
+    model = scores.loc["roi-connectivity"]
+    assert model["difference"] == pytest.approx(model["balanced_accuracy"]
+                                                 - scores.loc[best, "balanced_accuracy"])
+    assert model["difference"] > 0 and model["t"] > 0 and 0 < model["p_corrected"] < 1
+    # Every set was scored on the same folds.
+    folds = [pd.read_csv(_group_file(out, f"target-diagnosis_{stem}_folds.tsv"), sep="\t")
+             for stem in ("desc-roi_feature-connectivity", "feature-fc", "feature-covariates")]
+    assert all(f[["repeat", "fold", "n_train", "n_test"]].equals(folds[0][["repeat", "fold",
+                                                                            "n_train", "n_test"]])
+               for f in folds)
+    # Importance through the connectivity features: the hub of the planted connections first.
+    attribution = pd.read_csv(_group_file(out, "target-diagnosis_atlas-AAL3v1_desc-roi_feature-"
+                                               "connectivity_attribution.tsv"), sep="\t",
+                              na_values="n/a").set_index("name")
+    importance = attribution["importance"]
+    assert importance.idxmax() == KEY_REGION
+    assert importance[KEY_REGION] > 5 * importance.drop(KEY_REGION).abs().max()
+    comparison = pd.read_csv(_group_file(out, "target-diagnosis_comparison.tsv"), sep="\t")
+    assert len(comparison) == 3  # every pair
+    report = (out / "group.html").read_text()
+    assert "Models and baselines" in report and "roi-connectivity" in report
+
+
+def test_covariates_baseline_needs_its_columns(demo: Path, tmp_path: Path, atlas: Atlas,
+                                               capsys) -> None:
+    out = tmp_path / "out"
+    write_fake_outputs(demo, out, atlas)
+    code, err = run_group([demo, out, "group", "--target", "diagnosis", "--compare", "roi",
+                           "covariates", "--features", "global"], capsys)
+    assert code == 64 and "--covariates" in err.splitlines()[-1]
+    code, err = run_group([demo, out, "group", "--target", "diagnosis", "--features", "global",
+                           "--covariates", "height"], capsys)
+    assert code == 65 and "no column 'height'" in err.splitlines()[-1]
+
+
+def _synthetic_set(n: int = 24, features: int = 300, seed: int = 0) -> EmbeddingSet:
+    rng = np.random.default_rng(seed)
+    y = np.where(np.arange(n) % 2 == 0, "adhd", "control")
+    X = rng.normal(size=(n, features))
+    X[y == "adhd", :5] += 2.0
+    X[rng.random(X.shape) < 0.02] = np.nan  # a few missing values, imputed in the folds
+    runs = pd.DataFrame({"run": [f"r{i}" for i in range(n)],
+                         "participant_id": [f"sub-{i:02d}" for i in range(n)], "target": y,
+                         "cv_group": [f"sub-{i:02d}" for i in range(n)], "table": None,
+                         "occluded": None})
+    return EmbeddingSet("roi-region", "desc-roi_feature-region", "roi", "region", runs, X)
+
+
+def _group_config(tmp_path: Path, **group) -> Config:
+    return Config(bids_dir=tmp_path, output_dir=tmp_path / "out", analysis_level="group",
+                  work_dir=tmp_path / "work", group={"target": "diagnosis", **group})
+
+
+def test_feature_reduction_is_fit_on_training_folds_only(tmp_path: Path) -> None:
+    es = _synthetic_set(n=40)
+    y = es.runs["target"].to_numpy()
+    splits = make_splits(y, es.runs["cv_group"].to_numpy(), 4, 1, seed=0)
+    classes = np.array(["adhd", "control"])
+    with threadpool_limits(limits=1):
+        folds, _, models, _ = evaluate(es, splits, classes, _group_config(tmp_path))
+        # The first fold's test rows do not change what that fold learned: make them absurd.
+        poisoned = _synthetic_set(n=40)
+        poisoned.X[splits[0][3]] = 1e6
+        _, _, poisoned_models, _ = evaluate(poisoned, splits, classes, _group_config(tmp_path))
+    for (_, _, train, _), (_, _, model) in zip(splits, models, strict=True):
+        pipeline = model.best_estimator_
+        imputed = pipeline.named_steps["impute"].transform(es.X[train])
+        np.testing.assert_allclose(pipeline.named_steps["scale"].mean_, imputed.mean(0))
+        # PCA keeps every component of the training rows (a rotation onto their span).
+        assert pipeline.named_steps["reduce"].n_components_ == len(train)
+    clean, poisoned_first = models[0][2].best_estimator_, poisoned_models[0][2].best_estimator_
+    for step in ("impute", "scale"):
+        np.testing.assert_array_equal(getattr(poisoned_first.named_steps[step],
+                                              "statistics_" if step == "impute" else "mean_"),
+                                      getattr(clean.named_steps[step],
+                                              "statistics_" if step == "impute" else "mean_"))
+    np.testing.assert_allclose(poisoned_first.named_steps["clf"].coef_,
+                               clean.named_steps["clf"].coef_)
+    assert folds["balanced_accuracy"].mean() > 0.7
+
+
+def test_pca_rotation_changes_no_prediction_of_the_linear_probe() -> None:
+    # An L2-penalised logistic regression on all principal components of the training rows
+    # predicts exactly as on the standardised features (the penalty is rotation invariant).
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    es = _synthetic_set(features=80)
+    X = np.nan_to_num(es.X)
+    y = es.runs["target"].to_numpy()
+    train, test = np.arange(16), np.arange(16, 24)
+    plain = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, tol=1e-10, max_iter=10000))
+    rotated = make_pipeline(StandardScaler(), PCA(svd_solver="full"),
+                            LogisticRegression(C=0.1, tol=1e-10, max_iter=10000))
+    plain.fit(X[train], y[train])
+    rotated.fit(X[train], y[train])
+    np.testing.assert_allclose(rotated.decision_function(X[test]), plain.decision_function(X[test]),
+                               atol=1e-5)
+
+
+def test_permutation_null_reuses_label_free_steps_exactly(tmp_path: Path) -> None:
+    # The permutation test fits imputation, scaling and PCA once per fold; refitting the whole
+    # pipeline for every permutation gives the same null distribution.
+    from sklearn.base import clone
+    from sklearn.metrics import balanced_accuracy_score
+
+    es = _synthetic_set(n=20, features=50)
+    y = es.runs["target"].to_numpy()
+    splits = make_splits(y, es.runs["cv_group"].to_numpy(), 4, 1, seed=0)
+    config = _group_config(tmp_path, n_permutations=5)
+    with threadpool_limits(limits=1):
+        folds, _, _, _ = evaluate(es, splits, np.array(["adhd", "control"]), config)
+        _, null = permutation_pvalue(es, splits, folds, config)
+    from bidsapp.group import build_classifier
+
+    params = json.loads(folds["selected"].value_counts().index[0])
+    base = build_classifier("logreg", 0, 2).estimator.set_params(
+        **{f"clf__{k}": v for k, v in params.items()})
+    rng = np.random.default_rng(config.random_seed)
+    labels = y  # one run per participant, in participant order
+    for expected in null:
+        y_perm = rng.permutation(labels)
+        scores = [balanced_accuracy_score(y_perm[test], clone(base).fit(es.X[train], y_perm[train])
+                                          .predict(es.X[test]))
+                  for _, _, train, test in splits]
+        assert np.mean(scores) == pytest.approx(expected)
+
+
+def test_effective_rank_counts_the_directions_used() -> None:
+    rng = np.random.default_rng(0)
+    one = np.outer(rng.normal(size=30), rng.normal(size=10)) + 5.0  # one direction + a constant
+    assert effective_rank(one) == pytest.approx(1.0)
+    centred = rng.normal(size=(30, 10))
+    centred -= centred.mean(0)
+    even = np.linalg.qr(centred)[0] * 3 + 1.0  # 10 orthogonal directions of equal variance
+    assert effective_rank(even) == pytest.approx(10.0)
