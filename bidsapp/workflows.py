@@ -88,6 +88,8 @@ def run(config: Config) -> int:
 DEMO_PRETRAIN = ["--preset", "tiny", "--epochs", "12", "--batch-size", "4", "--lr", "3e-3",
                  "--window-frames", "10"]
 DEMO_MASKINGS = ("roi", "random")
+#: Every readout, beside the fc and covariates baselines.
+DEMO_READOUTS = ("connectivity", "region", "global")
 #: Twice the default subsets: the demo's group attribution resolves its planted regions.
 DEMO_PARTICIPANT = ["--attribution-subsets", "16"]
 
@@ -102,7 +104,8 @@ def run_demo_chain(bids_dir: Path, out_dir: Path, *, verbosity: int = 0, nprocs:
     for masking in DEMO_MASKINGS:
         steps.append([*common, "pretrain", "--masking", masking, *DEMO_PRETRAIN])
         steps.append([*common, "participant", "--model-desc", masking, *DEMO_PARTICIPANT])
-    steps.append([*common, "group", "--target", "diagnosis", "--compare", *DEMO_MASKINGS,
+    steps.append([*common, "group", "--target", "diagnosis", "--compare", *DEMO_MASKINGS, "fc",
+                  "covariates", "--features", *DEMO_READOUTS, "--covariates", "age", "sex",
                   "--n-permutations", str(n_permutations)])
     for argv in steps:
         run(config_from_args(build_parser().parse_args(argv)))

@@ -20,7 +20,7 @@ from bidsapp.atlas import load_atlas
 from bidsapp.bids.validation import run_bids_validator
 from bidsapp.demo import make_demo_dataset
 from bidsapp.logs import setup_logging
-from bidsapp.workflows import DEMO_MASKINGS, run_demo_chain
+from bidsapp.workflows import DEMO_MASKINGS, DEMO_READOUTS, run_demo_chain
 
 pytestmark = pytest.mark.slow
 
@@ -111,19 +111,27 @@ def test_coherent_regions_are_reconstructed_better_than_noise_only_regions(chain
 
 def test_group_classification_beats_chance(chain: dict) -> None:
     group = chain["out"] / "group"
+    scores = pd.read_csv(group / "target-diagnosis_scores.tsv", sep="\t",
+                         na_values="n/a").set_index("set")
+    sets = [f"{d}-{r}" for d in DEMO_MASKINGS for r in DEMO_READOUTS] + ["fc", "covariates"]
+    assert scores.index.tolist() == sets
+    # The diagnosis effect is an amplitude and baseline change: first-order readouts see it.
     for desc in DEMO_MASKINGS:
-        metrics = pd.read_csv(group / f"target-diagnosis_desc-{desc}_metrics.tsv", sep="\t",
-                              na_values="n/a").set_index("metric")
-        assert metrics.loc["balanced_accuracy", "mean"] > 0.7
-        assert metrics.loc["balanced_accuracy", "permutation_p"] < 0.05
+        for readout in ("region", "global"):
+            metrics = pd.read_csv(group / f"target-diagnosis_desc-{desc}_feature-{readout}_"
+                                  "metrics.tsv", sep="\t", na_values="n/a").set_index("metric")
+            assert metrics.loc["balanced_accuracy", "mean"] > 0.7
+            assert metrics.loc["balanced_accuracy", "permutation_p"] < 0.05
+    # Age and sex were drawn independently of the diagnosis.
+    assert scores.loc["covariates", "permutation_p"] > 0.05
     comparison = pd.read_csv(group / "target-diagnosis_comparison.tsv", sep="\t", na_values="n/a")
-    assert comparison[["a", "b"]].values.tolist() == [["roi", "random"]]
-    assert comparison["folds"].iloc[0] == 25
+    assert len(comparison) == len(sets) * (len(sets) - 1) // 2
+    assert (comparison["folds"] == 25).all()
 
 
 def test_runs_of_a_participant_never_straddle_folds(chain: dict) -> None:
-    predictions = pd.read_csv(chain["out"] / "group/target-diagnosis_desc-roi_predictions.tsv",
-                              sep="\t")
+    predictions = pd.read_csv(chain["out"] / "group/target-diagnosis_desc-roi_feature-global_"
+                              "predictions.tsv", sep="\t")
     folds_per_participant = predictions.groupby(["repeat", "participant_id"])["fold"].nunique()
     assert (folds_per_participant == 1).all()
     # Every participant is tested exactly once per repeat.
@@ -142,7 +150,8 @@ def test_group_attribution_ranks_the_planted_regions_first(chain: dict, desc: st
     """
     planted = set(_names(chain["truth"]["adhd_effect"]["regions"]))
     table = pd.read_csv(chain["out"] / f"group/target-diagnosis_atlas-AAL3v1_desc-{desc}_"
-                        "attribution.tsv", sep="\t", na_values="n/a").dropna(subset=["importance"])
+                        "feature-global_attribution.tsv", sep="\t",
+                        na_values="n/a").dropna(subset=["importance"])
     by_group = table.groupby("group")["importance"].mean().sort_values(ascending=False)
     assert by_group.index[0] in {"limbic", "cerebellum"}, by_group
     ranked = table.sort_values("importance", ascending=False).reset_index(drop=True)
