@@ -6,9 +6,10 @@ of ``AAL3v1_2mm.nii.gz``) that roimae can process and the BIDS validator accepts
 
 Signal model
 ------------
-All randomness comes from one ``numpy.random.Generator(seed)``. The brain mask is AAL3 > 0, closed
-and dilated by one voxel, holes filled (``scipy.ndimage``). Inside it, voxel ``v`` of a
-participant at frame ``t`` is::
+All randomness comes from one ``numpy.random.Generator(seed)``, except that of the coupling effect
+(below), which comes from a second one, ``Generator([seed, 1])``: adding it left every other label
+and voxel as it was. The brain mask is AAL3 > 0, closed and dilated by one voxel, holes filled
+(``scipy.ndimage``). Inside it, voxel ``v`` of a participant at frame ``t`` is::
 
     y[v, t] = gain * scale[site] * b[v] * (1 + shift[v] + a[v] * f[v, t] + d[v] * r[t])
               + sigma[site] * BASELINE * e[v, t]
@@ -22,6 +23,9 @@ participant at frame ``t`` is::
     with ``w = 0.8``: a masked network region is predictable from its visible partners;
   - :data:`NOISE_ONLY` regions have ``w = 0`` (independent smooth noise of the same variance:
     unpredictable);
+  - each of the :data:`COUPLED_REGIONS` (five bilateral cortical pairs, ten regions) follows a
+    course of its own with ``w = 0.8``, which depends on the participant's ``coupling`` label
+    (the coupling effect below);
   - every other voxel (other regions, in-mask background) follows a global course with ``w = 0.3``;
 
 * temporal structure: courses and lattice noise are AR(1) processes with coefficients
@@ -34,6 +38,18 @@ participant at frame ``t`` is::
 * ADHD effect: in the :data:`ADHD_REGIONS` of participants with diagnosis ``adhd`` the amplitude
   ``a`` is multiplied by :data:`ADHD_AMPLITUDE` (1.5) and the baseline shifted by
   ``shift = ADHD_SHIFT`` (+1 %); ``shift = 0`` elsewhere and in controls;
+* coupling effect, a covariance-only group difference: each participant has a second label,
+  ``coupling`` (``coupled`` or ``uncoupled``), balanced within every diagnosis x site cell (as far
+  as the cell sizes allow), hence independent of both by design. In ``uncoupled`` participants the
+  courses of the ten :data:`COUPLED_REGIONS` are independent of each other and of every other
+  course; in ``coupled`` participants each is ``sqrt(COUPLING) * g + sqrt(1 - COUPLING) * own``,
+  standardized again, where ``g`` is the participant's global course (the one the background
+  follows). Any two of the ten courses then correlate by :data:`COUPLING` (0.7) in expectation
+  (their region means by about as much), and each correlates with the background's course by
+  ``sqrt(COUPLING)``: the effect reaches the ten regions' connectivity with each other and with
+  the ~90 background regions, so whole-brain connectivity shows it. Every voxel keeps its mean and
+  its fluctuation amplitude (each course has run mean 0 and SD 1 in both groups): only covariance
+  differs, which a mean over tokens and frames cannot see;
 * site and participant: a global ``scale`` per site (1.0, 1.15), a thermal white noise ``e`` of SD
   ``sigma`` (0.3 %, 0.6 % of ``BASELINE``) per site, and a participant ``gain`` ~ N(1, 0.03).
 
@@ -60,7 +76,8 @@ from bidsapp.grid import MNI_2MM_AFFINE, MNI_2MM_SHAPE
 from bidsapp.io import atomic_path, atomic_write_text, ensure_dir
 from bidsapp.logs import get_logger
 
-__all__ = ["ADHD_AMPLITUDE", "ADHD_REGIONS", "ADHD_SHIFT", "NETWORKS", "NOISE_ONLY", "make_demo_dataset"]
+__all__ = ["ADHD_AMPLITUDE", "ADHD_REGIONS", "ADHD_SHIFT", "COUPLED_REGIONS", "COUPLING", "NETWORKS",
+           "NOISE_ONLY", "make_demo_dataset"]
 
 log = get_logger("demo")
 
@@ -86,6 +103,12 @@ SCL_SLOPE = 0.5
 
 ADHD_AMPLITUDE = 1.5
 ADHD_SHIFT = 0.01
+COUPLINGS = ("uncoupled", "coupled")
+#: In ``coupled`` participants: the variance share of the global course in a coupled region's
+#: course, hence the expected correlation between the courses of two coupled regions.
+COUPLING = 0.7
+#: Variance share of a coupled region's course (the networks' share: region means follow it).
+COUPLING_WEIGHT = NETWORK_WEIGHT
 
 
 def _bilateral(*stems: str) -> tuple[str, ...]:
@@ -109,6 +132,11 @@ NOISE_ONLY: tuple[str, ...] = _bilateral(
 )
 #: Regions where ``adhd`` participants differ (limbic and cerebellar, as in Doodipala et al.).
 ADHD_REGIONS: tuple[str, ...] = _bilateral("Hippocampus", "Amygdala", "Cerebelum_Crus1")
+#: Regions whose courses correlate in ``coupled`` participants only: large cortical regions outside
+#: the networks, noise-only and ADHD regions, each owning at least 8 tokens of the ``tiny`` grid.
+COUPLED_REGIONS: tuple[str, ...] = _bilateral(
+    "Frontal_Sup_2", "Frontal_Mid_2", "Parietal_Sup", "Temporal_Mid", "Occipital_Mid",
+)
 
 
 @dataclass(frozen=True)
@@ -117,7 +145,7 @@ class _Layout:
 
     mask: np.ndarray        # (X, Y, Z) bool brain mask
     voxels: np.ndarray      # (V,) Fortran-order flat indices of the mask voxels
-    source: np.ndarray      # (V,) int: 0 global course, k = 1..6 network k
+    source: np.ndarray      # (V,) int: 0 global course, k = 1..6 network k, 7 + j coupled region j
     weight: np.ndarray      # (V,) float32 variance share of the source course (w)
     planted: np.ndarray     # (V,) bool: voxel of an ADHD region
     upsample: sparse.csr_matrix  # (V, L) lattice -> voxel, rows scaled to unit output variance
@@ -139,12 +167,12 @@ def make_demo_dataset(out_dir: Path, *, n_participants: int = 24, n_frames: int 
     n_frames : int
         Frames per run (at least 2).
     seed : int
-        Seed of the single random generator.
+        Seed of the random generators (the main one and the coupling effect's).
     repetition_time : float
         TR in seconds.
     atlas : Atlas, optional
         An AAL3 atlas (default: :func:`bidsapp.atlas.load_atlas`); it must name every region
-        of :data:`NETWORKS`, :data:`NOISE_ONLY` and :data:`ADHD_REGIONS`.
+        of :data:`NETWORKS`, :data:`NOISE_ONLY`, :data:`ADHD_REGIONS` and :data:`COUPLED_REGIONS`.
 
     Returns
     -------
@@ -170,15 +198,19 @@ def make_demo_dataset(out_dir: Path, *, n_participants: int = 24, n_frames: int 
     atlas = atlas if atlas is not None else load_atlas()
     out_dir = ensure_dir(Path(out_dir))
     rng = np.random.default_rng(seed)
+    # A second stream for the coupling effect: the first one draws exactly what it drew before.
+    coupling_rng = np.random.default_rng([seed, 1])
     labels = atlas.resample_to(MNI_2MM_SHAPE, MNI_2MM_AFFINE)  # (91, 109, 91) label values
     layout = _layout(rng, atlas, labels)
     participants = _participants(rng, n_participants)
+    participants["coupling"] = _coupling(coupling_rng, participants)
     truth = _truth(atlas, seed, n_frames, repetition_time, participants)
     for row in participants.itertuples():
-        bold = _participant_bold(rng, layout, row.diagnosis, SITES[row.site], row.gain,
-                                 n_frames, repetition_time)
+        bold = _participant_bold(rng, coupling_rng, layout, row.diagnosis, row.coupling,
+                                 SITES[row.site], row.gain, n_frames, repetition_time)
         _write_run(out_dir, row.participant_id, layout, bold, repetition_time)
-        log.debug("demo: wrote %s (%s, %s)", row.participant_id, row.diagnosis, row.site)
+        log.debug("demo: wrote %s (%s, %s, %s)", row.participant_id, row.diagnosis, row.coupling,
+                  row.site)
     _write_metadata(out_dir, participants.drop(columns="gain"), truth)
     return truth
 
@@ -237,6 +269,10 @@ def _layout(rng: np.random.Generator, atlas: Atlas, labels: np.ndarray) -> _Layo
         source[in_network] = k
         weight[in_network] = NETWORK_WEIGHT
     weight[np.isin(voxel_labels, _region_indices(atlas, NOISE_ONLY))] = 0.0
+    for j, index in enumerate(_region_indices(atlas, COUPLED_REGIONS)):
+        coupled = voxel_labels == index
+        source[coupled] = len(NETWORKS) + 1 + j
+        weight[coupled] = COUPLING_WEIGHT
     planted = np.isin(voxel_labels, _region_indices(atlas, ADHD_REGIONS))
     upsample = _lattice_upsampler(mask.shape, voxels, LATTICE_VOXELS)
     profile = upsample @ rng.standard_normal(upsample.shape[1], dtype=np.float32)
@@ -261,6 +297,29 @@ def _participants(rng: np.random.Generator, n: int) -> pd.DataFrame:
     })
 
 
+def _coupling(rng: np.random.Generator, participants: pd.DataFrame) -> list[str]:
+    """Balanced ``coupling`` labels, balanced within every diagnosis x site cell where sizes allow.
+
+    The participants are walked cell by cell (members shuffled), alternating the two labels from a
+    random first one. The cells are visited so that consecutive cells share a diagnosis or a site
+    (control/A, control/B, adhd/B, adhd/A): with one participant per cell, the two coupled
+    participants then differ in diagnosis and in site instead of sharing one of them.
+    """
+    sites = list(SITES)
+    cells = [(DIAGNOSES[0], sites[0]), (DIAGNOSES[0], sites[1]),
+             (DIAGNOSES[1], sites[1]), (DIAGNOSES[1], sites[0])]
+    order = np.concatenate([
+        rng.permutation(np.flatnonzero((participants["diagnosis"] == diagnosis).to_numpy()
+                                       & (participants["site"] == site).to_numpy()))
+        for diagnosis, site in cells
+    ])
+    first = int(rng.integers(2))
+    labels = [""] * len(participants)
+    for position, i in enumerate(order):
+        labels[i] = COUPLINGS[(first + position) % 2]
+    return labels
+
+
 def _ar1(rng: np.random.Generator, n: int, n_frames: int, phi: float) -> np.ndarray:
     """(n, n_frames) float32 AR(1) series, each standardized over the run (mean 0, SD 1)."""
     series = rng.standard_normal((n, n_frames), dtype=np.float32)  # innovations, then in place
@@ -273,15 +332,46 @@ def _ar1(rng: np.random.Generator, n: int, n_frames: int, phi: float) -> np.ndar
     return series
 
 
-def _participant_bold(rng: np.random.Generator, layout: _Layout, diagnosis: str,
-                      site: dict[str, float], gain: float, n_frames: int,
-                      repetition_time: float) -> np.ndarray:
+def _coupled_courses(rng: np.random.Generator, coupling: str, global_course: np.ndarray,
+                     phi: float) -> np.ndarray:
+    """(len(COUPLED_REGIONS), T) courses: independent, or sharing the global course if ``coupled``.
+
+    Both groups draw the same numbers (one course per region), so the stream does not depend on
+    the labels, and every course is standardized: only the covariance differs.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+        The coupling effect's generator.
+    coupling : str
+        ``coupled`` or ``uncoupled``.
+    global_course : ndarray, shape (1, T)
+        The participant's global course (standardized), shared with the background.
+    phi : float
+        AR(1) coefficient of the courses.
+    """
+    own = _ar1(rng, len(COUPLED_REGIONS), global_course.shape[1], phi)
+    if coupling == "uncoupled":
+        return own
+    mixed = np.sqrt(COUPLING, dtype=np.float32) * global_course + np.sqrt(1 - COUPLING,
+                                                                          dtype=np.float32) * own
+    # The sample correlation of g and own is not exactly 0: restore run mean 0, SD 1.
+    mixed -= mixed.mean(axis=1, keepdims=True)
+    mixed /= mixed.std(axis=1, keepdims=True)
+    return mixed
+
+
+def _participant_bold(rng: np.random.Generator, coupling_rng: np.random.Generator,
+                      layout: _Layout, diagnosis: str, coupling: str, site: dict[str, float],
+                      gain: float, n_frames: int, repetition_time: float) -> np.ndarray:
     """(V, T) float32 BOLD of one participant's brain voxels (the model of the module docstring).
 
     The per-voxel factors are folded into (V,) coefficients first, so the (V, T) arrays are
     touched by few in-place operations: this is most of the demo's run time.
     """
-    courses = _ar1(rng, len(NETWORKS) + 1, n_frames, np.exp(-repetition_time / COURSE_TAU_S))
+    phi = np.exp(-repetition_time / COURSE_TAU_S)
+    courses = _ar1(rng, len(NETWORKS) + 1, n_frames, phi)  # global course, then the networks'
+    courses = np.concatenate([courses, _coupled_courses(coupling_rng, coupling, courses[:1], phi)])
     lattice_noise = _ar1(rng, layout.upsample.shape[1], n_frames,
                          np.exp(-repetition_time / NOISE_TAU_S))
     planted = layout.planted & (diagnosis == "adhd")
@@ -368,6 +458,15 @@ def _truth(atlas: Atlas, seed: int, n_frames: int, repetition_time: float,
         },
         "networks": {net: _region_records(atlas, names) for net, names in NETWORKS.items()},
         "noise_only": _region_records(atlas, NOISE_ONLY),
+        "coupling_effect": {
+            "label_column": "coupling",
+            "levels": {"coupled": "the regions' courses share the global course",
+                       "uncoupled": "the regions' courses are independent of every other course"},
+            "regions": _region_records(atlas, COUPLED_REGIONS),
+            "course_correlation": COUPLING,
+            "course_weight": COUPLING_WEIGHT,
+            "independent_of": ["diagnosis", "site"],
+        },
         "sites": SITES,
         "participants": json.loads(participants.to_json(orient="records")),
         "scl_slope": SCL_SLOPE,
@@ -394,13 +493,19 @@ def _write_metadata(out_dir: Path, participants: pd.DataFrame, truth: dict[str, 
         "site": {"Description": "Acquisition site (global scale and thermal noise level)",
                  "Levels": {site: f"scale {p['scale']}, thermal noise {p['thermal_noise']}"
                             for site, p in SITES.items()}},
+        "coupling": {"Description": "Second synthetic group, independent of diagnosis and site",
+                     "Levels": {"coupled": "planted covariance between the regions of the truth "
+                                           "record (no mean or amplitude change)",
+                                "uncoupled": "no planted covariance"}},
     }
     readme = (
         "# roimae synthetic demo dataset\n\n"
         "Synthetic resting-state BOLD runs written as fMRIPrep derivatives on the MNI152NLin6Asym\n"
         "2 mm grid by `roimae demo` (bidsapp.demo). No real participant is involved.\n\n"
         "Networks of AAL3 regions share time courses, some regions carry noise only, and the\n"
-        "`adhd` participants carry a planted effect in a few limbic and cerebellar regions.\n"
+        "`adhd` participants carry a planted effect in a few limbic and cerebellar regions; in\n"
+        "`coupled` participants (a second, independent label) ten cortical regions share the\n"
+        "brain-wide course, which they do not in `uncoupled` ones (a change of covariance only).\n"
         f"Everything planted is listed in `{TRUTH_FILE}`; the model is described there and in\n"
         "the docstring of bidsapp/demo.py.\n"
     )

@@ -1,4 +1,5 @@
-"""Tests of bidsapp.demo: a 4-participant demo written once per module and read back."""
+"""Tests of bidsapp.demo: a 4-participant demo written once per module and read back, and a
+16-participant one (40 frames, as ``roimae demo``) for the coupling effect's known answers."""
 
 from __future__ import annotations
 
@@ -9,8 +10,13 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import ndimage
+from nilearn.connectome import ConnectivityMeasure
+from scipy import ndimage, sparse, stats
 from scipy.signal import detrend
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from bidsapp.atlas import Atlas, Region, load_atlas
 from bidsapp.bids.validation import run_bids_validator
@@ -18,6 +24,8 @@ from bidsapp.demo import (
     ADHD_AMPLITUDE,
     ADHD_REGIONS,
     ADHD_SHIFT,
+    COUPLED_REGIONS,
+    COUPLING,
     NETWORKS,
     NOISE_ONLY,
     TRUTH_FILE,
@@ -31,6 +39,9 @@ TR = 1.5
 PARTICIPANTS = ("sub-01", "sub-02", "sub-03", "sub-04")
 #: Region means of regions this small are dominated by thermal noise; left out of mean checks.
 MIN_VOXELS = 20
+#: The coupling demo: as many frames as ``roimae demo``, 8 participants per coupling level.
+COUPLING_PARTICIPANTS = 16
+COUPLING_FRAMES = 40
 
 
 def _bold_path(root: Path, participant: str) -> Path:
@@ -121,11 +132,16 @@ def test_files_and_headers(demo: tuple[Path, dict], atlas: Atlas) -> None:
 
 
 def test_participants_are_balanced(participants: pd.DataFrame) -> None:
-    assert list(participants.columns) == ["participant_id", "diagnosis", "age", "sex", "site"]
+    assert list(participants.columns) == ["participant_id", "diagnosis", "age", "sex", "site",
+                                          "coupling"]
     assert tuple(participants["participant_id"]) == PARTICIPANTS
     assert participants["diagnosis"].value_counts().to_dict() == {"control": 2, "adhd": 2}
     for _, site in participants.groupby("site"):
         assert sorted(site["diagnosis"]) == ["adhd", "control"]
+    # One participant per diagnosis x site cell: coupling is balanced within diagnosis and site.
+    for column in ("diagnosis", "site"):
+        for _, group in participants.groupby(column):
+            assert sorted(group["coupling"]) == ["coupled", "uncoupled"], column
     assert set(participants["site"]) == {"siteA", "siteB"}
     assert set(participants["sex"]) <= {"M", "F"}
 
@@ -149,9 +165,25 @@ def test_truth_record(demo: tuple[Path, dict], participants: pd.DataFrame) -> No
     assert len(truth["networks"]) == 6
     assert [r["name"] for r in truth["networks"]["limbic"]] == list(NETWORKS["limbic"])
     assert len(truth["noise_only"]) == 20
+    coupling = truth["coupling_effect"]
+    assert coupling["regions"] == [
+        {"name": "Frontal_Sup_2_L", "index": 3}, {"name": "Frontal_Sup_2_R", "index": 4},
+        {"name": "Frontal_Mid_2_L", "index": 5}, {"name": "Frontal_Mid_2_R", "index": 6},
+        {"name": "Parietal_Sup_L", "index": 63}, {"name": "Parietal_Sup_R", "index": 64},
+        {"name": "Temporal_Mid_L", "index": 89}, {"name": "Temporal_Mid_R", "index": 90},
+        {"name": "Occipital_Mid_L", "index": 55}, {"name": "Occipital_Mid_R", "index": 56},
+    ]
+    assert coupling["label_column"] == "coupling"
+    assert set(coupling["levels"]) == {"coupled", "uncoupled"}
+    assert coupling["course_correlation"] == COUPLING
+    planted = {r["name"] for r in effect["regions"]} | {r["name"] for r in truth["noise_only"]}
+    planted |= {r["name"] for regions in truth["networks"].values() for r in regions}
+    assert planted.isdisjoint(COUPLED_REGIONS)
+    assert "coupling effect" in truth["signal_model"]
     assert "AR(1)" in truth["signal_model"]
     recorded = pd.DataFrame(truth["participants"])
     assert recorded["diagnosis"].tolist() == participants["diagnosis"].tolist()
+    assert recorded["coupling"].tolist() == participants["coupling"].tolist()
 
 
 def test_passes_bids_validator(demo: tuple[Path, dict]) -> None:
@@ -198,6 +230,79 @@ def test_planted_amplitude(region_means: dict, participants: pd.DataFrame) -> No
                          for a, b in pairs for side in "LR"])
         expected = ADHD_AMPLITUDE if diagnosis == "adhd" else 1.0
         assert abs(ratio - expected) < 0.2, (participant, ratio)
+
+
+@pytest.fixture(scope="module")
+def coupling_demo(tmp_path_factory: pytest.TempPathFactory,
+                  atlas: Atlas) -> tuple[pd.DataFrame, list[str], np.ndarray, np.ndarray]:
+    """(participants, region names, (P, T, R) region mean courses, (P,) brain run means).
+
+    Regions with at least MIN_VOXELS voxels; courses averaged from the stored int16 values (the
+    slope is applied after averaging, which is linear) through one sparse matrix, which is fast.
+    """
+    root = tmp_path_factory.mktemp("coupling") / "bids"
+    make_demo_dataset(root, n_participants=COUPLING_PARTICIPANTS, n_frames=COUPLING_FRAMES,
+                      seed=11, repetition_time=2.0, atlas=atlas)
+    labels = np.asarray(atlas.image.dataobj).astype(np.int64).ravel(order="F")
+    counts = np.bincount(labels)
+    regions = [r for r in atlas.regions if r.index < len(counts) and counts[r.index] >= MIN_VOXELS]
+    column = np.full(len(counts), -1)
+    column[[r.index for r in regions]] = np.arange(len(regions))
+    voxels = np.flatnonzero(column[labels] >= 0)
+    average = sparse.csr_matrix((1.0 / counts[labels[voxels]], (column[labels[voxels]], voxels)),
+                                shape=(len(regions), len(labels)))
+    participants = pd.read_csv(root / "participants.tsv", sep="\t")
+    courses, brain_means = [], []
+    for participant in participants["participant_id"]:
+        bold = nib.load(_bold_path(root, participant))
+        data = bold.dataobj.get_unscaled().reshape(len(labels), -1, order="F")  # (X*Y*Z, T)
+        courses.append(bold.dataobj.slope * (average @ data.astype(np.float32)).T)
+        brain = np.asanyarray(nib.load(_mask_path(root, participant)).dataobj).ravel(order="F") > 0
+        brain_means.append(bold.dataobj.slope * data[brain].mean())
+    return participants, [r.name for r in regions], np.array(courses), np.array(brain_means)
+
+
+def test_coupling_changes_covariance_only(coupling_demo: tuple) -> None:
+    participants, names, courses, brain_means = coupling_demo
+    for column in ("diagnosis", "site"):  # balanced within each cell of 4
+        for _, group in participants.groupby(column):
+            assert group["coupling"].value_counts().to_dict() == {"coupled": 4, "uncoupled": 4}
+    coupled = (participants["coupling"] == "coupled").to_numpy()
+    planted = courses[:, :, [names.index(name) for name in COUPLED_REGIONS]]  # (P, T, 10)
+    # Run means relative to the brain's (which removes site scale and participant gain), and the
+    # SD of each mean signal relative to its run mean: the model gives both groups the same
+    # baselines and amplitudes (every course has SD 1), so only noise separates the groups.
+    level = planted.mean(axis=1) / brain_means[:, None]  # (P, 10)
+    spread = planted.std(axis=1) / planted.mean(axis=1)  # (P, 10)
+    for moment, bound in ((level, 0.002), (spread, 0.05)):
+        ratio = moment[coupled].mean(axis=0) / moment[~coupled].mean(axis=0)
+        t = stats.ttest_ind(moment[coupled], moment[~coupled], equal_var=False).statistic
+        assert np.all(np.abs(ratio - 1) < bound) and np.all(np.abs(t) < 3), (ratio, t)
+    # ... while the planted regions' mean signals correlate by COUPLING in coupled participants
+    # (region means average the smooth noise away) and not at all in uncoupled ones.
+    upper = np.triu_indices(len(COUPLED_REGIONS), k=1)
+    r = np.array([np.corrcoef(p.T)[upper].mean() for p in planted])  # (P,)
+    assert np.all(np.abs(r[coupled] - COUPLING) < 0.1) and np.all(np.abs(r[~coupled]) < 0.15), r
+
+
+def _balanced_accuracy(features: np.ndarray, labels: np.ndarray) -> float:
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    folds = StratifiedKFold(n_splits=4, shuffle=True, random_state=0)
+    return float(cross_val_score(model, features, labels, cv=folds,
+                                 scoring="balanced_accuracy").mean())
+
+
+def test_coupling_is_found_by_connectivity_not_by_means(coupling_demo: tuple) -> None:
+    # The known answer a region-aware readout must reach: whole-brain functional connectivity
+    # (every region, nothing selected) classifies coupling; per-region mean and SD do not.
+    participants, _, courses, _ = coupling_demo
+    labels = (participants["coupling"] == "coupled").to_numpy()
+    connectivity = ConnectivityMeasure(kind="correlation", vectorize=True,
+                                       discard_diagonal=True).fit_transform(list(courses))
+    moments = np.concatenate([courses.mean(axis=1), courses.std(axis=1)], axis=1)  # (P, 2R)
+    fc, mean_sd = _balanced_accuracy(connectivity, labels), _balanced_accuracy(moments, labels)
+    assert fc >= 0.85, (fc, mean_sd)
+    assert mean_sd <= 0.7, (fc, mean_sd)
 
 
 def test_seed_reproducibility(tmp_path: Path, atlas: Atlas) -> None:
