@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from bidsapp import __version__
+from bidsapp.inference import window_spread
 from bidsapp.io import (
     atomic_path,
     atomic_write_text,
@@ -112,6 +113,15 @@ def _img(path: Path, root: Path, alt: str) -> str:
     return f"<img src='{html.escape(path.relative_to(root).as_posix())}' alt='{html.escape(alt)}'>"
 
 
+def _spread_text(result) -> str:
+    """How much the window embeddings of a run differ, absolutely and relative to its embedding."""
+    spread = window_spread(result.window_embeddings)
+    size = float(np.linalg.norm(result.embedding))
+    relative = f" ({spread / size:.2%} of the run embedding's length)" if size > 0 else ""
+    return (f"{spread:.4g}{relative}: RMS distance of the window embeddings from the run "
+            "embedding, the unit of the representation sensitivity")
+
+
 def write_participant_report(output_dir: Path, subject: str, items: Sequence, loaded,
                              atlas) -> Path:
     """``OUTPUT_DIR/sub-<label>.html``: per run, the maps, the top regions, a reconstruction."""
@@ -135,6 +145,7 @@ def write_participant_report(output_dir: Path, subject: str, items: Sequence, lo
                     f"{loaded.window_frames} frames</td></tr>"
                     f"<tr><td>TR</td><td>{run.repetition_time} s</td></tr>"
                     f"<tr><td>Embedding</td><td>{html.escape(out.embedding.name)}</td></tr>"
+                    f"<tr><td>Spread across windows</td><td>{_spread_text(result)}</td></tr>"
                     "</table>")
         if result.recon_error is not None:
             table = pd.read_csv(out.table, sep="\t", na_values="n/a")
@@ -155,8 +166,8 @@ def write_participant_report(output_dir: Path, subject: str, items: Sequence, lo
             body += ["<h3>By region group</h3>", _table_html(summary)]
             missing = table[table["note"].notna() & (table["note"] != "n/a")]
             if len(missing):
-                body.append(f"<p class='note'>{len(missing)} regions own no token of the model "
-                            "grid and cannot be hidden: "
+                body.append(f"<p class='note'>{len(missing)} regions have no voxel on the "
+                            "model's working grid and cannot be hidden: "
                             + html.escape(", ".join(missing["name"])) + ".</p>")
         if result.example:
             recon_fig = plot_reconstruction(result.example, figures / f"{stem}_reconstruction.png")
