@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bidsapp import __version__
+from bidsapp import __version__, model_card
 from bidsapp.atlas import Atlas, load_atlas
 from bidsapp.bids.derivatives import DerivativesWriter
 from bidsapp.bids.layout import BoldRun, discover_runs
@@ -139,7 +139,8 @@ def write_run(writer: DerivativesWriter, out: RunOutputs, run: BoldRun, cached: 
     tr = cached.repetition_time
     model_info = {"Path": writer.bids_uri(loaded.path), "SHA256": loaded.sha256,
                   "Preset": loaded.preset.name, "Masking": loaded.masking,
-                  "Backbone": loaded.meta.get("backbone"), "Epoch": loaded.meta.get("epoch")}
+                  "Backbone": loaded.meta.get("backbone"), "Epoch": loaded.meta.get("epoch"),
+                  **model_card.cite(loaded.path, writer.bids_uri)}
     sources = [run.source_uri, writer.bids_uri(run.mask)]
     frames = loaded.window_frames
     windows = _embedding_frame(result.window_embeddings)
