@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import PretrainedDemo
+from nilearn.image import resample_img
 from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
@@ -92,12 +93,18 @@ def test_api_equals_the_participant_level(pretrained_demo: PretrainedDemo, tmp_p
     assert np.array_equal(again.embedding, run.embedding) and again.regions is None
 
 
-def test_images_without_a_mask_use_nilearns_brain_mask(pretrained_demo: PretrainedDemo) -> None:
+def test_an_image_on_a_3mm_grid_without_a_mask(pretrained_demo: PretrainedDemo) -> None:
+    """A 3 mm in-memory image, no mask (nilearn's MNI152 mask): maps come back on its grid."""
     model = load_model(pretrained_demo.model)
     bold, _ = _run_files(pretrained_demo.bids, "02")
-    run = embed_img(model, str(bold), attribution=False, t_r=2.0)
+    img_3mm = resample_img(nib.load(bold), target_affine=np.diag([3.0, 3.0, 3.0]),
+                           interpolation="linear", force_resample=True, copy_header=True)
+    run = embed_img(model, img_3mm, t_r=2.0, n_subsets=2)
     assert run.embedding.shape == (model.n_features,) and np.isfinite(run.embedding).all()
     assert run.window_embeddings["onset"].tolist() == [0.0, 20.0]
+    recon = run.maps["reconerror"]
+    assert recon.shape == img_3mm.shape[:3] and np.allclose(recon.affine, img_3mm.affine)
+    assert np.isfinite(recon.get_fdata()).any()
 
 
 def test_bad_models_and_images_are_refused_in_one_line(pretrained_demo: PretrainedDemo,
