@@ -38,7 +38,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from bidsapp.atlas import Atlas, load_atlas
 from bidsapp.config import Config
-from bidsapp.errors import NoInputError, UsageError
+from bidsapp.errors import BadDataError, NoInputError, UsageError
 from bidsapp.inference import LoadedModel, RunAttribution, analyse_run
 from bidsapp.inference import load_model as _load_checkpoint
 from bidsapp.participant import _embedding_frame, group_summary, region_map, region_table
@@ -293,9 +293,16 @@ def _as_file(img: NiimgLike, folder: Path, name: str) -> Path:
 
 
 def _header(path: Path) -> nib.spatialimages.SpatialImage:
+    """The image with its header read (its data are read by :func:`prepare_run`)."""
     if not path.is_file():
         raise NoInputError(f"{path} does not exist")
-    return nib.load(path)   # the header only; prepare_run reports unreadable data
+    try:
+        img = nib.load(path)
+    except Exception as exc:  # nibabel raises many types for files it cannot read
+        raise BadDataError(f"cannot read {path}: {exc}") from exc
+    if len(img.shape) != 4:
+        raise BadDataError(f"{path}: expected a 4D BOLD series, got shape {img.shape}")
+    return img
 
 
 @lru_cache(maxsize=8)
@@ -435,7 +442,9 @@ class RoimaeEmbedder(TransformerMixin, BaseEstimator):
 
     Notes
     -----
-    ``fit`` learns nothing: it loads the pretrained model. The estimator holds only the model's
+    ``fit`` learns nothing: it loads the pretrained model. There is no ``n_jobs``: the encoder
+    uses PyTorch's threads (``torch.set_num_threads``); run folds in parallel with
+    ``cross_val_score(..., n_jobs=...)`` instead. The estimator holds only the model's
     path until then, so it clones and pickles cheaply; a fitted one pickles without the network,
     which is reloaded from the path when needed.
 

@@ -125,6 +125,10 @@ def test_bad_models_and_images_are_refused_in_one_line(pretrained_demo: Pretrain
     _, mask = _run_files(pretrained_demo.bids, "01")
     with pytest.raises(BadDataError, match="4D"):
         embed_img(model, mask, mask)
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(b"\x1f\x8b not a NIfTI")
+    with pytest.raises(BadDataError, match="cannot read"):
+        embed_img(model, corrupt, mask)
     with pytest.raises(UsageError, match="n_subsets"):
         embed_img(model, mask, n_subsets=3)
 
