@@ -226,6 +226,8 @@ def render_markdown(card: dict[str, Any], weights: Path | None = None,
         *(f"| {p['epoch']} | {_fmt(p['train_loss'])} | {_fmt(p['heldout_loss'])} |"
           for p in card.get("loss_curve", [])),
         "",
+        "![loss curve](loss_curve.png)",
+        "",
         "## Hardware and time",
         "",
         f"- device: {_fmt(hw.get('device'))}"
