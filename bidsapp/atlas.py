@@ -31,7 +31,7 @@ from nibabel.processing import resample_from_to
 from bidsapp.errors import BadDataError, NoInputError
 from bidsapp.logs import get_logger
 
-__all__ = ["Atlas", "Region", "group_for_region", "load_atlas"]
+__all__ = ["Atlas", "Region", "atlas_name", "group_for_region", "load_atlas"]
 
 log = get_logger("atlas")
 
@@ -150,6 +150,11 @@ class Atlas:
         lookup = np.full(int(indices.max()) + 1, -1, dtype=np.int16)
         lookup[indices] = np.arange(len(indices), dtype=np.int16)
         return lookup
+
+    @property
+    def has_groups(self) -> bool:
+        """Whether any region has a group (from the table's ``group`` column or AAL names)."""
+        return any(region.group != "n/a" for region in self.regions)
 
     def table(self) -> pd.DataFrame:
         """Region table with columns index, name, hemisphere, group (the BIDS dseg.tsv form)."""
@@ -322,10 +327,30 @@ def _atlas_from_nilearn() -> Atlas:
     )
 
 
+def atlas_name(image: Path) -> str:
+    """The BIDS ``atlas-`` label of an atlas image file.
+
+    The file's own ``atlas-`` entity when it has one (``tpl-..._atlas-Schaefer2018_..._dseg``),
+    else its stem without resolution parts (``_2mm``, ``_1p5mm``, ``_res-2``) and without what a
+    BIDS label does not allow.
+
+    Examples
+    --------
+    >>> atlas_name(Path("AAL3v1_2mm.nii.gz")), atlas_name(Path("AAL_2mm_116parcel.nii.gz"))
+    ('AAL3v1', 'AAL116parcel')
+    >>> atlas_name(Path("tpl-MNI152NLin6Asym_res-2_atlas-Schaefer2018_desc-100Parcels_dseg.nii.gz"))
+    'Schaefer2018'
+    """
+    stem = re.sub(r"\.nii(\.gz)?$", "", Path(image).name)
+    entity = re.search(r"(?:^|_)atlas-([A-Za-z0-9]+)(?:_|$)", stem)
+    if entity:
+        return entity.group(1)
+    stem = re.sub(r"(?:^|_)(?:\d+(?:p\d+)?mm|res-[A-Za-z0-9]+)(?=_|$)", "", stem)
+    return re.sub(r"[^A-Za-z0-9]", "", stem) or "atlas"
+
+
 def _atlas_from_files(image: Path, labels: Path) -> Atlas:
-    stem = re.sub(r"\.nii(\.gz)?$", "", image.name)
-    # "AAL3v1_2mm" -> "AAL3v1": drop the resolution, keep only what a BIDS label allows.
-    name = re.sub(r"[^A-Za-z0-9]", "", re.sub(r"_\d+(p\d+)?mm$", "", stem)) or "atlas"
+    name = atlas_name(image)
     return _build_atlas(name=name, img=_read_image(image), table=_read_table(labels),
                         source=str(image))
 

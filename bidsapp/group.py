@@ -716,7 +716,7 @@ def write_group_maps(writer: DerivativesWriter, out_dir: Path, stem: str, table:
                                                 atlas.image.affine))
     writer.write_tsv(out_dir / f"{prefix}_{stem}_attribution.tsv", table)
     measures = tuple(c for c in ("importance", "reconerror", "occlusion") if table[c].notna().any())
-    if measures:
+    if measures and atlas.has_groups:
         writer.write_tsv(out_dir / f"{prefix}_{stem}_stat-bygroup_attribution.tsv",
                          group_summary(table, measures))
 

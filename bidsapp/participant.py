@@ -18,7 +18,9 @@ the model's masking ``<m>`` (``desc-<m>``), written beside the run in ``OUTPUT_D
   maps on the run's grid, each region's voxels carrying its value (NaN: a region the model grid cannot
   hide); ``stat`` follows ``desc`` as in nilearn (it is not a BIDS 1.11 entity)
 - ``<source>_atlas-AAL3v1_desc-<m>_attribution.tsv`` (one row per region) and
-  ``..._stat-bygroup_attribution.tsv`` (limbic, cerebellum, ...)
+  ``..._stat-bygroup_attribution.tsv`` (limbic, cerebellum, ...; only when the atlas has region groups)
+
+``AAL3v1`` stands for the atlas's own name (:func:`bidsapp.atlas.atlas_name`).
 - a JSON sidecar beside each, and ``OUTPUT_DIR/sub-<label>.html`` with figures in ``sub-<label>/figures/``.
 
 The run's ``..._desc-<m>_embedding.json`` is written last and lists every output: a run whose sidecar
@@ -37,7 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bidsapp import __version__
+from bidsapp import __version__, model_card
 from bidsapp.atlas import Atlas, load_atlas
 from bidsapp.bids.derivatives import DerivativesWriter
 from bidsapp.bids.layout import BoldRun, discover_runs
@@ -91,7 +93,8 @@ def baseline_outputs(writer: DerivativesWriter, run: BoldRun, atlas_label: str
 class RunOutputs:
     """The paths of one run's outputs."""
 
-    def __init__(self, writer: DerivativesWriter, run: BoldRun, desc: str, atlas_label: str):
+    def __init__(self, writer: DerivativesWriter, run: BoldRun, desc: str, atlas_label: str,
+                 groups: bool = True):
         def path(suffix: str, extension: str, **extra: str) -> Path:
             return writer.path_for(run.entities, suffix=suffix, extension=extension, **extra)
 
@@ -107,7 +110,9 @@ class RunOutputs:
         self.occlusion_map = path("boldmap", ".nii.gz", atlas=atlas_label, stat="occlusion",
                                   desc=desc)
         self.table = path("attribution", ".tsv", atlas=atlas_label, desc=desc)
-        self.groups = path("attribution", ".tsv", atlas=atlas_label, desc=desc, stat="bygroup")
+        # The summary by region group exists only for atlases whose regions have groups.
+        self.groups = (path("attribution", ".tsv", atlas=atlas_label, desc=desc, stat="bygroup")
+                       if groups else None)
         self.done = self.embedding.with_suffix(".json")
 
     def data_files(self, attribution: bool) -> list[Path]:
@@ -115,7 +120,7 @@ class RunOutputs:
                  self.timeseries, self.fc]
         if attribution:
             files += [self.occluded, self.recon_map, self.occlusion_map, self.table, self.groups]
-        return files
+        return [f for f in files if f is not None]
 
     def is_complete(self, attribution: bool, model_sha256: str) -> bool:
         if not self.done.is_file():
@@ -214,7 +219,8 @@ def write_run(writer: DerivativesWriter, out: RunOutputs, run: BoldRun, cached: 
     tr = cached.repetition_time
     model_info = {"Path": writer.bids_uri(loaded.path), "SHA256": loaded.sha256,
                   "Preset": loaded.preset.name, "Masking": loaded.masking,
-                  "Backbone": loaded.meta.get("backbone"), "Epoch": loaded.meta.get("epoch")}
+                  "Backbone": loaded.meta.get("backbone"), "Epoch": loaded.meta.get("epoch"),
+                  **model_card.cite(loaded.path, writer.bids_uri)}
     sources = [run.source_uri, writer.bids_uri(run.mask)]
     frames = loaded.window_frames
     windows = _embedding_frame(result.window_embeddings)
@@ -256,7 +262,8 @@ def write_run(writer: DerivativesWriter, out: RunOutputs, run: BoldRun, cached: 
                                         "NaNMeans": "the region has no voxel on the model's "
                                                     "working grid"})
         writer.write_tsv(out.table, table)
-        writer.write_tsv(out.groups, group_summary(table, ("reconerror", "occlusion")))
+        if out.groups is not None:
+            writer.write_tsv(out.groups, group_summary(table, ("reconerror", "occlusion")))
         meta["Attribution"] = {
             "Method": " ".join(ATTRIBUTION_METHOD.split()), "Subsets": config.participant.
             attribution_subsets, "Atlas": atlas.name, "Regions": len(atlas.regions),
@@ -281,7 +288,7 @@ def run_participant(config: Config, device: torch.device) -> None:
     label = _atlas_label(atlas)
     todo: list[tuple[BoldRun, RunOutputs]] = []
     for run in dataset.runs:
-        out = RunOutputs(writer, run, loaded.desc, label)
+        out = RunOutputs(writer, run, loaded.desc, label, groups=atlas.has_groups)
         if not config.participant.overwrite and out.is_complete(attribution, loaded.sha256):
             log.info("%s: complete, skipped (use --overwrite to redo)", run.name)
         else:

@@ -6,6 +6,7 @@ sit side by side:
 - ``epoch-NNN.safetensors`` + ``epoch-NNN.json`` + ``epoch-NNN_optim.safetensors``: the checkpoint of each
   epoch (the last two are kept); ``--resume`` continues from the newest complete one;
 - ``model.safetensors`` + ``model.json``: the final model, read by the participant level;
+- ``model.md``: its model card (:mod:`bidsapp.model_card`; the same facts in ``model.json``);
 - ``training_log.tsv`` (one row per epoch) and ``loss_curve.png``.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import time
 from pathlib import Path
 
 import matplotlib
@@ -21,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bidsapp import __version__
+from bidsapp import __version__, model_card
 from bidsapp.atlas import Atlas, load_atlas
 from bidsapp.bids.derivatives import DerivativesWriter
 from bidsapp.bids.layout import InputDataset, discover_runs
@@ -156,6 +158,7 @@ def run_pretrain(config: Config, device: torch.device) -> Path:
 
 
 def _pretrain(config: Config, ctx: DistributedContext) -> Path:
+    started = time.perf_counter()
     preset = pretrain_preset(config)
     if window_frames(config) % preset.tubelet:
         raise UsageError(f"the {preset.backbone} {preset.name} preset reads tokens of {preset.tubelet} "
@@ -232,9 +235,14 @@ def _pretrain(config: Config, ctx: DistributedContext) -> Path:
     final = out_dir / "model.safetensors"
     if ctx.is_main:
         last = history.iloc[-1].to_dict() if len(history) else {}
+        card = model_card.build_card(
+            meta, history, machine=model_card.hardware(ctx.device, ctx.world_size),
+            data=model_card.training_data(dataset, runs, meta["split"], config.preprocess.target_tr),
+            wall_seconds=time.perf_counter() - started)
         save_checkpoint(out_dir / "model", model,
                         dict(meta, epoch=int(last.get("epoch", 0)), metrics=last,
-                             epochs_planned=config.pretrain.epochs))
+                             epochs_planned=config.pretrain.epochs, model_card=card))
+        model_card.write_card(final, read_metadata(final))
         log.info("model written to %s", final)
     return final
 

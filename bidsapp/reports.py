@@ -162,8 +162,9 @@ def write_participant_report(output_dir: Path, subject: str, items: Sequence, lo
                      _img(best, output_dir, "best reconstructed"),
                      "<h3>Representation sensitivity</h3>", _img(occl, output_dir, "occlusion"),
                      _img(bars, output_dir, "top regions")]
-            summary = pd.read_csv(out.groups, sep="\t", na_values="n/a")
-            body += ["<h3>By region group</h3>", _table_html(summary)]
+            if out.groups is not None:
+                summary = pd.read_csv(out.groups, sep="\t", na_values="n/a")
+                body += ["<h3>By region group</h3>", _table_html(summary)]
             missing = table[table["note"].notna() & (table["note"] != "n/a")]
             if len(missing):
                 body.append(f"<p class='note'>{len(missing)} regions have no voxel on the "
@@ -257,9 +258,10 @@ def write_group_report(output_dir: Path, prefix: str, classes: np.ndarray, resul
             fig = plot_region_map(img, figures / f"{prefix}_{desc}_importancemap.png",
                                   "classifier importance", "hot")
             body.append(_img(fig, output_dir, "importance map"))
-            by_group = (table.groupby("group")["importance"].mean()
-                        .sort_values(ascending=False).reset_index())
-            body += ["<p>Mean importance by region group:</p>", _table_html(by_group)]
+            if atlas.has_groups:
+                by_group = (table.groupby("group")["importance"].mean()
+                            .sort_values(ascending=False).reset_index())
+                body += ["<p>Mean importance by region group:</p>", _table_html(by_group)]
         for column, title, cmap in (("reconerror", "mean reconstruction error", "viridis"),
                                     ("occlusion", "mean representation sensitivity", "hot")):
             if table[column].notna().any():

@@ -1,0 +1,529 @@
+"""roimae from Python: load a pretrained model, embed and attribute niimg-like images.
+
+The functions here run exactly what the participant level runs, on images instead of a BIDS
+dataset: the checkpoint checks of :func:`bidsapp.inference.load_model`, the preprocessing and
+cache of :func:`bidsapp.preprocess.prepare_run`, the encoder and attribution of
+:func:`bidsapp.inference.analyse_run`, and the region tables and maps of
+:mod:`bidsapp.participant`. Embeddings are therefore those the participant level writes, bit for
+bit on the CPU.
+
+Examples
+--------
+>>> from bidsapp import load_model, embed_img                                  # doctest: +SKIP
+>>> model = load_model("out/models/desc-roi/model.safetensors")                 # doctest: +SKIP
+>>> run = embed_img(model, "sub-01_..._desc-preproc_bold.nii.gz",               # doctest: +SKIP
+...                 mask_img="sub-01_..._desc-brain_mask.nii.gz")
+>>> run.embedding.shape, run.regions[["name", "reconerror"]].head()             # doctest: +SKIP
+>>> run.maps["occlusion"].to_filename("occlusion.nii.gz")                       # doctest: +SKIP
+
+:class:`RoimaeEmbedder` wraps this as a scikit-learn transformer (images -> run embeddings).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_is_fitted
+
+from bidsapp.atlas import Atlas, load_atlas
+from bidsapp.config import Config
+from bidsapp.errors import BadDataError, NoInputError, UsageError
+from bidsapp.inference import LoadedModel, RunAttribution, analyse_run
+from bidsapp.inference import load_model as _load_checkpoint
+from bidsapp.participant import _embedding_frame, group_summary, region_map, region_table
+from bidsapp.preprocess import CachedRun, PreprocessParams, prepare_run
+from bidsapp.runtime import resolve_device, seed_everything
+
+__all__ = ["RoimaeEmbedder", "RoimaeModel", "RunEmbedding", "embed_img", "embed_imgs",
+           "load_model"]
+
+#: A path to a NIfTI file or a nibabel image (nilearn's "niimg-like", without globs).
+NiimgLike = str | Path | nib.spatialimages.SpatialImage
+
+#: Region-table columns that describe a region rather than measure it.
+_IDENTITY = ("index", "name", "hemisphere", "group", "voxels", "tokens", "note")
+#: Fields of :class:`~bidsapp.inference.RunAttribution` that :func:`region_table` already reads.
+_TABLED = ("recon_error", "recon_error_se", "occlusion", "eligible")
+
+
+@dataclass(frozen=True)
+class RoimaeModel:
+    """A pretrained model, checked against its atlas, ready to embed images.
+
+    Attributes
+    ----------
+    loaded : bidsapp.inference.LoadedModel
+        The network, its checkpoint metadata, path, hash, preset and region grid.
+    atlas : bidsapp.atlas.Atlas
+        The parcellation the model was pretrained with.
+    """
+
+    loaded: LoadedModel
+    atlas: Atlas
+
+    @property
+    def path(self) -> Path:
+        """The ``.safetensors`` weight file."""
+        return self.loaded.path
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The checkpoint's JSON sidecar."""
+        return self.loaded.meta
+
+    @property
+    def card(self) -> dict[str, Any] | None:
+        """The model card (training data, loss curve, hardware...); ``None`` for older models."""
+        return self.loaded.meta.get("model_card")
+
+    @property
+    def masking(self) -> str:
+        """The masking strategy the model was pretrained with."""
+        return self.loaded.masking
+
+    @property
+    def window_frames(self) -> int:
+        """Frames per window."""
+        return self.loaded.window_frames
+
+    @property
+    def target_tr(self) -> float | None:
+        """The repetition time the training runs were resampled to (``None``: not resampled)."""
+        return self.loaded.meta.get("target_tr")
+
+    @property
+    def n_features(self) -> int:
+        """Size of an embedding."""
+        preset = self.loaded.preset
+        return int(preset.stage_dims()[-1] if preset.backbone == "swin4d" else preset.embed_dim)
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Embedding column names, as in the participant level's TSV files (``e000``, ...)."""
+        return [f"e{i:03d}" for i in range(self.n_features)]
+
+
+def _model_file(path: Path) -> Path:
+    """A ``.safetensors`` file, or a folder holding ``model.safetensors`` (``models/desc-roi``)."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "model.safetensors").is_file():
+            return path / "model.safetensors"
+        raise NoInputError(f"{path} holds no model.safetensors")
+    return path
+
+
+def load_model(path: str | Path, *, atlas: Atlas | str | Path | None = None,
+               atlas_labels: str | Path | None = None, device: str = "cpu") -> RoimaeModel:
+    """Load a pretrained model, with the participant level's checks.
+
+    Parameters
+    ----------
+    path : str or Path
+        ``model.safetensors`` (with its ``model.json`` sidecar beside it), or the folder holding
+        them (e.g. ``OUTPUT_DIR/models/desc-roi``). Pickled checkpoints are refused.
+    atlas : Atlas, str or Path, optional
+        The atlas the model was pretrained with: an :class:`~bidsapp.atlas.Atlas`, or a label
+        image given with ``atlas_labels``. By default AAL3, found as the command line finds it
+        (``$ROIMAE_ATLAS_DIR``, then nilearn).
+    atlas_labels : str or Path, optional
+        The label table of an ``atlas`` image.
+    device : {"cpu", "cuda", "auto"}
+        Where the model runs.
+
+    Returns
+    -------
+    RoimaeModel
+
+    Raises
+    ------
+    bidsapp.errors.RoimaeError
+        As the participant level: no such file, not a safetensors checkpoint, a hash that does
+        not match its sidecar, weights that do not fit their preset, or another atlas than the
+        model's (:class:`~bidsapp.errors.UsageError`).
+    """
+    if not isinstance(atlas, Atlas):
+        atlas = load_atlas(None if atlas is None else Path(atlas),
+                           None if atlas_labels is None else Path(atlas_labels))
+    # The participant level's checks compare the checkpoint with the command line; nothing is
+    # requested here, so only the checkpoint itself and the atlas are checked.
+    config = Config(bids_dir=Path("."), output_dir=Path("."), analysis_level="participant",
+                    work_dir=Path("."))
+    loaded = _load_checkpoint(_model_file(Path(path)), atlas, config, resolve_device(device))
+    return RoimaeModel(loaded, atlas)
+
+
+@dataclass
+class RunEmbedding:
+    """What roimae reads out of one image (R regions, C embedding dimensions, W windows).
+
+    Attributes
+    ----------
+    window_embeddings : pandas.DataFrame
+        One row per window: ``window``, ``onset`` (s), ``e000``... (the participant level's
+        ``_embedding.tsv``).
+    embedding : numpy.ndarray, shape (C,)
+        The run embedding, the mean of the window embeddings (``_stat-mean_embedding.tsv``).
+    regions : pandas.DataFrame or None
+        With attribution: one row per region, its identity, size and every per-region measure
+        of the result (``_attribution.tsv``; ``reconerror``, ``reconerror_se``, ``occlusion``,
+        and any per-region readout :func:`~bidsapp.inference.analyse_run` adds).
+    by_group : pandas.DataFrame or None
+        The measures by region group (``_stat-bygroup_attribution.tsv``), when the atlas has
+        groups.
+    occluded_embeddings : pandas.DataFrame or None
+        One row per region: the run embedding with the region hidden.
+    maps : dict of str to nibabel.Nifti1Image
+        Each per-region measure as a 3D map on the input image's grid (NaN: a region the model
+        cannot hide), e.g. ``maps["reconerror"]``, ``maps["occlusion"]``.
+    result : bidsapp.inference.RunAttribution
+        Everything :func:`~bidsapp.inference.analyse_run` computed; its fields are also readable
+        as attributes of this object (``run.eligible``, ``run.example``, ...).
+    repetition_time : float or None
+        Seconds between the frames the model saw.
+    """
+
+    window_embeddings: pd.DataFrame
+    embedding: np.ndarray
+    regions: pd.DataFrame | None
+    by_group: pd.DataFrame | None
+    occluded_embeddings: pd.DataFrame | None
+    maps: dict[str, nib.Nifti1Image]
+    result: RunAttribution = field(repr=False)
+    repetition_time: float | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        # Readouts of the result that have no attribute of their own here.
+        if name != "result" and "result" in self.__dict__:
+            with contextlib.suppress(AttributeError):
+                return getattr(self.__dict__["result"], name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
+def _per_region(result: RunAttribution, n_regions: int) -> dict[str, np.ndarray]:
+    """The per-region 1D readouts of ``result`` that :func:`region_table` does not read."""
+    extra = {}
+    for f in dataclasses.fields(result):
+        value = getattr(result, f.name)
+        if (f.name not in _TABLED and isinstance(value, np.ndarray) and value.shape == (n_regions,)
+                and value.dtype.kind in "biuf"):
+            extra[f.name] = value
+    return extra
+
+
+def run_embedding(model: RoimaeModel, cached: CachedRun, result: RunAttribution,
+                  shape: Sequence[int], affine: np.ndarray) -> RunEmbedding:
+    """Tables and maps of one analysed run, as the participant level writes them.
+
+    Parameters
+    ----------
+    model : RoimaeModel
+    cached : bidsapp.preprocess.CachedRun
+        The preprocessed run.
+    result : bidsapp.inference.RunAttribution
+        :func:`~bidsapp.inference.analyse_run` of ``cached``.
+    shape, affine : sequence of int, numpy.ndarray
+        The grid of the input image, for the maps.
+
+    Returns
+    -------
+    RunEmbedding
+    """
+    atlas, loaded = model.atlas, model.loaded
+    tr = cached.repetition_time
+    windows = _embedding_frame(result.window_embeddings)
+    frames = loaded.window_frames
+    windows.insert(0, "onset", np.arange(len(windows)) * frames * tr if tr is not None else np.nan)
+    windows.insert(0, "window", np.arange(len(windows)))
+    regions = by_group = occluded = None
+    maps: dict[str, nib.Nifti1Image] = {}
+    if result.recon_error is not None:
+        contiguous = atlas.contiguous(atlas.resample_to(tuple(shape[:3]), affine))
+        voxels = np.bincount(contiguous[contiguous >= 0].ravel(), minlength=len(atlas.regions))
+        regions = region_table(atlas, loaded, result, voxels)
+        for name, values in _per_region(result, len(atlas.regions)).items():
+            if name not in regions and name.replace("_", "") not in regions:
+                regions[name] = values
+        occluded = _embedding_frame(result.occluded_embeddings)
+        occluded.insert(0, "name", regions["name"])
+        occluded.insert(0, "index", regions["index"])
+        measures = [c for c in regions.columns
+                    if c not in _IDENTITY and pd.api.types.is_numeric_dtype(regions[c])]
+        maps = {c: region_map(regions[c].to_numpy(), contiguous, affine) for c in measures}
+        if atlas.has_groups:
+            by_group = group_summary(regions, ("reconerror", "occlusion"))
+    return RunEmbedding(windows, result.embedding, regions, by_group, occluded, maps, result, tr)
+
+
+@contextlib.contextmanager
+def _work_dir(cache_dir: str | Path | None) -> Iterator[Path]:
+    if cache_dir is not None:
+        yield Path(cache_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix="roimae-") as tmp:
+        yield Path(tmp)
+
+
+def _as_file(img: NiimgLike, folder: Path, name: str) -> Path:
+    """A NIfTI file holding ``img``: the path itself, or the in-memory image saved in ``folder``."""
+    if isinstance(img, str | Path):
+        return Path(img)
+    if not isinstance(img, nib.spatialimages.SpatialImage):
+        raise UsageError(f"expected a NIfTI path or a nibabel image, not {type(img).__name__}")
+    path = folder / f"{name}.nii"
+    # The values as they are (scaled, in their own type): the input's header type and scaling
+    # would quantize them again. Voxel sizes and units carry the TR.
+    data = np.asanyarray(img.dataobj)
+    saved = nib.Nifti1Image(data, img.affine)
+    saved.header.set_zooms(img.header.get_zooms()[:data.ndim])
+    saved.header.set_xyzt_units(*img.header.get_xyzt_units())
+    nib.save(saved, path)
+    return path
+
+
+def _header(path: Path) -> nib.spatialimages.SpatialImage:
+    """The image with its header read (its data are read by :func:`prepare_run`)."""
+    if not path.is_file():
+        raise NoInputError(f"{path} does not exist")
+    try:
+        img = nib.load(path)
+    except Exception as exc:  # nibabel raises many types for files it cannot read
+        raise BadDataError(f"cannot read {path}: {exc}") from exc
+    if len(img.shape) != 4:
+        raise BadDataError(f"{path}: expected a 4D BOLD series, got shape {img.shape}")
+    return img
+
+
+@lru_cache(maxsize=8)
+def _template_mask(shape: tuple[int, ...], affine: tuple[float, ...]) -> np.ndarray:
+    """nilearn's MNI152 whole-brain mask on a grid, computed once per grid: (X, Y, Z) uint8."""
+    from nilearn.masking import compute_brain_mask
+
+    reference = nib.Nifti1Image(np.zeros(shape, dtype=np.uint8), np.reshape(affine, (4, 4)))
+    mask = compute_brain_mask(reference, mask_type="whole-brain")
+    return np.asarray(mask.dataobj, dtype=np.uint8)
+
+
+def _brain_mask(bold: Path, folder: Path) -> Path:
+    """nilearn's MNI152 whole-brain mask on the grid of ``bold``, for images given without one."""
+    header = _header(bold)
+    data = _template_mask(tuple(header.shape[:3]), tuple(np.asarray(header.affine).ravel()))
+    path = folder / "mask.nii"
+    nib.save(nib.Nifti1Image(data, header.affine), path)
+    return path
+
+
+def embed_img(model: RoimaeModel, img: NiimgLike, mask_img: NiimgLike | None = None, *,
+              t_r: float | None = None, target_tr: float | str | None = "model",
+              attribution: bool = True, n_subsets: int = 6, seed: int = 0,
+              cache_dir: str | Path | None = None) -> RunEmbedding:
+    """Embed one 4D fMRI image and, optionally, attribute it to the atlas regions.
+
+    Parameters
+    ----------
+    model : RoimaeModel
+        From :func:`load_model`.
+    img : str, Path or nibabel image
+        A 4D BOLD series in MNI space, on any grid the command line accepts (the MNI 2 mm grid,
+        fMRIPrep's ``res-2``, 1 or 3 mm: brought to the model grid as there).
+    mask_img : str, Path or nibabel image, optional
+        Its brain mask, on the same grid. By default nilearn's MNI152 whole-brain mask
+        (:func:`nilearn.masking.compute_brain_mask`) resampled to the image's grid.
+    t_r : float, optional
+        Repetition time in seconds; by default the NIfTI header's.
+    target_tr : float, None or "model"
+        Resample in time to this TR; ``"model"`` (default) uses the model's training TR.
+    attribution : bool
+        Also compute per-region attribution (``n_subsets + 1`` encoder passes per window instead
+        of one).
+    n_subsets : int
+        Region subsets per window (``--attribution-subsets``); even, at least 2.
+    seed : int
+        Seed of the region subsets (``--random-seed``).
+    cache_dir : str or Path, optional
+        Work directory whose ``cache/`` keeps the preprocessed runs for reuse (the command line's
+        ``-w``); a temporary directory by default.
+
+    Returns
+    -------
+    RunEmbedding
+
+    Raises
+    ------
+    bidsapp.errors.RoimaeError
+        Bad input, as at the participant level: a missing or corrupt file, BOLD not in MNI space
+        or shorter than a window, a mask on another grid, an unknown TR when resampling in time.
+
+    Notes
+    -----
+    As the participant level, this seeds PyTorch (:func:`bidsapp.runtime.seed_everything`) and
+    turns on its deterministic algorithms.
+    """
+    if n_subsets < 2 or n_subsets % 2:
+        raise UsageError(f"n_subsets must be even and at least 2, not {n_subsets}")
+    if target_tr == "model":
+        target_tr = model.target_tr
+    params = PreprocessParams(window_frames=model.window_frames, target_tr=target_tr)
+    with _work_dir(cache_dir) as work, tempfile.TemporaryDirectory(prefix="roimae-in-") as tmp:
+        bold = _as_file(img, Path(tmp), "bold")
+        grid = _header(bold)
+        mask = _brain_mask(bold, Path(tmp)) if mask_img is None else _as_file(mask_img, Path(tmp),
+                                                                              "mask")
+        cached = prepare_run(bold, mask, work / "cache", params, t_r)
+        seed_everything(seed)
+        result = analyse_run(model.loaded, cached, attribution=attribution, n_subsets=n_subsets,
+                             seed=seed)
+        return run_embedding(model, cached, result, grid.shape, grid.affine)
+
+
+def embed_imgs(model: RoimaeModel, imgs: Sequence[NiimgLike],
+               mask_imgs: NiimgLike | Sequence[NiimgLike | None] | None = None,
+               **kwargs: Any) -> list[RunEmbedding]:
+    """:func:`embed_img` of each image.
+
+    Parameters
+    ----------
+    model : RoimaeModel
+    imgs : sequence of niimg-like
+    mask_imgs : niimg-like or sequence of niimg-like, optional
+        One mask for all images, one per image, or none.
+    **kwargs
+        Passed to :func:`embed_img`.
+
+    Returns
+    -------
+    list of RunEmbedding
+    """
+    if mask_imgs is None or isinstance(mask_imgs, str | Path | nib.spatialimages.SpatialImage):
+        mask_imgs = [mask_imgs] * len(imgs)
+    if len(mask_imgs) != len(imgs):
+        raise UsageError(f"{len(imgs)} images but {len(mask_imgs)} masks")
+    return [embed_img(model, img, mask, **kwargs) for img, mask in zip(imgs, mask_imgs, strict=True)]
+
+
+class RoimaeEmbedder(TransformerMixin, BaseEstimator):
+    """Images -> run embeddings, as a scikit-learn transformer.
+
+    Parameters
+    ----------
+    model : str or Path
+        ``model.safetensors`` of a pretrained roimae model (or its folder).
+    atlas, atlas_labels : str or Path, optional
+        The atlas the model was pretrained with (default AAL3), as in :func:`load_model`.
+    mask_img : niimg-like, optional
+        One brain mask for every image; by default nilearn's MNI152 whole-brain mask.
+    t_r : float, optional
+        Repetition time of the images (default: each header's).
+    device : {"cpu", "cuda", "auto"}
+    memory : str or Path, optional
+        Work directory keeping the preprocessed images between calls (as nilearn's ``memory``,
+        but a folder, not a joblib ``Memory``): cross-validation then preprocesses each image
+        once. By default nothing is kept.
+    seed : int
+        Random seed.
+
+    Attributes
+    ----------
+    model_ : RoimaeModel
+        The loaded model (after :meth:`fit`).
+    n_features_out_ : int
+        Size of an embedding.
+
+    Notes
+    -----
+    ``fit`` learns nothing: it loads the pretrained model. There is no ``n_jobs``: the encoder
+    uses PyTorch's threads (``torch.set_num_threads``); run folds in parallel with
+    ``cross_val_score(..., n_jobs=...)`` instead. The estimator holds only the model's
+    path until then, so it clones and pickles cheaply; a fitted one pickles without the network,
+    which is reloaded from the path when needed.
+
+    Examples
+    --------
+    >>> from sklearn.linear_model import LogisticRegression                      # doctest: +SKIP
+    >>> from sklearn.model_selection import cross_val_score                      # doctest: +SKIP
+    >>> from sklearn.pipeline import make_pipeline                               # doctest: +SKIP
+    >>> pipe = make_pipeline(RoimaeEmbedder("model.safetensors"), LogisticRegression())  # doctest: +SKIP
+    >>> cross_val_score(pipe, bold_paths, diagnosis, cv=5)                       # doctest: +SKIP
+    """
+
+    def __init__(self, model: str | Path | None = None, *, atlas: str | Path | None = None,
+                 atlas_labels: str | Path | None = None, mask_img: NiimgLike | None = None,
+                 t_r: float | None = None, device: str = "cpu", memory: str | Path | None = None,
+                 seed: int = 0) -> None:
+        self.model = model
+        self.atlas = atlas
+        self.atlas_labels = atlas_labels
+        self.mask_img = mask_img
+        self.t_r = t_r
+        self.device = device
+        self.memory = memory
+        self.seed = seed
+
+    def fit(self, X: Sequence[NiimgLike] | None = None, y: Any = None) -> RoimaeEmbedder:
+        """Load the pretrained model (nothing is learnt from ``X``).
+
+        Parameters
+        ----------
+        X : sequence of niimg-like, optional
+            Ignored.
+        y : ignored
+
+        Returns
+        -------
+        RoimaeEmbedder
+        """
+        if self.model is None:
+            raise UsageError("RoimaeEmbedder needs the path of a pretrained model")
+        self.model_ = load_model(self.model, atlas=self.atlas, atlas_labels=self.atlas_labels,
+                                 device=self.device)
+        self.n_features_out_ = self.model_.n_features
+        return self
+
+    def transform(self, X: Sequence[NiimgLike]) -> np.ndarray:
+        """The run embedding of each image.
+
+        Parameters
+        ----------
+        X : sequence of niimg-like
+            4D BOLD images in MNI space (paths or nibabel images).
+
+        Returns
+        -------
+        numpy.ndarray, shape (n_images, n_features_out_), float32
+        """
+        check_is_fitted(self, "n_features_out_")
+        if isinstance(X, str | Path | nib.spatialimages.SpatialImage):
+            raise UsageError("X must be a list of images, not a single image")
+        if getattr(self, "model_", None) is None:
+            self.model_ = load_model(self.model, atlas=self.atlas, atlas_labels=self.atlas_labels,
+                                     device=self.device)
+        runs = embed_imgs(self.model_, list(X), self.mask_img, t_r=self.t_r, attribution=False,
+                          seed=self.seed, cache_dir=self.memory)
+        return np.vstack([run.embedding for run in runs]).astype(np.float32, copy=False)
+
+    def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
+        """Feature names: ``roimae_e000``, ``roimae_e001``...
+
+        Returns
+        -------
+        numpy.ndarray of str
+        """
+        check_is_fitted(self, "n_features_out_")
+        return np.asarray([f"roimae_e{i:03d}" for i in range(self.n_features_out_)], dtype=object)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The network is not pickled: a fitted embedder reloads it from ``model``.
+        state = super().__getstate__()
+        state["model_"] = None
+        return state
