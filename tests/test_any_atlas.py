@@ -74,9 +74,12 @@ def test_aal116_runs_the_whole_chain(demo: Path, aal116: tuple[Path, Path], tmp_
                 "--cv-repeats", "1", "--n-permutations", "0") == 0
     group = out / "group"
     names = sorted(p.name for p in group.glob("*_attribution.tsv"))
-    assert names == ["target-diagnosis_atlas-AAL116parcel_desc-roi_attribution.tsv",
-                     "target-diagnosis_atlas-AAL116parcel_desc-roi_stat-bygroup_attribution.tsv"]
-    assert (group / "atlas-AAL116parcel_desc-roi_stat-reconerror_boldmap.nii.gz").is_file()
+    # The model's default readout and the fc baseline, each with its summary by region group.
+    stems = ["desc-roi_feature-connectivity", "feature-fc"]
+    assert names == sorted(f"target-diagnosis_atlas-AAL116parcel_{stem}{stat}_attribution.tsv"
+                           for stem in stems for stat in ("", "_stat-bygroup"))
+    assert (group / "atlas-AAL116parcel_desc-roi_feature-connectivity_stat-reconerror_boldmap"
+                    ".nii.gz").is_file()
     assert (out / "group.html").is_file()
 
 
