@@ -50,7 +50,7 @@ from scipy.interpolate import interp1d
 from bidsapp import __version__
 from bidsapp.errors import BadDataError, IOFailureError, NoInputError
 from bidsapp.grid import CUBE_SHAPE, MNI_2MM_AFFINE, MNI_2MM_SHAPE, from_cube, is_mni_2mm, to_cube
-from bidsapp.io import atomic_write_text, ensure_dir
+from bidsapp.io import atomic_write_text, ensure_dir, write_error
 from bidsapp.logs import get_logger
 
 log = get_logger("preprocess")
@@ -329,14 +329,18 @@ def _build_entry(directory: Path, bold: Path, mask: Path, params: PreprocessPara
                   n_frames % params.window_frames)
 
     try:
-        data = np.lib.format.open_memmap(directory / "data.npy", mode="w+", dtype=params.dtype,
-                                         shape=values.shape)
-        for rows in _chunks(n_frames):
-            normalised = values[rows] - np.float32(mean)
-            normalised *= np.float32(1 / std)
-            data[rows] = normalised
-        data.flush()
-        del data
+        # Plain writes, not a memory map: on a full disk or quota a write through a map raises
+        # SIGBUS and kills the process, while write() fails with ENOSPC / EDQUOT (exit 74).
+        with open(directory / "data.npy", "wb") as fh:
+            np.lib.format.write_array_header_1_0(fh, {
+                "descr": np.lib.format.dtype_to_descr(np.dtype(params.dtype)),
+                "fortran_order": False, "shape": values.shape})
+            for rows in _chunks(n_frames):
+                normalised = values[rows] - np.float32(mean)
+                normalised *= np.float32(1 / std)
+                fh.write(normalised.astype(params.dtype, copy=False).data)
+            fh.flush()
+            os.fsync(fh.fileno())
         np.save(directory / "brain.npy", brain)
         manifest = {
             **provenance,
@@ -353,7 +357,8 @@ def _build_entry(directory: Path, bold: Path, mask: Path, params: PreprocessPara
         }
         atomic_write_text(directory / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     except OSError as exc:
-        raise IOFailureError(f"cannot write cache entry for {bold}: {exc}") from exc
+        raise write_error(directory, exc, f"the cache of {bold.name} in {directory.parent}") \
+            from exc
 
 
 def _mask_on_grid(mask: Path, image: SpatialImage, bold: Path) -> np.ndarray:
