@@ -140,7 +140,7 @@ def validate_metadata(text: str | bytes, where: Path) -> dict[str, Any]:
         where_in = ".".join(str(part) for part in first["loc"])
         if first["type"] == "json_invalid":
             raise BadDataError(f"checkpoint sidecar {where} is not valid JSON: "
-                               f"{first['msg']}") from exc
+                               f"{first['msg'].removeprefix('Invalid JSON: ')}") from exc
         if where_in == "format":
             raise BadDataError(f"{where} is not a roimae checkpoint sidecar (format "
                                f"{FORMAT!r})") from exc

@@ -399,6 +399,91 @@ def resume_other_preset(ctx: Ctx) -> list:
             "--resume", "--preset", "small"]
 
 
+def _damaged_sidecar(ctx: Ctx, edit: Callable[[dict], object]) -> list:
+    """The participant level with a copy of the model whose sidecar ``edit`` changed."""
+    weights = ctx.model_copy()
+    sidecar = weights.with_suffix(".json")
+    meta = json.loads(sidecar.read_text())
+    text = edit(meta)
+    sidecar.write_text(text if isinstance(text, str) else json.dumps(meta))
+    return _participant(ctx, ctx.demo, "--participant-label", "01", "--model", weights)
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+SIDECAR_DAMAGE: dict[str, tuple[Callable[[dict], object], str]] = {
+    "preset a string": (lambda m: m.update(preset="tiny"), "preset: Input should be"),
+    "backbone a list": (lambda m: m.update(backbone=["swin4d"]), "backbone: Input should be"),
+    "masking missing": (lambda m: m.pop("masking"), "masking: Field required"),
+    "window_frames missing": (lambda m: m.pop("window_frames"), "window_frames: Field required"),
+    "window_frames 0": (lambda m: m.update(window_frames=0), "window_frames: Input should be"),
+    "window_frames -5": (lambda m: m.update(window_frames=-5), "window_frames: Input should be"),
+    "window_frames 'abc'": (lambda m: m.update(window_frames="abc"),
+                            "window_frames: Input should be a valid integer"),
+    "window_frames '10'": (lambda m: m.update(window_frames="10"),
+                           "window_frames: Input should be a valid integer"),
+    "deep nesting": (lambda m: json.dumps(m)[:-1] + ', "extra": ' + _nested(100_000) + "}",
+                     "is not valid JSON: recursion limit exceeded"),
+    "epoch NaN": (lambda m: json.dumps(dict(m, epoch=float("nan"))),
+                  "epoch: Input should be a valid integer"),
+    "weights a path": (lambda m: m.update(weights="../model.safetensors"),
+                       "weights: '../model.safetensors' is not a bare file name"),
+}
+
+
+def _sidecar_case(name: str) -> Callable[[Ctx], list]:
+    return lambda ctx: _damaged_sidecar(ctx, SIDECAR_DAMAGE[name][0])
+
+
+def sidecar_utf16(ctx: Ctx) -> list:
+    weights = ctx.model_copy()
+    sidecar = weights.with_suffix(".json")
+    sidecar.write_bytes(sidecar.read_text().encode("utf-16"))
+    return _participant(ctx, ctx.demo, "--participant-label", "01", "--model", weights)
+
+
+def sidecar_window_not_tubelet(ctx: Ctx) -> list:
+    """A vit4d sidecar (5-frame tubelets) claiming 12-frame windows."""
+    return _damaged_sidecar(ctx, lambda m: m.update(backbone="vit4d", window_frames=12))
+
+
+def participant_other_window(ctx: Ctx) -> list:
+    return _participant(ctx, ctx.demo, "--participant-label", "01", "--window-frames", "20")
+
+
+def _resume(ctx: Ctx, damage: Callable[[Path], None]) -> list:
+    shutil.copytree(ctx.pretrained / "models", ctx.out / "models")
+    damage(ctx.out / "models" / "desc-roi")
+    return [ctx.demo, ctx.out, "pretrain", *FAST[:2], "--epochs", "2", "--batch-size", "2",
+            "--resume"]
+
+
+def _edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), **changes)))
+
+
+def resume_empty_log(ctx: Ctx) -> list:
+    return _resume(ctx, lambda d: (d / "training_log.tsv").write_bytes(b""))
+
+
+def resume_log_without_columns(ctx: Ctx) -> list:
+    return _resume(ctx, lambda d: (d / "training_log.tsv").write_text("a\tb\n1\t2\n"))
+
+
+def resume_optimizer_missing(ctx: Ctx) -> list:
+    return _resume(ctx, lambda d: (d / "epoch-001_optim.safetensors").unlink())
+
+
+def resume_optimizer_outside(ctx: Ctx) -> list:
+    def damage(folder: Path) -> None:
+        meta = json.loads((folder / "epoch-001.json").read_text())
+        _edit_json(folder / "epoch-001.json",
+                   optimizer=dict(meta["optimizer"], file="../../../../etc/passwd"))
+    return _resume(ctx, damage)
+
+
 @dataclass(frozen=True)
 class Case:
     build: Callable[[Ctx], list]
@@ -458,6 +543,22 @@ CASES = {
                                                    ("does not fit the", "'small' model")),
     "--resume from another preset": Case(resume_other_preset, 64,
                                          "was trained with another preset"),
+    **{f"checkpoint sidecar: {name}": Case(_sidecar_case(name), 65, message)
+       for name, (_, message) in SIDECAR_DAMAGE.items()},
+    "checkpoint sidecar: UTF-16": Case(sidecar_utf16, 65, "is not valid JSON"),
+    "checkpoint sidecar: window not a multiple of the tubelet": Case(
+        sidecar_window_not_tubelet, 65, "window_frames 12 is not a multiple of the vit4d tubelet"),
+    "--window-frames other than the model's": Case(participant_other_window, 64,
+                                                   "was trained on 10-frame windows"),
+    "--resume with an empty training log": Case(resume_empty_log, 65,
+                                                 "the training log", ),
+    "--resume with a training log of other columns": Case(resume_log_without_columns, 65,
+                                                          "columns epoch, train_loss"),
+    "--resume without the optimizer file": Case(resume_optimizer_missing, 65,
+                                                ("epoch-001_optim.safetensors", "is missing")),
+    "--resume with an optimizer file outside the model folder": Case(
+        resume_optimizer_outside, 65, "optimizer.file: '../../../../etc/passwd' is "
+        "not a bare file name"),
 }
 
 
