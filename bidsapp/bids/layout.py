@@ -7,10 +7,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -108,9 +110,8 @@ class InputDataset:
         The selected MNI space.
     runs : list[BoldRun]
         Sorted by :attr:`BoldRun.name`.
-    participants : pandas.DataFrame or None
-        ``participants.tsv`` of the raw dataset (else of ``root``); ``participant_id`` keeps
-        ``sub-``.
+    participants_file : Path or None
+        ``participants.tsv`` of the raw dataset (else of ``root``), whether or not it exists.
     description : dict
         ``dataset_description.json`` of ``root``.
     datasets : dict[str, Path]
@@ -122,9 +123,19 @@ class InputDataset:
     raw_root: Path | None
     space: str
     runs: list[BoldRun]
-    participants: pd.DataFrame | None
+    participants_file: Path | None
     description: dict
     datasets: dict[str, Path] = field(default_factory=dict)
+
+    @cached_property
+    def participants(self) -> pd.DataFrame | None:
+        """``participants.tsv`` (:func:`read_participants`), read when first asked for.
+
+        Only the group level needs it: a damaged table must not stop the pretrain and
+        participant levels, which never read it.
+        """
+        return None if self.participants_file is None else read_participants(
+            self.participants_file)
 
 
 def read_description(root: Path) -> dict[str, Any]:
@@ -308,17 +319,57 @@ def _uri(path: Path, roots: Mapping[str, Path]) -> str:
 
 
 def read_participants(path: Path) -> pd.DataFrame | None:
-    """Load ``participants.tsv`` (``None`` if absent); ids stay strings, ``n/a`` is missing."""
+    """Load ``participants.tsv`` (``None`` if absent); ids stay strings, ``n/a`` is missing.
+
+    Column names and ids are stripped of surrounding blanks and ids get their ``sub-`` prefix
+    when it is missing (``01`` and ``sub-01 `` are ``sub-01``), so that every row matches its
+    runs; rows without an id are left out with a warning.
+
+    Raises
+    ------
+    BadDataError
+        An empty (0-byte) or unparsable file, text that is not UTF-8, no ``participant_id``
+        column, or an id on several rows (all listed).
+    """
     if not path.is_file():
         return None
     try:
-        table = pd.read_csv(path, sep="\t", dtype={"participant_id": str},
-                            na_values=["n/a", ""], keep_default_na=False)
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise BadDataError(f"cannot read {path}: {exc}") from exc
+        table = pd.read_csv(path, sep="\t", dtype=str, na_values=["n/a", ""],
+                            keep_default_na=False, encoding="utf-8")
+    except pd.errors.EmptyDataError as exc:
+        raise BadDataError(f"{path} is empty: it needs at least a participant_id header") from exc
+    except UnicodeDecodeError as exc:
+        raise BadDataError(f"cannot read {path}: it is not UTF-8 text (byte "
+                           f"0x{exc.object[exc.start]:02x} at offset {exc.start}); save it as "
+                           "UTF-8") from exc
+    except (OSError, pd.errors.ParserError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise BadDataError(f"cannot read {path}: {reason}") from exc
+    table.columns = [str(column).strip() for column in table.columns]
     if "participant_id" not in table.columns:
         raise BadDataError(f"{path} has no participant_id column")
+    ids = table["participant_id"].str.strip()
+    if ids.isna().any():
+        log.warning("%s: %d row(s) without participant_id are left out", path,
+                    int(ids.isna().sum()))
+        table, ids = table[ids.notna()], ids[ids.notna()]
+    ids = ids.where(ids.str.startswith("sub-"), "sub-" + ids)
+    duplicated = sorted(set(ids[ids.duplicated()]))
+    if duplicated:
+        raise BadDataError(f"{path} lists participant(s) {_listing(duplicated)} on more than one "
+                           "row; keep one row per participant")
+    table = table.assign(participant_id=ids).reset_index(drop=True)
+    # Numbers as numbers (as pandas reads them by default), ids and labels as text.
+    for column in table.columns.drop("participant_id"):
+        with contextlib.suppress(ValueError, TypeError):
+            table[column] = pd.to_numeric(table[column])
     return table
+
+
+def runs_without_row(runs: list[BoldRun], participants: pd.DataFrame | None) -> list[str]:
+    """The names of the runs whose participant has no row in ``participants``."""
+    listed = set() if participants is None else set(participants["participant_id"])
+    return [run.name for run in runs if f"sub-{run.subject}" not in listed]
 
 
 def _labels(selection: SelectionConfig) -> dict[str, list[str]]:
@@ -418,7 +469,7 @@ def discover_runs(config: Config) -> InputDataset:
         raw_root=raw_root,
         space=space,
         runs=runs,
-        participants=read_participants((raw_root or root) / "participants.tsv"),
+        participants_file=(raw_root or root) / "participants.tsv",
         description=descriptions[PREPROCESSED],
         datasets={**roots, **({RAW: raw_root} if raw_root is not None else {})},
     )
