@@ -318,6 +318,33 @@ def group_one_class(ctx: Ctx) -> list:
     return [bids, ctx.out, "group", "--target", "diagnosis", "--cv-folds", "2"]
 
 
+def _participants_tsv(ctx: Ctx, content: bytes) -> list:
+    bids = ctx.demo_copy()
+    (bids / "participants.tsv").write_bytes(content)
+    _fake_embeddings(ctx, bids)
+    return [bids, ctx.out, "group", "--target", "diagnosis", "--cv-folds", "2"]
+
+
+def participants_header_only(ctx: Ctx) -> list:
+    return _participants_tsv(ctx, b"participant_id\tdiagnosis\n")
+
+
+def participants_empty(ctx: Ctx) -> list:
+    return _participants_tsv(ctx, b"")
+
+
+def participants_duplicates(ctx: Ctx) -> list:
+    rows = ["sub-01\tadhd", "sub-02\tcontrol", " sub-01\tcontrol", "03\tadhd", "sub-03\tadhd",
+            "sub-04\tcontrol"]
+    return _participants_tsv(ctx, ("participant_id\tdiagnosis\n" + "\n".join(rows) + "\n")
+                             .encode())
+
+
+def participants_latin1(ctx: Ctx) -> list:
+    table = "participant_id\tdiagnosis\tsite\nsub-01\tadhd\tZ\u00fcrich\n"
+    return _participants_tsv(ctx, table.encode("latin-1"))
+
+
 # --- atlas and checkpoints -------------------------------------------------------------------------
 
 def atlas_labels_missing(ctx: Ctx) -> list:
@@ -532,6 +559,17 @@ CASES = {
     "participants.tsv with one class": Case(group_one_class, 65,
                                             "the target has a single class ('control')",
                                             late=True),
+    "participants.tsv with a header only": Case(participants_header_only, 65,
+                                                "none of the 4 selected runs has a row in",
+                                                late=True),
+    "participants.tsv of 0 bytes": Case(participants_empty, 65,
+                                        "is empty: it needs at least a participant_id header",
+                                        late=True),
+    "participants.tsv with duplicate ids": Case(participants_duplicates, 65,
+                                                "lists participant(s) sub-01, sub-03 on more than "
+                                                "one row", late=True),
+    "participants.tsv in Latin-1": Case(participants_latin1, 65,
+                                        "is not UTF-8 text (byte 0xfc on line 2)", late=True),
     # checkpoints: never unpickled; refused unless they fit
     "checkpoint is a pickle": Case(checkpoint_pickle, 65, "is not a valid safetensors file"),
     "checkpoint is a .pt pickle": Case(checkpoint_pickle_pt, 64,

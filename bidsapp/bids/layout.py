@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import re
 from collections.abc import Mapping
@@ -334,14 +335,16 @@ def read_participants(path: Path) -> pd.DataFrame | None:
     if not path.is_file():
         return None
     try:
-        table = pd.read_csv(path, sep="\t", dtype=str, na_values=["n/a", ""],
-                            keep_default_na=False, encoding="utf-8")
+        data = path.read_bytes()
+        text = data.decode("utf-8")
+        table = pd.read_csv(io.StringIO(text), sep="\t", dtype=str, na_values=["n/a", ""],
+                            keep_default_na=False)
     except pd.errors.EmptyDataError as exc:
         raise BadDataError(f"{path} is empty: it needs at least a participant_id header") from exc
     except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
         raise BadDataError(f"cannot read {path}: it is not UTF-8 text (byte "
-                           f"0x{exc.object[exc.start]:02x} at offset {exc.start}); save it as "
-                           "UTF-8") from exc
+                           f"0x{data[exc.start]:02x} on line {line}); save it as UTF-8") from exc
     except (OSError, pd.errors.ParserError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise BadDataError(f"cannot read {path}: {reason}") from exc
