@@ -22,6 +22,7 @@ classified correctly score high; regions whose occlusion moves every participant
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import warnings
 from collections import Counter
@@ -383,6 +384,16 @@ def _check_classes(es: EmbeddingSet, folds: int) -> np.ndarray:
     return np.array(sorted(per_participant.index))
 
 
+def target_label(target: str) -> str:
+    """The BIDS label of ``--target`` in file names: its ASCII letters and digits.
+
+    A name with none (``診断``) gets the first 8 hex digits of its SHA-256 instead; the settings
+    file and the report keep the name itself.
+    """
+    label = "".join(c for c in target if c.isascii() and c.isalnum())
+    return label or hashlib.sha256(target.encode("utf-8")).hexdigest()[:8]
+
+
 def summarize(folds_table: pd.DataFrame, p_value: float) -> pd.DataFrame:
     """Mean +- sd of each metric over folds, with the permutation p-value of balanced accuracy."""
     rows = [{"metric": m, "mean": folds_table[m].mean(), "sd": folds_table[m].std(ddof=1),
@@ -468,7 +479,7 @@ def _run_group(config: Config) -> None:
     for tmp in [*remove_stale_temporaries(out_dir), *remove_stale_temporaries(out_dir / "figures"),
                 *remove_temporaries(config.output_dir / "group.html")]:
         log.info("removed %s, left by an interrupted job", tmp.name)
-    prefix = f"target-{''.join(c for c in config.group.target if c.isalnum())}"
+    prefix = f"target-{target_label(config.group.target)}"
     results = {}
     for es in sets:
         folds_table, predictions, models, confusion = evaluate(es, splits, classes, config)

@@ -14,6 +14,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from filelock import FileLock
+
 from bidsapp.errors import CannotCreateOutputError, IOFailureError
 
 #: What a full disk or an exhausted quota raises (``EDQUOT`` is not defined everywhere).
@@ -78,6 +80,25 @@ def atomic_path(path: Path) -> Iterator[Path]:
         if isinstance(exc, OSError):
             raise write_error(path, exc) from exc
         raise
+
+
+def file_lock(path: Path, timeout: float = -1) -> FileLock:
+    """A :class:`filelock.FileLock` on ``path``, refusing a lock file that is a symbolic link.
+
+    Taking the lock opens the file for writing (and truncates it): through a link planted in a
+    shared output or work directory, that would truncate whatever file the link points to.
+
+    Raises
+    ------
+    CannotCreateOutputError
+        ``path`` is a symbolic link (exit 73).
+    """
+    path = Path(path)
+    if path.is_symlink():
+        raise CannotCreateOutputError(f"lock file {path} is a symbolic link (to "
+                                      f"{os.readlink(path)}); remove it: roimae never writes "
+                                      "through links")
+    return FileLock(path, timeout=timeout)
 
 
 def remove_temporaries(path: Path) -> list[Path]:

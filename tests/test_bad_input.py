@@ -247,6 +247,145 @@ def mask_other_grid(ctx: Ctx) -> list:
     return _participant(ctx, bids, "--participant-label", "01")
 
 
+def _bold_sidecar(bids: Path, sub: str = "01") -> Path:
+    return _bold(bids, sub).with_name(_bold(bids, sub).name.replace(".nii.gz", ".json"))
+
+
+def _no_header_tr(bids: Path) -> None:
+    img = nib.load(_bold(bids))
+    data = np.asanyarray(img.dataobj)
+    new = nib.Nifti1Image(data, img.affine, img.header)
+    new.header.set_zooms((*img.header.get_zooms()[:3], 0.0))
+    _bold(bids).unlink()
+    nib.save(new, _bold(bids))
+
+
+def tr_missing(ctx: Ctx) -> list:
+    bids = ctx.demo_copy()
+    sidecar = json.loads(_bold_sidecar(bids).read_text())
+    del sidecar["RepetitionTime"]
+    _bold_sidecar(bids).write_text(json.dumps(sidecar))
+    _no_header_tr(bids)
+    return _participant(ctx, bids, "--participant-label", "01")
+
+
+def tr_infinite(ctx: Ctx) -> list:
+    bids = ctx.demo_copy()
+    text = _bold_sidecar(bids).read_text()
+    _bold_sidecar(bids).write_text(text.replace('"RepetitionTime": 2.0', '"RepetitionTime": Infinity'))
+    return _participant(ctx, bids, "--participant-label", "01")
+
+
+def bold_sidecar_not_json(ctx: Ctx) -> list:
+    bids = ctx.demo_copy()
+    _bold_sidecar(bids, "03").write_text('{"RepetitionTime": 2.0,')
+    return _participant(ctx, bids, "--participant-label", "01")
+
+
+def bold_sidecar_array(ctx: Ctx) -> list:
+    bids = ctx.demo_copy()
+    _bold_sidecar(bids, "03").write_text("[2.0]")
+    return _pretrain(ctx, bids)
+
+
+def _gz_header_frames(path: Path, frames: int) -> None:
+    """Rewrite a .nii.gz so that its header claims ``frames`` frames (the data stay as they are)."""
+    import gzip
+
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    dim = np.frombuffer(raw[40:56], dtype="<i2").copy()
+    dim[4] = frames
+    raw[40:56] = dim.tobytes()
+    path.write_bytes(gzip.compress(bytes(raw), compresslevel=1))
+
+
+def header_claims_frames_gz(ctx: Ctx) -> list:
+    """32,000 frames claimed, 10 held (test_inputs.py checks nothing near 26 GiB is allocated)."""
+    bids = ctx.demo_copy()
+    _gz_header_frames(_bold(bids), 32_000)
+    return _participant(ctx, bids, "--participant-label", "01")
+
+
+def header_claims_frames_nii(ctx: Ctx) -> list:
+    bids = ctx.demo_copy()
+    import gzip
+
+    for path in (_bold(bids), _mask(bids)):
+        unzipped = path.with_name(path.name.removesuffix(".gz"))
+        unzipped.write_bytes(gzip.decompress(path.read_bytes()))
+        path.unlink()
+    nii = _bold(bids).with_name(_bold(bids).name.removesuffix(".gz"))
+    raw = bytearray(nii.read_bytes())
+    raw[48:50] = np.array([32_000], dtype="<i2").tobytes()
+    nii.write_bytes(bytes(raw))
+    return _pretrain(ctx, bids)
+
+
+def complex_bold(ctx: Ctx) -> list:
+    bids = ctx.demo_copy()
+    data = _bold_data(bids)
+    _rewrite(_bold(bids), (data + 1j * data).astype(np.complex64))
+    return _participant(ctx, bids, "--participant-label", "01")
+
+
+def non_ascii_subject(ctx: Ctx) -> list:
+    bids = ctx.demo_copy()
+    folder = bids / "sub-\u00fc5"
+    shutil.copytree(bids / "sub-04", folder)
+    for path in list((folder / "func").iterdir()):
+        path.rename(path.with_name(path.name.replace("sub-04", "sub-\u00fc5")))
+    return _participant(ctx, bids, "--participant-label", "01")
+
+
+def _filter_file(ctx: Ctx, content: bytes) -> Path:
+    path = ctx.tmp / "filters.json"
+    path.write_bytes(content)
+    return path
+
+
+def filter_not_utf8(ctx: Ctx) -> list:
+    path = _filter_file(ctx, '{"bold": {"task": "r\u00e9st"}}'.encode("latin-1"))
+    return _participant(ctx, ctx.demo, "--bids-filter-file", path)
+
+
+def filter_get_keyword(ctx: Ctx) -> list:
+    path = _filter_file(ctx, b'{"bold": {"scope": "raw", "return_type": "id"}}')
+    return _participant(ctx, ctx.demo, "--bids-filter-file", path)
+
+
+def stale_database(ctx: Ctx) -> list:
+    """A --bids-database-dir indexed before sub-04 was added."""
+    from bidsapp.bids.layout import discover_runs
+    from bidsapp.cli import build_parser, config_from_args
+
+    bids = ctx.demo_copy()
+    database = ctx.tmp / "pybids-db"
+    shutil.move(bids / "sub-04", ctx.tmp / "later")
+    discover_runs(config_from_args(build_parser().parse_args(
+        [str(bids), str(ctx.tmp / "elsewhere"), "participant", "--bids-database-dir",
+         str(database)])))
+    shutil.move(ctx.tmp / "later", bids / "sub-04")
+    return _participant(ctx, bids, "--participant-label", "04", "--bids-database-dir", database)
+
+
+def bidsignore_not_utf8(ctx: Ctx) -> list:
+    ctx.out.mkdir()
+    (ctx.out / ".bidsignore").write_bytes("sub-*/caf\u00e9\n".encode("latin-1"))
+    return _participant(ctx, ctx.demo, "--participant-label", "01")
+
+
+def lock_is_a_symlink(ctx: Ctx) -> list:
+    victim = ctx.tmp / "precious.txt"
+    victim.write_text("keep me\n")
+    ctx.out.mkdir()
+    (ctx.out / ".roimae.lock").symlink_to(victim)
+
+    def untouched() -> None:
+        assert victim.read_text() == "keep me\n", "the lock truncated the link's target"
+    ctx.checks.append(untouched)
+    return _participant(ctx, ctx.demo, "--participant-label", "01")
+
+
 # --- selection and paths ---------------------------------------------------------------------------
 
 def unknown_label(ctx: Ctx) -> list:
@@ -543,15 +682,46 @@ CASES = {
     "mask on another grid": Case(mask_other_grid, 65, "is not on the grid of", late=True),
     "atlas labels missing from its table": Case(atlas_labels_missing, 65,
                                                 "2 image label(s) missing from the label table: [41, 42]"),
+    "no repetition time anywhere": Case(tr_missing, 65, "the repetition time is unknown",
+                                        late=True),
+    "RepetitionTime Infinity": Case(tr_infinite, 65, "RepetitionTime inf in its sidecar is not "
+                                    "a positive, finite number"),
+    "BOLD sidecar not JSON": Case(bold_sidecar_not_json, 65, "is not a valid JSON sidecar: "
+                                  "Expecting property name"),
+    "BOLD sidecar an array": Case(bold_sidecar_array, 65, "is not a valid JSON sidecar: a list"),
+    "header claims more frames than a .nii.gz holds": Case(header_claims_frames_gz, 65,
+                                                          "(truncated or corrupt file?)",
+                                                          late=True),
+    "header claims more frames than a .nii holds": Case(header_claims_frames_nii, 65,
+                                                       "its header claims 32000 frames"),
+    "complex-valued BOLD": Case(complex_bold, 65, "complex-valued BOLD (complex64)", late=True),
+    "non-ASCII sub- folder": Case(non_ascii_subject, 65, "invalid BIDS label sub-'\u00fc5'"),
     # 18: nothing selected
     "unknown participant label": Case(unknown_label, 18, "participant label(s) 07 not found"),
+    "participant added after --bids-database-dir was built": Case(
+        stale_database, 18, ("participant label(s) 04 not found", "may predate them")),
     # 64: usage
     "label with path characters": Case(label_with_path, 64, "invalid participant label '../x'"),
     "OUTPUT_DIR is BIDS_DIR": Case(output_is_bids_dir, 64, "is BIDS_DIR or inside it"),
     "OUTPUT_DIR inside BIDS_DIR": Case(output_inside_bids_dir, 64, "is BIDS_DIR or inside it"),
     "group without --target": Case(group_without_target, 64, "needs --target COLUMN"),
+    "filter file not UTF-8": Case(filter_not_utf8, 64, "is not valid UTF-8 JSON"),
+    "filter file with get() options": Case(filter_get_keyword, 64,
+                                           "'return_type', 'scope' is an option of pybids' get()"),
+    "--target-tr 1e-6": Case(lambda ctx: _pretrain(ctx, ctx.demo, "--target-tr", "1e-6"), 64,
+                             "preprocess.target_tr: Input should be greater than or equal to 0.05"),
+    "--warmup-epochs inf": Case(lambda ctx: _pretrain(ctx, ctx.demo, "--warmup-epochs", "inf"), 64,
+                                "pretrain.warmup_epochs: Input should be a finite number"),
+    "--attribution-subsets odd": Case(
+        lambda ctx: _participant(ctx, ctx.demo, "--attribution-subsets", "3"), 64,
+        "participant.attribution_subsets: 3 is odd"),
+    "--omp-nthreads 0": Case(lambda ctx: _pretrain(ctx, ctx.demo, "--omp-nthreads", "0"), 64,
+                             "omp_nthreads: Input should be greater than or equal to 1"),
     # 73: cannot create output
     "OUTPUT_DIR under a regular file": Case(output_under_a_file, 73, "cannot create directory"),
+    ".bidsignore not UTF-8": Case(bidsignore_not_utf8, 73, ".bidsignore is not UTF-8 text",
+                                  late=True),
+    "lock file a symbolic link": Case(lock_is_a_symlink, 73, ".roimae.lock is a symbolic link"),
     # 65: group-level input
     "participants.tsv without the target": Case(group_no_target_column, 65,
                                                  "participants.tsv has no column 'diagnosis'",

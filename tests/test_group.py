@@ -421,3 +421,19 @@ def test_fewer_cv_groups_than_folds_falls_back_to_leave_one_group_out(
     assert "only 2 cross-validation groups for 5 folds: using leave-one-group-out" in err
     folds = pd.read_csv(_group_file(out, "target-diagnosis_desc-roi_folds.tsv"), sep="\t")
     assert folds[["repeat", "fold"]].values.tolist() == [[0, 0], [0, 1]]
+
+
+def test_non_ascii_target_names_stay_out_of_file_names(demo_copy: Path, tmp_path: Path,
+                                                       atlas: Atlas, capsys) -> None:
+    out = tmp_path / "out"
+    write_fake_outputs(demo_copy, out, atlas)
+    tsv = demo_copy / "participants.tsv"
+    pd.read_csv(tsv, sep="\t").rename(columns={"diagnosis": "診断"}).to_csv(tsv, sep="\t",
+                                                                           index=False)
+    code, err = run_group([demo_copy, out, "group", "--target", "診断", "--cv-repeats", "1",
+                           "--n-permutations", "0"], capsys)
+    assert code == 0, err[-3000:]
+    names = [p.name for p in (out / "group").rglob("*") if p.is_file()]
+    assert names and all(name.isascii() for name in names), names
+    settings = next((out / "group").glob("target-*_settings.json"))
+    assert json.loads(settings.read_text())["target"] == "診断"
