@@ -14,7 +14,13 @@ voxels and frames (as NeuroSTORM), and stored as the brain voxels only::
 The key hashes the content of both files and the parameters, so an entry is reused whatever the
 path or time stamp of its inputs, and any change to them makes a new entry. An entry is built in a
 temporary directory and renamed into place when complete, under a file lock, so a crash leaves no
-half entry and two processes never build the same one.
+half entry and two processes never build the same one. It is written with plain writes (not through a
+memory map, where a full disk raises SIGBUS), so a full disk or quota is one error (exit 74) and the
+temporary directory is removed.
+
+Trust: an entry is found by its key and read without re-checking its data against the sources, so
+anyone who can write to the cache directory can plant data that later runs use. A shared work
+directory must be writable only by users who trust each other.
 """
 
 from __future__ import annotations
