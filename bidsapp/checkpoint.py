@@ -110,7 +110,7 @@ class CheckpointMeta(_Part):
     target_tr: Annotated[float | None, AfterValidator(_finite)] = Field(None, gt=0)
     norm_pix_loss: bool = False
     epoch: int = Field(ge=0)
-    metrics: dict[str, float | int | None] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
     optimizer: OptimizerInfo | None = None
 
     @model_validator(mode="after")

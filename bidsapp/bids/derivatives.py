@@ -22,7 +22,7 @@ from bidsschematools.schema import load_schema
 from filelock import Timeout
 
 from bidsapp import __version__
-from bidsapp.errors import CannotCreateOutputError, IOFailureError, UsageError
+from bidsapp.errors import CannotCreateOutputError, UsageError
 from bidsapp.io import atomic_path, atomic_write_text, ensure_dir, file_lock
 from bidsapp.logs import get_logger
 
@@ -311,21 +311,19 @@ class DerivativesWriter:
         return atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
     def write_tsv(self, path: Path, table: pd.DataFrame) -> Path:
-        """Write ``table`` tab-separated, without index, with ``n/a`` for missing values."""
-        try:
-            with atomic_path(path) as tmp:
-                table.to_csv(tmp, sep="\t", index=False, na_rep="n/a", lineterminator="\n")
-        except OSError as exc:
-            raise IOFailureError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        """Write ``table`` tab-separated, without index, with ``n/a`` for missing values.
+
+        A failed write (a full disk) is :func:`~bidsapp.io.atomic_path`'s one-line exit 74, as
+        for every writer here.
+        """
+        with atomic_path(path) as tmp:
+            table.to_csv(tmp, sep="\t", index=False, na_rep="n/a", lineterminator="\n")
         return Path(path)
 
     def write_nifti(self, path: Path, img: nib.Nifti1Image) -> Path:
         """Save ``img`` (compressed when ``path`` ends in ``.gz``)."""
-        try:
-            with atomic_path(path) as tmp:
-                nib.save(img, tmp)
-        except OSError as exc:
-            raise IOFailureError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        with atomic_path(path) as tmp:
+            nib.save(img, tmp)
         return Path(path)
 
     def write_sidecar(self, data_path: Path, metadata: Mapping[str, Any]) -> Path:
