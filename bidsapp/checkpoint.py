@@ -100,8 +100,10 @@ class CheckpointMeta(_Part):
     """The schema of a checkpoint's JSON sidecar, as :func:`save_checkpoint` writes it."""
 
     format: Literal["roimae-checkpoint/1"]
-    weights: FileName
-    weights_sha256: Sha256
+    weights: FileName | None = None
+    #: Checked against the weights when present (a sidecar without it still loads: safetensors
+    #: alone refuses what is not a tensor file).
+    weights_sha256: Sha256 | None = None
     backbone: BackboneName
     preset: PresetInfo
     masking: MaskingInfo
