@@ -3,21 +3,31 @@
 A checkpoint is ``<stem>.safetensors`` (the model weights) beside ``<stem>.json`` (what the model is: preset,
 masking, atlas, grid, training data and metrics). The optimizer state of a training checkpoint is a second
 safetensors file, ``<stem>_optim.safetensors``, whose non-tensor parts live in the JSON sidecar.
+
+Every sidecar read is validated by one schema, :class:`CheckpointMeta`: a sidecar that does not fit it
+(a field of the wrong type, a file name with a directory part, ...) is bad data (exit 65), never a crash
+further on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
+import os
+import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from bidsapp.config import BackboneName, MaskingName, PresetName
 from bidsapp.errors import BadDataError, NoInputError, UsageError
-from bidsapp.io import atomic_path, atomic_write_text
+from bidsapp.io import atomic_path
 
 FORMAT = "roimae-checkpoint/1"
 MASKING_DESC = {"roi": "roi", "random": "random", "brain-random": "brainrandom",
@@ -30,6 +40,116 @@ def masking_desc(masking: str) -> str:
     BIDS labels are alphanumeric, so ``brain-random`` becomes ``brainrandom``.
     """
     return MASKING_DESC.get(masking, masking)
+
+
+def _bare_file_name(value: str) -> str:
+    # A sidecar names files beside it; a path could make --resume read (or prune) any file.
+    if value in ("", ".", "..") or Path(value).name != value or "\\" in value:
+        raise ValueError(f"{value!r} is not a bare file name in the checkpoint's folder")
+    return value
+
+
+def _finite(value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise ValueError(f"{value!r} is not a finite number")
+    return value
+
+
+FileName = Annotated[str, AfterValidator(_bare_file_name)]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class _Part(BaseModel):
+    # strict: "10" is not 10 and 1.0 is not an epoch; extra keys are kept (newer writers may add
+    # some), so only what roimae reads is constrained.
+    model_config = ConfigDict(strict=True, extra="allow", frozen=True)
+
+
+class PresetInfo(_Part):
+    """``preset`` of a sidecar (:meth:`~bidsapp.model.presets.ModelPreset.describe`)."""
+
+    name: PresetName
+
+
+class MaskingInfo(_Part):
+    """``masking`` of a sidecar (the pretrain level's masking settings)."""
+
+    masking: MaskingName
+    mask_ratio: float = Field(0.5, gt=0, lt=1)
+    mask_ratio_unit: Literal["regions", "tokens"] = "regions"
+    mask_time: Literal["tube", "random"] = "tube"
+
+
+class AtlasInfo(_Part):
+    """``atlas`` of a sidecar: the atlas the model was trained with."""
+
+    name: str
+    sha256: Sha256
+    n_regions: int = Field(ge=1)
+
+
+class OptimizerInfo(_Part):
+    """``optimizer`` of a training checkpoint: its state file and the non-tensor state."""
+
+    file: FileName
+    structure: dict[str, Any]
+    sha256: Sha256
+
+
+class CheckpointMeta(_Part):
+    """The schema of a checkpoint's JSON sidecar, as :func:`save_checkpoint` writes it."""
+
+    format: Literal["roimae-checkpoint/1"]
+    weights: FileName | None = None
+    #: Checked against the weights when present (a sidecar without it still loads: safetensors
+    #: alone refuses what is not a tensor file).
+    weights_sha256: Sha256 | None = None
+    backbone: BackboneName
+    preset: PresetInfo
+    masking: MaskingInfo
+    atlas: AtlasInfo
+    window_frames: int = Field(ge=1, le=1024)
+    target_tr: Annotated[float | None, AfterValidator(_finite)] = Field(None, gt=0)
+    norm_pix_loss: bool = False
+    epoch: int = Field(ge=0)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    optimizer: OptimizerInfo | None = None
+
+    @model_validator(mode="after")
+    def _fits_the_backbone(self) -> CheckpointMeta:
+        from bidsapp.model.presets import BACKBONE_PRESETS
+
+        tubelet = BACKBONE_PRESETS[self.backbone][self.preset.name].tubelet
+        if self.window_frames % tubelet:
+            raise ValueError(f"window_frames {self.window_frames} is not a multiple of the "
+                             f"{self.backbone} tubelet ({tubelet} frames)")
+        return self
+
+
+def validate_metadata(text: str | bytes, where: Path) -> dict[str, Any]:
+    """Validate a sidecar's JSON text with :class:`CheckpointMeta`; return it as a dict.
+
+    Raises
+    ------
+    BadDataError
+        Not JSON (or nested deeper than the JSON parser allows), not a roimae sidecar, or a field
+        that does not fit the schema; the message names the first offending field.
+    """
+    try:
+        CheckpointMeta.model_validate_json(text)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where_in = ".".join(str(part) for part in first["loc"])
+        if first["type"] == "json_invalid":
+            raise BadDataError(f"checkpoint sidecar {where} is not valid JSON: "
+                               f"{first['msg'].removeprefix('Invalid JSON: ')}") from exc
+        if where_in == "format":
+            raise BadDataError(f"{where} is not a roimae checkpoint sidecar (format "
+                               f"{FORMAT!r})") from exc
+        detail = first["msg"].removeprefix("Value error, ")
+        raise BadDataError(f"checkpoint sidecar {where} is invalid: "
+                           f"{where_in + ': ' if where_in else ''}{detail}") from exc
+    return json.loads(text)
 
 
 def file_sha256(path: Path) -> str:
@@ -47,21 +167,41 @@ def save_checkpoint(stem: Path, model: torch.nn.Module, metadata: dict[str, Any]
 
     The JSON sidecar is written last and names the weight file's hash, so a sidecar only exists for
     a complete checkpoint: a crash mid-save leaves an older complete checkpoint as the newest one.
+    Every file is written to a temporary name first and the three are renamed only once all are
+    written, so a full disk (:class:`~bidsapp.errors.IOFailureError`, exit 74) leaves no weights
+    without their sidecar.
     """
     weights = stem.with_suffix(".safetensors")
+    optim_path = stem.parent / f"{stem.name}_optim.safetensors"
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(weights) as tmp:
-        save_file(state, str(tmp), metadata={"format": FORMAT})
-    meta = dict(metadata, format=FORMAT, weights=weights.name, weights_sha256=file_sha256(weights))
-    if optimizer is not None:
-        optim_path = stem.parent / f"{stem.name}_optim.safetensors"
-        tensors, structure = _flatten_optimizer(optimizer.state_dict())
-        with atomic_path(optim_path) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": FORMAT})
-        meta["optimizer"] = {"file": optim_path.name, "structure": structure,
-                             "sha256": file_sha256(optim_path)}
-    atomic_write_text(stem.with_suffix(".json"), json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    with contextlib.ExitStack() as stack:
+        # Entered sidecar first, so that it is renamed last (contexts exit in reverse order).
+        sidecar_tmp = stack.enter_context(atomic_path(stem.with_suffix(".json")))
+        optim_tmp = stack.enter_context(atomic_path(optim_path)) if optimizer is not None else None
+        weights_tmp = stack.enter_context(atomic_path(weights))
+        _save_tensors(state, weights_tmp)
+        meta = dict(metadata, format=FORMAT, weights=weights.name,
+                    weights_sha256=file_sha256(weights_tmp))
+        if optimizer is not None:
+            tensors, structure = _flatten_optimizer(optimizer.state_dict())
+            _save_tensors(tensors, optim_tmp)
+            meta["optimizer"] = {"file": optim_path.name, "structure": structure,
+                                 "sha256": file_sha256(optim_tmp)}
+        sidecar_tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n",
+                               encoding="utf-8")
     return weights
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """:func:`safetensors.torch.save_file`, its I/O errors as :class:`OSError` (full disk: 74)."""
+    try:
+        save_file(tensors, str(path), metadata={"format": FORMAT})
+    except SafetensorError as exc:
+        # safetensors reports "I/O error: No space left on device (os error 28)" as its own type.
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from exc
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
@@ -74,12 +214,10 @@ def read_metadata(path: Path) -> dict[str, Any]:
     if not sidecar.is_file():
         raise NoInputError(f"checkpoint sidecar {sidecar} does not exist")
     try:
-        meta = json.loads(sidecar.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BadDataError(f"checkpoint sidecar {sidecar} is not valid JSON: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise BadDataError(f"{sidecar} is not a roimae checkpoint sidecar (format {FORMAT!r})")
-    return meta
+        text = sidecar.read_bytes()
+    except OSError as exc:
+        raise BadDataError(f"cannot read checkpoint sidecar {sidecar}: {exc.strerror}") from exc
+    return validate_metadata(text, sidecar)
 
 
 def load_weights(path: Path, meta: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
@@ -102,14 +240,18 @@ def load_optimizer_state(stem: Path, meta: dict[str, Any]) -> dict[str, Any]:
     info = meta.get("optimizer")
     if not info:
         raise BadDataError(f"checkpoint {stem} holds no optimizer state; cannot resume from it")
-    path = stem.parent / info["file"]
+    # The schema accepts only a bare file name: the state is read from the checkpoint's folder.
+    path = stem.parent / _bare_file_name(info["file"])
+    if not path.is_file():
+        raise BadDataError(f"optimizer state {path} named by checkpoint {stem.name} is missing; "
+                           "cannot resume from it")
     if file_sha256(path) != info["sha256"]:
         raise BadDataError(f"optimizer state {path} does not match its sidecar hash")
     try:
         tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
+        return _unflatten_optimizer(tensors, info["structure"])
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
         raise BadDataError(f"optimizer state {path} is not a valid safetensors file: {exc}") from exc
-    return _unflatten_optimizer(tensors, info["structure"])
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -207,7 +207,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
     work_dir = (args.work_dir or output_dir / ".roimae-work").expanduser()
     # The CPUs this process may use (a container's or Slurm job's share), not the whole host's.
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    omp = args.omp_nthreads or max(1, (cpus or 1) // max(1, args.nprocs))
+    # Only an absent option means "all CPUs"; --omp-nthreads 0 is refused by the Config.
+    omp = (args.omp_nthreads if args.omp_nthreads is not None
+           else max(1, (cpus or 1) // max(1, args.nprocs)))
     try:
         return Config(
             bids_dir=args.bids_dir.expanduser().absolute(),
@@ -281,11 +283,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def _read_filter_file(path: Path) -> dict:
     try:
-        filters = json.loads(path.read_text())
+        filters = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError as exc:
         raise UsageError(f"--bids-filter-file {path} does not exist") from exc
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UsageError(f"--bids-filter-file {path} is not valid JSON: {exc}") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(f"--bids-filter-file {path} is not valid UTF-8 JSON: {reason}") from exc
     if not isinstance(filters, dict) or not all(isinstance(v, dict) for v in filters.values()):
         raise UsageError(
             f"--bids-filter-file {path} must map query names ('bold', 'mask') to objects"

@@ -46,7 +46,8 @@ def _check_labels(values: list[str] | None, prefix: str, what: str) -> list[str]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No option is meaningful at infinity or NaN (--warmup-epochs inf, --lr nan): refused here.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class SelectionConfig(_Section):
@@ -86,7 +87,9 @@ class PreprocessConfig(_Section):
     """How BOLD runs are brought to the model grid."""
 
     window_frames: int | None = Field(None, ge=1, le=1024)
-    target_tr: float | None = Field(None, gt=0)
+    #: Seconds; no fMRI samples faster than 20 Hz, and the bound keeps a typo (1e-6) from asking
+    #: for terabytes of frames.
+    target_tr: float | None = Field(None, ge=0.05, le=60)
 
     #: Frames per window when neither the command line nor a checkpoint says otherwise.
     DEFAULT_WINDOW_FRAMES: ClassVar[int] = 20
@@ -137,6 +140,14 @@ class ParticipantConfig(_Section):
     attribution_subsets: int = Field(6, ge=2)
     overwrite: bool = False
     reports: bool = True
+
+    @field_validator("attribution_subsets")
+    @classmethod
+    def _even(cls, v: int) -> int:
+        if v % 2:
+            raise ValueError(f"{v} is odd: each random subset of regions is paired with its "
+                             "complement, so the number of subsets must be even")
+        return v
 
 
 class GroupConfig(_Section):

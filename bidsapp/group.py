@@ -33,11 +33,15 @@ every participant alike average out).
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -54,7 +58,12 @@ from sklearn.metrics import (
     f1_score,
     roc_auc_score,
 )
-from sklearn.model_selection import GridSearchCV, GroupKFold, StratifiedGroupKFold
+from sklearn.model_selection import (
+    GridSearchCV,
+    GroupKFold,
+    LeaveOneGroupOut,
+    StratifiedGroupKFold,
+)
 from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
@@ -63,7 +72,7 @@ from threadpoolctl import threadpool_limits
 
 from bidsapp.atlas import Atlas, load_atlas
 from bidsapp.bids.derivatives import DerivativesWriter
-from bidsapp.bids.layout import discover_runs
+from bidsapp.bids.layout import discover_runs, runs_without_row
 from bidsapp.checkpoint import masking_desc
 from bidsapp.config import Config
 from bidsapp.errors import BadDataError, NoInputError, UsageError
@@ -137,8 +146,14 @@ class EmbeddingSet:
         return self.desc is None
 
 
-def build_classifier(name: str, seed: int, inner_groups: int) -> GridSearchCV:
-    """The classifier with its regularisation chosen by inner grouped cross-validation."""
+def build_classifier(name: str, seed: int, inner_groups: int | Any,
+                     fixed: bool = False) -> GridSearchCV:
+    """The classifier with its regularisation chosen by inner grouped cross-validation.
+
+    ``inner_groups`` is the number of :class:`GroupKFold` splits, or any scikit-learn ``cv``
+    (a splitter, a list of splits). ``fixed`` keeps only the estimator's default regularisation
+    (for training folds too small for an inner cross-validation).
+    """
     if name == "logreg":
         estimator = LogisticRegression(max_iter=2000)
         grid = {"clf__C": np.logspace(-3, 2, 6)}
@@ -150,8 +165,26 @@ def build_classifier(name: str, seed: int, inner_groups: int) -> GridSearchCV:
         grid = {"clf__alpha": np.logspace(-4, 0, 3)}
     pipeline = Pipeline([("impute", SimpleImputer(strategy="mean")), ("scale", StandardScaler()),
                          ("reduce", PCA(svd_solver="full")), ("clf", estimator)])
-    return GridSearchCV(pipeline, grid, cv=GroupKFold(n_splits=inner_groups),
-                        scoring="balanced_accuracy", refit=True)
+    if fixed:
+        grid = {key: [pipeline.get_params()[key]] for key in grid}
+    cv = GroupKFold(n_splits=inner_groups) if isinstance(inner_groups, int) else inner_groups
+    return GridSearchCV(pipeline, grid, cv=cv, scoring="balanced_accuracy", refit=True)
+
+
+def inner_cv(y: np.ndarray, groups: np.ndarray, seed: int) -> tuple[Any, bool]:
+    """The inner cross-validation of one training fold: ``(cv, fixed)`` for :func:`build_classifier`.
+
+    Stratified and grouped (:class:`StratifiedGroupKFold`), with as many splits (at most 3) as
+    the class held by the fewest groups allows, so that every inner training fold holds every
+    class. When a class lies in a single group, no split can: the inner search is skipped
+    (``fixed``: one fit at the default regularisation on the whole training fold).
+    """
+    groups_per_class = min(len(np.unique(groups[y == c])) for c in np.unique(y))
+    splits = min(3, groups_per_class)
+    if splits < 2:
+        everything = np.arange(len(y))
+        return [(everything, everything)], True
+    return StratifiedGroupKFold(n_splits=splits, shuffle=True, random_state=seed), False
 
 
 def read_targets(participants: pd.DataFrame | None, column: str,
@@ -179,7 +212,20 @@ def read_targets(participants: pd.DataFrame | None, column: str,
 
 def make_splits(y: np.ndarray, groups: np.ndarray, folds: int, repeats: int,
                 seed: int) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
-    """Repeated stratified group k-fold: ``(repeat, fold, train_idx, test_idx)``."""
+    """Repeated stratified group k-fold: ``(repeat, fold, train_idx, test_idx)``.
+
+    With fewer groups than folds (``--cv-groups`` with few sites), leave-one-group-out instead,
+    once (its folds do not depend on the seed), with a warning.
+    """
+    n_groups = len(np.unique(groups))
+    if n_groups < 2:
+        raise BadDataError(f"only {n_groups} cross-validation group: cross-validation needs two "
+                           "or more (use another --cv-groups column or none)")
+    if n_groups < folds:
+        log.warning("only %d cross-validation groups for %d folds: using leave-one-group-out "
+                    "(%d folds, one repeat) instead", n_groups, folds, n_groups)
+        return [(0, fold, train, test) for fold, (train, test)
+                in enumerate(LeaveOneGroupOut().split(np.zeros(len(y)), y, groups))]
     splits = []
     for repeat in range(repeats):
         cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed + repeat)
@@ -212,10 +258,6 @@ def corrected_ttest(diff: np.ndarray, n_train: int, n_test: int) -> tuple[float,
     return float(t), float(2 * stats.t.sf(abs(t), df=k - 1))
 
 
-def _inner_groups(groups: np.ndarray, train: np.ndarray) -> int:
-    return int(min(3, len(np.unique(groups[train]))))
-
-
 def evaluate(es: EmbeddingSet, splits: list, classes: np.ndarray, config: Config
              ) -> tuple[pd.DataFrame, pd.DataFrame, list, np.ndarray]:
     """Cross-validate one embedding set; returns per-fold metrics, predictions, models, confusion."""
@@ -224,12 +266,14 @@ def evaluate(es: EmbeddingSet, splits: list, classes: np.ndarray, config: Config
     rows, predictions, models = [], [], []
     confusion = np.zeros((len(classes), len(classes)), dtype=int)
     participants = es.runs["participant_id"].to_numpy()
+    unsearched = 0
     for repeat, fold, train, test in splits:
         # The inner CV needs two groups in the training folds; with --cv-groups and a single
         # group left for training (e.g. two sites) it falls back to the participants.
         inner = groups if len(np.unique(groups[train])) >= 2 else participants
-        model = build_classifier(config.group.classifier, config.random_seed,
-                                 _inner_groups(inner, train))
+        cv, fixed = inner_cv(y[train], inner[train], config.random_seed + repeat)
+        unsearched += fixed
+        model = build_classifier(config.group.classifier, config.random_seed, cv, fixed=fixed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             model.fit(es.X[train], y[train], groups=inner[train])
@@ -245,6 +289,10 @@ def evaluate(es: EmbeddingSet, splits: list, classes: np.ndarray, config: Config
             "participant_id": es.runs["participant_id"].to_numpy()[test], "target": y[test],
             "predicted": pred, **{f"p_{c}": proba[:, i] for i, c in enumerate(model.classes_)}}))
         models.append((repeat, test, model))
+    if unsearched:
+        log.warning("%s: in %d of %d folds a class has a single participant (or group) in "
+                    "training, too few for an inner cross-validation: the regularisation is the "
+                    "classifier's default there", es.name, unsearched, len(splits))
     return pd.DataFrame(rows), pd.concat(predictions, ignore_index=True), models, confusion
 
 
@@ -509,10 +557,17 @@ def _check_classes(es: EmbeddingSet, folds: int) -> np.ndarray:
             f"too few participants for {folds}-fold cross-validation: class "
             f"{per_participant.idxmin()!r} has {per_participant.min()} participants (lower "
             "--cv-folds or add participants)")
-    if es.runs["cv_group"].nunique() < folds:
-        raise BadDataError(f"only {es.runs['cv_group'].nunique()} cross-validation groups for "
-                           f"{folds} folds (lower --cv-folds)")
     return np.array(sorted(per_participant.index))
+
+
+def target_label(target: str) -> str:
+    """The BIDS label of ``--target`` in file names: its ASCII letters and digits.
+
+    A name with none (``診断``) gets the first 8 hex digits of its SHA-256 instead; the settings
+    file and the report keep the name itself.
+    """
+    label = "".join(c for c in target if c.isascii() and c.isalnum())
+    return label or hashlib.sha256(target.encode("utf-8")).hexdigest()[:8]
 
 
 def summarize(folds_table: pd.DataFrame, p_value: float) -> pd.DataFrame:
@@ -528,8 +583,31 @@ def run_group(config: Config) -> None:
         raise UsageError("the group level needs --target COLUMN (a participants.tsv column, "
                          "e.g. diagnosis)")
     # Many small fits: BLAS threads only add overhead (about 30x slower on 2 busy cores).
-    with threadpool_limits(limits=1):
+    with threadpool_limits(limits=1), _warnings_to_log():
         _run_group(config)
+
+
+@contextlib.contextmanager
+def _warnings_to_log() -> Iterator[None]:
+    """Send library warnings (scikit-learn's, dozens per run on small designs) to the log file.
+
+    They are logged at DEBUG level, which the log file keeps and the console shows only with
+    ``-v``; the console gets one line counting them.
+    """
+    counts: Counter[str] = Counter()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        counts[category.__name__] += 1
+        log.debug("%s: %s (%s:%d)", category.__name__, message, filename, lineno)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        try:
+            yield
+        finally:
+            if counts:
+                log.info("%d library warning(s) (%s) were written to the log file",
+                         sum(counts.values()), ", ".join(sorted(counts)))
 
 
 def _run_group(config: Config) -> None:
@@ -539,6 +617,14 @@ def _run_group(config: Config) -> None:
     writer.ensure_dataset_description()
     writer.ensure_bidsignore(BIDSIGNORE)
     targets = read_targets(dataset.participants, config.group.target, config.group.target_map)
+    no_row = runs_without_row(dataset.runs, dataset.participants)
+    if no_row:
+        if len(no_row) == len(dataset.runs):
+            raise BadDataError(f"none of the {len(no_row)} selected runs has a row in "
+                               f"{dataset.participants_file} (e.g. {no_row[0]}): its "
+                               "participant_id column must name their participants")
+        log.warning("%d runs have no row in participants.tsv and are left out (%s)", len(no_row),
+                    ", ".join(no_row[:5]) + (" ..." if len(no_row) > 5 else ""))
     cv_groups = None
     if config.group.cv_groups:
         if config.group.cv_groups not in dataset.participants.columns:
@@ -587,7 +673,7 @@ def _run_group(config: Config) -> None:
     for tmp in [*remove_stale_temporaries(out_dir), *remove_stale_temporaries(out_dir / "figures"),
                 *remove_temporaries(config.output_dir / "group.html")]:
         log.info("removed %s, left by an interrupted job", tmp.name)
-    prefix = f"target-{''.join(c for c in config.group.target if c.isalnum())}"
+    prefix = f"target-{target_label(config.group.target)}"
     results = {}
     for es in sets:
         folds_table, predictions, models, confusion = evaluate(es, splits, classes, config)

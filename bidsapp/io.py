@@ -7,20 +7,43 @@ re-run finds either the complete file or nothing.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from filelock import FileLock
+
 from bidsapp.errors import CannotCreateOutputError, IOFailureError
+
+#: What a full disk or an exhausted quota raises (``EDQUOT`` is not defined everywhere).
+_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def write_error(path: Path, exc: OSError, what: str | None = None) -> IOFailureError:
+    """The one-line :class:`IOFailureError` (exit 74) of a failed write of ``path`` (or ``what``).
+
+    A full disk or quota says so, since that is what the user has to fix.
+    """
+    reason = exc.strerror or str(exc)
+    if exc.errno in _FULL:
+        reason += " (the disk or the quota of this file system is full)"
+    return IOFailureError(f"cannot write {what or path}: {reason}")
 
 
 def ensure_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) or raise :class:`CannotCreateOutputError`."""
+    """Create ``path`` (and parents) or raise :class:`CannotCreateOutputError`.
+
+    A full disk or quota raises :class:`IOFailureError` (exit 74) instead: the directory could be
+    created, there is just no room.
+    """
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        if exc.errno in _FULL:
+            raise write_error(path, exc) from exc
         raise CannotCreateOutputError(f"cannot create directory {path}: {exc.strerror}") from exc
     if not os.access(path, os.W_OK | os.X_OK):
         raise CannotCreateOutputError(f"directory {path} is not writable")
@@ -33,23 +56,49 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
     The temporary name keeps ``path``'s full suffix (``.nii.gz``, ``.tsv``) so that libraries that
     pick a format from the file name (nibabel, numpy) write the right one. On error the temporary
-    file is removed and the exception propagates.
+    file is removed and the exception propagates; an :class:`OSError` (a full disk or quota, an
+    I/O error) becomes one :class:`IOFailureError` (exit 74) naming ``path``, whatever library
+    was writing: every output of roimae goes through here, so this is the one place it is handled.
     """
     path = Path(path)
     ensure_dir(path.parent)
     suffix = "".join(path.suffixes) if path.suffixes else ""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=f".tmp{suffix}",
-                                    dir=path.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.",
+                                        suffix=f".tmp{suffix}", dir=path.parent)
+    except OSError as exc:
+        raise write_error(path, exc) from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if isinstance(exc, OSError):
+            raise write_error(path, exc) from exc
         raise
+
+
+def file_lock(path: Path, timeout: float = -1) -> FileLock:
+    """A :class:`filelock.FileLock` on ``path``, refusing a lock file that is a symbolic link.
+
+    Taking the lock opens the file for writing (and truncates it): through a link planted in a
+    shared output or work directory, that would truncate whatever file the link points to.
+
+    Raises
+    ------
+    CannotCreateOutputError
+        ``path`` is a symbolic link (exit 73).
+    """
+    path = Path(path)
+    if path.is_symlink():
+        raise CannotCreateOutputError(f"lock file {path} is a symbolic link (to "
+                                      f"{os.readlink(path)}); remove it: roimae never writes "
+                                      "through links")
+    return FileLock(path, timeout=timeout)
 
 
 def remove_temporaries(path: Path) -> list[Path]:
@@ -92,14 +141,11 @@ def _umask() -> int:
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (fsync before rename)."""
-    try:
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-    except OSError as exc:
-        raise IOFailureError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
     return Path(path)
 
 

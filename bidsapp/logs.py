@@ -8,6 +8,17 @@ from pathlib import Path
 LOGGER_NAME = "roimae"
 
 
+class _LogFile(logging.FileHandler):
+    """The run's log file; a failed write (a full disk) is dropped, not printed as a traceback.
+
+    The console handler still shows every message, and the error that the full disk causes in
+    the outputs is reported once, as one line, by the writer that hit it.
+    """
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
 def get_logger(name: str | None = None) -> logging.Logger:
     """Return the package logger or one of its children (``roimae.<name>``)."""
     return logging.getLogger(LOGGER_NAME if name is None else f"{LOGGER_NAME}.{name}")
@@ -36,7 +47,7 @@ def setup_logging(verbosity: int, log_file: Path | None = None) -> logging.Logge
     console.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s", "%H:%M:%S"))
     logger.addHandler(console)
     if log_file is not None:
-        file_handler = logging.FileHandler(log_file, encoding="utf-8")
+        file_handler = _LogFile(log_file, encoding="utf-8")
         file_handler.setLevel(logging.DEBUG)
         file_handler.setFormatter(
             logging.Formatter("%(asctime)s %(name)s [%(levelname)s] %(message)s")

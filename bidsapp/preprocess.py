@@ -14,7 +14,13 @@ voxels and frames (as NeuroSTORM), and stored as the brain voxels only::
 The key hashes the content of both files and the parameters, so an entry is reused whatever the
 path or time stamp of its inputs, and any change to them makes a new entry. An entry is built in a
 temporary directory and renamed into place when complete, under a file lock, so a crash leaves no
-half entry and two processes never build the same one.
+half entry and two processes never build the same one. It is written with plain writes (not through a
+memory map, where a full disk raises SIGBUS), so a full disk or quota is one error (exit 74) and the
+temporary directory is removed.
+
+Trust: an entry is found by its key and read without re-checking its data against the sources, so
+anyone who can write to the cache directory can plant data that later runs use. A shared work
+directory must be writable only by users who trust each other.
 """
 
 from __future__ import annotations
@@ -38,7 +44,6 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-from filelock import FileLock
 from nibabel.affines import apply_affine
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import SpatialImage
@@ -50,7 +55,7 @@ from scipy.interpolate import interp1d
 from bidsapp import __version__
 from bidsapp.errors import BadDataError, IOFailureError, NoInputError
 from bidsapp.grid import CUBE_SHAPE, MNI_2MM_AFFINE, MNI_2MM_SHAPE, from_cube, is_mni_2mm, to_cube
-from bidsapp.io import atomic_write_text, ensure_dir
+from bidsapp.io import atomic_write_text, ensure_dir, file_lock, write_error
 from bidsapp.logs import get_logger
 
 log = get_logger("preprocess")
@@ -225,7 +230,7 @@ def prepare_run(bold: Path, mask: Path, cache_root: Path, params: PreprocessPara
                   "mask": str(mask.absolute()), "mask_sha256": mask_sha}
     cache_root = ensure_dir(Path(cache_root))
     entry = cache_root / key[:16]
-    with FileLock(cache_root / f".{entry.name}.lock"):
+    with file_lock(cache_root / f".{entry.name}.lock"):
         cached = _existing_entry(entry, key)
         if cached is not None:
             log.info("reusing cache %s for %s", entry, bold.name)
@@ -298,9 +303,13 @@ def _build_entry(directory: Path, bold: Path, mask: Path, params: PreprocessPara
         image = nib.load(bold, keep_file_open=True)
     if len(image.shape) != 4:
         raise BadDataError(f"{bold}: expected a 4D BOLD series, got shape {image.shape}")
+    if image.get_data_dtype().kind == "c":
+        raise BadDataError(f"{bold}: complex-valued BOLD ({image.get_data_dtype()}); roimae needs "
+                           "real values (magnitude images, as fMRIPrep writes them)")
+    _check_size(image, bold)
     inside = _mask_on_grid(mask, image, bold)  # (X, Y, Z) bool, on the BOLD's grid
 
-    source_tr = _header_tr(image) if repetition_time is None else float(repetition_time)
+    source_tr = _source_tr(image, repetition_time, bold)
     n_frames = _n_output_frames(image.shape[3], source_tr, params.target_tr, bold)
     if n_frames < params.window_frames:
         raise BadDataError(f"{bold}: {n_frames} frames, fewer than one window of "
@@ -329,14 +338,18 @@ def _build_entry(directory: Path, bold: Path, mask: Path, params: PreprocessPara
                   n_frames % params.window_frames)
 
     try:
-        data = np.lib.format.open_memmap(directory / "data.npy", mode="w+", dtype=params.dtype,
-                                         shape=values.shape)
-        for rows in _chunks(n_frames):
-            normalised = values[rows] - np.float32(mean)
-            normalised *= np.float32(1 / std)
-            data[rows] = normalised
-        data.flush()
-        del data
+        # Plain writes, not a memory map: on a full disk or quota a write through a map raises
+        # SIGBUS and kills the process, while write() fails with ENOSPC / EDQUOT (exit 74).
+        with open(directory / "data.npy", "wb") as fh:
+            np.lib.format.write_array_header_1_0(fh, {
+                "descr": np.lib.format.dtype_to_descr(np.dtype(params.dtype)),
+                "fortran_order": False, "shape": values.shape})
+            for rows in _chunks(n_frames):
+                normalised = values[rows] - np.float32(mean)
+                normalised *= np.float32(1 / std)
+                fh.write(normalised.astype(params.dtype, copy=False).data)
+            fh.flush()
+            os.fsync(fh.fileno())
         np.save(directory / "brain.npy", brain)
         manifest = {
             **provenance,
@@ -353,7 +366,8 @@ def _build_entry(directory: Path, bold: Path, mask: Path, params: PreprocessPara
         }
         atomic_write_text(directory / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     except OSError as exc:
-        raise IOFailureError(f"cannot write cache entry for {bold}: {exc}") from exc
+        raise write_error(directory, exc, f"the cache of {bold.name} in {directory.parent}") \
+            from exc
 
 
 def _mask_on_grid(mask: Path, image: SpatialImage, bold: Path) -> np.ndarray:
@@ -374,20 +388,62 @@ def _mask_on_grid(mask: Path, image: SpatialImage, bold: Path) -> np.ndarray:
 def _header_tr(image: SpatialImage) -> float | None:
     """TR in seconds from pixdim[4] and the time unit, ``None`` if the header has none."""
     zooms = image.header.get_zooms()
-    if len(zooms) < 4 or not zooms[3] > 0:
+    if len(zooms) < 4 or not (np.isfinite(zooms[3]) and zooms[3] > 0):
         return None
     unit = image.header.get_xyzt_units()[1]
     return float(zooms[3]) * {"msec": 1e-3, "usec": 1e-6}.get(unit, 1.0)
 
 
-def _n_output_frames(n_frames: int, tr: float | None, target_tr: float | None,
-                     bold: Path) -> int:
+def _source_tr(image: SpatialImage, repetition_time: float | None, bold: Path) -> float:
+    """The run's TR: the sidecar's ``RepetitionTime`` (BIDS), else the header's.
+
+    Raises :class:`BadDataError` when neither gives one (onsets and --target-tr need it); warns
+    when both are given and disagree, as a sidecar in milliseconds (2000 for 2 s) would.
+    """
+    header_tr = _header_tr(image)
+    if repetition_time is None:
+        if header_tr is None:
+            raise BadDataError(f"{bold}: the repetition time is unknown (no RepetitionTime in "
+                               "its JSON sidecar and no TR in the NIfTI header)")
+        return header_tr
+    if header_tr is not None and not np.isclose(repetition_time, header_tr, rtol=0.01):
+        log.warning("%s: RepetitionTime %g s in its sidecar, but %g s in the NIfTI header; using "
+                    "the sidecar's (BIDS gives it in seconds)", bold.name, repetition_time,
+                    header_tr)
+    return float(repetition_time)
+
+
+#: At most this many output frames per input frame when resampling in time (``--target-tr``).
+MAX_UPSAMPLING = 16
+
+
+def _n_output_frames(n_frames: int, tr: float, target_tr: float | None, bold: Path) -> int:
     if target_tr is None:
         return n_frames
-    if tr is None:
-        raise BadDataError(f"{bold}: the repetition time is unknown (no RepetitionTime and no "
-                           "TR in the header), so it cannot be resampled to --target-tr")
-    return max(round(n_frames * tr / target_tr), 1)
+    n_out = max(round(n_frames * tr / target_tr), 1)
+    if n_out > MAX_UPSAMPLING * n_frames:
+        raise BadDataError(f"{bold}: resampling from TR {tr:g} s to --target-tr {target_tr:g} s "
+                           f"would make {n_out} frames of {n_frames} (more than "
+                           f"{MAX_UPSAMPLING}x); check the TR and --target-tr")
+    return n_out
+
+
+def _check_size(image: SpatialImage, bold: Path) -> None:
+    """Refuse an uncompressed file that holds fewer bytes than its header claims.
+
+    Nothing is allocated for frames a header promises but the file does not hold; a compressed
+    file, whose size says nothing of its content, is read frame by frame instead (see
+    :func:`_brain_values`).
+    """
+    if "".join(bold.suffixes[-1:]) != ".nii":
+        return
+    expected = int(image.header.get_data_offset()) + int(
+        np.prod(image.shape, dtype=np.int64)) * image.get_data_dtype().itemsize
+    actual = bold.stat().st_size
+    if actual < expected:
+        raise BadDataError(f"{bold}: its header claims {image.shape[3]} frames of "
+                           f"{'x'.join(map(str, image.shape[:3]))} ({expected} bytes) but the file "
+                           f"holds {actual} bytes (truncated file?)")
 
 
 @lru_cache(maxsize=1)
@@ -506,7 +562,11 @@ def _brain_values(image: SpatialImage, inside: np.ndarray, sampler: VoxelSampler
     ndarray, shape (T, n_brain), float32
     """
     n_frames = image.shape[3]
-    values = np.empty((n_frames, sampler.indices.shape[1]), dtype=np.float32)
+    # Grown as frames are read (doubling: a realloc, which for large arrays remaps pages rather
+    # than copying), so a header claiming more frames than a compressed file holds costs no more
+    # memory than the frames it does hold: reading fails first.
+    values = np.empty((min(n_frames, 4 * CHUNK_FRAMES), sampler.indices.shape[1]),
+                      dtype=np.float32)
     mask_voxels = _flat_voxels(np.argwhere(inside), image.shape)  # (n_mask,)
     not_finite = np.zeros(len(mask_voxels), dtype=bool)
     for frames in _chunks(n_frames):
@@ -515,6 +575,9 @@ def _brain_values(image: SpatialImage, inside: np.ndarray, sampler: VoxelSampler
         flat = chunk.T.reshape(chunk.shape[3], -1)  # (t, X * Y * Z): a view, no copy
         if flat.dtype.kind == "f":
             not_finite |= ~np.isfinite(np.take(flat, mask_voxels, axis=1)).all(axis=0)
+        if frames.stop > len(values):
+            values.resize((min(n_frames, max(2 * len(values), frames.stop)), values.shape[1]),
+                          refcheck=False)
         values[frames] = sampler(flat)
     if not_finite.any():
         raise BadDataError(f"{bold}: {int(not_finite.sum())} voxels inside the brain mask hold "

@@ -38,7 +38,7 @@ from bidsapp.checkpoint import (
 from bidsapp.config import Config
 from bidsapp.data import build_region_grid, prepare_runs, split_participants
 from bidsapp.distributed import DistributedContext
-from bidsapp.errors import BadDataError, NoInputError, UsageError
+from bidsapp.errors import BadDataError, UsageError
 from bidsapp.io import atomic_path, ensure_dir
 from bidsapp.logs import get_logger
 from bidsapp.model.mae import MaskedAutoencoder
@@ -101,15 +101,16 @@ def _windows(runs: list[CachedRun], subjects_of_runs: list[str],
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest complete epoch checkpoint (its JSON sidecar exists and parses), if any."""
+    """The newest epoch checkpoint (its JSON sidecar exists), if any.
+
+    Sidecars are written last and atomically, so one that exists belongs to a complete
+    checkpoint; one that does not fit the schema was damaged afterwards, and reading it (in
+    :func:`_resume`) refuses it with exit 65 rather than silently resuming from an older epoch.
+    """
     best: tuple[int, Path] | None = None
     for sidecar in directory.glob("epoch-*.json"):
         match = _EPOCH_STEM.match(sidecar.stem)
         if not match:
-            continue
-        try:
-            read_metadata(sidecar)
-        except (BadDataError, NoInputError):
             continue
         epoch = int(match.group(1))
         if best is None or epoch > best[0]:
@@ -262,11 +263,32 @@ def _resume(out_dir: Path, model: MaskedAutoencoder, trainer: Trainer,
                              f"({saved.get(key)!r}); start a new OUTPUT_DIR or drop --resume")
     model.load_state_dict(load_weights(stem, saved))
     trainer.optimizer.load_state_dict(load_optimizer_state(stem, saved))
-    log_path = out_dir / "training_log.tsv"
-    history = (pd.read_csv(log_path, sep="\t", na_values="n/a") if log_path.is_file()
-               else pd.DataFrame(columns=list(EpochMetrics.__dataclass_fields__)))
+    history = _read_training_log(out_dir / "training_log.tsv")
     epoch = int(saved["epoch"])
     history = history[history["epoch"] <= epoch].reset_index(drop=True)
     log.info("resuming from %s (epoch %d, held-out loss %s)", stem.name, epoch,
              np.round(saved["metrics"].get("val_loss", np.nan), 4))
     return epoch + 1, history
+
+
+def _read_training_log(path: Path) -> pd.DataFrame:
+    """The training log of the run being resumed (empty when there is none yet).
+
+    Raises :class:`BadDataError` (exit 65) for a log that is empty, unreadable or without the
+    columns this version writes.
+    """
+    columns = list(EpochMetrics.__dataclass_fields__)
+    if not path.is_file():
+        return pd.DataFrame(columns=columns)
+    try:
+        history = pd.read_csv(path, sep="\t", na_values="n/a")
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise BadDataError(f"--resume: the training log {path} is damaged "
+                           f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                           "restore it or start a new OUTPUT_DIR") from exc
+    missing = [c for c in columns if c not in history.columns]
+    if missing or not pd.api.types.is_numeric_dtype(history["epoch"]):
+        raise BadDataError(f"--resume: the training log {path} is damaged (columns "
+                           f"{', '.join(missing) or 'epoch'} missing or not numbers); restore it "
+                           "or start a new OUTPUT_DIR")
+    return history

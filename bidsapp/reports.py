@@ -132,8 +132,9 @@ def write_participant_report(output_dir: Path, subject: str, items: Sequence, lo
     body = [f"<h1>roimae: sub-{html.escape(subject)}</h1>",
             "<table class='meta'>"
             f"<tr><td>Model</td><td>{html.escape(str(loaded.path))}</td></tr>"
-            f"<tr><td>Preset / masking</td><td>{loaded.preset.name} / {loaded.masking}</td></tr>"
-            f"<tr><td>Model SHA-256</td><td>{loaded.sha256[:16]}...</td></tr>"
+            f"<tr><td>Preset / masking</td><td>{html.escape(loaded.preset.name)} / "
+            f"{html.escape(loaded.masking)}</td></tr>"
+            f"<tr><td>Model SHA-256</td><td>{html.escape(loaded.sha256[:16])}...</td></tr>"
             f"<tr><td>Atlas</td><td>{html.escape(atlas.name)} ({len(atlas.regions)} regions)"
             "</td></tr></table>"]
     for run, out, result in items:
@@ -142,8 +143,8 @@ def write_participant_report(output_dir: Path, subject: str, items: Sequence, lo
         body.append("<table class='meta'>"
                     f"<tr><td>BOLD</td><td>{html.escape(run.source_uri)}</td></tr>"
                     f"<tr><td>Windows</td><td>{len(result.window_embeddings)} x "
-                    f"{loaded.window_frames} frames</td></tr>"
-                    f"<tr><td>TR</td><td>{run.repetition_time} s</td></tr>"
+                    f"{html.escape(str(loaded.window_frames))} frames</td></tr>"
+                    f"<tr><td>TR</td><td>{html.escape(str(run.repetition_time))} s</td></tr>"
                     f"<tr><td>Embedding</td><td>{html.escape(out.embedding.name)}</td></tr>"
                     f"<tr><td>Spread across windows</td><td>{_spread_text(result)}</td></tr>"
                     "</table>")

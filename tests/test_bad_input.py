@@ -247,6 +247,145 @@ def mask_other_grid(ctx: Ctx) -> list:
     return _participant(ctx, bids, "--participant-label", "01")
 
 
+def _bold_sidecar(bids: Path, sub: str = "01") -> Path:
+    return _bold(bids, sub).with_name(_bold(bids, sub).name.replace(".nii.gz", ".json"))
+
+
+def _no_header_tr(bids: Path) -> None:
+    img = nib.load(_bold(bids))
+    data = np.asanyarray(img.dataobj)
+    new = nib.Nifti1Image(data, img.affine, img.header)
+    new.header.set_zooms((*img.header.get_zooms()[:3], 0.0))
+    _bold(bids).unlink()
+    nib.save(new, _bold(bids))
+
+
+def tr_missing(ctx: Ctx) -> list:
+    bids = ctx.demo_copy()
+    sidecar = json.loads(_bold_sidecar(bids).read_text())
+    del sidecar["RepetitionTime"]
+    _bold_sidecar(bids).write_text(json.dumps(sidecar))
+    _no_header_tr(bids)
+    return _participant(ctx, bids, "--participant-label", "01")
+
+
+def tr_infinite(ctx: Ctx) -> list:
+    bids = ctx.demo_copy()
+    text = _bold_sidecar(bids).read_text()
+    _bold_sidecar(bids).write_text(text.replace('"RepetitionTime": 2.0', '"RepetitionTime": Infinity'))
+    return _participant(ctx, bids, "--participant-label", "01")
+
+
+def bold_sidecar_not_json(ctx: Ctx) -> list:
+    bids = ctx.demo_copy()
+    _bold_sidecar(bids, "03").write_text('{"RepetitionTime": 2.0,')
+    return _participant(ctx, bids, "--participant-label", "01")
+
+
+def bold_sidecar_array(ctx: Ctx) -> list:
+    bids = ctx.demo_copy()
+    _bold_sidecar(bids, "03").write_text("[2.0]")
+    return _pretrain(ctx, bids)
+
+
+def _gz_header_frames(path: Path, frames: int) -> None:
+    """Rewrite a .nii.gz so that its header claims ``frames`` frames (the data stay as they are)."""
+    import gzip
+
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    dim = np.frombuffer(raw[40:56], dtype="<i2").copy()
+    dim[4] = frames
+    raw[40:56] = dim.tobytes()
+    path.write_bytes(gzip.compress(bytes(raw), compresslevel=1))
+
+
+def header_claims_frames_gz(ctx: Ctx) -> list:
+    """32,000 frames claimed, 10 held (test_inputs.py checks nothing near 26 GiB is allocated)."""
+    bids = ctx.demo_copy()
+    _gz_header_frames(_bold(bids), 32_000)
+    return _participant(ctx, bids, "--participant-label", "01")
+
+
+def header_claims_frames_nii(ctx: Ctx) -> list:
+    bids = ctx.demo_copy()
+    import gzip
+
+    for path in (_bold(bids), _mask(bids)):
+        unzipped = path.with_name(path.name.removesuffix(".gz"))
+        unzipped.write_bytes(gzip.decompress(path.read_bytes()))
+        path.unlink()
+    nii = _bold(bids).with_name(_bold(bids).name.removesuffix(".gz"))
+    raw = bytearray(nii.read_bytes())
+    raw[48:50] = np.array([32_000], dtype="<i2").tobytes()
+    nii.write_bytes(bytes(raw))
+    return _pretrain(ctx, bids)
+
+
+def complex_bold(ctx: Ctx) -> list:
+    bids = ctx.demo_copy()
+    data = _bold_data(bids)
+    _rewrite(_bold(bids), (data + 1j * data).astype(np.complex64))
+    return _participant(ctx, bids, "--participant-label", "01")
+
+
+def non_ascii_subject(ctx: Ctx) -> list:
+    bids = ctx.demo_copy()
+    folder = bids / "sub-\u00fc5"
+    shutil.copytree(bids / "sub-04", folder)
+    for path in list((folder / "func").iterdir()):
+        path.rename(path.with_name(path.name.replace("sub-04", "sub-\u00fc5")))
+    return _participant(ctx, bids, "--participant-label", "01")
+
+
+def _filter_file(ctx: Ctx, content: bytes) -> Path:
+    path = ctx.tmp / "filters.json"
+    path.write_bytes(content)
+    return path
+
+
+def filter_not_utf8(ctx: Ctx) -> list:
+    path = _filter_file(ctx, '{"bold": {"task": "r\u00e9st"}}'.encode("latin-1"))
+    return _participant(ctx, ctx.demo, "--bids-filter-file", path)
+
+
+def filter_get_keyword(ctx: Ctx) -> list:
+    path = _filter_file(ctx, b'{"bold": {"scope": "raw", "return_type": "id"}}')
+    return _participant(ctx, ctx.demo, "--bids-filter-file", path)
+
+
+def stale_database(ctx: Ctx) -> list:
+    """A --bids-database-dir indexed before sub-04 was added."""
+    from bidsapp.bids.layout import discover_runs
+    from bidsapp.cli import build_parser, config_from_args
+
+    bids = ctx.demo_copy()
+    database = ctx.tmp / "pybids-db"
+    shutil.move(bids / "sub-04", ctx.tmp / "later")
+    discover_runs(config_from_args(build_parser().parse_args(
+        [str(bids), str(ctx.tmp / "elsewhere"), "participant", "--bids-database-dir",
+         str(database)])))
+    shutil.move(ctx.tmp / "later", bids / "sub-04")
+    return _participant(ctx, bids, "--participant-label", "04", "--bids-database-dir", database)
+
+
+def bidsignore_not_utf8(ctx: Ctx) -> list:
+    ctx.out.mkdir()
+    (ctx.out / ".bidsignore").write_bytes("sub-*/caf\u00e9\n".encode("latin-1"))
+    return _participant(ctx, ctx.demo, "--participant-label", "01")
+
+
+def lock_is_a_symlink(ctx: Ctx) -> list:
+    victim = ctx.tmp / "precious.txt"
+    victim.write_text("keep me\n")
+    ctx.out.mkdir()
+    (ctx.out / ".roimae.lock").symlink_to(victim)
+
+    def untouched() -> None:
+        assert victim.read_text() == "keep me\n", "the lock truncated the link's target"
+    ctx.checks.append(untouched)
+    return _participant(ctx, ctx.demo, "--participant-label", "01")
+
+
 # --- selection and paths ---------------------------------------------------------------------------
 
 def unknown_label(ctx: Ctx) -> list:
@@ -316,6 +455,33 @@ def group_one_class(ctx: Ctx) -> list:
     table.assign(diagnosis="control").to_csv(bids / "participants.tsv", sep="\t", index=False)
     _fake_embeddings(ctx, bids)
     return [bids, ctx.out, "group", "--target", "diagnosis", "--cv-folds", "2"]
+
+
+def _participants_tsv(ctx: Ctx, content: bytes) -> list:
+    bids = ctx.demo_copy()
+    (bids / "participants.tsv").write_bytes(content)
+    _fake_embeddings(ctx, bids)
+    return [bids, ctx.out, "group", "--target", "diagnosis", "--cv-folds", "2"]
+
+
+def participants_header_only(ctx: Ctx) -> list:
+    return _participants_tsv(ctx, b"participant_id\tdiagnosis\n")
+
+
+def participants_empty(ctx: Ctx) -> list:
+    return _participants_tsv(ctx, b"")
+
+
+def participants_duplicates(ctx: Ctx) -> list:
+    rows = ["sub-01\tadhd", "sub-02\tcontrol", " sub-01\tcontrol", "03\tadhd", "sub-03\tadhd",
+            "sub-04\tcontrol"]
+    return _participants_tsv(ctx, ("participant_id\tdiagnosis\n" + "\n".join(rows) + "\n")
+                             .encode())
+
+
+def participants_latin1(ctx: Ctx) -> list:
+    table = "participant_id\tdiagnosis\tsite\nsub-01\tadhd\tZ\u00fcrich\n"
+    return _participants_tsv(ctx, table.encode("latin-1"))
 
 
 # --- atlas and checkpoints -------------------------------------------------------------------------
@@ -399,6 +565,91 @@ def resume_other_preset(ctx: Ctx) -> list:
             "--resume", "--preset", "small"]
 
 
+def _damaged_sidecar(ctx: Ctx, edit: Callable[[dict], object]) -> list:
+    """The participant level with a copy of the model whose sidecar ``edit`` changed."""
+    weights = ctx.model_copy()
+    sidecar = weights.with_suffix(".json")
+    meta = json.loads(sidecar.read_text())
+    text = edit(meta)
+    sidecar.write_text(text if isinstance(text, str) else json.dumps(meta))
+    return _participant(ctx, ctx.demo, "--participant-label", "01", "--model", weights)
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+SIDECAR_DAMAGE: dict[str, tuple[Callable[[dict], object], str]] = {
+    "preset a string": (lambda m: m.update(preset="tiny"), "preset: Input should be"),
+    "backbone a list": (lambda m: m.update(backbone=["swin4d"]), "backbone: Input should be"),
+    "masking missing": (lambda m: m.pop("masking"), "masking: Field required"),
+    "window_frames missing": (lambda m: m.pop("window_frames"), "window_frames: Field required"),
+    "window_frames 0": (lambda m: m.update(window_frames=0), "window_frames: Input should be"),
+    "window_frames -5": (lambda m: m.update(window_frames=-5), "window_frames: Input should be"),
+    "window_frames 'abc'": (lambda m: m.update(window_frames="abc"),
+                            "window_frames: Input should be a valid integer"),
+    "window_frames '10'": (lambda m: m.update(window_frames="10"),
+                           "window_frames: Input should be a valid integer"),
+    "deep nesting": (lambda m: json.dumps(m)[:-1] + ', "extra": ' + _nested(100_000) + "}",
+                     "is not valid JSON: recursion limit exceeded"),
+    "epoch NaN": (lambda m: json.dumps(dict(m, epoch=float("nan"))),
+                  "epoch: Input should be a valid integer"),
+    "weights a path": (lambda m: m.update(weights="../model.safetensors"),
+                       "weights: '../model.safetensors' is not a bare file name"),
+}
+
+
+def _sidecar_case(name: str) -> Callable[[Ctx], list]:
+    return lambda ctx: _damaged_sidecar(ctx, SIDECAR_DAMAGE[name][0])
+
+
+def sidecar_utf16(ctx: Ctx) -> list:
+    weights = ctx.model_copy()
+    sidecar = weights.with_suffix(".json")
+    sidecar.write_bytes(sidecar.read_text().encode("utf-16"))
+    return _participant(ctx, ctx.demo, "--participant-label", "01", "--model", weights)
+
+
+def sidecar_window_not_tubelet(ctx: Ctx) -> list:
+    """A vit4d sidecar (5-frame tubelets) claiming 12-frame windows."""
+    return _damaged_sidecar(ctx, lambda m: m.update(backbone="vit4d", window_frames=12))
+
+
+def participant_other_window(ctx: Ctx) -> list:
+    return _participant(ctx, ctx.demo, "--participant-label", "01", "--window-frames", "20")
+
+
+def _resume(ctx: Ctx, damage: Callable[[Path], None]) -> list:
+    shutil.copytree(ctx.pretrained / "models", ctx.out / "models")
+    damage(ctx.out / "models" / "desc-roi")
+    return [ctx.demo, ctx.out, "pretrain", *FAST[:2], "--epochs", "2", "--batch-size", "2",
+            "--resume"]
+
+
+def _edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), **changes)))
+
+
+def resume_empty_log(ctx: Ctx) -> list:
+    return _resume(ctx, lambda d: (d / "training_log.tsv").write_bytes(b""))
+
+
+def resume_log_without_columns(ctx: Ctx) -> list:
+    return _resume(ctx, lambda d: (d / "training_log.tsv").write_text("a\tb\n1\t2\n"))
+
+
+def resume_optimizer_missing(ctx: Ctx) -> list:
+    return _resume(ctx, lambda d: (d / "epoch-001_optim.safetensors").unlink())
+
+
+def resume_optimizer_outside(ctx: Ctx) -> list:
+    def damage(folder: Path) -> None:
+        meta = json.loads((folder / "epoch-001.json").read_text())
+        _edit_json(folder / "epoch-001.json",
+                   optimizer=dict(meta["optimizer"], file="../../../../etc/passwd"))
+    return _resume(ctx, damage)
+
+
 @dataclass(frozen=True)
 class Case:
     build: Callable[[Ctx], list]
@@ -431,15 +682,46 @@ CASES = {
     "mask on another grid": Case(mask_other_grid, 65, "is not on the grid of", late=True),
     "atlas labels missing from its table": Case(atlas_labels_missing, 65,
                                                 "2 image label(s) missing from the label table: [41, 42]"),
+    "no repetition time anywhere": Case(tr_missing, 65, "the repetition time is unknown",
+                                        late=True),
+    "RepetitionTime Infinity": Case(tr_infinite, 65, "RepetitionTime inf in its sidecar is not "
+                                    "a positive, finite number"),
+    "BOLD sidecar not JSON": Case(bold_sidecar_not_json, 65, "is not a valid JSON sidecar: "
+                                  "Expecting property name"),
+    "BOLD sidecar an array": Case(bold_sidecar_array, 65, "is not a valid JSON sidecar: a list"),
+    "header claims more frames than a .nii.gz holds": Case(header_claims_frames_gz, 65,
+                                                          "(truncated or corrupt file?)",
+                                                          late=True),
+    "header claims more frames than a .nii holds": Case(header_claims_frames_nii, 65,
+                                                       "its header claims 32000 frames"),
+    "complex-valued BOLD": Case(complex_bold, 65, "complex-valued BOLD (complex64)", late=True),
+    "non-ASCII sub- folder": Case(non_ascii_subject, 65, "invalid BIDS label sub-'\u00fc5'"),
     # 18: nothing selected
     "unknown participant label": Case(unknown_label, 18, "participant label(s) 07 not found"),
+    "participant added after --bids-database-dir was built": Case(
+        stale_database, 18, ("participant label(s) 04 not found", "may predate them")),
     # 64: usage
     "label with path characters": Case(label_with_path, 64, "invalid participant label '../x'"),
     "OUTPUT_DIR is BIDS_DIR": Case(output_is_bids_dir, 64, "is BIDS_DIR or inside it"),
     "OUTPUT_DIR inside BIDS_DIR": Case(output_inside_bids_dir, 64, "is BIDS_DIR or inside it"),
     "group without --target": Case(group_without_target, 64, "needs --target COLUMN"),
+    "filter file not UTF-8": Case(filter_not_utf8, 64, "is not valid UTF-8 JSON"),
+    "filter file with get() options": Case(filter_get_keyword, 64,
+                                           "'return_type', 'scope' is an option of pybids' get()"),
+    "--target-tr 1e-6": Case(lambda ctx: _pretrain(ctx, ctx.demo, "--target-tr", "1e-6"), 64,
+                             "preprocess.target_tr: Input should be greater than or equal to 0.05"),
+    "--warmup-epochs inf": Case(lambda ctx: _pretrain(ctx, ctx.demo, "--warmup-epochs", "inf"), 64,
+                                "pretrain.warmup_epochs: Input should be a finite number"),
+    "--attribution-subsets odd": Case(
+        lambda ctx: _participant(ctx, ctx.demo, "--attribution-subsets", "3"), 64,
+        "participant.attribution_subsets: 3 is odd"),
+    "--omp-nthreads 0": Case(lambda ctx: _pretrain(ctx, ctx.demo, "--omp-nthreads", "0"), 64,
+                             "omp_nthreads: Input should be greater than or equal to 1"),
     # 73: cannot create output
     "OUTPUT_DIR under a regular file": Case(output_under_a_file, 73, "cannot create directory"),
+    ".bidsignore not UTF-8": Case(bidsignore_not_utf8, 73, ".bidsignore is not UTF-8 text",
+                                  late=True),
+    "lock file a symbolic link": Case(lock_is_a_symlink, 73, ".roimae.lock is a symbolic link"),
     # 65: group-level input
     "participants.tsv without the target": Case(group_no_target_column, 65,
                                                  "participants.tsv has no column 'diagnosis'",
@@ -447,6 +729,17 @@ CASES = {
     "participants.tsv with one class": Case(group_one_class, 65,
                                             "the target has a single class ('control')",
                                             late=True),
+    "participants.tsv with a header only": Case(participants_header_only, 65,
+                                                "none of the 4 selected runs has a row in",
+                                                late=True),
+    "participants.tsv of 0 bytes": Case(participants_empty, 65,
+                                        "is empty: it needs at least a participant_id header",
+                                        late=True),
+    "participants.tsv with duplicate ids": Case(participants_duplicates, 65,
+                                                "lists participant(s) sub-01, sub-03 on more than "
+                                                "one row", late=True),
+    "participants.tsv in Latin-1": Case(participants_latin1, 65,
+                                        "is not UTF-8 text (byte 0xfc on line 2)", late=True),
     # checkpoints: never unpickled; refused unless they fit
     "checkpoint is a pickle": Case(checkpoint_pickle, 65, "is not a valid safetensors file"),
     "checkpoint is a .pt pickle": Case(checkpoint_pickle_pt, 64,
@@ -458,6 +751,22 @@ CASES = {
                                                    ("does not fit the", "'small' model")),
     "--resume from another preset": Case(resume_other_preset, 64,
                                          "was trained with another preset"),
+    **{f"checkpoint sidecar: {name}": Case(_sidecar_case(name), 65, message)
+       for name, (_, message) in SIDECAR_DAMAGE.items()},
+    "checkpoint sidecar: UTF-16": Case(sidecar_utf16, 65, "is not valid JSON"),
+    "checkpoint sidecar: window not a multiple of the tubelet": Case(
+        sidecar_window_not_tubelet, 65, "window_frames 12 is not a multiple of the vit4d tubelet"),
+    "--window-frames other than the model's": Case(participant_other_window, 64,
+                                                   "was trained on 10-frame windows"),
+    "--resume with an empty training log": Case(resume_empty_log, 65,
+                                                 "the training log", ),
+    "--resume with a training log of other columns": Case(resume_log_without_columns, 65,
+                                                          "columns epoch, train_loss"),
+    "--resume without the optimizer file": Case(resume_optimizer_missing, 65,
+                                                ("epoch-001_optim.safetensors", "is missing")),
+    "--resume with an optimizer file outside the model folder": Case(
+        resume_optimizer_outside, 65, "optimizer.file: '../../../../etc/passwd' is "
+        "not a bare file name"),
 }
 
 

@@ -142,5 +142,5 @@ def test_validator_timeout(bids_examples: Path) -> None:
 def test_skipped_validation_runs_nothing(tmp_path: Path) -> None:
     # a raw root that does not exist would make the validator fail: it is never called
     dataset = InputDataset(root=tmp_path, raw_root=tmp_path / "missing", space="MNI152NLin6Asym",
-                           runs=[], participants=None, description={})
+                           runs=[], participants_file=None, description={})
     validate_input(make_config(tmp_path, tmp_path, skip_bids_validation=True), dataset)

@@ -361,8 +361,6 @@ def demo_copy(demo: Path, tmp_path: Path) -> Path:
     ("single class", ["--target", "diagnosis"], "the target has a single class ('control')"),
     ("too few", ["--target", "diagnosis", "--participant-label", "01", "02", "03", "04", "05",
                  "06"], "too few participants for 5-fold cross-validation"),
-    ("too few groups", ["--target", "diagnosis", "--cv-groups", "site"],
-     "only 2 cross-validation groups for 5 folds"),
     ("site is diagnosis", ["--target", "diagnosis", "--cv-groups", "site", "--cv-folds", "2"],
      "a cross-validation fold has a single class"),
 ])
@@ -582,3 +580,69 @@ def test_effective_rank_counts_the_directions_used() -> None:
     centred -= centred.mean(0)
     even = np.linalg.qr(centred)[0] * 3 + 1.0  # 10 orthogonal directions of equal variance
     assert effective_rank(even) == pytest.approx(10.0)
+
+
+# --- small designs (issue #13, item 10) -------------------------------------------------------------
+
+#: A console log record, as bidsapp.logs formats them: anything else on stderr is a stray warning.
+_CONSOLE_RECORD = r"^\d\d:\d\d:\d\d \[(DEBUG|INFO|WARNING|ERROR)\] "
+
+
+def test_four_participants_two_folds_runs_with_warnings_in_the_log(tmp_path: Path, atlas: Atlas,
+                                                                    capsys) -> None:
+    """2 adhd + 2 control, 2 folds: one participant per class in training, no inner CV possible."""
+    import re
+
+    bids, out = tmp_path / "demo", tmp_path / "out"
+    make_demo_dataset(bids, n_participants=4, n_frames=2, seed=0, atlas=atlas)
+    write_fake_outputs(bids, out, atlas, occluded=True)
+    code, err = run_group([bids, out, "group", "--target", "diagnosis", "--cv-folds", "2",
+                           "--cv-repeats", "2", "--n-permutations", "20"], capsys)
+    assert code == 0, err[-3000:]
+    stray = [line for line in err.splitlines() if not re.match(_CONSOLE_RECORD, line)]
+    assert stray == []
+    assert "too few for an inner cross-validation" in err
+    folds = pd.read_csv(_group_file(out, "target-diagnosis_desc-roi_folds.tsv"), sep="\t")
+    assert len(folds) == 4 and (folds["n_train"] == 2).all()
+    assert set(folds["selected"]) == {json.dumps({"C": 1.0})}   # LogisticRegression's default
+
+
+def test_inner_cv_is_stratified_by_class(tmp_path: Path) -> None:
+    from bidsapp.group import inner_cv
+
+    y = np.repeat(["adhd", "control"], [3, 9])
+    groups = np.array([f"sub-{i:02d}" for i in range(12)])
+    cv, fixed = inner_cv(y, groups, seed=0)
+    assert not fixed and cv.get_n_splits() == 3
+    for train, test in cv.split(np.zeros(12), y, groups):
+        assert set(y[train]) == set(y[test]) == {"adhd", "control"}
+    cv, fixed = inner_cv(np.array(["a", "b", "b"]), np.array(["1", "2", "3"]), seed=0)
+    assert fixed and len(cv) == 1
+
+
+def test_fewer_cv_groups_than_folds_falls_back_to_leave_one_group_out(
+        demo: Path, tmp_path: Path, atlas: Atlas, capsys) -> None:
+    out = tmp_path / "out"
+    write_fake_outputs(demo, out, atlas)
+    code, err = run_group([demo, out, "group", "--target", "diagnosis", "--cv-groups", "site",
+                           "--n-permutations", "0"], capsys)   # 2 sites, 5 folds
+    assert code == 0, err[-3000:]
+    assert "only 2 cross-validation groups for 5 folds: using leave-one-group-out" in err
+    folds = pd.read_csv(_group_file(out, "target-diagnosis_desc-roi_folds.tsv"), sep="\t")
+    assert folds[["repeat", "fold"]].values.tolist() == [[0, 0], [0, 1]]
+
+
+def test_non_ascii_target_names_stay_out_of_file_names(demo_copy: Path, tmp_path: Path,
+                                                       atlas: Atlas, capsys) -> None:
+    out = tmp_path / "out"
+    write_fake_outputs(demo_copy, out, atlas)
+    tsv = demo_copy / "participants.tsv"
+    pd.read_csv(tsv, sep="\t").rename(columns={"diagnosis": "診断"}).to_csv(tsv, sep="\t",
+                                                                           index=False)
+    code, err = run_group([demo_copy, out, "group", "--target", "診断", "--cv-repeats", "1",
+                           "--n-permutations", "0"], capsys)
+    assert code == 0, err[-3000:]
+    names = [p.name for p in (out / "group").rglob("*") if p.is_file()]
+    assert names and all(name.isascii() for name in names), names
+    settings = next((out / "group").glob("target-*_settings.json"))
+    assert json.loads(settings.read_text())["target"] == "診断"

@@ -19,11 +19,11 @@ from typing import Any
 import nibabel as nib
 import pandas as pd
 from bidsschematools.schema import load_schema
-from filelock import FileLock, Timeout
+from filelock import Timeout
 
 from bidsapp import __version__
-from bidsapp.errors import CannotCreateOutputError, IOFailureError, UsageError
-from bidsapp.io import atomic_path, atomic_write_text, ensure_dir
+from bidsapp.errors import CannotCreateOutputError, UsageError
+from bidsapp.io import atomic_path, atomic_write_text, ensure_dir, file_lock
 from bidsapp.logs import get_logger
 
 _SCHEMA = load_schema()
@@ -198,7 +198,7 @@ class DerivativesWriter:
     def _locked(self) -> Iterator[None]:
         """Hold the lock of ``output_dir``: hundreds of participant jobs may start at once."""
         ensure_dir(self.output_dir)
-        lock = FileLock(self.output_dir / LOCK_NAME, timeout=_LOCK_TIMEOUT_S)
+        lock = file_lock(self.output_dir / LOCK_NAME, timeout=_LOCK_TIMEOUT_S)
         try:
             with lock:
                 yield
@@ -311,21 +311,19 @@ class DerivativesWriter:
         return atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
     def write_tsv(self, path: Path, table: pd.DataFrame) -> Path:
-        """Write ``table`` tab-separated, without index, with ``n/a`` for missing values."""
-        try:
-            with atomic_path(path) as tmp:
-                table.to_csv(tmp, sep="\t", index=False, na_rep="n/a", lineterminator="\n")
-        except OSError as exc:
-            raise IOFailureError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        """Write ``table`` tab-separated, without index, with ``n/a`` for missing values.
+
+        A failed write (a full disk) is :func:`~bidsapp.io.atomic_path`'s one-line exit 74, as
+        for every writer here.
+        """
+        with atomic_path(path) as tmp:
+            table.to_csv(tmp, sep="\t", index=False, na_rep="n/a", lineterminator="\n")
         return Path(path)
 
     def write_nifti(self, path: Path, img: nib.Nifti1Image) -> Path:
         """Save ``img`` (compressed when ``path`` ends in ``.gz``)."""
-        try:
-            with atomic_path(path) as tmp:
-                nib.save(img, tmp)
-        except OSError as exc:
-            raise IOFailureError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        with atomic_path(path) as tmp:
+            nib.save(img, tmp)
         return Path(path)
 
     def write_sidecar(self, data_path: Path, metadata: Mapping[str, Any]) -> Path:
@@ -358,6 +356,11 @@ class DerivativesWriter:
                 lines = path.read_text(encoding="utf-8").splitlines()
             except FileNotFoundError:
                 lines = []
+            except UnicodeDecodeError as exc:
+                # Rewriting it would have to guess its encoding and could garble its patterns.
+                raise CannotCreateOutputError(
+                    f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x}); save it as "
+                    "UTF-8 (or remove it) so that roimae can add its patterns") from exc
             missing = [p for p in dict.fromkeys(patterns) if p not in lines]
             if missing:
                 atomic_write_text(path, "\n".join([*lines, *missing]) + "\n")

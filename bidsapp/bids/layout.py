@@ -7,17 +7,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import io
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from bids.exceptions import BIDSDerivativesValidationError
 from bids.layout import BIDSFile, BIDSLayout, BIDSLayoutIndexer, Query
-from filelock import FileLock
 
 from bidsapp.bids.derivatives import (
     DESCRIPTION_NAME,
@@ -34,7 +38,7 @@ from bidsapp.errors import (
     UsageError,
     ValidationFailedError,
 )
-from bidsapp.io import ensure_dir
+from bidsapp.io import ensure_dir, file_lock
 from bidsapp.logs import get_logger
 
 #: Standard MNI templates (BIDS coordinate-systems appendix); other spaces are never used.
@@ -108,9 +112,8 @@ class InputDataset:
         The selected MNI space.
     runs : list[BoldRun]
         Sorted by :attr:`BoldRun.name`.
-    participants : pandas.DataFrame or None
-        ``participants.tsv`` of the raw dataset (else of ``root``); ``participant_id`` keeps
-        ``sub-``.
+    participants_file : Path or None
+        ``participants.tsv`` of the raw dataset (else of ``root``), whether or not it exists.
     description : dict
         ``dataset_description.json`` of ``root``.
     datasets : dict[str, Path]
@@ -122,9 +125,19 @@ class InputDataset:
     raw_root: Path | None
     space: str
     runs: list[BoldRun]
-    participants: pd.DataFrame | None
+    participants_file: Path | None
     description: dict
     datasets: dict[str, Path] = field(default_factory=dict)
+
+    @cached_property
+    def participants(self) -> pd.DataFrame | None:
+        """``participants.tsv`` (:func:`read_participants`), read when first asked for.
+
+        Only the group level needs it: a damaged table must not stop the pretrain and
+        participant levels, which never read it.
+        """
+        return None if self.participants_file is None else read_participants(
+            self.participants_file)
 
 
 def read_description(root: Path) -> dict[str, Any]:
@@ -194,7 +207,7 @@ def _build_layout(roots: Mapping[str, Path], database_dir: Path | None) -> BIDSL
             return BIDSLayout(primary, **kwargs)
         database_dir = ensure_dir(Path(database_dir).absolute())
         # Participant jobs started together must not build the same database at once.
-        with FileLock(database_dir / ".roimae-layout.lock"):
+        with file_lock(database_dir / ".roimae-layout.lock"):
             layout = BIDSLayout(primary, database_path=database_dir, **kwargs)
             indexed = [Path(layout.root), *(Path(d.root) for d in layout.derivatives.values())]
             if sorted(indexed) != sorted([primary, *extra]):
@@ -205,10 +218,48 @@ def _build_layout(roots: Mapping[str, Path], database_dir: Path | None) -> BIDSL
             return layout
     except BIDSDerivativesValidationError as exc:
         raise UsageError(f"cannot index the derivatives: {exc}") from exc
+    except (OSError, TypeError, ValueError) as exc:
+        # pybids reads the BOLD sidecars while indexing and fails on one that is not a JSON
+        # object (an OSError naming it, or a TypeError naming nothing): find it for the user.
+        for root in roots.values():
+            for sidecar in sorted(root.rglob("*_bold.json")):
+                _read_sidecar(sidecar)
+        raise BadDataError(f"cannot index {', '.join(map(str, roots.values()))}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                           ) from exc
+
+
+def _read_sidecar(path: Path) -> dict[str, Any]:
+    """A JSON sidecar as a dict; :class:`BadDataError` if it is not UTF-8 JSON of an object."""
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise BadDataError(f"{path} is not a valid JSON sidecar: "
+                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                           ) from exc
+    if not isinstance(value, dict):
+        raise BadDataError(f"{path} is not a valid JSON sidecar: a {type(value).__name__}, not an "
+                           "object of metadata")
+    return value
+
+
+#: Keywords of :meth:`BIDSLayout.get` that are options, not entities: never from a filter file.
+_GET_OPTIONS = frozenset(name for name, parameter in inspect.signature(BIDSLayout.get).parameters
+                         .items() if parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+                         and name != "self")
 
 
 def _pybids_filters(filters: Mapping[str, Any]) -> dict[str, Any]:
-    """fMRIPrep's filter-file conventions: ``null`` means "absent", ``"*"`` means "any"."""
+    """fMRIPrep's filter-file conventions: ``null`` means "absent", ``"*"`` means "any".
+
+    Raises :class:`UsageError` for a key that is an option of pybids' ``get()`` (``scope``,
+    ``return_type``...) rather than an entity: it would change what the query returns.
+    """
+    options = sorted(_GET_OPTIONS & set(filters))
+    if options:
+        raise UsageError(f"--bids-filter-file: {', '.join(map(repr, options))} is an option of "
+                         "pybids' get(), not a BIDS entity; filters may only name entities "
+                         "(subject, session, task, run, res, ...)")
     def convert(value: Any) -> Any:
         if value is None:
             return Query.NONE
@@ -282,9 +333,10 @@ def _repetition_time(bids_file: BIDSFile) -> float | None:
     value = bids_file.get_metadata().get("RepetitionTime")
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+    if (isinstance(value, bool) or not isinstance(value, int | float) or not value > 0
+            or not math.isfinite(value)):
         raise BadDataError(f"{bids_file.path}: RepetitionTime {value!r} in its sidecar is not a "
-                           "positive number of seconds")
+                           "positive, finite number of seconds")
     return float(value)
 
 
@@ -308,17 +360,59 @@ def _uri(path: Path, roots: Mapping[str, Path]) -> str:
 
 
 def read_participants(path: Path) -> pd.DataFrame | None:
-    """Load ``participants.tsv`` (``None`` if absent); ids stay strings, ``n/a`` is missing."""
+    """Load ``participants.tsv`` (``None`` if absent); ids stay strings, ``n/a`` is missing.
+
+    Column names and ids are stripped of surrounding blanks and ids get their ``sub-`` prefix
+    when it is missing (``01`` and ``sub-01 `` are ``sub-01``), so that every row matches its
+    runs; rows without an id are left out with a warning.
+
+    Raises
+    ------
+    BadDataError
+        An empty (0-byte) or unparsable file, text that is not UTF-8, no ``participant_id``
+        column, or an id on several rows (all listed).
+    """
     if not path.is_file():
         return None
     try:
-        table = pd.read_csv(path, sep="\t", dtype={"participant_id": str},
-                            na_values=["n/a", ""], keep_default_na=False)
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise BadDataError(f"cannot read {path}: {exc}") from exc
+        data = path.read_bytes()
+        text = data.decode("utf-8")
+        table = pd.read_csv(io.StringIO(text), sep="\t", dtype=str, na_values=["n/a", ""],
+                            keep_default_na=False)
+    except pd.errors.EmptyDataError as exc:
+        raise BadDataError(f"{path} is empty: it needs at least a participant_id header") from exc
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise BadDataError(f"cannot read {path}: it is not UTF-8 text (byte "
+                           f"0x{data[exc.start]:02x} on line {line}); save it as UTF-8") from exc
+    except (OSError, pd.errors.ParserError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise BadDataError(f"cannot read {path}: {reason}") from exc
+    table.columns = [str(column).strip() for column in table.columns]
     if "participant_id" not in table.columns:
         raise BadDataError(f"{path} has no participant_id column")
+    ids = table["participant_id"].str.strip()
+    if ids.isna().any():
+        log.warning("%s: %d row(s) without participant_id are left out", path,
+                    int(ids.isna().sum()))
+        table, ids = table[ids.notna()], ids[ids.notna()]
+    ids = ids.where(ids.str.startswith("sub-"), "sub-" + ids)
+    duplicated = sorted(set(ids[ids.duplicated()]))
+    if duplicated:
+        raise BadDataError(f"{path} lists participant(s) {_listing(duplicated)} on more than one "
+                           "row; keep one row per participant")
+    table = table.assign(participant_id=ids).reset_index(drop=True)
+    # Numbers as numbers (as pandas reads them by default), ids and labels as text.
+    for column in table.columns.drop("participant_id"):
+        with contextlib.suppress(ValueError, TypeError):
+            table[column] = pd.to_numeric(table[column])
     return table
+
+
+def runs_without_row(runs: list[BoldRun], participants: pd.DataFrame | None) -> list[str]:
+    """The names of the runs whose participant has no row in ``participants``."""
+    listed = set() if participants is None else set(participants["participant_id"])
+    return [run.name for run in runs if f"sub-{run.subject}" not in listed]
 
 
 def _labels(selection: SelectionConfig) -> dict[str, list[str]]:
@@ -329,9 +423,15 @@ def _labels(selection: SelectionConfig) -> dict[str, list[str]]:
 
 
 def _select_bold(layout: BIDSLayout, selection: SelectionConfig, labels: dict[str, list[str]],
-                 where: str) -> tuple[str, list[BIDSFile]]:
+                 where: str, database_dir: Path | None = None) -> tuple[str, list[BIDSFile]]:
     """The MNI space to use and its preprocessed BOLD files selected by labels and filters."""
     every_bold = _get(layout, _BOLD_QUERY, "bold")
+    for bids_file in every_bold:
+        # A name pybids could not fully parse (e.g. a non-ASCII label, sub-ü1) lacks entities
+        # used below: refused with the reason, whichever participants are selected.
+        _run_entities(bids_file)
+        if "subject" not in bids_file.entities:
+            raise BadDataError(f"{bids_file.path}: not a valid BIDS file name (no sub- label)")
     if not {f.entities.get("space") for f in every_bold} & set(MNI_SPACES):
         raise BadDataError(
             f"no MNI-space preprocessed BOLD (*_space-MNI*_desc-preproc_bold.nii[.gz]) found in "
@@ -340,8 +440,11 @@ def _select_bold(layout: BIDSLayout, selection: SelectionConfig, labels: dict[st
     known = {str(f.entities["subject"]) for f in every_bold}
     unknown = [label for label in labels.get("subject", []) if label not in known]
     if unknown:
+        # A reused database does not see participants added since it was built.
+        stale = (f"; the pybids database in {database_dir} may predate them: delete it to "
+                 "re-index" if database_dir is not None else "")
         raise NothingSelectedError(f"participant label(s) {_listing(unknown)} not found in "
-                                   f"{where} (available: {_listing(sorted(known))})")
+                                   f"{where} (available: {_listing(sorted(known))}){stale}")
     bold_filters = _pybids_filters(selection.bids_filters.get("bold", {}))
     selected = [f for f in _get(layout, {**_BOLD_QUERY, **bold_filters, **labels}, "bold")
                 if f.entities.get("space") in MNI_SPACES]
@@ -406,7 +509,7 @@ def discover_runs(config: Config) -> InputDataset:
     layout = _build_layout(roots, config.bids_database_dir)
 
     labels = _labels(selection)
-    space, bold_files = _select_bold(layout, selection, labels, where)
+    space, bold_files = _select_bold(layout, selection, labels, where, config.bids_database_dir)
     masks = _masks(layout, {"space": space, **labels},
                    _pybids_filters(selection.bids_filters.get("mask", {})))
     runs = _pair_runs(bold_files, masks, roots, where)
@@ -418,7 +521,7 @@ def discover_runs(config: Config) -> InputDataset:
         raw_root=raw_root,
         space=space,
         runs=runs,
-        participants=read_participants((raw_root or root) / "participants.tsv"),
+        participants_file=(raw_root or root) / "participants.tsv",
         description=descriptions[PREPROCESSED],
         datasets={**roots, **({RAW: raw_root} if raw_root is not None else {})},
     )
