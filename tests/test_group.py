@@ -597,12 +597,14 @@ def test_four_participants_two_folds_runs_with_warnings_in_the_log(tmp_path: Pat
     make_demo_dataset(bids, n_participants=4, n_frames=2, seed=0, atlas=atlas)
     write_fake_outputs(bids, out, atlas, occluded=True)
     code, err = run_group([bids, out, "group", "--target", "diagnosis", "--cv-folds", "2",
-                           "--cv-repeats", "2", "--n-permutations", "20"], capsys)
+                           "--cv-repeats", "2", "--n-permutations", "20", "--features", "global"],
+                          capsys)
     assert code == 0, err[-3000:]
     stray = [line for line in err.splitlines() if not re.match(_CONSOLE_RECORD, line)]
     assert stray == []
     assert "too few for an inner cross-validation" in err
-    folds = pd.read_csv(_group_file(out, "target-diagnosis_desc-roi_folds.tsv"), sep="\t")
+    folds = pd.read_csv(_group_file(out, "target-diagnosis_desc-roi_feature-global_folds.tsv"),
+                        sep="\t")
     assert len(folds) == 4 and (folds["n_train"] == 2).all()
     assert set(folds["selected"]) == {json.dumps({"C": 1.0})}   # LogisticRegression's default
 
@@ -625,10 +627,11 @@ def test_fewer_cv_groups_than_folds_falls_back_to_leave_one_group_out(
     out = tmp_path / "out"
     write_fake_outputs(demo, out, atlas)
     code, err = run_group([demo, out, "group", "--target", "diagnosis", "--cv-groups", "site",
-                           "--n-permutations", "0"], capsys)   # 2 sites, 5 folds
+                           "--n-permutations", "0", "--features", "global"], capsys)  # 2 sites
     assert code == 0, err[-3000:]
     assert "only 2 cross-validation groups for 5 folds: using leave-one-group-out" in err
-    folds = pd.read_csv(_group_file(out, "target-diagnosis_desc-roi_folds.tsv"), sep="\t")
+    folds = pd.read_csv(_group_file(out, "target-diagnosis_desc-roi_feature-global_folds.tsv"),
+                        sep="\t")
     assert folds[["repeat", "fold"]].values.tolist() == [[0, 0], [0, 1]]
 
 
@@ -640,7 +643,7 @@ def test_non_ascii_target_names_stay_out_of_file_names(demo_copy: Path, tmp_path
     pd.read_csv(tsv, sep="\t").rename(columns={"diagnosis": "診断"}).to_csv(tsv, sep="\t",
                                                                            index=False)
     code, err = run_group([demo_copy, out, "group", "--target", "診断", "--cv-repeats", "1",
-                           "--n-permutations", "0"], capsys)
+                           "--n-permutations", "0", "--features", "global"], capsys)
     assert code == 0, err[-3000:]
     names = [p.name for p in (out / "group").rglob("*") if p.is_file()]
     assert names and all(name.isascii() for name in names), names
