@@ -37,12 +37,13 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from bidsapp.atlas import Atlas, load_atlas
-from bidsapp.config import Config
+from bidsapp.config import READOUTS, Config
 from bidsapp.errors import BadDataError, NoInputError, UsageError
 from bidsapp.inference import LoadedModel, RunAttribution, analyse_run
 from bidsapp.inference import load_model as _load_checkpoint
 from bidsapp.participant import _embedding_frame, group_summary, region_map, region_table
 from bidsapp.preprocess import CachedRun, PreprocessParams, prepare_run
+from bidsapp.readouts import edge_regions, vectorize
 from bidsapp.runtime import resolve_device, seed_everything
 
 __all__ = ["RoimaeEmbedder", "RoimaeModel", "RunEmbedding", "embed_img", "embed_imgs",
@@ -413,12 +414,17 @@ def embed_imgs(model: RoimaeModel, imgs: Sequence[NiimgLike],
 
 
 class RoimaeEmbedder(TransformerMixin, BaseEstimator):
-    """Images -> run embeddings, as a scikit-learn transformer.
+    """Images -> features of a pretrained model, as a scikit-learn transformer.
 
     Parameters
     ----------
     model : str or Path
         ``model.safetensors`` of a pretrained roimae model (or its folder).
+    readout : {"global", "region", "connectivity"}
+        The features, as the group level's ``--features``: the run embedding, the region
+        embeddings (regions x channels, flattened), or the Fisher z of the connectivity of the
+        region features (upper triangle; NaN for a region without varying features, so put a
+        :class:`~sklearn.impute.SimpleImputer` before a classifier that needs finite values).
     atlas, atlas_labels : str or Path, optional
         The atlas the model was pretrained with (default AAL3), as in :func:`load_model`.
     mask_img : niimg-like, optional
@@ -438,7 +444,7 @@ class RoimaeEmbedder(TransformerMixin, BaseEstimator):
     model_ : RoimaeModel
         The loaded model (after :meth:`fit`).
     n_features_out_ : int
-        Size of an embedding.
+        Number of features of the readout.
 
     Notes
     -----
@@ -457,11 +463,12 @@ class RoimaeEmbedder(TransformerMixin, BaseEstimator):
     >>> cross_val_score(pipe, bold_paths, diagnosis, cv=5)                       # doctest: +SKIP
     """
 
-    def __init__(self, model: str | Path | None = None, *, atlas: str | Path | None = None,
-                 atlas_labels: str | Path | None = None, mask_img: NiimgLike | None = None,
-                 t_r: float | None = None, device: str = "cpu", memory: str | Path | None = None,
-                 seed: int = 0) -> None:
+    def __init__(self, model: str | Path | None = None, *, readout: str = "global",
+                 atlas: str | Path | None = None, atlas_labels: str | Path | None = None,
+                 mask_img: NiimgLike | None = None, t_r: float | None = None, device: str = "cpu",
+                 memory: str | Path | None = None, seed: int = 0) -> None:
         self.model = model
+        self.readout = readout
         self.atlas = atlas
         self.atlas_labels = atlas_labels
         self.mask_img = mask_img
@@ -485,10 +492,22 @@ class RoimaeEmbedder(TransformerMixin, BaseEstimator):
         """
         if self.model is None:
             raise UsageError("RoimaeEmbedder needs the path of a pretrained model")
+        if self.readout not in READOUTS:
+            raise UsageError(f"readout {self.readout!r}: choose one of {', '.join(READOUTS)}")
         self.model_ = load_model(self.model, atlas=self.atlas, atlas_labels=self.atlas_labels,
                                  device=self.device)
-        self.n_features_out_ = self.model_.n_features
+        self.n_features_out_ = len(self._names())
         return self
+
+    def _names(self) -> list[str]:
+        if self.readout == "global":
+            return [f"roimae_e{i:03d}" for i in range(self.model_.n_features)]
+        regions = [region.name for region in self.model_.atlas.regions]
+        if self.readout == "region":
+            width = self.model_.loaded.preset.embed_dim
+            return [f"roimae_{name}_e{i:03d}" for name in regions for i in range(width)]
+        first, second = edge_regions(len(regions))
+        return [f"roimae_{regions[a]}__{regions[b]}" for a, b in zip(first, second, strict=True)]
 
     def transform(self, X: Sequence[NiimgLike]) -> np.ndarray:
         """The run embedding of each image.
@@ -510,17 +529,24 @@ class RoimaeEmbedder(TransformerMixin, BaseEstimator):
                                      device=self.device)
         runs = embed_imgs(self.model_, list(X), self.mask_img, t_r=self.t_r, attribution=False,
                           seed=self.seed, cache_dir=self.memory)
-        return np.vstack([run.embedding for run in runs]).astype(np.float32, copy=False)
+        rows = [run.embedding if self.readout == "global"
+                else run.result.region_embeddings.ravel() if self.readout == "region"
+                else vectorize(run.result.feature_connectivity) for run in runs]
+        return np.vstack(rows).astype(np.float32, copy=False)
 
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
-        """Feature names: ``roimae_e000``, ``roimae_e001``...
+        """Feature names: ``roimae_e000``... (global), ``roimae_<region>_e000``... (region),
+        ``roimae_<region>__<region>`` (connectivity).
 
         Returns
         -------
         numpy.ndarray of str
         """
         check_is_fitted(self, "n_features_out_")
-        return np.asarray([f"roimae_e{i:03d}" for i in range(self.n_features_out_)], dtype=object)
+        if getattr(self, "model_", None) is None:
+            self.model_ = load_model(self.model, atlas=self.atlas, atlas_labels=self.atlas_labels,
+                                     device=self.device)
+        return np.asarray(self._names(), dtype=object)
 
     def __getstate__(self) -> dict[str, Any]:
         # The network is not pickled: a fitted embedder reloads it from ``model``.

@@ -19,7 +19,7 @@ from typing import NoReturn
 from pydantic import ValidationError
 
 from bidsapp import __version__
-from bidsapp.config import Config
+from bidsapp.config import READOUTS, Config
 from bidsapp.errors import ExitCode, RoimaeError, UnknownLevelError, UsageError
 
 LEVELS = ("pretrain", "participant", "group")
@@ -170,8 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="score these feature sets on identical folds: model maskings (e.g. roi "
                      "random) and the baselines fc (functional connectivity) and covariates "
                      "(default: every model found, fc, and covariates when --covariates is given)")
-    grp.add_argument("--features", nargs="+", choices=("connectivity", "region", "global"),
-                     default=["connectivity"],
+    grp.add_argument("--features", nargs="+", choices=READOUTS, default=[READOUTS[0]],
                      help="readouts of each model: connectivity of its region features, region "
                      "embeddings, or the run embedding")
     grp.add_argument("--covariates", nargs="+", metavar="COLUMN",

@@ -18,7 +18,9 @@ MaskingName = Literal["roi", "random", "brain-random", "roi-voxel"]
 PresetName = Literal["tiny", "small", "base"]
 BackboneName = Literal["swin4d", "vit4d"]
 Device = Literal["auto", "cpu", "cuda"]
-Readout = Literal["connectivity", "region", "global"]
+#: Readouts of a model's outputs for the group level, the default first (docs/science.md).
+READOUTS = ("connectivity", "region", "global")
+Readout = Literal[READOUTS]
 MASKING_NAMES = ("roi", "random", "brain-random", "roi-voxel")
 #: Their BIDS ``desc`` labels, also accepted where a masking is named.
 MASKING_DESCS = ("brainrandom", "roivoxel")
@@ -161,7 +163,7 @@ class GroupConfig(_Section):
     cv_groups: str | None = None
     n_permutations: int = Field(1000, ge=0)
     compare: list[str] | None = None
-    features: list[Readout] = Field(default_factory=lambda: ["connectivity"], min_length=1)
+    features: list[Readout] = Field(default_factory=lambda: [READOUTS[0]], min_length=1)
     covariates: list[str] | None = None
 
     @field_validator("compare")

@@ -93,8 +93,6 @@ log = get_logger("group")
 METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "f1_macro")
 
 
-#: Readouts of a model's outputs, best first on the real-signal benchmark (docs/science.md).
-READOUTS = ("connectivity", "region", "global")
 #: Feature sets that need no model.
 BASELINES = ("fc", "covariates")
 
@@ -124,7 +122,7 @@ class EmbeddingSet:
     desc : str or None
         The model's masking description; None for a baseline.
     readout : str
-        One of :data:`READOUTS` or :data:`BASELINES`.
+        One of :data:`bidsapp.config.READOUTS` or :data:`BASELINES`.
     runs : pandas.DataFrame
         ``run, participant_id, target, cv_group, table, occluded``, one row per run.
     X : ndarray, shape (n_runs, F)

@@ -11,7 +11,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bidsapp.config import Config
+from bidsapp.config import READOUTS, Config
 from bidsapp.distributed import env_rank
 from bidsapp.errors import NoInputError, UsageError
 from bidsapp.io import atomic_write_text, ensure_dir
@@ -89,7 +89,7 @@ DEMO_PRETRAIN = ["--preset", "tiny", "--epochs", "12", "--batch-size", "4", "--l
                  "--window-frames", "10"]
 DEMO_MASKINGS = ("roi", "random")
 #: Every readout, beside the fc and covariates baselines.
-DEMO_READOUTS = ("connectivity", "region", "global")
+DEMO_READOUTS = READOUTS
 #: Twice the default subsets: the demo's group attribution resolves its planted regions.
 DEMO_PARTICIPANT = ["--attribution-subsets", "16"]
 

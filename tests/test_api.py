@@ -156,3 +156,28 @@ def test_embedder_in_a_cross_validated_pipeline(pretrained_demo: PretrainedDemo,
     assert scores.shape == (2,) and np.all((scores >= 0) & (scores <= 1))
     with pytest.raises(UsageError, match="list of images"):
         embedder.transform(imgs[0])
+
+
+def test_embedder_readouts_are_the_participant_level_readouts(pretrained_demo: PretrainedDemo,
+                                                              tmp_path: Path) -> None:
+    from bidsapp.readouts import vectorize
+
+    img = str(_run_files(pretrained_demo.bids, "01")[0])
+    model = load_model(pretrained_demo.model)
+    run = embed_imgs(model, [img], attribution=False, cache_dir=tmp_path / "cache")[0]
+    n_regions, width = len(model.atlas.regions), model.loaded.preset.embed_dim
+    for readout, expected in (("region", run.result.region_embeddings.ravel()),
+                              ("connectivity", vectorize(run.result.feature_connectivity))):
+        embedder = RoimaeEmbedder(str(pretrained_demo.model), readout=readout,
+                                  memory=tmp_path / "cache").fit()
+        features = embedder.transform([img])
+        names = embedder.get_feature_names_out()
+        assert features.shape == (1, len(names))
+        np.testing.assert_array_equal(features[0], expected.astype(np.float32))
+        if readout == "region":
+            assert len(names) == n_regions * width and names[0] == "roimae_Precentral_L_e000"
+        else:
+            assert len(names) == n_regions * (n_regions - 1) // 2
+            assert names[0] == "roimae_Precentral_L__Precentral_R"
+    with pytest.raises(UsageError, match="readout 'mean'"):
+        RoimaeEmbedder(str(pretrained_demo.model), readout="mean").fit()
