@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from bidsapp.errors import BadDataError, NoInputError, UsageError
-from bidsapp.io import atomic_path, atomic_write_text
+from bidsapp.io import atomic_path, atomic_write_json
 
 FORMAT = "roimae-checkpoint/1"
 MASKING_DESC = {"roi": "roi", "random": "random", "brain-random": "brainrandom",
@@ -60,7 +60,7 @@ def save_checkpoint(stem: Path, model: torch.nn.Module, metadata: dict[str, Any]
             save_file(tensors, str(tmp), metadata={"format": FORMAT})
         meta["optimizer"] = {"file": optim_path.name, "structure": structure,
                              "sha256": file_sha256(optim_path)}
-    atomic_write_text(stem.with_suffix(".json"), json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(stem.with_suffix(".json"), meta, sort_keys=True)
     return weights
 
 

@@ -6,12 +6,13 @@ is saved under ``OUTPUT_DIR/logs/`` for every run so that each output can be tra
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from bidsapp.io import json_text
 
 AnalysisLevel = Literal["pretrain", "participant", "group"]
 MaskingName = Literal["roi", "random", "brain-random", "roi-voxel"]
@@ -180,4 +181,4 @@ class Config(_Section):
 
     def to_json(self) -> str:
         """Serialise to JSON (paths as strings), as saved under ``OUTPUT_DIR/logs/``."""
-        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
+        return json_text(self.model_dump(mode="json"), indent=2, sort_keys=True)

@@ -259,6 +259,7 @@ def _resume(out_dir: Path, model: MaskedAutoencoder, trainer: Trainer,
                else pd.DataFrame(columns=list(EpochMetrics.__dataclass_fields__)))
     epoch = int(saved["epoch"])
     history = history[history["epoch"] <= epoch].reset_index(drop=True)
+    val_loss = saved["metrics"].get("val_loss")   # null in JSON without a held-out set
     log.info("resuming from %s (epoch %d, held-out loss %s)", stem.name, epoch,
-             np.round(saved["metrics"].get("val_loss", np.nan), 4))
+             "n/a" if val_loss is None else f"{val_loss:.4f}")
     return epoch + 1, history
