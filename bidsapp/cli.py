@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -20,7 +21,14 @@ from pydantic import ValidationError
 
 from bidsapp import __version__
 from bidsapp.config import Config
-from bidsapp.errors import ExitCode, RoimaeError, UnknownLevelError, UsageError
+from bidsapp.errors import (
+    ExitCode,
+    RoimaeError,
+    Terminated,
+    UnknownLevelError,
+    UsageError,
+    interruption_message,
+)
 
 LEVELS = ("pretrain", "participant", "group")
 
@@ -283,8 +291,30 @@ def _read_filter_file(path: Path) -> dict:
     return filters
 
 
+def _raise_terminated(signum: int, frame: object) -> NoReturn:
+    # Once: a second SIGTERM (Slurm repeats it) must not interrupt the clean-up of the first.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated(f"stopped by {signal.Signals(signum).name}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``roimae`` console script; returns the exit code."""
+    """Entry point of the ``roimae`` console script; returns the exit code.
+
+    SIGTERM (a Slurm time limit, ``scancel``, ``docker stop``) is handled as SIGINT (Ctrl-C): the
+    job unwinds, removing its temporary files, logs one line and exits 143 (130 for SIGINT).
+    """
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:   # not the main thread (roimae called from a thread): leave signals alone
+        previous = None
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbosity = sum(a.count("v") for a in argv if a.startswith("-") and set(a[1:]) == {"v"})
     verbosity += argv.count("--verbose")
@@ -304,9 +334,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"roimae: error: {exc}", file=sys.stderr)
         return int(exc.exit_code)
-    except KeyboardInterrupt:
-        print("roimae: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        code = ExitCode.TERMINATED if isinstance(exc, Terminated) else ExitCode.INTERRUPTED
+        print(f"roimae: {interruption_message(exc)} (exit {int(code)})", file=sys.stderr)
+        return int(code)
     except Exception as exc:  # a bug: say so in one line unless -vv
         if verbosity >= 2:
             traceback.print_exc()

@@ -17,7 +17,6 @@ import re
 from pathlib import Path
 
 import matplotlib
-import numpy as np
 import pandas as pd
 import torch
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from bidsapp.config import Config
 from bidsapp.distributed import env_rank
-from bidsapp.errors import NoInputError, UsageError
+from bidsapp.errors import NoInputError, UsageError, interruption_message
 from bidsapp.io import atomic_write_text, ensure_dir
-from bidsapp.logs import get_logger, setup_logging
+from bidsapp.logs import FILE_ONLY, get_logger, setup_logging
 from bidsapp.runtime import resolve_device, set_threads
 
 
@@ -79,6 +79,10 @@ def run(config: Config) -> int:
     except Exception as exc:
         # DEBUG reaches the log file (not the console, where the CLI prints the one-line error).
         log.debug("failed: %s: %s", type(exc).__name__, exc, exc_info=True)
+        raise
+    except KeyboardInterrupt as exc:   # SIGINT, or SIGTERM (bidsapp.errors.Terminated)
+        # The log file only: the CLI prints the same line on the console.
+        log.error("%s", interruption_message(exc), extra={FILE_ONLY: True})
         raise
     log.info("roimae %s level finished; outputs in %s", config.analysis_level, config.output_dir)
     return 0
