@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fraction of participants held out for the validation loss")
     tr.add_argument(*_both("norm-pix-loss"), dest="norm_pix_loss", action="store_true",
                     help="normalise each token's target voxels before the loss")
-    tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint "
+                    "(refused for another seed, split of participants or set of input runs)")
     tr.add_argument(*_both("torch-compile"), dest="torch_compile", action="store_true",
                     help="compile the training step with torch.compile (pays off on CUDA over "
                     "long runs; the first steps are slower while it compiles)")
@@ -160,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                      default=6, help="random region subsets per window for attribution (even: each "
                      "subset is paired with its complement; cost K + 1 passes per window, "
                      "precision ~ sqrt(K x windows))")
-    par.add_argument("--overwrite", action="store_true", help="redo runs already complete")
+    gen.add_argument("--overwrite", action="store_true", help="participant: redo runs already "
+                     "complete; pretrain: replace the model of this masking already in OUTPUT_DIR "
+                     "(its checkpoints are deleted); demo: write into a non-empty OUT_DIR")
     par.add_argument(*_both("no-reports"), dest="reports", action="store_false",
                      help="skip the HTML reports")
 
@@ -249,6 +252,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
                 "val_fraction": args.val_fraction,
                 "norm_pix_loss": args.norm_pix_loss,
                 "resume": args.resume,
+                "overwrite": args.overwrite,
                 "torch_compile": args.torch_compile,
             },
             participant={

@@ -122,6 +122,7 @@ class PretrainConfig(_Section):
     val_fraction: float = Field(0.2, ge=0, lt=1)
     norm_pix_loss: bool = False
     resume: bool = False
+    overwrite: bool = False
     torch_compile: bool = False
 
 

@@ -50,6 +50,13 @@ log = get_logger("pretrain")
 MODELS_DIR = "models"
 KEEP_CHECKPOINTS = 2
 _EPOCH_STEM = re.compile(r"^epoch-(\d{3,})$")
+#: Sidecar entries a checkpoint must share with the run that resumes it, and their names in the
+#: error: continuing with another seed, split or input set would silently mix two trainings.
+RESUME_MUST_MATCH = {"preset": "preset", "masking": "masking", "atlas": "atlas",
+                     "window_frames": "window_frames", "backbone": "backbone",
+                     "random_seed": "--random-seed",
+                     "split": "split of participants into training and held-out sets",
+                     "data": "set of input runs (another selection, or changed files)"}
 
 
 def pretrain_preset(config: Config) -> ModelPreset:
@@ -84,7 +91,7 @@ def model_metadata(config: Config, atlas: Atlas, runs: list[CachedRun],
         "window_frames": window_frames(config),
         "target_tr": config.preprocess.target_tr,
         "random_seed": config.random_seed,
-        "training": config.pretrain.model_dump(exclude={"resume", "torch_compile"}),
+        "training": config.pretrain.model_dump(exclude={"resume", "overwrite", "torch_compile"}),
         "data": [{"source": r.manifest["source"], "sha256": r.manifest["source_sha256"],
                   "n_windows": r.n_windows} for r in runs],
         "split": split,
@@ -112,6 +119,51 @@ def latest_checkpoint(directory: Path) -> Path | None:
         if best is None or epoch > best[0]:
             best = (epoch, sidecar.with_suffix(""))
     return None if best is None else best[1]
+
+
+def check_model_dir(config: Config, directory: Path) -> None:
+    """Refuse to pretrain over a model already in ``directory`` unless told what to do with it.
+
+    A complete model (``model.json``) or checkpoint (``epoch-*.json``) is continued with
+    ``--resume`` or replaced with ``--overwrite``; anything else is a usage error (64), never a
+    silent overwrite of hours of training.
+    """
+    resume, overwrite = config.pretrain.resume, config.pretrain.overwrite
+    if resume and overwrite:
+        raise UsageError("--resume continues the model in OUTPUT_DIR and --overwrite replaces it: "
+                         "give one of them")
+    if overwrite or not directory.is_dir():
+        return
+    model = directory / "model.json"
+    checkpoint = latest_checkpoint(directory)
+    if resume:
+        if checkpoint is None and model.is_file():
+            raise UsageError(f"--resume: {directory} holds a model but no checkpoint to continue "
+                             "from; pass --overwrite to train a new one in its place")
+        return
+    held = [p.name for p in (model, checkpoint.with_suffix(".json") if checkpoint else None)
+            if p is not None and p.is_file()]
+    if held:
+        raise UsageError(f"{directory} already holds a pretrained model ({', '.join(held)}); pass "
+                         "--resume to continue it, --overwrite to replace it, or choose another "
+                         "OUTPUT_DIR")
+
+
+def clear_model_dir(directory: Path) -> list[Path]:
+    """Remove what an earlier pretraining left in ``directory``, before a fresh run.
+
+    ``model.json`` and the checkpoint sidecars go first: once they are gone, nothing left (if this
+    is killed part-way) looks like a complete model or a checkpoint to resume.
+    """
+    first = [directory / "model.json", *directory.glob("epoch-*.json")]
+    rest = [directory / "model.safetensors", *directory.glob("epoch-*.safetensors"),
+            directory / "training_log.tsv", directory / "loss_curve.png"]
+    removed = []
+    for path in [*first, *rest]:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 def _prune(directory: Path, keep: int) -> None:
@@ -159,6 +211,8 @@ def _pretrain(config: Config, ctx: DistributedContext) -> Path:
     if window_frames(config) % preset.tubelet:
         raise UsageError(f"the {preset.backbone} {preset.name} preset reads tokens of {preset.tubelet} "
                          f"frames: --window-frames {window_frames(config)} is not a multiple of it")
+    out_dir = model_dir(config.output_dir, config.masking.masking)
+    check_model_dir(config, out_dir)
     atlas = load_atlas(config.atlas, config.atlas_labels)
     dataset: InputDataset = discover_runs(config)
     if ctx.is_main:
@@ -191,7 +245,6 @@ def _pretrain(config: Config, ctx: DistributedContext) -> Path:
                       num_workers=max(0, config.nprocs - 1),
                       compile_model=config.pretrain.torch_compile)
 
-    out_dir = model_dir(config.output_dir, config.masking.masking)
     meta = model_metadata(config, atlas, runs, {"train": train_subjects, "val": val_subjects})
     history = pd.DataFrame(columns=list(EpochMetrics.__dataclass_fields__))
     start_epoch = 1
@@ -202,6 +255,11 @@ def _pretrain(config: Config, ctx: DistributedContext) -> Path:
         # Temporary files of a job killed while writing here (atomic writes it never finished).
         for stale in out_dir.glob(".*.tmp*"):
             stale.unlink(missing_ok=True)
+        if start_epoch == 1:
+            # A fresh run (--overwrite, or nothing to resume): no file of an earlier run may stay
+            # beside the new one's, to be pruned in the wrong order or resumed later.
+            for old in clear_model_dir(out_dir):
+                log.info("removed %s of an earlier pretraining", old.name)
         writer = DerivativesWriter(config.output_dir, source_datasets=dataset.datasets)
         writer.ensure_dataset_description()
         writer.ensure_bidsignore([MODELS_DIR, "logs"])
@@ -245,12 +303,14 @@ def _resume(out_dir: Path, model: MaskedAutoencoder, trainer: Trainer,
         log.warning("--resume: no complete checkpoint in %s; starting from epoch 1", out_dir)
         return 1, pd.DataFrame(columns=list(EpochMetrics.__dataclass_fields__))
     saved = read_metadata(stem.with_suffix(".json"))
-    for key in ("preset", "masking", "atlas", "window_frames", "backbone"):
+    for key, what in RESUME_MUST_MATCH.items():
         if json.dumps(saved.get(key), sort_keys=True) != json.dumps(meta[key], sort_keys=True):
             # The options disagree with the checkpoint: a usage error, as for --preset at the
             # participant level.
-            raise UsageError(f"--resume: checkpoint {stem.name} was trained with another {key} "
-                             f"({saved.get(key)!r}); start a new OUTPUT_DIR or drop --resume")
+            value = repr(saved.get(key))
+            raise UsageError(f"--resume: checkpoint {stem.name} was trained with another {what}"
+                             + (f" ({value})" if len(value) <= 60 else "")
+                             + "; drop --resume (with --overwrite) or choose another OUTPUT_DIR")
     model.load_state_dict(load_weights(stem, saved))
     trainer.optimizer.load_state_dict(load_optimizer_state(stem, saved))
     log_path = out_dir / "training_log.tsv"

@@ -25,14 +25,22 @@ def _is_within(path: Path, parent: Path) -> bool:
 
 
 def check_paths(config: Config) -> None:
-    """Refuse a missing input and an output directory that would write into the input."""
+    """Refuse a missing input, and an output or work directory that would write into an input.
+
+    The inputs are BIDS_DIR and every ``-d NAME=PATH`` root: OUTPUT_DIR gets a
+    ``dataset_description.json`` and the work directory a cache, and either would turn a valid
+    input dataset (raw BIDS, fMRIPrep's derivatives) into an invalid one.
+    """
     if not config.bids_dir.is_dir():
         raise NoInputError(f"BIDS_DIR {config.bids_dir} does not exist or is not a directory")
-    if _is_within(config.output_dir, config.bids_dir):
-        raise UsageError(
-            f"OUTPUT_DIR {config.output_dir} is BIDS_DIR or inside it; choose a directory outside "
-            "the input dataset"
-        )
+    inputs = {"BIDS_DIR": config.bids_dir,
+              **{f"-d {name}": Path(root) for name, root in config.selection.derivatives.items()}}
+    for what, root in inputs.items():
+        for option, path in (("OUTPUT_DIR", config.output_dir), ("the work directory (-w)",
+                                                                  config.work_dir)):
+            if _is_within(path, root):
+                raise UsageError(f"{option} {path} is {what} or inside it ({root}); choose a "
+                                 "directory outside the input datasets")
 
 
 def start_run(config: Config) -> Path | None:
