@@ -84,6 +84,14 @@ class BadDataError(RoimaeError):
     exit_code = ExitCode.BAD_DATA
 
 
+class TrainingDivergedError(BadDataError):
+    """Pretraining met a non-finite loss, gradient or weight (exit 65, as non-finite data).
+
+    The data and settings given cannot be trained on (usually a too high ``--lr``); like a NaN
+    voxel or a corrupt checkpoint, the numbers are unusable, hence "bad data" rather than a bug.
+    """
+
+
 class NoInputError(RoimaeError):
     """An input path does not exist or holds nothing usable."""
 

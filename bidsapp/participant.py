@@ -132,6 +132,17 @@ def _embedding_frame(rows: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[f"e{i:03d}" for i in range(rows.shape[1])])
 
 
+def check_finite_embeddings(result: RunAttribution, run: BoldRun, loaded: LoadedModel) -> None:
+    """Refuse (65) a run whose embeddings hold NaN or infinities, before anything is written.
+
+    Finite input and finite weights can still overflow in a model whose training went astray;
+    such embeddings would only surface as an obscure error at the group level.
+    """
+    if not np.isfinite(result.window_embeddings).all():
+        raise BadDataError(f"model {loaded.path} gives non-finite embeddings for {run.name} (an "
+                           "unstable or diverged model); pretrain again with a lower --lr")
+
+
 def write_run(writer: DerivativesWriter, out: RunOutputs, run: BoldRun, cached: CachedRun,
               atlas: Atlas, loaded: LoadedModel, result: RunAttribution,
               config: Config) -> None:
@@ -223,6 +234,7 @@ def run_participant(config: Config, device: torch.device) -> None:
         result = analyse_run(loaded, cache, attribution=attribution,
                              n_subsets=config.participant.attribution_subsets,
                              seed=config.random_seed)
+        check_finite_embeddings(result, run, loaded)
         write_run(writer, out, run, cache, atlas, loaded, result, config)
         log.info("[%d/%d] %s: %d windows%s in %.1f s", i, len(todo), run.name, cache.n_windows,
                  " + attribution" if attribution else "", time.perf_counter() - t0)

@@ -35,7 +35,7 @@ from bidsapp.checkpoint import (
 from bidsapp.config import Config
 from bidsapp.data import build_region_grid, prepare_runs, split_participants
 from bidsapp.distributed import DistributedContext
-from bidsapp.errors import BadDataError, NoInputError, UsageError
+from bidsapp.errors import BadDataError, NoInputError, TrainingDivergedError, UsageError
 from bidsapp.io import atomic_path, ensure_dir
 from bidsapp.logs import get_logger
 from bidsapp.model.mae import MaskedAutoencoder
@@ -283,7 +283,16 @@ def _pretrain(config: Config, ctx: DistributedContext) -> Path:
                         f"{config.masking.masking} masking, {preset.backbone} {preset.name} preset")
 
     if start_epoch <= config.pretrain.epochs:
-        trainer.fit(start_epoch, on_epoch_end)
+        try:
+            trainer.fit(start_epoch, on_epoch_end)
+        except TrainingDivergedError as exc:
+            if ctx.is_main and latest_checkpoint(out_dir) is None:
+                # Nothing to keep: no empty model folder is left to look like a model.
+                for folder in (out_dir, out_dir.parent):
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
+            raise TrainingDivergedError(f"{exc}; lower --lr (now {config.pretrain.lr:g}). "
+                                        + _after_divergence(out_dir)) from exc
     else:
         log.info("all %d epochs are already done in %s", config.pretrain.epochs, out_dir)
     final = out_dir / "model.safetensors"
@@ -294,6 +303,15 @@ def _pretrain(config: Config, ctx: DistributedContext) -> Path:
                              epochs_planned=config.pretrain.epochs))
         log.info("model written to %s", final)
     return final
+
+
+def _after_divergence(directory: Path) -> str:
+    """What a diverged run left: the last good checkpoint (kept, resumable) or nothing."""
+    last = latest_checkpoint(directory) if directory.is_dir() else None
+    if last is None:
+        return "No epoch was completed: no model was written"
+    return (f"The last good checkpoint, {last.name}, is kept and no new model written: "
+            "continue it with --resume and a lower --lr")
 
 
 def _resume(out_dir: Path, model: MaskedAutoencoder, trainer: Trainer,

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from bidsapp.distributed import DistributedContext
+from bidsapp.errors import TrainingDivergedError
 from bidsapp.logs import get_logger
 from bidsapp.model.mae import MaskedAutoencoder
 from bidsapp.model.masking import MaskingStrategy
@@ -148,11 +149,25 @@ class Trainer:
             loss, fraction = self._forward(batch, generator)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+            # Before the step: the weights never take a non-finite update.
+            self._stop_if_diverged(torch.isfinite(loss) & torch.isfinite(norm),
+                                   f"epoch {epoch}, step {step + 1}: loss {loss.item():.4g}, "
+                                   f"gradient norm {norm.item():.4g}")
             self.optimizer.step()
             totals += torch.tensor([loss.item(), fraction.item(), 1.0], dtype=torch.float64)
         totals = self.ctx.all_sum(totals)
         return totals[0].item() / totals[2].item(), totals[1].item() / totals[2].item(), lr
+
+    def _stop_if_diverged(self, finite: torch.Tensor, where: str) -> None:
+        """Raise :class:`TrainingDivergedError` on every rank if any rank saw a non-finite value.
+
+        The decision is summed over ranks so that all stop together (one rank raising alone
+        would leave the others waiting in the next collective).
+        """
+        bad = self.ctx.all_sum(torch.tensor([0.0 if bool(finite) else 1.0], dtype=torch.float64))
+        if bad.item() > 0:
+            raise TrainingDivergedError(f"training diverged at {where} (non-finite)")
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -178,6 +193,13 @@ class Trainer:
             val_loss = self.evaluate()
             metrics = EpochMetrics(epoch, train_loss, val_loss, fraction, lr,
                                    time.perf_counter() - t0)
+            # Finite steps can still end on overflowing weights: checked before they are saved.
+            weights_finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+            self._stop_if_diverged(
+                torch.tensor(weights_finite and math.isfinite(train_loss)
+                             and (self.val_loader is None or math.isfinite(val_loss))),
+                f"the end of epoch {epoch}: train loss {train_loss:.4g}, held-out loss "
+                f"{val_loss:.4g}, weights {'finite' if weights_finite else 'non-finite'}")
             if self.ctx.is_main:
                 log.info("epoch %d/%d: train loss %.4f, held-out loss %.4f, %.0f%% of brain "
                          "masked, %.1f s", epoch, self.epochs, train_loss, val_loss,
