@@ -193,6 +193,9 @@ def build_demo_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--run", action="store_true",
                         help="then run pretrain (roi, random), participant and group on it")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty OUT_DIR: files of the same names (the demo "
+                        "dataset, an earlier demo's models and outputs) are replaced")
     parser.add_argument("-v", "--verbose", dest="verbosity", action="count", default=0)
     return parser
 

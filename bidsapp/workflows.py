@@ -105,14 +105,19 @@ DEMO_PARTICIPANT = ["--attribution-subsets", "16"]
 
 
 def run_demo_chain(bids_dir: Path, out_dir: Path, *, verbosity: int = 0, nprocs: int = 1,
-                   n_permutations: int = 200) -> Path:
-    """Pretrain (roi and random), then the participant and group levels on the demo dataset."""
+                   n_permutations: int = 200, overwrite: bool = False) -> Path:
+    """Pretrain (roi and random), then the participant and group levels on the demo dataset.
+
+    ``overwrite`` replaces models an earlier chain left in ``out_dir`` (else pretraining refuses
+    to run over them).
+    """
     from bidsapp.cli import build_parser, config_from_args
 
     common = [str(bids_dir), str(out_dir)] + ["-v"] * verbosity + ["--nprocs", str(nprocs)]
     steps = []
     for masking in DEMO_MASKINGS:
-        steps.append([*common, "pretrain", "--masking", masking, *DEMO_PRETRAIN])
+        steps.append([*common, "pretrain", "--masking", masking, *DEMO_PRETRAIN,
+                      *(["--overwrite"] if overwrite else [])])
         steps.append([*common, "participant", "--model-desc", masking, *DEMO_PARTICIPANT])
     steps.append([*common, "group", "--target", "diagnosis", "--compare", *DEMO_MASKINGS,
                   "--n-permutations", str(n_permutations)])
@@ -127,12 +132,15 @@ def run_demo(args: argparse.Namespace) -> int:
 
     setup_logging(args.verbosity)
     out_dir = Path(args.out_dir).expanduser().absolute()
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:
+        raise UsageError(f"{out_dir} is not empty: choose a new or empty directory for the demo, "
+                         "or pass --overwrite to replace files of the same names there")
     bids_dir = out_dir / "bids" if args.run else out_dir
     make_demo_dataset(bids_dir, n_participants=args.participants, n_frames=args.frames,
                       seed=args.seed)
     get_logger().info("demo dataset written to %s", bids_dir)
     if args.run:
         report = run_demo_chain(bids_dir, out_dir / "derivatives", verbosity=args.verbosity,
-                                nprocs=min(2, os.cpu_count() or 1))
+                                nprocs=min(2, os.cpu_count() or 1), overwrite=args.overwrite)
         print(f"Reports: {report} and {out_dir / 'derivatives'}/sub-*.html")
     return 0
