@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 
 import nibabel as nib
@@ -32,12 +33,12 @@ import torch
 
 from bidsapp import __version__
 from bidsapp.atlas import Atlas, load_atlas
-from bidsapp.bids.derivatives import DerivativesWriter
+from bidsapp.bids.derivatives import DerivativesWriter, parse_filename
 from bidsapp.bids.layout import BoldRun, discover_runs
 from bidsapp.bids.validation import validate_input
 from bidsapp.config import Config
 from bidsapp.data import prepare_runs
-from bidsapp.errors import BadDataError
+from bidsapp.errors import BadDataError, UsageError
 from bidsapp.inference import LoadedModel, RunAttribution, analyse_run, find_model, load_model
 from bidsapp.inference import __doc__ as ATTRIBUTION_METHOD
 from bidsapp.io import remove_temporaries
@@ -59,11 +60,14 @@ def _atlas_label(atlas: Atlas) -> str:
 
 
 class RunOutputs:
-    """The paths of one run's outputs."""
+    """The paths of one run's outputs (``run``: the input run, or its entities)."""
 
-    def __init__(self, writer: DerivativesWriter, run: BoldRun, desc: str, atlas_label: str):
+    def __init__(self, writer: DerivativesWriter, run: BoldRun | Mapping[str, str], desc: str,
+                 atlas_label: str):
+        entities = run if isinstance(run, Mapping) else run.entities
+
         def path(suffix: str, extension: str, **extra: str) -> Path:
-            return writer.path_for(run.entities, suffix=suffix, extension=extension, **extra)
+            return writer.path_for(entities, suffix=suffix, extension=extension, **extra)
 
         self.embedding = path("embedding", ".tsv", desc=desc)
         self.mean_embedding = path("embedding", ".tsv", desc=desc, stat="mean")
@@ -81,17 +85,52 @@ class RunOutputs:
             files += [self.occluded, self.recon_map, self.occlusion_map, self.table, self.groups]
         return files
 
-    def is_complete(self, attribution: bool, model_sha256: str) -> bool:
-        if not self.done.is_file():
-            return False
+    def completion(self) -> dict | None:
+        """The completion sidecar if the run is complete (by whichever model), else ``None``.
+
+        Complete: the sidecar (written last) parses and every data file it implies exists. The
+        one test of completeness, for skipping runs, the reports and the group level.
+        """
         try:
-            meta = json.loads(self.done.read_text())
-        except (OSError, json.JSONDecodeError):
+            meta = json.loads(self.done.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        if not isinstance(meta, dict) or not isinstance(meta.get("Model"), dict):
+            return None
+        attribution = meta.get("Attribution") is not None
+        return meta if all(p.is_file() for p in self.data_files(attribution)) else None
+
+    def is_complete(self, attribution: bool, model_sha256: str) -> bool:
+        meta = self.completion()
+        if meta is None:
             return False
-        same_model = meta.get("Model", {}).get("SHA256") == model_sha256
-        has_attribution = meta.get("Attribution") is not None or not attribution
-        return same_model and has_attribution and all(
-            p.is_file() for p in self.data_files(attribution))
+        same_model = meta["Model"].get("SHA256") == model_sha256
+        return same_model and (meta.get("Attribution") is not None or not attribution)
+
+
+def complete_runs(writer: DerivativesWriter, subject: str,
+                  atlas_label: str) -> list[tuple[str, str, RunOutputs, dict]]:
+    """Every complete run of ``subject`` in OUTPUT_DIR, whichever model and job wrote it.
+
+    Returns ``(run name, desc, outputs, completion sidecar)`` sorted by desc and run: what the
+    participant report shows, so that it never loses the runs of another model or job.
+    """
+    folder = writer.output_dir / f"sub-{subject}"
+    found = []
+    for done in sorted(folder.rglob("*_embedding.json")) if folder.is_dir() else []:
+        try:
+            entities, _, _ = parse_filename(done.name)
+        except UsageError:
+            continue
+        desc = entities.pop("desc", None)
+        if desc is None or "stat" in entities or "atlas" in entities:
+            continue   # not a completion sidecar (the run embedding's own sidecar, say)
+        out = RunOutputs(writer, entities, desc, atlas_label)
+        meta = out.completion() if out.done == done else None
+        if meta is not None:
+            name = "_".join(f"{key}-{value}" for key, value in entities.items())
+            found.append((name, desc, out, meta))
+    return sorted(found, key=lambda item: (item[1], item[0]))
 
 
 def region_table(atlas: Atlas, loaded: LoadedModel, result: RunAttribution,
@@ -240,8 +279,17 @@ def run_participant(config: Config, device: torch.device) -> None:
                  " + attribution" if attribution else "", time.perf_counter() - t0)
         by_subject[run.subject].append((run, out, result))
     if config.participant.reports:
-        from bidsapp.reports import write_participant_report
+        from bidsapp.reports import report_lock, write_participant_report
 
-        for subject, items in by_subject.items():
-            report = write_participant_report(config.output_dir, subject, items, loaded, atlas)
-            log.info("report: %s", report)
+        # Every selected participant, also when all its runs were complete and skipped; each
+        # report shows every complete run on disk (all models, all jobs). The lock keeps two
+        # jobs of one participant (two models, say) from writing it at once, the later one
+        # seeing the earlier one's runs.
+        for subject in dict.fromkeys(run.subject for run in dataset.runs):
+            examples = {f"{run.name}_desc-{loaded.desc}": result.example
+                        for run, _, result in by_subject.get(subject, []) if result.example}
+            with report_lock(config.output_dir, subject):
+                runs = complete_runs(writer, subject, label)
+                report = write_participant_report(config.output_dir, subject, runs, atlas,
+                                                  examples)
+            log.info("report: %s (%d runs)", report, len(runs))
