@@ -21,6 +21,8 @@ classified correctly score high; regions whose occlusion moves every participant
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import warnings
 from collections import Counter
@@ -53,7 +55,12 @@ from bidsapp.bids.layout import discover_runs
 from bidsapp.checkpoint import masking_desc
 from bidsapp.config import Config
 from bidsapp.errors import BadDataError, NoInputError, UsageError
-from bidsapp.io import atomic_write_text, ensure_dir, remove_stale_temporaries, remove_temporaries
+from bidsapp.io import (
+    atomic_write_json,
+    ensure_dir,
+    remove_stale_temporaries,
+    remove_temporaries,
+)
 from bidsapp.logs import get_logger
 from bidsapp.participant import BIDSIGNORE, RunOutputs, _atlas_label, group_summary, region_map
 
@@ -69,6 +76,7 @@ class EmbeddingSet:
     desc: str
     runs: pd.DataFrame          # run, participant_id, target, cv_group, table, occluded
     X: np.ndarray               # (n_runs, C)
+    model_sha256: str | None = None   # the one model every run's embedding comes from
 
 
 def build_classifier(name: str, seed: int, inner_groups: int) -> GridSearchCV:
@@ -283,31 +291,90 @@ def region_importance(es: EmbeddingSet, models: list, atlas: Atlas) -> pd.DataFr
 def _load_embedding_set(desc: str, dataset, writer: DerivativesWriter, targets: pd.Series,
                         cv_groups: pd.Series | None, atlas_label: str) -> EmbeddingSet:
     rows, vectors, missing = [], [], 0
+    models: dict[str, list[str]] = {}
     for run in dataset.runs:
         pid = f"sub-{run.subject}"
         if pid not in targets.index:
             continue
         out = RunOutputs(writer, run, desc, atlas_label)
-        if not out.mean_embedding.is_file():
+        # Only complete runs: a participant job killed part-way leaves files but no sidecar.
+        meta = out.completion()
+        if meta is None:
             missing += 1
             continue
-        vec = pd.read_csv(out.mean_embedding, sep="\t").to_numpy(dtype=np.float64)[0]
+        vec = pd.read_csv(out.mean_embedding, sep="\t", na_values="n/a").to_numpy(
+            dtype=np.float64)[0]
+        if not np.isfinite(vec).all():
+            raise BadDataError(f"{out.mean_embedding.name} holds non-finite values; rerun the "
+                               "participant level for it (--overwrite) with a sound model")
+        models.setdefault(str(meta["Model"].get("SHA256")), []).append(run.name)
+        # The sidecar, not the files' presence, says whether attribution ran: files of an
+        # earlier run with attribution may remain beside a rerun with --no-attribution.
+        attributed = meta.get("Attribution") is not None
         occluded = None
-        if out.occluded.is_file():
+        if attributed:
             occluded = pd.read_csv(out.occluded, sep="\t", na_values="n/a").filter(
                 regex=r"^e\d+$").to_numpy(dtype=np.float64)
         vectors.append(vec)
         rows.append({"run": run.name, "participant_id": pid, "target": targets[pid],
                      "cv_group": pid if cv_groups is None else str(cv_groups.get(pid)),
-                     "table": out.table if out.table.is_file() else None,
+                     "table": out.table if attributed else None,
                      "occluded": occluded})
     if missing:
-        log.warning("desc-%s: %d selected runs have no embedding (run the participant level)",
+        log.warning("desc-%s: %d selected runs have no complete embedding (participant level "
+                    "not run for them, or its job was killed before the end); they are left out",
                     desc, missing)
     if not rows:
         raise NoInputError(f"no desc-{desc} embeddings found in the output directory: run the "
                            f"participant level with the desc-{desc} model first")
-    return EmbeddingSet(desc, pd.DataFrame(rows), np.vstack(vectors))
+    check_one_model(desc, models)
+    return EmbeddingSet(desc, pd.DataFrame(rows), np.vstack(vectors), next(iter(models)))
+
+
+def check_one_model(desc: str, models: dict[str, list[str]]) -> None:
+    """Refuse (65) embeddings of one desc that come from several models (by weight hash).
+
+    Two pretrainings of one masking (a rerun with --overwrite, a --model from elsewhere) give
+    embeddings in unrelated spaces, or of other widths: classifying them together is meaningless.
+    """
+    if len(models) <= 1:
+        return
+    listing = "; ".join(
+        f"model {sha[:12]}: {len(runs)} runs ({', '.join(runs[:2])}{', ...' if len(runs) > 2 else ''})"
+        for sha, runs in sorted(models.items(), key=lambda item: -len(item[1])))
+    raise BadDataError(f"the desc-{desc} embeddings come from {len(models)} different models "
+                       f"({listing}); rerun the participant level with one model for every "
+                       "run (--overwrite)")
+
+
+def clear_group_outputs(out_dir: Path, prefix: str, map_stems: list[str]) -> list[Path]:
+    """Remove the outputs of an earlier group run with the same ``prefix`` (and maps of ``map_stems``).
+
+    The completion marker (``<prefix>_settings.json``) goes first: from then on, until this run
+    writes it again last, the folder says that its ``prefix`` outputs are incomplete.
+    """
+    figures = out_dir / "figures"
+    paths = [out_dir / f"{prefix}_settings.json", *sorted(out_dir.glob(f"{prefix}_*")),
+             *sorted(figures.glob(f"{prefix}_*"))]
+    for stem in map_stems:
+        paths += sorted(out_dir.glob(f"{glob.escape(stem)}_*"))
+    removed = []
+    for path in dict.fromkeys(paths):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def regions_note(es: EmbeddingSet) -> str | None:
+    """Why region importance cannot be computed for ``es`` (runs without attribution), if so."""
+    without = int(sum(o is None for o in es.runs["occluded"]))
+    if without == 0:
+        return None
+    runs = "no run" if without == len(es.runs) else f"{without} of {len(es.runs)} runs"
+    return (f"region importance not computed for desc-{es.desc}: {runs} have region attribution "
+            "(the participant level ran with --no-attribution); rerun it without "
+            "--no-attribution (and with --overwrite) for the region maps")
 
 
 def _find_descs(config: Config) -> list[str]:
@@ -394,6 +461,9 @@ def _run_group(config: Config) -> None:
                 *remove_temporaries(config.output_dir / "group.html")]:
         log.info("removed %s, left by an interrupted job", tmp.name)
     prefix = f"target-{''.join(c for c in config.group.target if c.isalnum())}"
+    for old in clear_group_outputs(out_dir, prefix, [f"atlas-{label}_desc-{es.desc}"
+                                                     for es in sets]):
+        log.info("removed %s of an earlier group run", old.name)
     results = {}
     for es in sets:
         folds_table, predictions, models, confusion = evaluate(es, splits, classes, config)
@@ -407,6 +477,9 @@ def _run_group(config: Config) -> None:
                          pd.DataFrame(confusion, index=classes, columns=classes)
                          .rename_axis("true").reset_index())
         attribution = group_attribution(es, models, atlas)
+        note = regions_note(es)
+        if note is not None:
+            log.warning("%s", note)
         write_group_maps(writer, out_dir, f"atlas-{label}_desc-{es.desc}", attribution, atlas,
                          prefix)
         bal = summary.set_index("metric").loc["balanced_accuracy"]
@@ -414,21 +487,24 @@ def _run_group(config: Config) -> None:
                  "%d participants)", es.desc, bal["mean"], bal["sd"], p_value, len(es.runs),
                  es.runs["participant_id"].nunique())
         results[es.desc] = {"folds": folds_table, "summary": summary, "predictions": predictions,
-                            "confusion": confusion, "attribution": attribution, "null": null}
+                            "confusion": confusion, "attribution": attribution, "null": null,
+                            "regions_note": note}
     comparison = compare_sets(results, splits, len(sets[0].runs))
     if comparison is not None:
         writer.write_tsv(out_dir / f"{prefix}_comparison.tsv", comparison)
-    atomic_write_text(out_dir / f"{prefix}_settings.json", json.dumps({
+    from bidsapp.reports import write_group_report
+
+    report = write_group_report(config.output_dir, prefix, classes, results, comparison, atlas)
+    # Last: the completion marker of this prefix's outputs (see clear_group_outputs).
+    atomic_write_json(out_dir / f"{prefix}_settings.json", {
         "target": config.group.target, "target_map": config.group.target_map,
         "classes": classes.tolist(), "classifier": config.group.classifier,
         "cv_folds": config.group.cv_folds, "cv_repeats": config.group.cv_repeats,
         "cv_groups": config.group.cv_groups or "participant_id",
         "n_permutations": config.group.n_permutations, "random_seed": config.random_seed,
-        "descs": [es.desc for es in sets], "method": " ".join((__doc__ or "").split()),
-    }, indent=2) + "\n")
-    from bidsapp.reports import write_group_report
-
-    report = write_group_report(config.output_dir, prefix, classes, results, comparison, atlas)
+        "descs": [es.desc for es in sets], "models": {es.desc: es.model_sha256 for es in sets},
+        "method": " ".join((__doc__ or "").split()),
+    })
     log.info("group report: %s", report)
 
 

@@ -309,6 +309,9 @@ def write_group_report(output_dir: Path, prefix: str, classes: np.ndarray, resul
     for desc, res in results.items():
         table = res["attribution"]
         body.append(f"<h3>desc-{html.escape(desc)}</h3>")
+        note = res.get("regions_note")
+        if note:   # e.g. the participant level ran with --no-attribution
+            body.append(f"<p class='note'>{html.escape(note[:1].upper() + note[1:])}.</p>")
         if table["importance"].notna().any():
             bars = plot_top_regions(table, "importance", figures / f"{prefix}_desc-{desc}_"
                                     "importance.png", "regions the classifier needs most",

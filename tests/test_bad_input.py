@@ -288,14 +288,22 @@ def output_under_a_file(ctx: Ctx) -> list:
 
 # --- group level -----------------------------------------------------------------------------------
 
-def _fake_embeddings(ctx: Ctx, bids: Path) -> None:
-    """Run embeddings where the participant level writes them (the group level reads nothing else)."""
+def _fake_embeddings(ctx: Ctx, bids: Path, models: dict[str, str] | None = None) -> None:
+    """Run embeddings where the participant level writes them (the group level reads nothing else).
+
+    ``models``: the model hash of some participants' runs (default: one model for all).
+    """
+    models = models or {}
     rng = np.random.default_rng(0)
     for sub in ("01", "02", "03", "04"):
-        path = ctx.out / f"sub-{sub}/func/sub-{sub}_{ENTITIES}_desc-roi_stat-mean_embedding.tsv"
-        path.parent.mkdir(parents=True)
-        pd.DataFrame(rng.normal(size=(1, 8)), columns=[f"e{i:03d}" for i in range(8)]).to_csv(
-            path, sep="\t", index=False)
+        func = ctx.out / f"sub-{sub}/func"
+        func.mkdir(parents=True)
+        for name in ("stat-mean_embedding", "embedding"):
+            pd.DataFrame(rng.normal(size=(1, 8)), columns=[f"e{i:03d}" for i in range(8)]).to_csv(
+                func / f"sub-{sub}_{ENTITIES}_desc-roi_{name}.tsv", sep="\t", index=False)
+        # The completion sidecar, written last by the participant level.
+        (func / f"sub-{sub}_{ENTITIES}_desc-roi_embedding.json").write_text(json.dumps(
+            {"Model": {"SHA256": models.get(sub, "0" * 64)}, "Attribution": None}))
 
 
 def group_without_target(ctx: Ctx) -> list:
@@ -316,6 +324,12 @@ def group_one_class(ctx: Ctx) -> list:
     table.assign(diagnosis="control").to_csv(bids / "participants.tsv", sep="\t", index=False)
     _fake_embeddings(ctx, bids)
     return [bids, ctx.out, "group", "--target", "diagnosis", "--cv-folds", "2"]
+
+
+def group_mixed_models(ctx: Ctx) -> list:
+    """desc-roi embeddings of two pretrainings (e.g. one job rerun after pretrain --overwrite)."""
+    _fake_embeddings(ctx, ctx.demo, models={"03": "b" * 64, "04": "b" * 64})
+    return [ctx.demo, ctx.out, "group", "--target", "diagnosis", "--cv-folds", "2"]
 
 
 # --- atlas and checkpoints -------------------------------------------------------------------------
@@ -447,6 +461,10 @@ CASES = {
     "participants.tsv with one class": Case(group_one_class, 65,
                                             "the target has a single class ('control')",
                                             late=True),
+    "group: embeddings of two models under one desc": Case(
+        group_mixed_models, 65, ("the desc-roi embeddings come from 2 different models",
+                                 "model 000000000000: 2 runs (sub-01", "model bbbbbbbbbbbb: 2 runs"),
+        late=True),
     # checkpoints: never unpickled; refused unless they fit
     "checkpoint is a pickle": Case(checkpoint_pickle, 65, "is not a valid safetensors file"),
     "checkpoint is a .pt pickle": Case(checkpoint_pickle_pt, 64,
