@@ -26,6 +26,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import safetensors.torch
 import torch
 
 from bidsapp.cli import main
@@ -279,6 +280,39 @@ def output_inside_bids_dir(ctx: Ctx) -> list:
     return [bids, ctx.out, "group", "--target", "diagnosis"]
 
 
+def work_dir_inside_bids_dir(ctx: Ctx) -> list:
+    bids = ctx.demo_copy()
+    _input_untouched(ctx, bids)
+    return _participant(ctx, bids, "-w", bids / "work")
+
+
+def _derivatives_root(ctx: Ctx) -> Path:
+    """An fMRIPrep dataset given with ``-d`` (only its description: refused before it is read)."""
+    root = ctx.tmp / "fmriprep"
+    root.mkdir()
+    shutil.copy(ctx.demo / "dataset_description.json", root)
+    _input_untouched(ctx, root)
+    return root
+
+
+def work_dir_inside_derivatives(ctx: Ctx) -> list:
+    root = _derivatives_root(ctx)
+    return _participant(ctx, ctx.demo, "-d", f"fmriprep={root}", "-w", root / "work")
+
+
+def output_inside_derivatives(ctx: Ctx) -> list:
+    root = _derivatives_root(ctx)
+    ctx.out = root / "roimae"
+    return _participant(ctx, ctx.demo, "-d", f"fmriprep={root}")
+
+
+def demo_into_a_non_empty_dir(ctx: Ctx) -> list:
+    ctx.out.mkdir()
+    (ctx.out / "thesis.tex").write_text("months of work\n")
+    _input_untouched(ctx, ctx.out)
+    return ["demo", ctx.out, "--participants", "4", "--frames", "2"]
+
+
 def output_under_a_file(ctx: Ctx) -> list:
     afile = ctx.tmp / "afile"
     afile.write_text("a regular file\n")
@@ -407,6 +441,67 @@ def checkpoint_other_preset_weights(ctx: Ctx) -> list:
     return _participant(ctx, ctx.demo, "--participant-label", "01", "--model", weights)
 
 
+def _model_untouched(ctx: Ctx) -> None:
+    """The models already in OUTPUT_DIR keep their bytes."""
+    models = ctx.out / "models"
+    digests = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in models.rglob("*.*")}
+
+    def untouched() -> None:
+        assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in models.rglob("*.*")} \
+            == digests, "the model in OUTPUT_DIR was changed"
+    ctx.checks.append(untouched)
+
+
+def _with_model(ctx: Ctx) -> None:
+    shutil.copytree(ctx.pretrained / "models", ctx.out / "models")
+    _model_untouched(ctx)
+
+
+def pretrain_over_a_model(ctx: Ctx) -> list:
+    _with_model(ctx)
+    return _pretrain(ctx, ctx.demo)
+
+
+def resume_and_overwrite(ctx: Ctx) -> list:
+    _with_model(ctx)
+    return _pretrain(ctx, ctx.demo, "--resume", "--overwrite")
+
+
+def resume_other_seed(ctx: Ctx) -> list:
+    _with_model(ctx)
+    return [ctx.demo, ctx.out, "pretrain", "--window-frames", "10", "--epochs", "2", "--resume",
+            "--random-seed", "7"]
+
+
+def resume_other_split(ctx: Ctx) -> list:
+    _with_model(ctx)
+    return [ctx.demo, ctx.out, "pretrain", "--window-frames", "10", "--epochs", "2", "--resume",
+            "--val-fraction", "0.5"]
+
+
+def resume_other_inputs(ctx: Ctx) -> list:
+    """The same participants, but one BOLD file changed since the checkpoint was written."""
+    bids = ctx.demo_copy()
+    _rewrite(_bold(bids), _bold_data(bids) * 1.01)
+    _with_model(ctx)
+    return [bids, ctx.out, "pretrain", "--window-frames", "10", "--epochs", "2", "--resume"]
+
+
+def diverged_training(ctx: Ctx) -> list:
+    return _pretrain(ctx, ctx.demo, "--lr", "1e6")
+
+
+def checkpoint_non_finite(ctx: Ctx) -> list:
+    """The weights of a diverged pretraining (NaN), with a sidecar that vouches for them."""
+    weights = ctx.model_copy()
+    state = safetensors.torch.load_file(weights)
+    name = sorted(state)[0]
+    state[name] = torch.full_like(state[name], float("nan"))
+    safetensors.torch.save_file(state, weights)
+    _sidecar(weights)
+    return _participant(ctx, ctx.demo, "--participant-label", "01", "--model", weights)
+
+
 def resume_other_preset(ctx: Ctx) -> list:
     shutil.copytree(ctx.pretrained / "models", ctx.out / "models")
     return [ctx.demo, ctx.out, "pretrain", "--window-frames", "10", "--epochs", "2",
@@ -451,6 +546,26 @@ CASES = {
     "label with path characters": Case(label_with_path, 64, "invalid participant label '../x'"),
     "OUTPUT_DIR is BIDS_DIR": Case(output_is_bids_dir, 64, "is BIDS_DIR or inside it"),
     "OUTPUT_DIR inside BIDS_DIR": Case(output_inside_bids_dir, 64, "is BIDS_DIR or inside it"),
+    "-w inside BIDS_DIR": Case(work_dir_inside_bids_dir, 64,
+                               "the work directory (-w) {tmp}/bids/work is BIDS_DIR or inside it"),
+    "-w inside a -d root": Case(work_dir_inside_derivatives, 64,
+                                "the work directory (-w) {tmp}/fmriprep/work is -d fmriprep or "
+                                "inside it"),
+    "OUTPUT_DIR inside a -d root": Case(output_inside_derivatives, 64,
+                                        "OUTPUT_DIR {tmp}/fmriprep/roimae is -d fmriprep or "
+                                        "inside it"),
+    "demo into a non-empty directory": Case(demo_into_a_non_empty_dir, 64,
+                                            ("{tmp}/out is not empty", "--overwrite")),
+    "pretrain over a model": Case(pretrain_over_a_model, 64,
+                                  ("desc-roi already holds a pretrained model (model.json, "
+                                   "epoch-001.json)", "--resume", "--overwrite")),
+    "--resume with --overwrite": Case(resume_and_overwrite, 64, "give one of them"),
+    "--resume with another seed": Case(resume_other_seed, 64,
+                                       "was trained with another --random-seed (0)"),
+    "--resume with another split": Case(resume_other_split, 64, "was trained with another split "
+                                        "of participants into training and held-out sets"),
+    "--resume on other inputs": Case(resume_other_inputs, 64, "was trained with another set of "
+                                     "input runs"),
     "group without --target": Case(group_without_target, 64, "needs --target COLUMN"),
     # 73: cannot create output
     "OUTPUT_DIR under a regular file": Case(output_under_a_file, 73, "cannot create directory"),
@@ -476,6 +591,13 @@ CASES = {
                                                    ("does not fit the", "'small' model")),
     "--resume from another preset": Case(resume_other_preset, 64,
                                          "was trained with another preset"),
+    # 65: non-finite numbers from training
+    "diverged training (--lr 1e6)": Case(diverged_training, 65,
+                                         ("training diverged at epoch 1, step",
+                                          "lower --lr (now 1e+06)", "no model was written"),
+                                         late=True),
+    "checkpoint with non-finite weights": Case(checkpoint_non_finite, 65,
+                                               "holds non-finite weights"),
 }
 
 
@@ -504,6 +626,7 @@ def test_bad_input(name: str, tmp_path: Path, request: pytest.FixtureRequest,
     others = [line for line in lines if not _LOG_RECORD.match(line)]
     assert others == [lines[-1]], others
     fragments = (case.message,) if isinstance(case.message, str) else case.message
+    fragments = tuple(fragment.replace("{tmp}", str(tmp_path)) for fragment in fragments)
     assert all(fragment in lines[-1] for fragment in fragments), lines[-1]
     # No partial output: only the log, the work directory and (late failures) the dataset files.
     allowed = LATE_LEFTOVERS if case.late else EARLY_LEFTOVERS
