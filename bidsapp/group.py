@@ -371,8 +371,9 @@ def regions_note(es: EmbeddingSet) -> str | None:
     without = int(sum(o is None for o in es.runs["occluded"]))
     if without == 0:
         return None
-    runs = "no run" if without == len(es.runs) else f"{without} of {len(es.runs)} runs"
-    return (f"region importance not computed for desc-{es.desc}: {runs} have region attribution "
+    runs = ("no run has" if without == len(es.runs)
+            else f"{without} of {len(es.runs)} runs have no")
+    return (f"region importance not computed for desc-{es.desc}: {runs} region attribution "
             "(the participant level ran with --no-attribution); rerun it without "
             "--no-attribution (and with --overwrite) for the region maps")
 

@@ -331,7 +331,7 @@ def test_group_level_without_occluded_embeddings_has_no_importance(demo: Path, t
     assert code == 0, err
     assert not any(path.exists() for path in stale) and other.is_file()
     # Said in the log and the report, not an empty heading.
-    assert "region importance not computed for desc-roi: no run have region attribution" in err
+    assert "region importance not computed for desc-roi: no run has region attribution" in err
     assert "--no-attribution" in (out / "group.html").read_text()
     # The completion marker is written last.
     marker = _group_file(out, "target-diagnosis_settings.json")
