@@ -170,8 +170,10 @@ class Trainer:
         bad = torch.tensor([0.0 if bool(finite) else 1.0], dtype=torch.float64,
                            device=self.ctx.device)
         if self.ctx.all_sum(bad).item() > 0:
-            shown = ", ".join(f"{name.replace('_', ' ')} {float(value):.4g}"
-                              for name, value in values.items())
+            shown = ", ".join(
+                f"{name.replace('_', ' ')} "
+                f"{float(value.detach() if isinstance(value, torch.Tensor) else value):.4g}"
+                for name, value in values.items())
             raise TrainingDivergedError(f"training diverged at {where}: {shown} (non-finite)")
 
     @torch.no_grad()
