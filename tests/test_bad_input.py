@@ -502,6 +502,16 @@ def checkpoint_non_finite(ctx: Ctx) -> list:
     return _participant(ctx, ctx.demo, "--participant-label", "01", "--model", weights)
 
 
+def checkpoint_overflowing(ctx: Ctx) -> list:
+    """Finite weights (x 1e30, as a run going astray leaves them) whose embeddings overflow."""
+    weights = ctx.model_copy()
+    state = safetensors.torch.load_file(weights)
+    safetensors.torch.save_file({k: v * 1e30 if v.is_floating_point() else v
+                                 for k, v in state.items()}, weights)
+    _sidecar(weights)
+    return _participant(ctx, ctx.demo, "--participant-label", "01", "--model", weights)
+
+
 def resume_other_preset(ctx: Ctx) -> list:
     shutil.copytree(ctx.pretrained / "models", ctx.out / "models")
     return [ctx.demo, ctx.out, "pretrain", "--window-frames", "10", "--epochs", "2",
@@ -598,6 +608,9 @@ CASES = {
                                          late=True),
     "checkpoint with non-finite weights": Case(checkpoint_non_finite, 65,
                                                "holds non-finite weights"),
+    "checkpoint with overflowing embeddings": Case(checkpoint_overflowing, 65,
+                                                   "gives non-finite embeddings for sub-01",
+                                                   late=True),
 }
 
 
