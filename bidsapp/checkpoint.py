@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from bidsapp.config import BackboneName, MaskingName, PresetName
 from bidsapp.errors import BadDataError, NoInputError, UsageError
-from bidsapp.io import atomic_path
+from bidsapp.io import atomic_path, json_text
 
 FORMAT = "roimae-checkpoint/1"
 MASKING_DESC = {"roi": "roi", "random": "random", "brain-random": "brainrandom",
@@ -187,8 +187,7 @@ def save_checkpoint(stem: Path, model: torch.nn.Module, metadata: dict[str, Any]
             _save_tensors(tensors, optim_tmp)
             meta["optimizer"] = {"file": optim_path.name, "structure": structure,
                                  "sha256": file_sha256(optim_tmp)}
-        sidecar_tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n",
-                               encoding="utf-8")
+        sidecar_tmp.write_text(json_text(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return weights
 
 

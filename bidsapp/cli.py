@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -20,7 +21,14 @@ from pydantic import ValidationError
 
 from bidsapp import __version__
 from bidsapp.config import READOUTS, Config
-from bidsapp.errors import ExitCode, RoimaeError, UnknownLevelError, UsageError
+from bidsapp.errors import (
+    ExitCode,
+    RoimaeError,
+    Terminated,
+    UnknownLevelError,
+    UsageError,
+    interruption_message,
+)
 
 LEVELS = ("pretrain", "participant", "group")
 
@@ -136,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fraction of participants held out for the validation loss")
     tr.add_argument(*_both("norm-pix-loss"), dest="norm_pix_loss", action="store_true",
                     help="normalise each token's target voxels before the loss")
-    tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint "
+                    "(refused for another seed, split of participants or set of input runs)")
     tr.add_argument(*_both("torch-compile"), dest="torch_compile", action="store_true",
                     help="compile the training step with torch.compile (pays off on CUDA over "
                     "long runs; the first steps are slower while it compiles)")
@@ -152,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                      default=6, help="random region subsets per window for attribution (even: each "
                      "subset is paired with its complement; cost K + 1 passes per window, "
                      "precision ~ sqrt(K x windows))")
-    par.add_argument("--overwrite", action="store_true", help="redo runs already complete")
+    gen.add_argument("--overwrite", action="store_true", help="participant: redo runs already "
+                     "complete; pretrain: replace the model of this masking already in OUTPUT_DIR "
+                     "(its checkpoints are deleted); demo: write into a non-empty OUT_DIR")
     par.add_argument(*_both("no-reports"), dest="reports", action="store_false",
                      help="skip the HTML reports")
 
@@ -189,6 +200,9 @@ def build_demo_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--run", action="store_true",
                         help="then run pretrain (roi, random), participant and group on it")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty OUT_DIR: files of the same names (the demo "
+                        "dataset, an earlier demo's models and outputs) are replaced")
     parser.add_argument("-v", "--verbose", dest="verbosity", action="count", default=0)
     return parser
 
@@ -250,6 +264,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
                 "val_fraction": args.val_fraction,
                 "norm_pix_loss": args.norm_pix_loss,
                 "resume": args.resume,
+                "overwrite": args.overwrite,
                 "torch_compile": args.torch_compile,
             },
             participant={
@@ -295,8 +310,30 @@ def _read_filter_file(path: Path) -> dict:
     return filters
 
 
+def _raise_terminated(signum: int, frame: object) -> NoReturn:
+    # Once: a second SIGTERM (Slurm repeats it) must not interrupt the clean-up of the first.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated(f"stopped by {signal.Signals(signum).name}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``roimae`` console script; returns the exit code."""
+    """Entry point of the ``roimae`` console script; returns the exit code.
+
+    SIGTERM (a Slurm time limit, ``scancel``, ``docker stop``) is handled as SIGINT (Ctrl-C): the
+    job unwinds, removing its temporary files, logs one line and exits 143 (130 for SIGINT).
+    """
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:   # not the main thread (roimae called from a thread): leave signals alone
+        previous = None
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbosity = sum(a.count("v") for a in argv if a.startswith("-") and set(a[1:]) == {"v"})
     verbosity += argv.count("--verbose")
@@ -316,9 +353,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"roimae: error: {exc}", file=sys.stderr)
         return int(exc.exit_code)
-    except KeyboardInterrupt:
-        print("roimae: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        code = ExitCode.TERMINATED if isinstance(exc, Terminated) else ExitCode.INTERRUPTED
+        print(f"roimae: {interruption_message(exc)} (exit {int(code)})", file=sys.stderr)
+        return int(code)
     except Exception as exc:  # a bug: say so in one line unless -vv
         if verbosity >= 2:
             traceback.print_exc()

@@ -6,12 +6,13 @@ is saved under ``OUTPUT_DIR/logs/`` for every run so that each output can be tra
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from bidsapp.io import json_text
 
 AnalysisLevel = Literal["pretrain", "participant", "group"]
 MaskingName = Literal["roi", "random", "brain-random", "roi-voxel"]
@@ -130,6 +131,7 @@ class PretrainConfig(_Section):
     val_fraction: float = Field(0.2, ge=0, lt=1)
     norm_pix_loss: bool = False
     resume: bool = False
+    overwrite: bool = False
     torch_compile: bool = False
 
 
@@ -209,4 +211,4 @@ class Config(_Section):
 
     def to_json(self) -> str:
         """Serialise to JSON (paths as strings), as saved under ``OUTPUT_DIR/logs/``."""
-        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
+        return json_text(self.model_dump(mode="json"), indent=2, sort_keys=True)

@@ -73,7 +73,7 @@ from bidsapp import __version__
 from bidsapp.atlas import Atlas, load_atlas
 from bidsapp.errors import UsageError
 from bidsapp.grid import MNI_2MM_AFFINE, MNI_2MM_SHAPE
-from bidsapp.io import atomic_path, atomic_write_text, ensure_dir
+from bidsapp.io import atomic_path, atomic_write_text, ensure_dir, json_text
 from bidsapp.logs import get_logger
 
 __all__ = ["ADHD_AMPLITUDE", "ADHD_REGIONS", "ADHD_SHIFT", "COUPLED_REGIONS", "COUPLING", "NETWORKS",
@@ -426,7 +426,7 @@ def _write_run(out_dir: Path, participant_id: str, layout: _Layout, bold: np.nda
 
 
 def _json(data: dict[str, Any]) -> str:
-    return json.dumps(data, indent=2) + "\n"
+    return json_text(data, indent=2) + "\n"
 
 
 def _region_records(atlas: Atlas, names: tuple[str, ...]) -> list[dict[str, Any]]:

@@ -22,6 +22,25 @@ class ExitCode(IntEnum):
     NO_INPUT = 66
     CANNOT_CREATE_OUTPUT = 73
     IO_ERROR = 74
+    #: Stopped by a signal: 128 + its number, as a shell reports a process the signal killed.
+    INTERRUPTED = 130   # SIGINT (Ctrl-C)
+    TERMINATED = 143    # SIGTERM (Slurm's time limit, scancel, docker stop, kill)
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread when the process receives SIGTERM.
+
+    A :class:`KeyboardInterrupt`, so that SIGTERM unwinds exactly as Ctrl-C does: ``finally``
+    blocks and context managers run (atomic writes remove their temporary files), nothing
+    catches it as an ordinary error, and the CLI ends with one line and exit code 143.
+    """
+
+
+def interruption_message(exc: KeyboardInterrupt) -> str:
+    """One line on a job stopped by SIGINT or SIGTERM: what is kept and how to continue."""
+    what = "stopped by SIGTERM" if isinstance(exc, Terminated) else "interrupted (SIGINT)"
+    return (f"{what}; outputs completed so far are kept, unfinished ones removed: rerun the same "
+            "command to continue (pretrain: with --resume)")
 
 
 class RoimaeError(Exception):
@@ -63,6 +82,14 @@ class BadDataError(RoimaeError):
     """An input file exists but its content cannot be used."""
 
     exit_code = ExitCode.BAD_DATA
+
+
+class TrainingDivergedError(BadDataError):
+    """Pretraining met a non-finite loss, gradient or weight (exit 65, as non-finite data).
+
+    The data and settings given cannot be trained on (usually a too high ``--lr``); like a NaN
+    voxel or a corrupt checkpoint, the numbers are unusable, hence "bad data" rather than a bug.
+    """
 
 
 class NoInputError(RoimaeError):

@@ -34,6 +34,7 @@ every participant alike average out).
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import warnings
@@ -76,7 +77,12 @@ from bidsapp.bids.layout import discover_runs, runs_without_row
 from bidsapp.checkpoint import masking_desc
 from bidsapp.config import Config
 from bidsapp.errors import BadDataError, NoInputError, UsageError
-from bidsapp.io import atomic_write_text, ensure_dir, remove_stale_temporaries, remove_temporaries
+from bidsapp.io import (
+    atomic_write_json,
+    ensure_dir,
+    remove_stale_temporaries,
+    remove_temporaries,
+)
 from bidsapp.logs import get_logger
 from bidsapp.participant import (
     BIDSIGNORE,
@@ -128,6 +134,8 @@ class EmbeddingSet:
     X : ndarray, shape (n_runs, F)
     regions : list of ndarray or None
         For each atlas region, the columns of ``X`` that involve it (None: no such mapping).
+    model_sha256 : str or None
+        The one model every run's features come from (None for a baseline).
     """
 
     name: str
@@ -137,6 +145,7 @@ class EmbeddingSet:
     runs: pd.DataFrame
     X: np.ndarray
     regions: list[np.ndarray] | None = None
+    model_sha256: str | None = None
 
     @property
     def is_baseline(self) -> bool:
@@ -444,47 +453,123 @@ def _set_names(desc: str | None, readout: str) -> tuple[str, str]:
 
 def _load_embedding_set(desc: str | None, readout: str, dataset, writer: DerivativesWriter,
                         targets: pd.Series, cv_groups: pd.Series | None, atlas_label: str,
-                        n_regions: int) -> EmbeddingSet:
-    """The runs of one model (or the FC baseline, ``desc=None``) through one readout."""
+                        n_regions: int, groups: bool = True) -> EmbeddingSet:
+    """The runs of one model (or the FC baseline, ``desc=None``) through one readout.
+
+    Only complete runs count (their completion sidecar, written last, lists every output), and
+    every run of a model's set must come from the same model (by weight hash).
+    """
     rows, vectors, missing = [], [], 0
+    models: dict[str, list[str]] = {}
     for run in dataset.runs:
         pid = f"sub-{run.subject}"
         if pid not in targets.index:
             continue
-        out = RunOutputs(writer, run, desc, atlas_label) if desc else None
-        if out is None:
+        out, attributed = None, False
+        if desc is None:
             path = baseline_outputs(writer, run, atlas_label)[1]
         else:
+            out = RunOutputs(writer, run, desc, atlas_label, groups=groups)
+            # A participant job killed part-way leaves files but no completion sidecar.
+            meta = out.completion()
+            if meta is None:
+                missing += 1
+                continue
+            models.setdefault(str(meta["Model"].get("SHA256")), []).append(run.name)
+            # The sidecar, not the files' presence, says whether attribution ran: files of an
+            # earlier run with attribution may remain beside a rerun with --no-attribution.
+            attributed = meta.get("Attribution") is not None
             path = {"global": out.mean_embedding, "region": out.region_embedding,
                     "connectivity": out.connectivity}[readout]
         vec = _read_features(readout, path)
         if vec is None:
             missing += 1
             continue
+        # NaN is a missing feature (a region without signal; imputed in the folds), but a run
+        # embedding must be finite and nothing may be infinite.
+        if np.isinf(vec).any() or (readout == "global" and not np.isfinite(vec).all()):
+            raise BadDataError(f"{path.name} holds non-finite values; rerun the participant "
+                               "level for it (--overwrite) with a sound model")
         occluded = None
-        if out is not None and readout == "global" and out.occluded.is_file():
+        if attributed and readout == "global":
             occluded = pd.read_csv(out.occluded, sep="\t", na_values="n/a").filter(
                 regex=r"^e\d+$").to_numpy(dtype=np.float64)
         vectors.append(vec)
         rows.append({"run": run.name, "participant_id": pid, "target": targets[pid],
                      "cv_group": pid if cv_groups is None else str(cv_groups.get(pid)),
-                     "table": out.table if out is not None and out.table.is_file() else None,
-                     "occluded": occluded})
+                     "table": out.table if attributed else None, "occluded": occluded})
     name, stem = _set_names(desc, readout)
     if missing:
-        log.warning("%s: %d selected runs have no %s features (run the participant level)",
+        log.warning("%s: %d selected runs have no complete %s features (participant level not "
+                    "run for them, or its job was killed before the end); they are left out",
                     name, missing, readout)
     if not rows:
         what = f"desc-{desc} {readout}" if desc else "functional-connectivity"
         raise NoInputError(f"no {what} features found in the output directory: run the "
                            "participant level first" + (f" with the desc-{desc} model" if desc
                                                         else ""))
+    if desc is not None:
+        check_one_model(desc, models)
     if len({len(v) for v in vectors}) > 1:
         raise BadDataError(f"{name}: the runs' feature files have different sizes (outputs of "
-                           "different models or atlases under one name?)")
+                           "different atlases under one name?)")
     X = np.vstack(vectors)
     return EmbeddingSet(name, stem, desc, readout, pd.DataFrame(rows), X,
-                        _feature_regions(readout, n_regions, X.shape[1]))
+                        _feature_regions(readout, n_regions, X.shape[1]),
+                        next(iter(models)) if models else None)
+
+
+def check_one_model(desc: str, models: dict[str, list[str]]) -> None:
+    """Refuse (65) embeddings of one desc that come from several models (by weight hash).
+
+    Two pretrainings of one masking (a rerun with --overwrite, a --model from elsewhere) give
+    embeddings in unrelated spaces, or of other widths: classifying them together is meaningless.
+    """
+    if len(models) <= 1:
+        return
+    listing = "; ".join(
+        f"model {sha[:12]}: {len(runs)} runs ({', '.join(runs[:2])}{', ...' if len(runs) > 2 else ''})"
+        for sha, runs in sorted(models.items(), key=lambda item: -len(item[1])))
+    raise BadDataError(f"the desc-{desc} embeddings come from {len(models)} different models "
+                       f"({listing}); rerun the participant level with one model for every "
+                       "run (--overwrite)")
+
+
+def clear_group_outputs(out_dir: Path, prefix: str, map_stems: list[str]) -> list[Path]:
+    """Remove the outputs of an earlier group run with the same ``prefix`` (and maps of ``map_stems``).
+
+    The completion marker (``<prefix>_settings.json``) goes first: from then on, until this run
+    writes it again last, the folder says that its ``prefix`` outputs are incomplete.
+    """
+    figures = out_dir / "figures"
+    paths = [out_dir / f"{prefix}_settings.json", *sorted(out_dir.glob(f"{prefix}_*")),
+             *sorted(figures.glob(f"{prefix}_*"))]
+    for stem in map_stems:
+        paths += sorted(out_dir.glob(f"{glob.escape(stem)}_*"))
+    removed = []
+    for path in dict.fromkeys(paths):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def regions_note(es: EmbeddingSet) -> str | None:
+    """Why region importance cannot be computed for ``es`` (runs without attribution), if so.
+
+    Only the run embedding needs the participant level's attribution (its occluded embeddings);
+    region and connectivity features are hidden from the classifier directly.
+    """
+    if es.readout != "global":
+        return None
+    without = int(sum(o is None for o in es.runs["occluded"]))
+    if without == 0:
+        return None
+    runs = ("no run has" if without == len(es.runs)
+            else f"{without} of {len(es.runs)} runs have no")
+    return (f"region importance not computed for {es.name}: {runs} region attribution "
+            "(the participant level ran with --no-attribution); rerun it without "
+            "--no-attribution (and with --overwrite) for the region maps")
 
 
 def covariate_set(participants: pd.DataFrame, columns: list[str], runs: pd.DataFrame
@@ -672,6 +757,8 @@ def _run_group(config: Config) -> None:
                 *remove_temporaries(config.output_dir / "group.html")]:
         log.info("removed %s, left by an interrupted job", tmp.name)
     prefix = f"target-{target_label(config.group.target)}"
+    for old in clear_group_outputs(out_dir, prefix, [f"atlas-{label}_{es.stem}" for es in sets]):
+        log.info("removed %s of an earlier group run", old.name)
     results = {}
     for es in sets:
         folds_table, predictions, models, confusion = evaluate(es, splits, classes, config)
@@ -685,6 +772,9 @@ def _run_group(config: Config) -> None:
                          pd.DataFrame(confusion, index=classes, columns=classes)
                          .rename_axis("true").reset_index())
         attribution = group_attribution(es, models, atlas)
+        note = regions_note(es)
+        if note is not None:
+            log.warning("%s", note)
         if es.readout != "covariates":
             write_group_maps(writer, out_dir, f"atlas-{label}_{es.stem}", attribution, atlas,
                              prefix)
@@ -693,26 +783,30 @@ def _run_group(config: Config) -> None:
                  "%d participants, %d features)", es.name, bal["mean"], bal["sd"], p_value,
                  len(es.runs), es.runs["participant_id"].nunique(), es.X.shape[1])
         results[es.name] = {"folds": folds_table, "summary": summary, "predictions": predictions,
-                            "confusion": confusion, "attribution": attribution, "null": null}
+                            "confusion": confusion, "attribution": attribution, "null": null,
+                            "regions_note": note}
     n_runs = len(sets[0].runs)
     comparison = compare_sets(results, splits, n_runs)
     if comparison is not None:
         writer.write_tsv(out_dir / f"{prefix}_comparison.tsv", comparison)
     scores = score_table(sets, results, splits, n_runs)
     writer.write_tsv(out_dir / f"{prefix}_scores.tsv", scores)
-    atomic_write_text(out_dir / f"{prefix}_settings.json", json.dumps({
+    from bidsapp.reports import write_group_report
+
+    report = write_group_report(config.output_dir, prefix, classes, results, comparison, scores,
+                                atlas)
+    # Last: the completion marker of this prefix's outputs (see clear_group_outputs).
+    atomic_write_json(out_dir / f"{prefix}_settings.json", {
         "target": config.group.target, "target_map": config.group.target_map,
         "classes": classes.tolist(), "classifier": config.group.classifier,
         "cv_folds": config.group.cv_folds, "cv_repeats": config.group.cv_repeats,
         "cv_groups": config.group.cv_groups or "participant_id",
         "n_permutations": config.group.n_permutations, "random_seed": config.random_seed,
         "features": config.group.features, "covariates": config.group.covariates,
-        "sets": [es.name for es in sets], "method": GROUP_METHOD,
-    }, indent=2) + "\n")
-    from bidsapp.reports import write_group_report
-
-    report = write_group_report(config.output_dir, prefix, classes, results, comparison, scores,
-                                atlas)
+        "sets": [es.name for es in sets],
+        "models": {es.name: es.model_sha256 for es in sets if es.model_sha256},
+        "method": GROUP_METHOD,
+    })
     log.info("group report: %s", report)
 
 

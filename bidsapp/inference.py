@@ -121,6 +121,12 @@ def load_model(path: Path, atlas: Atlas, config: Config, device: torch.device) -
     preset = BACKBONE_PRESETS[backbone][preset_name]
     model = MaskedAutoencoder(preset, norm_pix_loss=bool(meta.get("norm_pix_loss", False)))
     state = load_weights(path, meta)
+    diverged = [name for name, value in state.items()
+                if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if diverged:
+        raise BadDataError(f"checkpoint {path} holds non-finite weights ({len(diverged)} tensors, "
+                           f"e.g. {diverged[0]}): its training diverged; pretrain again with a "
+                           "lower --lr")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -9,11 +9,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import json
+import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from filelock import FileLock
 
 from bidsapp.errors import CannotCreateOutputError, IOFailureError
@@ -152,3 +156,34 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
 def atomic_write_text(path: Path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _finite_or_none(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, +-inf, NumPy's too) replaced by ``None``."""
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return _finite_or_none(value.tolist())
+    if isinstance(value, np.integer | np.bool_):
+        return value.item()
+    return value
+
+
+def json_text(data: Any, **kwargs: Any) -> str:
+    """``data`` as JSON text, with ``null`` where a value is NaN or infinite.
+
+    ``json.dumps`` writes a bare ``NaN`` / ``Infinity``, which is not JSON (strict parsers, the
+    BIDS validator and ``jq`` refuse it); every JSON file roimae writes goes through here.
+    ``kwargs`` are passed to :func:`json.dumps` (``indent``, ``sort_keys``).
+    """
+    return json.dumps(_finite_or_none(data), allow_nan=False, **kwargs)
+
+
+def atomic_write_json(path: Path, data: Any, **kwargs: Any) -> Path:
+    """Write ``data`` as JSON (see :func:`json_text`; indented by 2) to ``path`` atomically."""
+    kwargs.setdefault("indent", 2)
+    return atomic_write_text(path, json_text(data, **kwargs) + "\n")

@@ -6,6 +6,8 @@ import logging
 from pathlib import Path
 
 LOGGER_NAME = "roimae"
+#: ``log.error(..., extra={FILE_ONLY: True})`` writes to the log file only, not to the console.
+FILE_ONLY = "roimae_file_only"
 
 
 class _LogFile(logging.FileHandler):
@@ -45,6 +47,7 @@ def setup_logging(verbosity: int, log_file: Path | None = None) -> logging.Logge
     console.setLevel(logging.DEBUG if verbosity >= 1 else
                      logging.INFO if verbosity == 0 else logging.WARNING)
     console.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s", "%H:%M:%S"))
+    console.addFilter(lambda record: not getattr(record, FILE_ONLY, False))
     logger.addHandler(console)
     if log_file is not None:
         file_handler = _LogFile(log_file, encoding="utf-8")

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 
 import nibabel as nib
@@ -41,12 +42,12 @@ import torch
 
 from bidsapp import __version__, model_card
 from bidsapp.atlas import Atlas, load_atlas
-from bidsapp.bids.derivatives import DerivativesWriter
+from bidsapp.bids.derivatives import DerivativesWriter, parse_filename
 from bidsapp.bids.layout import BoldRun, discover_runs
 from bidsapp.bids.validation import validate_input
 from bidsapp.config import Config
 from bidsapp.data import prepare_runs
-from bidsapp.errors import BadDataError
+from bidsapp.errors import BadDataError, UsageError
 from bidsapp.grid import CubeAtlas, cube_atlas
 from bidsapp.inference import (
     LoadedModel,
@@ -77,26 +78,30 @@ def _atlas_label(atlas: Atlas) -> str:
     return "".join(ch for ch in atlas.name if ch.isalnum())
 
 
-def baseline_outputs(writer: DerivativesWriter, run: BoldRun, atlas_label: str
-                     ) -> tuple[Path, Path]:
+def baseline_outputs(writer: DerivativesWriter, run: BoldRun | Mapping[str, str],
+                     atlas_label: str) -> tuple[Path, Path]:
     """The region time series and correlation matrix of the connectivity baseline of one run.
 
     They do not depend on the model, so their names have no ``desc``.
     """
+    entities = run if isinstance(run, Mapping) else run.entities
+
     def path(suffix: str, stat: str) -> Path:
-        return writer.path_for(run.entities, suffix=suffix, extension=".tsv", atlas=atlas_label,
+        return writer.path_for(entities, suffix=suffix, extension=".tsv", atlas=atlas_label,
                                stat=stat)
 
     return path("timeseries", "mean"), path("relmat", "pearsoncorrelation")
 
 
 class RunOutputs:
-    """The paths of one run's outputs."""
+    """The paths of one run's outputs (``run``: the input run, or its entities)."""
 
-    def __init__(self, writer: DerivativesWriter, run: BoldRun, desc: str, atlas_label: str,
-                 groups: bool = True):
+    def __init__(self, writer: DerivativesWriter, run: BoldRun | Mapping[str, str], desc: str,
+                 atlas_label: str, groups: bool = True):
+        entities = run if isinstance(run, Mapping) else run.entities
+
         def path(suffix: str, extension: str, **extra: str) -> Path:
-            return writer.path_for(run.entities, suffix=suffix, extension=extension, **extra)
+            return writer.path_for(entities, suffix=suffix, extension=extension, **extra)
 
         self.embedding = path("embedding", ".tsv", desc=desc)
         self.mean_embedding = path("embedding", ".tsv", desc=desc, stat="mean")
@@ -104,7 +109,7 @@ class RunOutputs:
                                      stat="region")
         self.connectivity = path("relmat", ".tsv", atlas=atlas_label, desc=desc,
                                  stat="pearsoncorrelation")
-        self.timeseries, self.fc = baseline_outputs(writer, run, atlas_label)
+        self.timeseries, self.fc = baseline_outputs(writer, entities, atlas_label)
         self.occluded = path("embedding", ".tsv", atlas=atlas_label, desc=desc, stat="occluded")
         self.recon_map = path("boldmap", ".nii.gz", atlas=atlas_label, stat="reconerror", desc=desc)
         self.occlusion_map = path("boldmap", ".nii.gz", atlas=atlas_label, stat="occlusion",
@@ -122,17 +127,65 @@ class RunOutputs:
             files += [self.occluded, self.recon_map, self.occlusion_map, self.table, self.groups]
         return [f for f in files if f is not None]
 
-    def is_complete(self, attribution: bool, model_sha256: str) -> bool:
-        if not self.done.is_file():
-            return False
+    def completion(self) -> dict | None:
+        """The completion sidecar if the run is complete (by whichever model), else ``None``.
+
+        Complete: the sidecar (written last) parses and every data file it lists (``Outputs``)
+        exists; a sidecar of roimae 0.1, which lists none, implies the embeddings and, with
+        attribution, its files. The one test of completeness, for the reports and the group
+        level.
+        """
         try:
-            meta = json.loads(self.done.read_text())
-        except (OSError, json.JSONDecodeError):
+            meta = json.loads(self.done.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        if not isinstance(meta, dict) or not isinstance(meta.get("Model"), dict):
+            return None
+        listed = meta.get("Outputs")
+        if isinstance(listed, list) and all(isinstance(name, str) and name == Path(name).name
+                                            and name not in ("", ".", "..") for name in listed):
+            files = [self.done.parent / name for name in listed]
+        elif listed is None:
+            files = [self.embedding, self.mean_embedding]
+            if meta.get("Attribution") is not None:
+                files += [self.occluded, self.recon_map, self.occlusion_map, self.table]
+        else:
+            return None
+        return meta if all(p.is_file() for p in files) else None
+
+    def is_complete(self, attribution: bool, model_sha256: str) -> bool:
+        """Complete, by this model, with every output this version writes (else it is redone)."""
+        meta = self.completion()
+        if meta is None:
             return False
-        same_model = meta.get("Model", {}).get("SHA256") == model_sha256
-        has_attribution = meta.get("Attribution") is not None or not attribution
-        return same_model and has_attribution and all(
-            p.is_file() for p in self.data_files(attribution))
+        same_model = meta["Model"].get("SHA256") == model_sha256
+        return (same_model and (meta.get("Attribution") is not None or not attribution)
+                and all(p.is_file() for p in self.data_files(meta.get("Attribution") is not None)))
+
+
+def complete_runs(writer: DerivativesWriter, subject: str, atlas_label: str,
+                  groups: bool = True) -> list[tuple[str, str, RunOutputs, dict]]:
+    """Every complete run of ``subject`` in OUTPUT_DIR, whichever model and job wrote it.
+
+    Returns ``(run name, desc, outputs, completion sidecar)`` sorted by desc and run: what the
+    participant report shows, so that it never loses the runs of another model or job.
+    """
+    folder = writer.output_dir / f"sub-{subject}"
+    found = []
+    for done in sorted(folder.rglob("*_embedding.json")) if folder.is_dir() else []:
+        try:
+            entities, _, _ = parse_filename(done.name)
+        except UsageError:
+            continue
+        desc = entities.pop("desc", None)
+        if desc is None or "stat" in entities or "atlas" in entities:
+            continue   # not a completion sidecar (the run embedding's own sidecar, say)
+        out = RunOutputs(writer, entities, desc, atlas_label, groups=groups)
+        meta = out.completion() if out.done == done else None
+        if meta is not None:
+            name = "_".join(f"{key}-{value}" for key, value in entities.items())
+            found.append((name, desc, out, meta))
+    return sorted(found, key=lambda item: (item[1], item[0]))
 
 
 def region_table(atlas: Atlas, loaded: LoadedModel, result: RunAttribution,
@@ -210,6 +263,15 @@ def write_readouts(writer: DerivativesWriter, out: RunOutputs, cached: CachedRun
         "Description": "Functional-connectivity baseline: Pearson correlation of the region "
                        "time series (nilearn ConnectivityMeasure, empirical covariance)",
         "Atlas": atlas.name, "Sources": [*sources, writer.bids_uri(out.timeseries)]})
+def check_finite_embeddings(result: RunAttribution, run: BoldRun, loaded: LoadedModel) -> None:
+    """Refuse (65) a run whose embeddings hold NaN or infinities, before anything is written.
+
+    Finite input and finite weights can still overflow in a model whose training went astray;
+    such embeddings would only surface as an obscure error at the group level.
+    """
+    if not np.isfinite(result.window_embeddings).all():
+        raise BadDataError(f"model {loaded.path} gives non-finite embeddings for {run.name} (an "
+                           "unstable or diverged model); pretrain again with a lower --lr")
 
 
 def write_run(writer: DerivativesWriter, out: RunOutputs, run: BoldRun, cached: CachedRun,
@@ -230,13 +292,14 @@ def write_run(writer: DerivativesWriter, out: RunOutputs, run: BoldRun, cached: 
     writer.write_tsv(out.mean_embedding, _embedding_frame(result.embedding[None]))
     writer.write_sidecar(out.mean_embedding, {
         "Description": "Run embedding: mean of the window embeddings", "Sources": sources,
-        "Model": model_info, "WindowSpread": window_spread(result.window_embeddings)})
+        "Model": model_info})
     write_readouts(writer, out, cached, cube, atlas, result, sources, model_info)
     meta: dict = {
         "Description": "Window embeddings of the pretrained roimae encoder (no masking)",
         "Sources": sources, "Model": model_info, "RepetitionTime": tr,
         "WindowFrames": frames, "NumberOfWindows": len(windows),
         "FramesUsed": len(windows) * frames, "FramesInRun": cached.n_frames,
+        "WindowSpread": window_spread(result.window_embeddings),
         "SoftwareVersion": __version__, "Attribution": None,
     }
     if result.recon_error is not None:
@@ -269,6 +332,7 @@ def write_run(writer: DerivativesWriter, out: RunOutputs, run: BoldRun, cached: 
             attribution_subsets, "Atlas": atlas.name, "Regions": len(atlas.regions),
             "RegionsNotHidden": int((~result.eligible).sum()),
         }
+    meta["Outputs"] = [path.name for path in out.data_files(meta["Attribution"] is not None)]
     writer.write_sidecar(out.embedding, meta)   # last: marks the run complete
 
 
@@ -309,13 +373,23 @@ def run_participant(config: Config, device: torch.device) -> None:
         result = analyse_run(loaded, cache, attribution=attribution,
                              n_subsets=config.participant.attribution_subsets,
                              seed=config.random_seed)
+        check_finite_embeddings(result, run, loaded)
         write_run(writer, out, run, cache, atlas, cube, loaded, result, config)
         log.info("[%d/%d] %s: %d windows%s in %.1f s", i, len(todo), run.name, cache.n_windows,
                  " + attribution" if attribution else "", time.perf_counter() - t0)
         by_subject[run.subject].append((run, out, result))
     if config.participant.reports:
-        from bidsapp.reports import write_participant_report
+        from bidsapp.reports import report_lock, write_participant_report
 
-        for subject, items in by_subject.items():
-            report = write_participant_report(config.output_dir, subject, items, loaded, atlas)
-            log.info("report: %s", report)
+        # Every selected participant, also when all its runs were complete and skipped; each
+        # report shows every complete run on disk (all models, all jobs). The lock keeps two
+        # jobs of one participant (two models, say) from writing it at once, the later one
+        # seeing the earlier one's runs.
+        for subject in dict.fromkeys(run.subject for run in dataset.runs):
+            examples = {f"{run.name}_desc-{loaded.desc}": result.example
+                        for run, _, result in by_subject.get(subject, []) if result.example}
+            with report_lock(config.output_dir, subject):
+                runs = complete_runs(writer, subject, label, groups=atlas.has_groups)
+                report = write_participant_report(config.output_dir, subject, runs, atlas,
+                                                  examples)
+            log.info("report: %s (%d runs)", report, len(runs))

@@ -55,7 +55,7 @@ from scipy.interpolate import interp1d
 from bidsapp import __version__
 from bidsapp.errors import BadDataError, IOFailureError, NoInputError
 from bidsapp.grid import CUBE_SHAPE, MNI_2MM_AFFINE, MNI_2MM_SHAPE, from_cube, is_mni_2mm, to_cube
-from bidsapp.io import atomic_write_text, ensure_dir, file_lock, write_error
+from bidsapp.io import atomic_write_json, ensure_dir, file_lock, write_error
 from bidsapp.logs import get_logger
 
 log = get_logger("preprocess")
@@ -364,7 +364,7 @@ def _build_entry(directory: Path, bold: Path, mask: Path, params: PreprocessPara
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "roimae_version": __version__,
         }
-        atomic_write_text(directory / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+        atomic_write_json(directory / "manifest.json", manifest)
     except OSError as exc:
         raise write_error(directory, exc, f"the cache of {bold.name} in {directory.parent}") \
             from exc

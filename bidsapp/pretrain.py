@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import matplotlib
-import numpy as np
 import pandas as pd
 import torch
 
@@ -38,7 +37,7 @@ from bidsapp.checkpoint import (
 from bidsapp.config import Config
 from bidsapp.data import build_region_grid, prepare_runs, split_participants
 from bidsapp.distributed import DistributedContext
-from bidsapp.errors import BadDataError, UsageError
+from bidsapp.errors import BadDataError, TrainingDivergedError, UsageError
 from bidsapp.io import atomic_path, ensure_dir
 from bidsapp.logs import get_logger
 from bidsapp.model.mae import MaskedAutoencoder
@@ -53,6 +52,13 @@ log = get_logger("pretrain")
 MODELS_DIR = "models"
 KEEP_CHECKPOINTS = 2
 _EPOCH_STEM = re.compile(r"^epoch-(\d{3,})$")
+#: Sidecar entries a checkpoint must share with the run that resumes it, and their names in the
+#: error: continuing with another seed, split or input set would silently mix two trainings.
+RESUME_MUST_MATCH = {"preset": "preset", "masking": "masking", "atlas": "atlas",
+                     "window_frames": "window_frames", "backbone": "backbone",
+                     "random_seed": "--random-seed",
+                     "split": "split of participants into training and held-out sets",
+                     "data": "set of input runs (another selection, or changed files)"}
 
 
 def pretrain_preset(config: Config) -> ModelPreset:
@@ -87,7 +93,7 @@ def model_metadata(config: Config, atlas: Atlas, runs: list[CachedRun],
         "window_frames": window_frames(config),
         "target_tr": config.preprocess.target_tr,
         "random_seed": config.random_seed,
-        "training": config.pretrain.model_dump(exclude={"resume", "torch_compile"}),
+        "training": config.pretrain.model_dump(exclude={"resume", "overwrite", "torch_compile"}),
         "data": [{"source": r.manifest["source"], "sha256": r.manifest["source_sha256"],
                   "n_windows": r.n_windows} for r in runs],
         "split": split,
@@ -116,6 +122,51 @@ def latest_checkpoint(directory: Path) -> Path | None:
         if best is None or epoch > best[0]:
             best = (epoch, sidecar.with_suffix(""))
     return None if best is None else best[1]
+
+
+def check_model_dir(config: Config, directory: Path) -> None:
+    """Refuse to pretrain over a model already in ``directory`` unless told what to do with it.
+
+    A complete model (``model.json``) or checkpoint (``epoch-*.json``) is continued with
+    ``--resume`` or replaced with ``--overwrite``; anything else is a usage error (64), never a
+    silent overwrite of hours of training.
+    """
+    resume, overwrite = config.pretrain.resume, config.pretrain.overwrite
+    if resume and overwrite:
+        raise UsageError("--resume continues the model in OUTPUT_DIR and --overwrite replaces it: "
+                         "give one of them")
+    if overwrite or not directory.is_dir():
+        return
+    model = directory / "model.json"
+    checkpoint = latest_checkpoint(directory)
+    if resume:
+        if checkpoint is None and model.is_file():
+            raise UsageError(f"--resume: {directory} holds a model but no checkpoint to continue "
+                             "from; pass --overwrite to train a new one in its place")
+        return
+    held = [p.name for p in (model, checkpoint.with_suffix(".json") if checkpoint else None)
+            if p is not None and p.is_file()]
+    if held:
+        raise UsageError(f"{directory} already holds a pretrained model ({', '.join(held)}); pass "
+                         "--resume to continue it, --overwrite to replace it, or choose another "
+                         "OUTPUT_DIR")
+
+
+def clear_model_dir(directory: Path) -> list[Path]:
+    """Remove what an earlier pretraining left in ``directory``, before a fresh run.
+
+    ``model.json`` and the checkpoint sidecars go first: once they are gone, nothing left (if this
+    is killed part-way) looks like a complete model or a checkpoint to resume.
+    """
+    first = [directory / "model.json", *directory.glob("epoch-*.json")]
+    rest = [directory / "model.safetensors", *directory.glob("epoch-*.safetensors"),
+            directory / "training_log.tsv", directory / "loss_curve.png"]
+    removed = []
+    for path in [*first, *rest]:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 def _prune(directory: Path, keep: int) -> None:
@@ -164,6 +215,8 @@ def _pretrain(config: Config, ctx: DistributedContext) -> Path:
     if window_frames(config) % preset.tubelet:
         raise UsageError(f"the {preset.backbone} {preset.name} preset reads tokens of {preset.tubelet} "
                          f"frames: --window-frames {window_frames(config)} is not a multiple of it")
+    out_dir = model_dir(config.output_dir, config.masking.masking)
+    check_model_dir(config, out_dir)
     atlas = load_atlas(config.atlas, config.atlas_labels)
     dataset: InputDataset = discover_runs(config)
     if ctx.is_main:
@@ -196,7 +249,6 @@ def _pretrain(config: Config, ctx: DistributedContext) -> Path:
                       num_workers=max(0, config.nprocs - 1),
                       compile_model=config.pretrain.torch_compile)
 
-    out_dir = model_dir(config.output_dir, config.masking.masking)
     meta = model_metadata(config, atlas, runs, {"train": train_subjects, "val": val_subjects})
     history = pd.DataFrame(columns=list(EpochMetrics.__dataclass_fields__))
     start_epoch = 1
@@ -207,6 +259,11 @@ def _pretrain(config: Config, ctx: DistributedContext) -> Path:
         # Temporary files of a job killed while writing here (atomic writes it never finished).
         for stale in out_dir.glob(".*.tmp*"):
             stale.unlink(missing_ok=True)
+        if start_epoch == 1:
+            # A fresh run (--overwrite, or nothing to resume): no file of an earlier run may stay
+            # beside the new one's, to be pruned in the wrong order or resumed later.
+            for old in clear_model_dir(out_dir):
+                log.info("removed %s of an earlier pretraining", old.name)
         writer = DerivativesWriter(config.output_dir, source_datasets=dataset.datasets)
         writer.ensure_dataset_description()
         writer.ensure_bidsignore([MODELS_DIR, "logs"])
@@ -230,7 +287,16 @@ def _pretrain(config: Config, ctx: DistributedContext) -> Path:
                         f"{config.masking.masking} masking, {preset.backbone} {preset.name} preset")
 
     if start_epoch <= config.pretrain.epochs:
-        trainer.fit(start_epoch, on_epoch_end)
+        try:
+            trainer.fit(start_epoch, on_epoch_end)
+        except TrainingDivergedError as exc:
+            if ctx.is_main and latest_checkpoint(out_dir) is None:
+                # Nothing to keep: no empty model folder is left to look like a model.
+                for folder in (out_dir, out_dir.parent):
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
+            raise TrainingDivergedError(f"{exc}; lower --lr (now {config.pretrain.lr:g}). "
+                                        + _after_divergence(out_dir)) from exc
     else:
         log.info("all %d epochs are already done in %s", config.pretrain.epochs, out_dir)
     final = out_dir / "model.safetensors"
@@ -248,6 +314,15 @@ def _pretrain(config: Config, ctx: DistributedContext) -> Path:
     return final
 
 
+def _after_divergence(directory: Path) -> str:
+    """What a diverged run left: the last good checkpoint (kept, resumable) or nothing."""
+    last = latest_checkpoint(directory) if directory.is_dir() else None
+    if last is None:
+        return "No epoch was completed: no model was written"
+    return (f"The last good checkpoint, {last.name}, is kept and no new model written: "
+            "continue it with --resume and a lower --lr")
+
+
 def _resume(out_dir: Path, model: MaskedAutoencoder, trainer: Trainer,
             meta: dict) -> tuple[int, pd.DataFrame]:
     stem = latest_checkpoint(out_dir) if out_dir.is_dir() else None
@@ -255,19 +330,22 @@ def _resume(out_dir: Path, model: MaskedAutoencoder, trainer: Trainer,
         log.warning("--resume: no complete checkpoint in %s; starting from epoch 1", out_dir)
         return 1, pd.DataFrame(columns=list(EpochMetrics.__dataclass_fields__))
     saved = read_metadata(stem.with_suffix(".json"))
-    for key in ("preset", "masking", "atlas", "window_frames", "backbone"):
+    for key, what in RESUME_MUST_MATCH.items():
         if json.dumps(saved.get(key), sort_keys=True) != json.dumps(meta[key], sort_keys=True):
             # The options disagree with the checkpoint: a usage error, as for --preset at the
             # participant level.
-            raise UsageError(f"--resume: checkpoint {stem.name} was trained with another {key} "
-                             f"({saved.get(key)!r}); start a new OUTPUT_DIR or drop --resume")
+            value = repr(saved.get(key))
+            raise UsageError(f"--resume: checkpoint {stem.name} was trained with another {what}"
+                             + (f" ({value})" if len(value) <= 60 else "")
+                             + "; drop --resume (with --overwrite) or choose another OUTPUT_DIR")
     model.load_state_dict(load_weights(stem, saved))
     trainer.optimizer.load_state_dict(load_optimizer_state(stem, saved))
     history = _read_training_log(out_dir / "training_log.tsv")
     epoch = int(saved["epoch"])
     history = history[history["epoch"] <= epoch].reset_index(drop=True)
+    val_loss = saved["metrics"].get("val_loss")   # null in JSON without a held-out set
     log.info("resuming from %s (epoch %d, held-out loss %s)", stem.name, epoch,
-             np.round(saved["metrics"].get("val_loss", np.nan), 4))
+             "n/a" if val_loss is None else f"{val_loss:.4f}")
     return epoch + 1, history
 
 

@@ -8,8 +8,9 @@ Figures are PNG files referenced by relative paths, so a report opens anywhere w
 
 from __future__ import annotations
 
+import contextlib
 import html
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -20,9 +21,10 @@ import matplotlib.pyplot as plt
 import nibabel as nib
 import numpy as np
 import pandas as pd
+from filelock import FileLock, Timeout
 
 from bidsapp import __version__
-from bidsapp.inference import window_spread
+from bidsapp.errors import CannotCreateOutputError
 from bidsapp.io import (
     atomic_path,
     atomic_write_text,
@@ -30,6 +32,8 @@ from bidsapp.io import (
     remove_stale_temporaries,
     remove_temporaries,
 )
+
+_LOCK_TIMEOUT_S = 600
 
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;
@@ -113,68 +117,142 @@ def _img(path: Path, root: Path, alt: str) -> str:
     return f"<img src='{html.escape(path.relative_to(root).as_posix())}' alt='{html.escape(alt)}'>"
 
 
-def _spread_text(result) -> str:
-    """How much the window embeddings of a run differ, absolutely and relative to its embedding."""
-    spread = window_spread(result.window_embeddings)
-    size = float(np.linalg.norm(result.embedding))
-    relative = f" ({spread / size:.2%} of the run embedding's length)" if size > 0 else ""
-    return (f"{spread:.4g}{relative}: RMS distance of the window embeddings from the run "
-            "embedding, the unit of the representation sensitivity")
+def _spread_text(spread: float | None) -> str:
+    """The RMS distance of a run's window embeddings from its embedding, for the report."""
+    if spread is None:
+        return "n/a"
+    return (f"{spread:.4g}: RMS distance of the window embeddings from the run embedding, the "
+            "unit of the representation sensitivity")
 
 
-def write_participant_report(output_dir: Path, subject: str, items: Sequence, loaded,
-                             atlas) -> Path:
-    """``OUTPUT_DIR/sub-<label>.html``: per run, the maps, the top regions, a reconstruction."""
+@contextlib.contextmanager
+def report_lock(output_dir: Path, subject: str) -> Iterator[None]:
+    """Hold the lock of ``sub-<label>.html`` (in its figures folder) while it is rebuilt."""
+    figures = ensure_dir(output_dir / f"sub-{subject}" / "figures")
+    lock = FileLock(figures / ".report.lock", timeout=_LOCK_TIMEOUT_S)
+    try:
+        with lock:
+            yield
+    except Timeout as exc:
+        raise CannotCreateOutputError(f"could not lock {lock.lock_file} within "
+                                      f"{_LOCK_TIMEOUT_S} s; is another job stuck?") from exc
+
+
+def _is_fresh(figure: Path, source: Path) -> bool:
+    """``figure`` exists and was drawn after ``source`` (a run's completion sidecar) was written."""
+    try:
+        return figure.stat().st_mtime >= source.stat().st_mtime
+    except FileNotFoundError:
+        return False
+
+
+def _cell(value: object) -> str:
+    return html.escape("n/a" if value is None else str(value))
+
+
+def _run_figures(out, table: pd.DataFrame, figures: Path, stem: str) -> dict[str, Path]:
+    """The four figures of one run's attribution, drawn once per run and model.
+
+    A figure drawn after the run's completion sidecar is reused: rebuilding a report for a new
+    run does not redraw every other one.
+    """
+    draws = {
+        "reconerror": lambda p: plot_region_map(nib.load(out.recon_map), p,
+                                                "reconstruction error (lower = better)",
+                                                "viridis"),
+        "occlusion": lambda p: plot_region_map(nib.load(out.occlusion_map), p,
+                                               "representation sensitivity", "hot"),
+        "topregions": lambda p: plot_top_regions(table, "occlusion", p,
+                                                 "regions the embedding relies on most",
+                                                 ascending=False),
+        "bestrecon": lambda p: plot_top_regions(table, "reconerror", p,
+                                                "best reconstructed regions", ascending=True,
+                                                error="reconerror_se"),
+    }
+    drawn = {}
+    for key, draw in draws.items():
+        figure = figures / f"{stem}_{key}.png"
+        drawn[key] = figure if _is_fresh(figure, out.done) else draw(figure)
+    return drawn
+
+
+def write_participant_report(output_dir: Path, subject: str, runs: Sequence,
+                             atlas, examples: Mapping[str, dict] | None = None) -> Path:
+    """``OUTPUT_DIR/sub-<label>.html``: per model and run, the maps, the top regions, a reconstruction.
+
+    Parameters
+    ----------
+    runs : sequence of (run name, desc, RunOutputs, completion sidecar)
+        Every complete run of the participant on disk
+        (:func:`bidsapp.participant.complete_runs`), whichever model and job wrote it: the report
+        is built from the files, never from one job's memory, so no job drops another's runs.
+    examples : mapping, optional
+        ``{"<run>_desc-<m>": example}``: input / masked / reconstruction slices of the runs this
+        job processed (only in memory), drawn to ``<run>_desc-<m>_reconstruction.png``.
+    """
     figures = ensure_dir(output_dir / f"sub-{subject}" / "figures")
     # Left by a job killed while writing this report, which is now rewritten whole.
     remove_stale_temporaries(figures)
     remove_temporaries(output_dir / f"sub-{subject}.html")
+    for stem, example in (examples or {}).items():
+        plot_reconstruction(example, figures / f"{stem}_reconstruction.png")
     body = [f"<h1>roimae: sub-{html.escape(subject)}</h1>",
             "<table class='meta'>"
-            f"<tr><td>Model</td><td>{html.escape(str(loaded.path))}</td></tr>"
-            f"<tr><td>Preset / masking</td><td>{html.escape(loaded.preset.name)} / "
-            f"{html.escape(loaded.masking)}</td></tr>"
-            f"<tr><td>Model SHA-256</td><td>{html.escape(loaded.sha256[:16])}...</td></tr>"
             f"<tr><td>Atlas</td><td>{html.escape(atlas.name)} ({len(atlas.regions)} regions)"
-            "</td></tr></table>"]
-    for run, out, result in items:
-        stem = f"{run.name}_desc-{loaded.desc}"
-        body.append(f"<h2>{html.escape(run.name)}</h2>")
+            f"</td></tr><tr><td>Complete runs</td><td>{len(runs)}</td></tr></table>"]
+    if not runs:
+        body.append("<p class='note'>No complete run of this participant in the output "
+                    "directory.</p>")
+    shown_model = None
+    for name, desc, out, meta in runs:
+        model = meta["Model"]
+        if (desc, model.get("SHA256")) != shown_model:
+            shown_model = (desc, model.get("SHA256"))
+            body.append(f"<h2>Model desc-{html.escape(desc)}</h2>")
+            body.append("<table class='meta'>"
+                        f"<tr><td>Model</td><td>{_cell(model.get('Path'))}</td></tr>"
+                        f"<tr><td>Backbone / preset / masking</td><td>"
+                        f"{_cell(model.get('Backbone'))} / {_cell(model.get('Preset'))} / "
+                        f"{_cell(model.get('Masking'))}</td></tr>"
+                        f"<tr><td>Epoch</td><td>{_cell(model.get('Epoch'))}</td></tr>"
+                        f"<tr><td>Model SHA-256</td><td>{_cell(str(model.get('SHA256'))[:16])}..."
+                        "</td></tr></table>")
+        stem = f"{name}_desc-{desc}"
+        sources = meta.get("Sources") or [None]
+        body.append(f"<h3>{html.escape(name)}</h3>")
         body.append("<table class='meta'>"
-                    f"<tr><td>BOLD</td><td>{html.escape(run.source_uri)}</td></tr>"
-                    f"<tr><td>Windows</td><td>{len(result.window_embeddings)} x "
-                    f"{html.escape(str(loaded.window_frames))} frames</td></tr>"
-                    f"<tr><td>TR</td><td>{html.escape(str(run.repetition_time))} s</td></tr>"
+                    f"<tr><td>BOLD</td><td>{_cell(sources[0])}</td></tr>"
+                    f"<tr><td>Windows</td><td>{_cell(meta.get('NumberOfWindows'))} x "
+                    f"{_cell(meta.get('WindowFrames'))} frames</td></tr>"
+                    f"<tr><td>TR</td><td>{_cell(meta.get('RepetitionTime'))} s</td></tr>"
                     f"<tr><td>Embedding</td><td>{html.escape(out.embedding.name)}</td></tr>"
-                    f"<tr><td>Spread across windows</td><td>{_spread_text(result)}</td></tr>"
+                    "<tr><td>Spread across windows</td><td>"
+                    f"{_spread_text(meta.get('WindowSpread'))}</td></tr>"
                     "</table>")
-        if result.recon_error is not None:
+        if meta.get("Attribution") is not None:
             table = pd.read_csv(out.table, sep="\t", na_values="n/a")
-            recon = plot_region_map(nib.load(out.recon_map), figures / f"{stem}_reconerror.png",
-                                    "reconstruction error (lower = better)", "viridis")
-            occl = plot_region_map(nib.load(out.occlusion_map), figures / f"{stem}_occlusion.png",
-                                   "representation sensitivity", "hot")
-            bars = plot_top_regions(table, "occlusion", figures / f"{stem}_topregions.png",
-                                    "regions the embedding relies on most", ascending=False)
-            best = plot_top_regions(table, "reconerror", figures / f"{stem}_bestrecon.png",
-                                    "best reconstructed regions", ascending=True,
-                                    error="reconerror_se")
-            body += ["<h3>Reconstruction fidelity</h3>", _img(recon, output_dir, "recon map"),
-                     _img(best, output_dir, "best reconstructed"),
-                     "<h3>Representation sensitivity</h3>", _img(occl, output_dir, "occlusion"),
-                     _img(bars, output_dir, "top regions")]
+            drawn = _run_figures(out, table, figures, stem)
+            body += ["<h4>Reconstruction fidelity</h4>",
+                     _img(drawn["reconerror"], output_dir, "recon map"),
+                     _img(drawn["bestrecon"], output_dir, "best reconstructed"),
+                     "<h4>Representation sensitivity</h4>",
+                     _img(drawn["occlusion"], output_dir, "occlusion"),
+                     _img(drawn["topregions"], output_dir, "top regions")]
             if out.groups is not None:
                 summary = pd.read_csv(out.groups, sep="\t", na_values="n/a")
-                body += ["<h3>By region group</h3>", _table_html(summary)]
+                body += ["<h4>By region group</h4>", _table_html(summary)]
             missing = table[table["note"].notna() & (table["note"] != "n/a")]
             if len(missing):
                 body.append(f"<p class='note'>{len(missing)} regions have no voxel on the "
                             "model's working grid and cannot be hidden: "
                             + html.escape(", ".join(missing["name"])) + ".</p>")
-        if result.example:
-            recon_fig = plot_reconstruction(result.example, figures / f"{stem}_reconstruction.png")
-            body += ["<h3>One window: input, masked input and reconstruction</h3>",
-                     _img(recon_fig, output_dir, "reconstruction")]
+        else:
+            body.append("<p class='note'>No region attribution: the participant level ran "
+                        "with --no-attribution.</p>")
+        example = figures / f"{stem}_reconstruction.png"
+        if _is_fresh(example, out.done):
+            body += ["<h4>One window: input, masked input and reconstruction</h4>",
+                     _img(example, output_dir, "reconstruction")]
     report = output_dir / f"sub-{subject}.html"
     atomic_write_text(report, _page(f"roimae sub-{subject}", body))
     return report
@@ -250,6 +328,9 @@ def write_group_report(output_dir: Path, prefix: str, classes: np.ndarray, resul
     for desc, res in results.items():
         table = res["attribution"]
         body.append(f"<h3>{html.escape(desc)}</h3>")
+        note = res.get("regions_note")
+        if note:   # e.g. the participant level ran with --no-attribution
+            body.append(f"<p class='note'>{html.escape(note[:1].upper() + note[1:])}.</p>")
         if table["importance"].notna().any():
             bars = plot_top_regions(table, "importance", figures / f"{prefix}_{desc}_"
                                     "importance.png", "regions the classifier needs most",

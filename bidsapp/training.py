@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from bidsapp.distributed import DistributedContext
+from bidsapp.errors import TrainingDivergedError
 from bidsapp.logs import get_logger
 from bidsapp.model.mae import MaskedAutoencoder
 from bidsapp.model.masking import MaskingStrategy
@@ -148,11 +149,32 @@ class Trainer:
             loss, fraction = self._forward(batch, generator)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+            # Before the step: the weights never take a non-finite update.
+            self._stop_if_diverged(torch.isfinite(loss) & torch.isfinite(norm),
+                                   f"epoch {epoch}, step {step + 1}", loss=loss,
+                                   gradient_norm=norm)
             self.optimizer.step()
             totals += torch.tensor([loss.item(), fraction.item(), 1.0], dtype=torch.float64)
         totals = self.ctx.all_sum(totals)
         return totals[0].item() / totals[2].item(), totals[1].item() / totals[2].item(), lr
+
+    def _stop_if_diverged(self, finite: torch.Tensor | bool, where: str,
+                          **values: torch.Tensor | float) -> None:
+        """Raise :class:`TrainingDivergedError` on every rank if any rank saw a non-finite value.
+
+        The decision is summed over ranks so that all stop together (one rank raising alone
+        would leave the others waiting in the next collective). ``values`` (tensors or numbers)
+        are read and named in the message only then.
+        """
+        bad = torch.tensor([0.0 if bool(finite) else 1.0], dtype=torch.float64,
+                           device=self.ctx.device)
+        if self.ctx.all_sum(bad).item() > 0:
+            shown = ", ".join(
+                f"{name.replace('_', ' ')} "
+                f"{float(value.detach() if isinstance(value, torch.Tensor) else value):.4g}"
+                for name, value in values.items())
+            raise TrainingDivergedError(f"training diverged at {where}: {shown} (non-finite)")
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -178,6 +200,13 @@ class Trainer:
             val_loss = self.evaluate()
             metrics = EpochMetrics(epoch, train_loss, val_loss, fraction, lr,
                                    time.perf_counter() - t0)
+            # Finite steps can still end on overflowing weights: checked before they are saved.
+            weights = [bool(torch.isfinite(p).all()) for p in self.model.parameters()]
+            self._stop_if_diverged(
+                all(weights) and math.isfinite(train_loss)
+                and (self.val_loader is None or math.isfinite(val_loss)),
+                f"the end of epoch {epoch}", train_loss=train_loss, held_out_loss=val_loss,
+                non_finite_weight_tensors=weights.count(False))
             if self.ctx.is_main:
                 log.info("epoch %d/%d: train loss %.4f, held-out loss %.4f, %.0f%% of brain "
                          "masked, %.1f s", epoch, self.epochs, train_loss, val_loss,

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from bidsapp.config import READOUTS, Config
 from bidsapp.distributed import env_rank
-from bidsapp.errors import NoInputError, UsageError
+from bidsapp.errors import NoInputError, UsageError, interruption_message
 from bidsapp.io import atomic_write_text, ensure_dir
-from bidsapp.logs import get_logger, setup_logging
+from bidsapp.logs import FILE_ONLY, get_logger, setup_logging
 from bidsapp.runtime import resolve_device, set_threads
 
 
@@ -25,14 +25,22 @@ def _is_within(path: Path, parent: Path) -> bool:
 
 
 def check_paths(config: Config) -> None:
-    """Refuse a missing input and an output directory that would write into the input."""
+    """Refuse a missing input, and an output or work directory that would write into an input.
+
+    The inputs are BIDS_DIR and every ``-d NAME=PATH`` root: OUTPUT_DIR gets a
+    ``dataset_description.json`` and the work directory a cache, and either would turn a valid
+    input dataset (raw BIDS, fMRIPrep's derivatives) into an invalid one.
+    """
     if not config.bids_dir.is_dir():
         raise NoInputError(f"BIDS_DIR {config.bids_dir} does not exist or is not a directory")
-    if _is_within(config.output_dir, config.bids_dir):
-        raise UsageError(
-            f"OUTPUT_DIR {config.output_dir} is BIDS_DIR or inside it; choose a directory outside "
-            "the input dataset"
-        )
+    inputs = {"BIDS_DIR": config.bids_dir,
+              **{f"-d {name}": Path(root) for name, root in config.selection.derivatives.items()}}
+    for what, root in inputs.items():
+        for option, path in (("OUTPUT_DIR", config.output_dir), ("the work directory (-w)",
+                                                                  config.work_dir)):
+            if _is_within(path, root):
+                raise UsageError(f"{option} {path} is {what} or inside it ({root}); choose a "
+                                 "directory outside the input datasets")
 
 
 def start_run(config: Config) -> Path | None:
@@ -80,6 +88,10 @@ def run(config: Config) -> int:
         # DEBUG reaches the log file (not the console, where the CLI prints the one-line error).
         log.debug("failed: %s: %s", type(exc).__name__, exc, exc_info=True)
         raise
+    except KeyboardInterrupt as exc:   # SIGINT, or SIGTERM (bidsapp.errors.Terminated)
+        # The log file only: the CLI prints the same line on the console.
+        log.error("%s", interruption_message(exc), extra={FILE_ONLY: True})
+        raise
     log.info("roimae %s level finished; outputs in %s", config.analysis_level, config.output_dir)
     return 0
 
@@ -95,14 +107,19 @@ DEMO_PARTICIPANT = ["--attribution-subsets", "16"]
 
 
 def run_demo_chain(bids_dir: Path, out_dir: Path, *, verbosity: int = 0, nprocs: int = 1,
-                   n_permutations: int = 200) -> Path:
-    """Pretrain (roi and random), then the participant and group levels on the demo dataset."""
+                   n_permutations: int = 200, overwrite: bool = False) -> Path:
+    """Pretrain (roi and random), then the participant and group levels on the demo dataset.
+
+    ``overwrite`` replaces models an earlier chain left in ``out_dir`` (else pretraining refuses
+    to run over them).
+    """
     from bidsapp.cli import build_parser, config_from_args
 
     common = [str(bids_dir), str(out_dir)] + ["-v"] * verbosity + ["--nprocs", str(nprocs)]
     steps = []
     for masking in DEMO_MASKINGS:
-        steps.append([*common, "pretrain", "--masking", masking, *DEMO_PRETRAIN])
+        steps.append([*common, "pretrain", "--masking", masking, *DEMO_PRETRAIN,
+                      *(["--overwrite"] if overwrite else [])])
         steps.append([*common, "participant", "--model-desc", masking, *DEMO_PARTICIPANT])
     steps.append([*common, "group", "--target", "diagnosis", "--compare", *DEMO_MASKINGS, "fc",
                   "covariates", "--features", *DEMO_READOUTS, "--covariates", "age", "sex",
@@ -118,12 +135,15 @@ def run_demo(args: argparse.Namespace) -> int:
 
     setup_logging(args.verbosity)
     out_dir = Path(args.out_dir).expanduser().absolute()
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:
+        raise UsageError(f"{out_dir} is not empty: choose a new or empty directory for the demo, "
+                         "or pass --overwrite to replace files of the same names there")
     bids_dir = out_dir / "bids" if args.run else out_dir
     make_demo_dataset(bids_dir, n_participants=args.participants, n_frames=args.frames,
                       seed=args.seed)
     get_logger().info("demo dataset written to %s", bids_dir)
     if args.run:
         report = run_demo_chain(bids_dir, out_dir / "derivatives", verbosity=args.verbosity,
-                                nprocs=min(2, os.cpu_count() or 1))
+                                nprocs=min(2, os.cpu_count() or 1), overwrite=args.overwrite)
         print(f"Reports: {report} and {out_dir / 'derivatives'}/sub-*.html")
     return 0

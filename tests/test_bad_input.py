@@ -26,6 +26,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import safetensors.torch
 import torch
 
 from bidsapp.cli import main
@@ -418,6 +419,39 @@ def output_inside_bids_dir(ctx: Ctx) -> list:
     return [bids, ctx.out, "group", "--target", "diagnosis"]
 
 
+def work_dir_inside_bids_dir(ctx: Ctx) -> list:
+    bids = ctx.demo_copy()
+    _input_untouched(ctx, bids)
+    return _participant(ctx, bids, "-w", bids / "work")
+
+
+def _derivatives_root(ctx: Ctx) -> Path:
+    """An fMRIPrep dataset given with ``-d`` (only its description: refused before it is read)."""
+    root = ctx.tmp / "fmriprep"
+    root.mkdir()
+    shutil.copy(ctx.demo / "dataset_description.json", root)
+    _input_untouched(ctx, root)
+    return root
+
+
+def work_dir_inside_derivatives(ctx: Ctx) -> list:
+    root = _derivatives_root(ctx)
+    return _participant(ctx, ctx.demo, "-d", f"fmriprep={root}", "-w", root / "work")
+
+
+def output_inside_derivatives(ctx: Ctx) -> list:
+    root = _derivatives_root(ctx)
+    ctx.out = root / "roimae"
+    return _participant(ctx, ctx.demo, "-d", f"fmriprep={root}")
+
+
+def demo_into_a_non_empty_dir(ctx: Ctx) -> list:
+    ctx.out.mkdir()
+    (ctx.out / "thesis.tex").write_text("months of work\n")
+    _input_untouched(ctx, ctx.out)
+    return ["demo", ctx.out, "--participants", "4", "--frames", "2"]
+
+
 def output_under_a_file(ctx: Ctx) -> list:
     afile = ctx.tmp / "afile"
     afile.write_text("a regular file\n")
@@ -427,14 +461,22 @@ def output_under_a_file(ctx: Ctx) -> list:
 
 # --- group level -----------------------------------------------------------------------------------
 
-def _fake_embeddings(ctx: Ctx, bids: Path) -> None:
-    """Run embeddings where the participant level writes them (the group level reads nothing else)."""
+def _fake_embeddings(ctx: Ctx, bids: Path, models: dict[str, str] | None = None) -> None:
+    """Run embeddings where the participant level writes them (the group level reads nothing else).
+
+    ``models``: the model hash of some participants' runs (default: one model for all).
+    """
+    models = models or {}
     rng = np.random.default_rng(0)
     for sub in ("01", "02", "03", "04"):
-        path = ctx.out / f"sub-{sub}/func/sub-{sub}_{ENTITIES}_desc-roi_stat-mean_embedding.tsv"
-        path.parent.mkdir(parents=True)
-        pd.DataFrame(rng.normal(size=(1, 8)), columns=[f"e{i:03d}" for i in range(8)]).to_csv(
-            path, sep="\t", index=False)
+        func = ctx.out / f"sub-{sub}/func"
+        func.mkdir(parents=True)
+        for name in ("stat-mean_embedding", "embedding"):
+            pd.DataFrame(rng.normal(size=(1, 8)), columns=[f"e{i:03d}" for i in range(8)]).to_csv(
+                func / f"sub-{sub}_{ENTITIES}_desc-roi_{name}.tsv", sep="\t", index=False)
+        # The completion sidecar, written last by the participant level.
+        (func / f"sub-{sub}_{ENTITIES}_desc-roi_embedding.json").write_text(json.dumps(
+            {"Model": {"SHA256": models.get(sub, "0" * 64)}, "Attribution": None}))
 
 
 def group_without_target(ctx: Ctx) -> list:
@@ -446,7 +488,8 @@ def group_no_target_column(ctx: Ctx) -> list:
     table = pd.read_csv(bids / "participants.tsv", sep="\t")
     table.drop(columns="diagnosis").to_csv(bids / "participants.tsv", sep="\t", index=False)
     _fake_embeddings(ctx, bids)
-    return [bids, ctx.out, "group", "--target", "diagnosis", "--cv-folds", "2"]
+    return [bids, ctx.out, "group", "--target", "diagnosis", "--cv-folds", "2",
+            "--features", "global"]
 
 
 def group_one_class(ctx: Ctx) -> list:
@@ -454,14 +497,16 @@ def group_one_class(ctx: Ctx) -> list:
     table = pd.read_csv(bids / "participants.tsv", sep="\t")
     table.assign(diagnosis="control").to_csv(bids / "participants.tsv", sep="\t", index=False)
     _fake_embeddings(ctx, bids)
-    return [bids, ctx.out, "group", "--target", "diagnosis", "--cv-folds", "2"]
+    return [bids, ctx.out, "group", "--target", "diagnosis", "--cv-folds", "2",
+            "--features", "global"]
 
 
 def _participants_tsv(ctx: Ctx, content: bytes) -> list:
     bids = ctx.demo_copy()
     (bids / "participants.tsv").write_bytes(content)
     _fake_embeddings(ctx, bids)
-    return [bids, ctx.out, "group", "--target", "diagnosis", "--cv-folds", "2"]
+    return [bids, ctx.out, "group", "--target", "diagnosis", "--cv-folds", "2",
+            "--features", "global"]
 
 
 def participants_header_only(ctx: Ctx) -> list:
@@ -482,6 +527,13 @@ def participants_duplicates(ctx: Ctx) -> list:
 def participants_latin1(ctx: Ctx) -> list:
     table = "participant_id\tdiagnosis\tsite\nsub-01\tadhd\tZ\u00fcrich\n"
     return _participants_tsv(ctx, table.encode("latin-1"))
+
+
+def group_mixed_models(ctx: Ctx) -> list:
+    """desc-roi embeddings of two pretrainings (e.g. one job rerun after pretrain --overwrite)."""
+    _fake_embeddings(ctx, ctx.demo, models={"03": "b" * 64, "04": "b" * 64})
+    return [ctx.demo, ctx.out, "group", "--target", "diagnosis", "--cv-folds", "2",
+            "--features", "global"]
 
 
 # --- atlas and checkpoints -------------------------------------------------------------------------
@@ -556,6 +608,77 @@ def checkpoint_other_preset_weights(ctx: Ctx) -> list:
     weights = ctx.model_copy()
     meta = json.loads(weights.with_suffix(".json").read_text())
     _sidecar(weights, preset=dict(meta["preset"], name="small"))
+    return _participant(ctx, ctx.demo, "--participant-label", "01", "--model", weights)
+
+
+def _model_untouched(ctx: Ctx) -> None:
+    """The models already in OUTPUT_DIR keep their bytes."""
+    models = ctx.out / "models"
+    digests = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in models.rglob("*.*")}
+
+    def untouched() -> None:
+        assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in models.rglob("*.*")} \
+            == digests, "the model in OUTPUT_DIR was changed"
+    ctx.checks.append(untouched)
+
+
+def _with_model(ctx: Ctx) -> None:
+    shutil.copytree(ctx.pretrained / "models", ctx.out / "models")
+    _model_untouched(ctx)
+
+
+def pretrain_over_a_model(ctx: Ctx) -> list:
+    _with_model(ctx)
+    return _pretrain(ctx, ctx.demo)
+
+
+def resume_and_overwrite(ctx: Ctx) -> list:
+    _with_model(ctx)
+    return _pretrain(ctx, ctx.demo, "--resume", "--overwrite")
+
+
+def resume_other_seed(ctx: Ctx) -> list:
+    _with_model(ctx)
+    return [ctx.demo, ctx.out, "pretrain", "--window-frames", "10", "--epochs", "2", "--resume",
+            "--random-seed", "7"]
+
+
+def resume_other_split(ctx: Ctx) -> list:
+    _with_model(ctx)
+    return [ctx.demo, ctx.out, "pretrain", "--window-frames", "10", "--epochs", "2", "--resume",
+            "--val-fraction", "0.5"]
+
+
+def resume_other_inputs(ctx: Ctx) -> list:
+    """The same participants, but one BOLD file changed since the checkpoint was written."""
+    bids = ctx.demo_copy()
+    _rewrite(_bold(bids), _bold_data(bids) * 1.01)
+    _with_model(ctx)
+    return [bids, ctx.out, "pretrain", "--window-frames", "10", "--epochs", "2", "--resume"]
+
+
+def diverged_training(ctx: Ctx) -> list:
+    return _pretrain(ctx, ctx.demo, "--lr", "1e6")
+
+
+def checkpoint_non_finite(ctx: Ctx) -> list:
+    """The weights of a diverged pretraining (NaN), with a sidecar that vouches for them."""
+    weights = ctx.model_copy()
+    state = safetensors.torch.load_file(weights)
+    name = sorted(state)[0]
+    state[name] = torch.full_like(state[name], float("nan"))
+    safetensors.torch.save_file(state, weights)
+    _sidecar(weights)
+    return _participant(ctx, ctx.demo, "--participant-label", "01", "--model", weights)
+
+
+def checkpoint_overflowing(ctx: Ctx) -> list:
+    """Finite weights (x 1e30, as a run going astray leaves them) whose embeddings overflow."""
+    weights = ctx.model_copy()
+    state = safetensors.torch.load_file(weights)
+    safetensors.torch.save_file({k: v * 1e30 if v.is_floating_point() else v
+                                 for k, v in state.items()}, weights)
+    _sidecar(weights)
     return _participant(ctx, ctx.demo, "--participant-label", "01", "--model", weights)
 
 
@@ -704,6 +827,26 @@ CASES = {
     "label with path characters": Case(label_with_path, 64, "invalid participant label '../x'"),
     "OUTPUT_DIR is BIDS_DIR": Case(output_is_bids_dir, 64, "is BIDS_DIR or inside it"),
     "OUTPUT_DIR inside BIDS_DIR": Case(output_inside_bids_dir, 64, "is BIDS_DIR or inside it"),
+    "-w inside BIDS_DIR": Case(work_dir_inside_bids_dir, 64,
+                               "the work directory (-w) {tmp}/bids/work is BIDS_DIR or inside it"),
+    "-w inside a -d root": Case(work_dir_inside_derivatives, 64,
+                                "the work directory (-w) {tmp}/fmriprep/work is -d fmriprep or "
+                                "inside it"),
+    "OUTPUT_DIR inside a -d root": Case(output_inside_derivatives, 64,
+                                        "OUTPUT_DIR {tmp}/fmriprep/roimae is -d fmriprep or "
+                                        "inside it"),
+    "demo into a non-empty directory": Case(demo_into_a_non_empty_dir, 64,
+                                            ("{tmp}/out is not empty", "--overwrite")),
+    "pretrain over a model": Case(pretrain_over_a_model, 64,
+                                  ("desc-roi already holds a pretrained model (model.json, "
+                                   "epoch-001.json)", "--resume", "--overwrite")),
+    "--resume with --overwrite": Case(resume_and_overwrite, 64, "give one of them"),
+    "--resume with another seed": Case(resume_other_seed, 64,
+                                       "was trained with another --random-seed (0)"),
+    "--resume with another split": Case(resume_other_split, 64, "was trained with another split "
+                                        "of participants into training and held-out sets"),
+    "--resume on other inputs": Case(resume_other_inputs, 64, "was trained with another set of "
+                                     "input runs"),
     "group without --target": Case(group_without_target, 64, "needs --target COLUMN"),
     "filter file not UTF-8": Case(filter_not_utf8, 64, "is not valid UTF-8 JSON"),
     "filter file with get() options": Case(filter_get_keyword, 64,
@@ -740,6 +883,10 @@ CASES = {
                                                 "one row", late=True),
     "participants.tsv in Latin-1": Case(participants_latin1, 65,
                                         "is not UTF-8 text (byte 0xfc on line 2)", late=True),
+    "group: embeddings of two models under one desc": Case(
+        group_mixed_models, 65, ("the desc-roi embeddings come from 2 different models",
+                                 "model 000000000000: 2 runs (sub-01", "model bbbbbbbbbbbb: 2 runs"),
+        late=True),
     # checkpoints: never unpickled; refused unless they fit
     "checkpoint is a pickle": Case(checkpoint_pickle, 65, "is not a valid safetensors file"),
     "checkpoint is a .pt pickle": Case(checkpoint_pickle_pt, 64,
@@ -767,6 +914,16 @@ CASES = {
     "--resume with an optimizer file outside the model folder": Case(
         resume_optimizer_outside, 65, "optimizer.file: '../../../../etc/passwd' is "
         "not a bare file name"),
+    # 65: non-finite numbers from training
+    "diverged training (--lr 1e6)": Case(diverged_training, 65,
+                                         ("training diverged at epoch 1, step",
+                                          "lower --lr (now 1e+06)", "no model was written"),
+                                         late=True),
+    "checkpoint with non-finite weights": Case(checkpoint_non_finite, 65,
+                                               "holds non-finite weights"),
+    "checkpoint with overflowing embeddings": Case(checkpoint_overflowing, 65,
+                                                   "gives non-finite embeddings for sub-01",
+                                                   late=True),
 }
 
 
@@ -795,6 +952,7 @@ def test_bad_input(name: str, tmp_path: Path, request: pytest.FixtureRequest,
     others = [line for line in lines if not _LOG_RECORD.match(line)]
     assert others == [lines[-1]], others
     fragments = (case.message,) if isinstance(case.message, str) else case.message
+    fragments = tuple(fragment.replace("{tmp}", str(tmp_path)) for fragment in fragments)
     assert all(fragment in lines[-1] for fragment in fragments), lines[-1]
     # No partial output: only the log, the work directory and (late failures) the dataset files.
     allowed = LATE_LEFTOVERS if case.late else EARLY_LEFTOVERS

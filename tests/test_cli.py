@@ -96,6 +96,23 @@ def test_console_demo_writes_a_dataset(tmp_path: Path) -> None:
     assert header == ["participant_id", "diagnosis", "age", "sex", "site", "coupling"]
 
 
+def test_demo_into_a_non_empty_dir_needs_overwrite(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "demo"
+    argv = ["demo", str(out), "--participants", "4", "--frames", "2"]
+    assert main(argv) == 0
+    bold = next(out.glob("sub-01/func/*_bold.nii.gz"))
+    stamp = bold.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(argv) == 64
+    assert error_line(capsys.readouterr().err).endswith("is not empty: choose a new or empty "
+                                                        "directory for the demo, or pass "
+                                                        "--overwrite to replace files of the "
+                                                        "same names there")
+    assert bold.stat().st_mtime_ns == stamp
+    assert main([*argv, "--overwrite"]) == 0
+    assert bold.stat().st_mtime_ns != stamp
+
+
 def test_bids_dir_named_demo_is_not_the_demo_command(tmp_path: Path) -> None:
     # ``demo OUT pretrain`` is a BIDS-App call on ./demo, which does not exist here.
     done = _console("demo", str(tmp_path / "out"), "pretrain", cwd=tmp_path)

@@ -159,3 +159,46 @@ def test_pretraining_killed_mid_epoch_resumes_from_the_last_complete_checkpoint(
     assert meta["epoch"] == 4 and meta["weights_sha256"] == file_sha256(models / "model.safetensors")
     assert sorted(p.name for p in models.glob("epoch-*.json")) == ["epoch-003.json", "epoch-004.json"]
     assert _temporaries(out) == []
+
+
+@pytest.mark.parametrize(("signum", "code", "line"), [
+    (signal.SIGTERM, 143, "stopped by SIGTERM"),
+    (signal.SIGINT, 130, "interrupted (SIGINT)"),
+])
+def test_pretraining_stopped_by_a_signal_ends_with_one_line(demo: Path, tmp_path: Path,
+                                                            signum: int, code: int,
+                                                            line: str) -> None:
+    """SIGTERM (Slurm's time limit, scancel) unwinds as Ctrl-C: one line, logged, no temporaries."""
+    out = tmp_path / "out"
+    models = out / "models/desc-roi"
+    command = [demo, out, "pretrain", "--window-frames", "10", "--batch-size", "2",
+               "--epochs", "6", "--nprocs", "1", "--omp-nthreads", "1"]
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        # SIGINT as the default (a test runner may ignore it, and children inherit that).
+        proc = subprocess.Popen([sys.executable, "-m", "bidsapp", *map(str, command)],
+                                env=dict(os.environ, OMP_NUM_THREADS="1"),
+                                stdout=subprocess.DEVNULL, stderr=err,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 300
+    while not (models / "epoch-001.json").exists():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "epoch 1 did not end within 300 s"
+        time.sleep(POLL_S)
+    proc.send_signal(signum)
+    proc.wait(timeout=120)
+    err = log.read_text()
+    assert proc.returncode == code, err[-3000:]
+    assert "Traceback" not in err
+    last = err.splitlines()[-1]
+    assert last.startswith(f"roimae: {line}; outputs completed so far are kept") and \
+        last.endswith(f"(exit {code})"), last
+    assert not (models / "model.json").exists()
+    assert _temporaries(out) == []
+    # The log file says it too (the console had it once, from the CLI).
+    (log_file,) = (out / "logs").glob("roimae-pretrain-*.log")
+    assert f"[ERROR] {line}" in log_file.read_text()
+    assert err.count(line) == 1
+    # And the run continues from its last checkpoint.
+    _finish(_start(log, *command, "--epochs", "2", "--resume"), log)
+    assert json.loads((models / "model.json").read_text())["epoch"] >= 2

@@ -196,7 +196,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory, atlas: Atlas) -> Path:
 
 
 def write_fake_outputs(bids: Path, out: Path, atlas: Atlas, *, shift: float = 2.5,
-                       occluded: bool = False, desc: str = "roi", seed: int = 0) -> None:
+                       occluded: bool = False, desc: str = "roi", seed: int = 0,
+                       model: str = "0" * 64, complete: bool = True) -> None:
     """Write participant-level outputs of every run of ``bids`` into ``out``.
 
     Parameters
@@ -214,6 +215,10 @@ def write_fake_outputs(bids: Path, out: Path, atlas: Atlas, *, shift: float = 2.
         :data:`HIDDEN_REGION`, which has no value (``n/a``, a region the model cannot hide).
     desc, seed : str, int
         Model description of the file names; seed of the noise.
+    model : str
+        The model hash the completion sidecars name.
+    complete : bool
+        Write each run's completion sidecar (the participant level writes it last).
     """
     config = config_from_args(build_parser().parse_args([str(bids), str(out), "group"]))
     dataset = discover_runs(config)
@@ -231,7 +236,17 @@ def write_fake_outputs(bids: Path, out: Path, atlas: Atlas, *, shift: float = 2.
         paths.mean_embedding.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame([embedding], columns=columns).to_csv(paths.mean_embedding, sep="\t",
                                                           index=False)
+        pd.DataFrame([embedding], columns=columns).to_csv(paths.embedding, sep="\t", index=False)
+        if complete:
+            paths.done.write_text(json.dumps({"Model": {"SHA256": model},
+                                              "Attribution": {} if occluded else None}))
         if occluded:
+            # The region table (measures unknown here) and placeholder maps (not read).
+            regions = atlas.table().assign(reconerror=np.nan, occlusion=np.nan)
+            regions.to_csv(paths.table, sep="\t", index=False, na_rep="n/a")
+            regions.head(1).to_csv(paths.groups, sep="\t", index=False, na_rep="n/a")
+            paths.recon_map.touch()
+            paths.occlusion_map.touch()
             rows = np.tile(embedding, (len(names), 1))
             rows[names.index(KEY_REGION), :3] -= sign * shift
             rows[names.index(HIDDEN_REGION)] = np.nan
@@ -312,9 +327,28 @@ def test_group_level_without_occluded_embeddings_has_no_importance(demo: Path, t
                                                                    atlas: Atlas, capsys) -> None:
     out = tmp_path / "out"
     write_fake_outputs(demo, out, atlas, occluded=False)
+    # An earlier group run of the same target (another model, maps with attribution) and one of
+    # another target: the first one's outputs go, the second one's stay.
+    stale = [out / "group/target-diagnosis_desc-random_metrics.tsv",
+             out / "group/target-diagnosis_atlas-AAL3v1_desc-roi_stat-importance_boldmap.nii.gz",
+             out / "group/atlas-AAL3v1_desc-roi_feature-global_stat-reconerror_boldmap.nii.gz",
+             out / "group/figures/target-diagnosis_desc-random_confusion.png"]
+    other = out / "group/target-site_desc-roi_metrics.tsv"
+    for path in [*stale, other]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("old\n")
     code, err = run_group([demo, out, "group", "--target", "diagnosis", "--n-permutations", "0",
                            "--cv-repeats", "1", "--features", "global"], capsys)
     assert code == 0, err
+    assert not any(path.exists() for path in stale) and other.is_file()
+    # Said in the log and the report, not an empty heading.
+    assert "region importance not computed for roi-global: no run has region attribution" in err
+    assert "--no-attribution" in (out / "group.html").read_text()
+    # The completion marker is written last.
+    marker = _group_file(out, "target-diagnosis_settings.json")
+    outputs = [p for p in (out / "group").rglob("target-diagnosis_*") if p != marker]
+    assert outputs and all(p.stat().st_mtime_ns <= marker.stat().st_mtime_ns for p in outputs)
+    assert json.loads(marker.read_text())["models"] == {"roi-global": "0" * 64}
     attribution = pd.read_csv(_group_file(out, "target-diagnosis_atlas-AAL3v1_desc-roi_feature-global_"
                                                "attribution.tsv"), sep="\t", na_values="n/a")
     assert len(attribution) == len(atlas.regions)
@@ -345,6 +379,23 @@ def test_group_level_cv_groups_keeps_each_site_out_of_training(demo: Path, tmp_p
                                         [next(iter(t)) for t in test_sites]]
     settings = json.loads(_group_file(out, "target-diagnosis_settings.json").read_text())
     assert settings["cv_groups"] == "site"
+
+
+def test_group_level_uses_only_complete_runs(demo: Path, tmp_path: Path, atlas: Atlas,
+                                            capsys) -> None:
+    """Runs whose participant job died (no completion sidecar) are left out, and said so."""
+    out = tmp_path / "out"
+    write_fake_outputs(demo, out, atlas)
+    for sub in ("01", "02"):
+        next((out / f"sub-{sub}").rglob("*_desc-roi_embedding.json")).unlink()
+    code, err = run_group([demo, out, "group", "--target", "diagnosis", "--n-permutations", "0",
+                           "--cv-repeats", "1"], capsys)
+    assert code == 0, err
+    assert "desc-roi: 2 selected runs have no complete embedding" in err
+    predictions = pd.read_csv(_group_file(out, "target-diagnosis_desc-roi_predictions.tsv"),
+                              sep="\t")
+    assert predictions["participant_id"].nunique() == N_PARTICIPANTS - 2
+    assert not {"sub-01", "sub-02"} & set(predictions["participant_id"])
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -140,3 +141,39 @@ def test_truncated_and_mismatched_checkpoints_are_refused(pretrained, tmp_path: 
     weights.write_bytes(data[: len(data) // 2])
     assert _participant(bids, tmp_path / "o", "--model", str(weights)) == 65
     assert "does not match the hash" in capsys.readouterr().err
+
+
+def test_report_shows_every_complete_run_of_every_model(pretrained, tmp_path: Path) -> None:
+    """The second model's job keeps the first one's runs; a job that skips everything writes it."""
+    bids, out = _fresh_output(pretrained, tmp_path)
+    # A second model: the same weights, declared as random masking (its own desc and folder).
+    random_dir = out / "models/desc-random"
+    random_dir.mkdir()
+    shutil.copy(out / "models/desc-roi/model.safetensors", random_dir)
+    meta = json.loads((out / "models/desc-roi/model.json").read_text())
+    meta["masking"]["masking"] = "random"
+    (random_dir / "model.json").write_text(json.dumps(meta))
+
+    def participant(desc: str) -> None:
+        assert main([str(bids), str(out), "participant", "--participant-label", "01",
+                     "--model-desc", desc, "--nprocs", "1", "-w", str(tmp_path / "work")]) == 0
+
+    def sections() -> list[str]:
+        return re.findall(r"<h2>Model (desc-\w+)</h2>", (out / "sub-01.html").read_text())
+
+    participant("roi")
+    assert sections() == ["desc-roi"]
+    participant("random")
+    assert sections() == ["desc-random", "desc-roi"]
+    report = (out / "sub-01.html").read_text()
+    assert report.count(f"<h3>sub-01_{PREFIX}</h3>") == 2
+    for image in re.findall(r"<img src='([^']+)'", report):
+        assert (out / image).is_file(), image
+    # Every run already complete: skipped, and the report is still written, with both models.
+    (out / "sub-01.html").unlink()
+    participant("roi")
+    assert sections() == ["desc-random", "desc-roi"]
+    # A run without its completion sidecar (a killed job) is not reported.
+    (out / f"sub-01/func/sub-01_{PREFIX}_desc-random_embedding.json").unlink()
+    participant("roi")
+    assert sections() == ["desc-roi"]

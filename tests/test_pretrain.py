@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 
 from bidsapp.cli import main
 from bidsapp.demo import make_demo_dataset
+from bidsapp.io import json_text
 
 COMMON = ["--window-frames", "10", "--batch-size", "2", "--random-seed", "3", "--nprocs", "1"]
 
@@ -72,6 +74,48 @@ def test_resume_refuses_another_masking_setup(small_demo: Path, tmp_path: Path) 
     out = tmp_path / "out"
     assert _pretrain(small_demo, out, "--epochs", "1") == 0
     assert _pretrain(small_demo, out, "--epochs", "2", "--resume", "--mask-ratio", "0.3") == 64
+
+
+def test_overwrite_replaces_the_model_and_clears_its_checkpoints(small_demo: Path,
+                                                                tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    model_dir = out / "models/desc-roi"
+    assert _pretrain(small_demo, out, "--epochs", "3") == 0
+    first = (model_dir / "model.safetensors").read_bytes()
+    assert _pretrain(small_demo, out, "--epochs", "1") == 64          # refused: it holds a model
+    assert (model_dir / "model.safetensors").read_bytes() == first
+    assert _pretrain(small_demo, out, "--epochs", "1", "--random-seed", "4", "--overwrite") == 0
+    # Nothing of the first run is left to be pruned in the wrong order or resumed later.
+    assert sorted(p.name for p in model_dir.glob("epoch-*")) == [
+        "epoch-001.json", "epoch-001.safetensors", "epoch-001_optim.safetensors"]
+    assert pd.read_csv(model_dir / "training_log.tsv", sep="\t")["epoch"].tolist() == [1]
+    meta = json.loads((model_dir / "model.json").read_text())
+    assert meta["epoch"] == 1 and meta["random_seed"] == 4
+    # --resume continues this run: the seed it records is the one it must be given.
+    assert _pretrain(small_demo, out, "--epochs", "2", "--resume") == 64
+    assert _pretrain(small_demo, out, "--epochs", "2", "--resume", "--random-seed", "4") == 0
+
+
+def _strict_json(text: str) -> dict:
+    """Parse as the JSON standard does: NaN and Infinity are not JSON."""
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_outputs_write_null_for_non_finite_values(small_demo: Path, tmp_path: Path) -> None:
+    # One participant: no held-out set, so the held-out loss is NaN in the training log.
+    out = tmp_path / "out"
+    assert _pretrain(small_demo, out, "--epochs", "1", "--participant-label", "01") == 0
+    for name in ("model.json", "epoch-001.json"):
+        meta = _strict_json((out / "models/desc-roi" / name).read_text())
+        assert meta["metrics"]["val_loss"] is None and meta["metrics"]["train_loss"] > 0
+    log = pd.read_csv(out / "models/desc-roi/training_log.tsv", sep="\t", keep_default_na=False)
+    assert log["val_loss"].tolist() == ["n/a"]
+    # The same writer for every JSON file roimae writes.
+    assert json_text({"a": float("nan"), "b": [np.float32("inf"), -np.inf], "c": np.int64(2),
+                      "d": np.array([1.5, np.nan])}) == \
+        '{"a": null, "b": [null, null], "c": 2, "d": [1.5, null]}'
 
 
 def test_maskings_sit_side_by_side(small_demo: Path, tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from filelock import Timeout
 
 from bidsapp import __version__
 from bidsapp.errors import CannotCreateOutputError, UsageError
-from bidsapp.io import atomic_path, atomic_write_text, ensure_dir, file_lock
+from bidsapp.io import atomic_path, atomic_write_json, atomic_write_text, ensure_dir, file_lock
 from bidsapp.logs import get_logger
 
 _SCHEMA = load_schema()
@@ -307,8 +307,8 @@ class DerivativesWriter:
         return folder / _check_datatype(datatype) / name
 
     def write_json(self, path: Path, data: Mapping[str, Any]) -> Path:
-        """Write ``data`` as indented JSON (NaN is refused: it is not JSON)."""
-        return atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
+        """Write ``data`` as indented JSON (NaN and infinities as ``null``: bare NaN is not JSON)."""
+        return atomic_write_json(path, data)
 
     def write_tsv(self, path: Path, table: pd.DataFrame) -> Path:
         """Write ``table`` tab-separated, without index, with ``n/a`` for missing values.
