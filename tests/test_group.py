@@ -389,11 +389,11 @@ def test_group_level_uses_only_complete_runs(demo: Path, tmp_path: Path, atlas: 
     for sub in ("01", "02"):
         next((out / f"sub-{sub}").rglob("*_desc-roi_embedding.json")).unlink()
     code, err = run_group([demo, out, "group", "--target", "diagnosis", "--n-permutations", "0",
-                           "--cv-repeats", "1"], capsys)
+                           "--cv-repeats", "1", "--features", "global"], capsys)
     assert code == 0, err
-    assert "desc-roi: 2 selected runs have no complete embedding" in err
-    predictions = pd.read_csv(_group_file(out, "target-diagnosis_desc-roi_predictions.tsv"),
-                              sep="\t")
+    assert "roi-global: 2 selected runs have no complete global features" in err
+    predictions = pd.read_csv(_group_file(out, "target-diagnosis_desc-roi_feature-global_"
+                                               "predictions.tsv"), sep="\t")
     assert predictions["participant_id"].nunique() == N_PARTICIPANTS - 2
     assert not {"sub-01", "sub-02"} & set(predictions["participant_id"])
 
