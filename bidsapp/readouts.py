@@ -40,14 +40,23 @@ _CHUNK_FRAMES = 64
 class RegionPooling:
     """Token features -> region features, by the share of each region's voxels in each token.
 
+    The weights are kept sparse, as ``(region, token, weight)`` triples, and summed in float64 in
+    a fixed order, so that region features are bit-identical whatever the number of threads.
+
     Attributes
     ----------
-    weights : torch.Tensor, shape (R, N)
-        ``weights[r, n]``: the number of region r's voxels (2 mm cube) inside token n, over
-        region r's voxels; rows sum to 1 (0 for a region without voxels).
+    regions, tokens : torch.LongTensor, shape (M,)
+        The region and token of each nonzero weight.
+    weights : torch.DoubleTensor, shape (M,)
+        The number of the region's voxels (2 mm cube) inside the token, over the region's voxels;
+        a region's weights sum to 1.
+    n_regions : int
     """
 
+    regions: torch.Tensor
+    tokens: torch.Tensor
     weights: torch.Tensor
+    n_regions: int
 
     @classmethod
     def from_atlas(cls, cube: CubeAtlas, token_edge: int) -> RegionPooling:
@@ -59,16 +68,17 @@ class RegionPooling:
         grid = size // token_edge
         i, j, k = np.nonzero(labels >= 0)
         token = ((i // token_edge) * grid + j // token_edge) * grid + k // token_edge
-        n_tokens, n_regions = grid**3, cube.n_regions
-        counts = np.bincount(labels[i, j, k] * n_tokens + token,
-                             minlength=n_regions * n_tokens).reshape(n_regions, n_tokens)
-        totals = counts.sum(1, keepdims=True)
-        weights = counts / np.maximum(totals, 1)
-        return cls(torch.from_numpy(weights.astype(np.float32)))
+        n_tokens = grid**3
+        pairs, counts = np.unique(labels[i, j, k] * n_tokens + token, return_counts=True)
+        regions, tokens = np.divmod(pairs, n_tokens)
+        totals = np.bincount(regions, weights=counts, minlength=cube.n_regions)
+        return cls(torch.from_numpy(regions), torch.from_numpy(tokens),
+                   torch.from_numpy(counts / totals[regions]), cube.n_regions)
 
     def to(self, device: torch.device | str) -> RegionPooling:
         """Return a copy on ``device``."""
-        return RegionPooling(self.weights.to(device))
+        return RegionPooling(self.regions.to(device), self.tokens.to(device),
+                             self.weights.to(device), self.n_regions)
 
     def __call__(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Pool ``tokens (T', gd, gh, gw, C)`` of one window to regions.
@@ -81,15 +91,22 @@ class RegionPooling:
 
         Returns
         -------
-        torch.Tensor, shape (T', R, C)
+        torch.Tensor, shape (T', R, C), float64
             NaN for a region none of whose voxels lies in a valid token.
         """
-        weights = self.weights * valid.flatten().to(self.weights.dtype)  # (R, N)
-        total = weights.sum(1, keepdim=True)  # (R, 1)
-        weights = weights / total.clamp_min(1e-12)
-        flat = tokens.flatten(1, 3).to(weights.dtype)  # (T', N, C)
-        pooled = torch.einsum("rn,tnc->trc", weights, flat)  # (T', R, C)
-        return pooled.masked_fill((total == 0)[None], float("nan"))
+        steps, channels = tokens.shape[0], tokens.shape[-1]
+        keep = valid.flatten()[self.tokens]  # (M,)
+        weights = torch.where(keep, self.weights, torch.zeros_like(self.weights))
+        total = torch.zeros(self.n_regions, dtype=weights.dtype, device=weights.device)
+        total.index_add_(0, self.regions, weights)  # (R,)
+        rows = tokens.flatten(1, 3).transpose(0, 1).reshape(-1, steps * channels)  # (N, T'*C)
+        values = rows.to(torch.float64)[self.tokens] * weights[:, None]  # (M, T'*C)
+        pooled = torch.zeros(self.n_regions, steps * channels, dtype=torch.float64,
+                             device=tokens.device)
+        pooled.index_add_(0, self.regions, values)  # (R, T'*C), summed in index order
+        pooled = pooled / total.clamp_min(1e-12)[:, None]
+        pooled = pooled.masked_fill((total == 0)[:, None], float("nan"))
+        return pooled.reshape(self.n_regions, steps, channels).transpose(0, 1)
 
 
 def region_embedding(features: np.ndarray) -> np.ndarray:

@@ -291,10 +291,12 @@ def test_write_nifti_and_sidecar(tmp_path: Path) -> None:
     assert json.loads(sidecar.read_text()) == {"Type": "Brain", "Resolution": "2 mm"}
 
 
-def test_write_json_refuses_nan(tmp_path: Path) -> None:
-    with pytest.raises(ValueError):
-        DerivativesWriter(tmp_path).write_json(tmp_path / "a.json", {"x": float("nan")})
-    assert list(tmp_path.iterdir()) == []
+def test_write_json_writes_null_for_nan(tmp_path: Path) -> None:
+    # A bare NaN is not JSON (strict parsers and the BIDS validator refuse it).
+    path = DerivativesWriter(tmp_path).write_json(tmp_path / "a.json", {"x": float("nan"),
+                                                                         "y": [1.0, float("inf")]})
+    assert json.loads(path.read_text()) == {"x": None, "y": [1.0, None]}
+    assert "NaN" not in path.read_text() and "Infinity" not in path.read_text()
 
 
 class _FailsWhenFormatted:
