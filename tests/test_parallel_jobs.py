@@ -32,6 +32,13 @@ RUN_FILES = (
         "stat-occluded_embedding.tsv", "attribution.tsv", "stat-bygroup_attribution.tsv",
         "stat-reconerror_boldmap.nii.gz", "stat-reconerror_boldmap.json",
         "stat-occlusion_boldmap.nii.gz", "stat-occlusion_boldmap.json")),
+    # The region readouts, and the connectivity baseline (no desc: it does not depend on the model).
+    *(f"{{sub}}_{ATLAS_ENTITIES}_desc-roi_{name}" for name in (
+        "stat-region_embedding.tsv", "stat-region_embedding.json",
+        "stat-pearsoncorrelation_relmat.tsv", "stat-pearsoncorrelation_relmat.json")),
+    *(f"{{sub}}_{ATLAS_ENTITIES}_{name}" for name in (
+        "stat-mean_timeseries.tsv", "stat-mean_timeseries.json",
+        "stat-pearsoncorrelation_relmat.tsv", "stat-pearsoncorrelation_relmat.json")),
 )
 
 
