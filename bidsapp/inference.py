@@ -18,9 +18,6 @@ half of the regions hidden, each subset paired with its complement, so every reg
   Each delta mixes in the other regions' effects with mean zero; its precision improves as
   ``1/sqrt(K * windows)``.
 
-Regions are hidden at voxel resolution (``roi-voxel``, whatever the model was trained with), so that
-regions too small to own a token are attributed too.
-
 Cost: ``K + 1`` encoder passes per window instead of ``R + 1`` (166 + 1 for AAL3). The unmasked pass
 also gives the region readouts (:mod:`bidsapp.readouts`).
 """
@@ -211,7 +208,8 @@ def analyse_run(loaded: LoadedModel, run: CachedRun, *, attribution: bool, n_sub
     model, grid = loaded.model, loaded.region_grid
     device = grid.device
     batch_size = batch_size or (4 if device.type == "cuda" else 1)
-    region_masking = build_masking("roi-voxel", grid, 0.5)
+    region_masking = build_masking("roi-voxel" if loaded.masking == "roi-voxel" else "roi",
+                                   grid, 0.5)
     eligible = region_masking.eligible                      # (R,)
     n_regions = grid.n_regions
     # Reconstruction errors are read at the labelled brain voxels only (a quarter of the cube).

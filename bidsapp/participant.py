@@ -200,7 +200,7 @@ def region_table(atlas: Atlas, loaded: LoadedModel, result: RunAttribution,
     table["reconerror_se"] = result.recon_error_se
     table["occlusion"] = result.occlusion
     table["note"] = np.where(result.eligible, "n/a",
-                             "no voxel on the model's working grid: cannot be hidden")
+                             "owns no token of the model grid: cannot be hidden")
     return table
 
 
@@ -322,8 +322,8 @@ def write_run(writer: DerivativesWriter, out: RunOutputs, run: BoldRun, cached: 
             writer.write_nifti(path, region_map(table[column].to_numpy(), contiguous, affine))
             writer.write_sidecar(path, {"Description": text, "Sources": sources,
                                         "Atlas": atlas.name, "Model": model_info,
-                                        "NaNMeans": "the region has no voxel on the model's "
-                                                    "working grid"})
+                                        "NaNMeans": "the region owns no token of the model "
+                                                    "grid"})
         writer.write_tsv(out.table, table)
         if out.groups is not None:
             writer.write_tsv(out.groups, group_summary(table, ("reconerror", "occlusion")))

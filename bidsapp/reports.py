@@ -243,8 +243,8 @@ def write_participant_report(output_dir: Path, subject: str, runs: Sequence,
                 body += ["<h4>By region group</h4>", _table_html(summary)]
             missing = table[table["note"].notna() & (table["note"] != "n/a")]
             if len(missing):
-                body.append(f"<p class='note'>{len(missing)} regions have no voxel on the "
-                            "model's working grid and cannot be hidden: "
+                body.append(f"<p class='note'>{len(missing)} regions own no token of the "
+                            "model grid and cannot be hidden: "
                             + html.escape(", ".join(missing["name"])) + ".</p>")
         else:
             body.append("<p class='note'>No region attribution: the participant level ran "
