@@ -31,15 +31,8 @@ def _mask(bids: Path, sub: str = "01") -> Path:
     return bids / f"sub-{sub}/func/sub-{sub}_{ENTITIES}_desc-brain_mask.nii.gz"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_logging():
-    yield
-    logger = get_logger()
-    for handler in logger.handlers:
-        handler.close()
-    logger.handlers.clear()
-    logger.setLevel(logging.NOTSET)
-    logger.propagate = True
+#: Leave no console handler on capsys's closed stream to the tests that follow.
+pytestmark = pytest.mark.usefixtures("fresh_logging")
 
 
 class _Records(logging.Handler):
@@ -91,9 +84,12 @@ def test_report_values_are_escaped(tmp_path: Path) -> None:
     from bidsapp.reports import write_participant_report
 
     evil = "<script>alert(1)</script>"
-    loaded = SimpleNamespace(path=Path(evil), preset=SimpleNamespace(name=evil), masking=evil,
-                             sha256=evil * 2, window_frames=evil, desc="roi")
+    meta = {"Model": {"Path": evil, "Backbone": evil, "Preset": evil, "Masking": evil,
+                      "Epoch": evil, "SHA256": evil * 2},
+            "Sources": [evil], "NumberOfWindows": evil, "WindowFrames": evil,
+            "RepetitionTime": evil, "Attribution": None}
+    outputs = SimpleNamespace(embedding=Path(f"{evil}.tsv"), done=tmp_path / "absent.json")
     atlas = SimpleNamespace(name=evil, regions=[0] * 3)
-    report = write_participant_report(tmp_path, "01", [], loaded, atlas)
+    report = write_participant_report(tmp_path, "01", [(evil, "roi", outputs, meta)], atlas)
     text = report.read_text()
     assert "<script>" not in text and text.count("&lt;script&gt;") >= 4
