@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from bidsapp.logs import get_logger
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("ROIMAE_SHARED_DIR", REPO_ROOT.parent / "shared"))
@@ -65,3 +69,16 @@ def pretrained_demo(tmp_path_factory: pytest.TempPathFactory) -> PretrainedDemo:
     assert main([str(bids), str(out), "pretrain", "--epochs", "1", "--window-frames", "10",
                  "--batch-size", "2", "--nprocs", "1", "--omp-nthreads", "1"]) == 0
     return PretrainedDemo(bids, out)
+
+
+@pytest.fixture
+def fresh_logging() -> Iterator[None]:
+    """Close and drop roimae's console handlers after the test, so that no handler writes to the
+    closed stream of an earlier test's capsys."""
+    yield
+    logger = get_logger()
+    for handler in logger.handlers:
+        handler.close()
+    logger.handlers.clear()
+    logger.setLevel(logging.NOTSET)
+    logger.propagate = True

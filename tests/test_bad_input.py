@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +30,6 @@ import torch
 
 from bidsapp.cli import main
 from bidsapp.demo import make_demo_dataset
-from bidsapp.logs import get_logger
 
 #: A console log record (``HH:MM:SS [LEVEL] message``), as bidsapp.logs formats them.
 _LOG_RECORD = re.compile(r"^\d\d:\d\d:\d\d \[(DEBUG|INFO|WARNING|ERROR)\] ")
@@ -42,16 +40,8 @@ EARLY_LEFTOVERS = {"logs", ".roimae-work"}
 LATE_LEFTOVERS = EARLY_LEFTOVERS | {"dataset_description.json", ".bidsignore", ".roimae.lock"}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_logging() -> Iterator[None]:
-    """Leave no console handler on capsys's closed stream to the tests that follow."""
-    yield
-    logger = get_logger()
-    for handler in logger.handlers:
-        handler.close()
-    logger.handlers.clear()
-    logger.setLevel(logging.NOTSET)
-    logger.propagate = True
+#: Leave no console handler on capsys's closed stream to the tests that follow.
+pytestmark = pytest.mark.usefixtures("fresh_logging")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ root, no ``mount``, a container without CAP_SYS_ADMIN) the tests are skipped and
 
 from __future__ import annotations
 
-import logging
 import shutil
 import subprocess
 import sys
@@ -24,7 +23,6 @@ from bidsapp.cli import main
 from bidsapp.demo import make_demo_dataset
 from bidsapp.errors import IOFailureError
 from bidsapp.io import atomic_write_text
-from bidsapp.logs import get_logger
 
 matplotlib.use("Agg")
 
@@ -32,15 +30,8 @@ FAST = ["--window-frames", "10", "--epochs", "1", "--batch-size", "2", "--omp-nt
 FULL = "No space left on device"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_logging() -> Iterator[None]:
-    yield
-    logger = get_logger()
-    for handler in logger.handlers:
-        handler.close()
-    logger.handlers.clear()
-    logger.setLevel(logging.NOTSET)
-    logger.propagate = True
+#: Leave no console handler on capsys's closed stream to the tests that follow.
+pytestmark = pytest.mark.usefixtures("fresh_logging")
 
 
 def _mount_small_fs(path: Path, size: str) -> None:
