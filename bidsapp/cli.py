@@ -27,6 +27,7 @@ from bidsapp.errors import (
     Terminated,
     UnknownLevelError,
     UsageError,
+    interruption_in,
     interruption_message,
 )
 
@@ -333,6 +334,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _interrupted(exc: KeyboardInterrupt) -> int:
+    code = ExitCode.TERMINATED if isinstance(exc, Terminated) else ExitCode.INTERRUPTED
+    print(f"roimae: {interruption_message(exc)} (exit {int(code)})", file=sys.stderr)
+    return int(code)
+
+
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbosity = sum(a.count("v") for a in argv if a.startswith("-") and set(a[1:]) == {"v"})
@@ -354,10 +361,11 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"roimae: error: {exc}", file=sys.stderr)
         return int(exc.exit_code)
     except KeyboardInterrupt as exc:
-        code = ExitCode.TERMINATED if isinstance(exc, Terminated) else ExitCode.INTERRUPTED
-        print(f"roimae: {interruption_message(exc)} (exit {int(code)})", file=sys.stderr)
-        return int(code)
+        return _interrupted(exc)
     except Exception as exc:  # a bug: say so in one line unless -vv
+        interruption = interruption_in(exc)
+        if interruption is not None:
+            return _interrupted(interruption)
         if verbosity >= 2:
             traceback.print_exc()
         print(f"roimae: internal error: {type(exc).__name__}: {exc} (rerun with -vv for the "

@@ -36,6 +36,21 @@ class Terminated(KeyboardInterrupt):
     """
 
 
+def interruption_in(exc: BaseException) -> KeyboardInterrupt | None:
+    """The SIGINT or SIGTERM behind ``exc``, if an interruption surfaced as another error.
+
+    A signal that arrives while a module initialises (a lazy import) reaches the caller as
+    ``ImportError: initialization failed`` with the :class:`KeyboardInterrupt` as its context.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def interruption_message(exc: KeyboardInterrupt) -> str:
     """One line on a job stopped by SIGINT or SIGTERM: what is kept and how to continue."""
     what = "stopped by SIGTERM" if isinstance(exc, Terminated) else "interrupted (SIGINT)"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bidsapp.config import READOUTS, Config
 from bidsapp.distributed import env_rank
-from bidsapp.errors import NoInputError, UsageError, interruption_message
+from bidsapp.errors import NoInputError, UsageError, interruption_in, interruption_message
 from bidsapp.io import atomic_write_text, ensure_dir
 from bidsapp.logs import FILE_ONLY, get_logger, setup_logging
 from bidsapp.runtime import resolve_device, set_threads
@@ -72,22 +72,26 @@ def run(config: Config) -> int:
     log.info("roimae %s level on %s (device %s, %d threads)", config.analysis_level,
              config.bids_dir, device, config.omp_nthreads)
     try:
-        if config.analysis_level == "pretrain":
-            from bidsapp.pretrain import run_pretrain
+        try:
+            if config.analysis_level == "pretrain":
+                from bidsapp.pretrain import run_pretrain
 
-            run_pretrain(config, device)
-        elif config.analysis_level == "participant":
-            from bidsapp.participant import run_participant
+                run_pretrain(config, device)
+            elif config.analysis_level == "participant":
+                from bidsapp.participant import run_participant
 
-            run_participant(config, device)
-        else:
-            from bidsapp.group import run_group
+                run_participant(config, device)
+            else:
+                from bidsapp.group import run_group
 
-            run_group(config)
-    except Exception as exc:
-        # DEBUG reaches the log file (not the console, where the CLI prints the one-line error).
-        log.debug("failed: %s: %s", type(exc).__name__, exc, exc_info=True)
-        raise
+                run_group(config)
+        except Exception as exc:
+            interruption = interruption_in(exc)
+            if interruption is not None:
+                raise interruption from exc
+            # DEBUG reaches the log file (not the console, where the CLI prints the error line).
+            log.debug("failed: %s: %s", type(exc).__name__, exc, exc_info=True)
+            raise
     except KeyboardInterrupt as exc:   # SIGINT, or SIGTERM (bidsapp.errors.Terminated)
         # The log file only: the CLI prints the same line on the console.
         log.error("%s", interruption_message(exc), extra={FILE_ONLY: True})

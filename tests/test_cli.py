@@ -276,6 +276,25 @@ def test_double_verbose_prints_the_traceback(demo: Path, tmp_path: Path, capsys)
     assert err.splitlines()[-1].startswith("roimae: error: selection.participant_label")
 
 
+def test_signal_during_a_lazy_import_is_an_interruption(demo: Path, tmp_path: Path, capsys,
+                                                        monkeypatch) -> None:
+    """Ctrl-C while a module initialises surfaces as ImportError; it still exits 130 in one line."""
+    import bidsapp.pretrain
+
+    def interrupted_import(*args: object) -> None:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise ImportError("initialization failed") from None
+
+    monkeypatch.setattr(bidsapp.pretrain, "run_pretrain", interrupted_import)
+    code, _, err = run_cli([demo, tmp_path / "out", "pretrain"], capsys)
+    assert code == 130
+    assert err.splitlines()[-1].startswith("roimae: interrupted (SIGINT); outputs completed")
+    (log_file,) = (tmp_path / "out/logs").glob("roimae-pretrain-*.log")
+    assert "[ERROR] interrupted (SIGINT)" in log_file.read_text()
+
+
 # --- logs and configuration of a successful run ----------------------------------------------------
 
 def test_pretrain_run_saves_its_config_and_log(demo: Path, tmp_path: Path, capsys) -> None:
