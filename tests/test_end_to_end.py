@@ -22,7 +22,7 @@ from bidsapp.demo import make_demo_dataset
 from bidsapp.logs import setup_logging
 from bidsapp.workflows import DEMO_MASKINGS, DEMO_READOUTS, run_demo_chain
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo-chain")]
 
 N_PARTICIPANTS = 24
 
