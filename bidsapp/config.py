@@ -1,6 +1,6 @@
 """The validated run configuration.
 
-The CLI parses arguments into a :class:`Config`; workflows read only this object, and a copy of it
+The CLI parses arguments into a :class:`Config`; the levels read only this object, and a copy of it
 is saved under ``OUTPUT_DIR/logs/`` for every run so that each output can be traced to its settings.
 """
 

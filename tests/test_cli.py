@@ -18,6 +18,7 @@ import torch
 
 from bidsapp import __version__
 from bidsapp.cli import build_parser, config_from_args, main
+from bidsapp.cli.demo import DEMO_MASKINGS, DEMO_READOUTS, demo_configs
 from bidsapp.demo import make_demo_dataset
 
 #: A console log record (``HH:MM:SS [LEVEL] message``), as bidsapp.logs formats them.
@@ -111,6 +112,25 @@ def test_demo_into_a_non_empty_dir_needs_overwrite(tmp_path: Path, capsys) -> No
     assert bold.stat().st_mtime_ns == stamp
     assert main([*argv, "--overwrite"]) == 0
     assert bold.stat().st_mtime_ns != stamp
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_demo_chain_configs_are_those_of_its_command_lines(tmp_path: Path, overwrite: bool) -> None:
+    """``roimae demo --run`` builds its configs directly: the same as parsing each step's argv."""
+    bids, out = tmp_path / "bids", tmp_path / "out"
+    common = [str(bids), str(out), "-v", "--nprocs", "2"]
+    argvs = []
+    for masking in DEMO_MASKINGS:
+        argvs.append([*common, "pretrain", "--masking", masking, "--preset", "tiny", "--epochs", "12",
+                      "--batch-size", "4", "--lr", "3e-3", "--window-frames", "10",
+                      *(["--overwrite"] if overwrite else [])])
+        argvs.append([*common, "participant", "--model-desc", masking, "--attribution-subsets", "16"])
+    argvs.append([*common, "group", "--target", "diagnosis", "--compare", *DEMO_MASKINGS, "fc",
+                  "covariates", "--features", *DEMO_READOUTS, "--covariates", "age", "sex",
+                  "--n-permutations", "50"])
+    expected = [config_from_args(build_parser().parse_args(argv)) for argv in argvs]
+    assert demo_configs(bids, out, verbosity=1, nprocs=2, n_permutations=50,
+                        overwrite=overwrite) == expected
 
 
 def test_bids_dir_named_demo_is_not_the_demo_command(tmp_path: Path) -> None:

@@ -1,8 +1,6 @@
-"""Command-line interface: ``roimae BIDS_DIR OUTPUT_DIR {pretrain,participant,group} [options]``.
+"""The parsers of ``roimae`` and ``roimae demo``, and from parsed arguments to a :class:`Config`.
 
-Option names follow fMRIPrep / XCP-D (nipreps), including the underscore spellings
-(``--participant_label``). ``roimae demo OUT_DIR`` writes the synthetic demo dataset.
-Errors are one line on standard error with a BEP027 exit code; ``-vv`` adds the traceback.
+Cheap to import (argparse, pydantic and the config only): ``roimae --help`` loads nothing else.
 """
 
 from __future__ import annotations
@@ -10,10 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import sys
-import traceback
-from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -21,17 +15,23 @@ from pydantic import ValidationError
 
 from bidsapp import __version__
 from bidsapp.config import READOUTS, Config
-from bidsapp.errors import (
-    ExitCode,
-    RoimaeError,
-    Terminated,
-    UnknownLevelError,
-    UsageError,
-    interruption_in,
-    interruption_message,
-)
+from bidsapp.errors import ExitCode, UnknownLevelError, UsageError
 
 LEVELS = ("pretrain", "participant", "group")
+#: The work directory's name in OUTPUT_DIR when ``-w`` is not given.
+WORK_DIR_NAME = ".roimae-work"
+
+
+def default_work_dir(output_dir: Path) -> Path:
+    """The work directory when ``-w`` is not given."""
+    return output_dir / WORK_DIR_NAME
+
+
+def default_omp_nthreads(nprocs: int) -> int:
+    """Threads per process when ``--omp-nthreads`` is not given: the usable CPUs / ``nprocs``."""
+    # The CPUs this process may use (a container's or Slurm job's share), not the whole host's.
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cpus or 1) // max(1, nprocs))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -218,12 +218,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if args.bids_filter_file is not None:
         bids_filters = _read_filter_file(args.bids_filter_file)
     output_dir = args.output_dir.expanduser().absolute()
-    work_dir = (args.work_dir or output_dir / ".roimae-work").expanduser()
-    # The CPUs this process may use (a container's or Slurm job's share), not the whole host's.
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    work_dir = (args.work_dir or default_work_dir(output_dir)).expanduser()
     # Only an absent option means "all CPUs"; --omp-nthreads 0 is refused by the Config.
     omp = (args.omp_nthreads if args.omp_nthreads is not None
-           else max(1, (cpus or 1) // max(1, args.nprocs)))
+           else default_omp_nthreads(args.nprocs))
     try:
         return Config(
             bids_dir=args.bids_dir.expanduser().absolute(),
@@ -309,69 +307,3 @@ def _read_filter_file(path: Path) -> dict:
             f"--bids-filter-file {path} must map query names ('bold', 'mask') to objects"
         )
     return filters
-
-
-def _raise_terminated(signum: int, frame: object) -> NoReturn:
-    # Once: a second SIGTERM (Slurm repeats it) must not interrupt the clean-up of the first.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise Terminated(f"stopped by {signal.Signals(signum).name}")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``roimae`` console script; returns the exit code.
-
-    SIGTERM (a Slurm time limit, ``scancel``, ``docker stop``) is handled as SIGINT (Ctrl-C): the
-    job unwinds, removing its temporary files, logs one line and exits 143 (130 for SIGINT).
-    """
-    try:
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    except ValueError:   # not the main thread (roimae called from a thread): leave signals alone
-        previous = None
-    try:
-        return _main(argv)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _interrupted(exc: KeyboardInterrupt) -> int:
-    code = ExitCode.TERMINATED if isinstance(exc, Terminated) else ExitCode.INTERRUPTED
-    print(f"roimae: {interruption_message(exc)} (exit {int(code)})", file=sys.stderr)
-    return int(code)
-
-
-def _main(argv: Sequence[str] | None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    verbosity = sum(a.count("v") for a in argv if a.startswith("-") and set(a[1:]) == {"v"})
-    verbosity += argv.count("--verbose")
-    try:
-        # ``roimae demo OUT ...`` unless it reads as a BIDS-App call on a BIDS_DIR named demo.
-        if argv and argv[0] == "demo" and not (len(argv) >= 3 and argv[2] in LEVELS):
-            from bidsapp.workflows import run_demo
-
-            return run_demo(build_demo_parser().parse_args(argv[1:]))
-        args = build_parser().parse_args(argv)
-        config = config_from_args(args)
-        from bidsapp.workflows import run
-
-        return run(config)
-    except RoimaeError as exc:
-        if verbosity >= 2:
-            traceback.print_exc()
-        print(f"roimae: error: {exc}", file=sys.stderr)
-        return int(exc.exit_code)
-    except KeyboardInterrupt as exc:
-        return _interrupted(exc)
-    except Exception as exc:  # a bug: say so in one line unless -vv
-        interruption = interruption_in(exc)
-        if interruption is not None:
-            return _interrupted(interruption)
-        if verbosity >= 2:
-            traceback.print_exc()
-        print(f"roimae: internal error: {type(exc).__name__}: {exc} (rerun with -vv for the "
-              "traceback and please report it)", file=sys.stderr)
-        return int(ExitCode.FAILURE)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
