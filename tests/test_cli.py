@@ -19,6 +19,7 @@ import torch
 from bidsapp import __version__
 from bidsapp.cli import build_parser, config_from_args, main
 from bidsapp.cli.demo import DEMO_MASKINGS, DEMO_READOUTS, demo_configs
+from bidsapp.cli.parser import FANOUT, config_field
 from bidsapp.demo import make_demo_dataset
 
 #: A console log record (``HH:MM:SS [LEVEL] message``), as bidsapp.logs formats them.
@@ -160,6 +161,23 @@ def test_both_spellings_of_participant_label_give_the_same_config(tmp_path: Path
     assert dashed == underscored
     assert dashed.selection.participant_label == ["01", "02"]
     assert config().selection.participant_label is None
+
+
+def test_options_take_their_defaults_and_choices_from_the_config() -> None:
+    """Each option sets a Config field (its dest), whose default and choices it shows."""
+    parser = build_parser()
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help", "version"):
+            continue
+        field = config_field(FANOUT.get(action.dest, (action.dest,))[0])
+        if action.default is not None:
+            assert action.default == field.get_default(call_default_factory=True), action.dest
+        if action.choices is not None:
+            assert all(repr(c) in str(field.annotation) for c in action.choices), action.dest
+    text = parser.format_help()
+    assert "(default: None)" not in text
+    for action in parser._actions:
+        assert parser._get_formatter()._get_help_string(action).count("default") <= 1, action.dest
 
 
 # --- exit codes of the README table ---------------------------------------------------------------
