@@ -20,7 +20,10 @@ from bidsapp import __version__
 from bidsapp.cli import build_parser, config_from_args, main
 from bidsapp.cli.demo import DEMO_MASKINGS, DEMO_READOUTS, demo_configs
 from bidsapp.cli.parser import FANOUT, config_field
+from bidsapp.config import MASKING_NAMES
 from bidsapp.demo import make_demo_dataset
+from bidsapp.errors import UsageError
+from bidsapp.model.masking import RegionGrid, build_masking
 
 #: A console log record (``HH:MM:SS [LEVEL] message``), as bidsapp.logs formats them.
 LOG_RECORD = re.compile(r"^\d\d:\d\d:\d\d \[(DEBUG|INFO|WARNING|ERROR)\] ")
@@ -178,6 +181,17 @@ def test_options_take_their_defaults_and_choices_from_the_config() -> None:
     assert "(default: None)" not in text
     for action in parser._actions:
         assert parser._get_formatter()._get_help_string(action).count("default") <= 1, action.dest
+
+
+def test_masking_choices_are_the_strategies_the_model_builds() -> None:
+    """``--masking`` offers config.MASKING_NAMES: each is a strategy of build_masking."""
+    labels = torch.zeros(4, 4, 4, dtype=torch.long)
+    labels[2:] = 1
+    grid = RegionGrid.from_labels(labels, torch.ones(4, 4, 4, dtype=torch.bool), 2, 2)
+    for name in MASKING_NAMES:
+        build_masking(name, grid, 0.5)
+    with pytest.raises(UsageError, match="unknown masking"):
+        build_masking("brainrandom", grid, 0.5)
 
 
 # --- exit codes of the README table ---------------------------------------------------------------
