@@ -291,8 +291,30 @@ def build_demo_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _read_filter_file(path: Path) -> dict:
+    try:
+        filters = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError as exc:
+        raise UsageError(f"--bids-filter-file {path} does not exist") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(f"--bids-filter-file {path} is not valid UTF-8 JSON: {reason}") from exc
+    if not isinstance(filters, dict) or not all(isinstance(v, dict) for v in filters.values()):
+        raise UsageError(
+            f"--bids-filter-file {path} must map query names ('bold', 'mask') to objects"
+        )
+    return filters
+
+
 #: Options that set several Config fields (dest -> field paths).
 FANOUT: dict[str, tuple[str, ...]] = {"overwrite": ("pretrain.overwrite", "participant.overwrite")}
+
+#: Options whose parsed value is converted before it reaches the Config (dest -> converter).
+CONVERTERS = {
+    "selection.bids_filters": _read_filter_file,   # the file's path -> its filters
+    "selection.derivatives": dict,                  # NAME=PATH pairs -> {NAME: PATH}
+    "group.target_map": dict,                       # VALUE=CLASS pairs -> {VALUE: CLASS}
+}
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -334,26 +356,3 @@ def config_from_args(args: argparse.Namespace) -> Config:
         where = ".".join(str(p) for p in first["loc"])
         message = first["msg"].removeprefix("Value error, ")
         raise UsageError(f"{where}: {message}" if where else message) from exc
-
-
-def _read_filter_file(path: Path) -> dict:
-    try:
-        filters = json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError as exc:
-        raise UsageError(f"--bids-filter-file {path} does not exist") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UsageError(f"--bids-filter-file {path} is not valid UTF-8 JSON: {reason}") from exc
-    if not isinstance(filters, dict) or not all(isinstance(v, dict) for v in filters.values()):
-        raise UsageError(
-            f"--bids-filter-file {path} must map query names ('bold', 'mask') to objects"
-        )
-    return filters
-
-
-#: Options whose parsed value is converted before it reaches the Config (dest -> converter).
-CONVERTERS = {
-    "selection.bids_filters": _read_filter_file,   # the file's path -> its filters
-    "selection.derivatives": dict,                  # NAME=PATH pairs -> {NAME: PATH}
-    "group.target_map": dict,                       # VALUE=CLASS pairs -> {VALUE: CLASS}
-}
