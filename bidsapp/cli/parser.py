@@ -5,7 +5,7 @@ path of the config field it sets (``pretrain.epochs``), and its default, choices
 read from that field. :func:`config_from_args` nests the parsed values by these paths; the few
 options that are not one field each are in :data:`FANOUT` and :data:`CONVERTERS`.
 
-Cheap to import (argparse, pydantic and the config only): ``roimae --help`` loads nothing else.
+Cheap to import (argparse, pydantic and the config): ``roimae --help`` loads neither torch nor a level.
 """
 
 from __future__ import annotations
