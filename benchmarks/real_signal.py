@@ -41,7 +41,7 @@ def roimae(*argv: object) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("work", type=Path)
     parser.add_argument("--realdata", type=Path,
                         default=Path(os.environ.get("ROIMAE_REALDATA", REALDATA)))

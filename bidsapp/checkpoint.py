@@ -25,13 +25,11 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from bidsapp.config import BackboneName, MaskingName, PresetName
+from bidsapp.config import MASKING_DESC, BackboneName, MaskingName, PresetName
 from bidsapp.errors import BadDataError, NoInputError, UsageError
 from bidsapp.io import atomic_path, json_text
 
 FORMAT = "roimae-checkpoint/1"
-MASKING_DESC = {"roi": "roi", "random": "random", "brain-random": "brainrandom",
-                "roi-voxel": "roivoxel"}
 
 
 def masking_desc(masking: str) -> str:

@@ -1,6 +1,6 @@
 """The validated run configuration.
 
-The CLI parses arguments into a :class:`Config`; workflows read only this object, and a copy of it
+The CLI parses arguments into a :class:`Config`; the levels read only this object, and a copy of it
 is saved under ``OUTPUT_DIR/logs/`` for every run so that each output can be traced to its settings.
 """
 
@@ -8,23 +8,29 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from bidsapp.io import json_text
 
+#: The analysis levels, in the order they run.
 AnalysisLevel = Literal["pretrain", "participant", "group"]
+LEVELS: tuple[str, ...] = get_args(AnalysisLevel)
+#: Masking strategies (:func:`bidsapp.model.masking.build_masking`), the default first: the one
+#: list of their names (the CLI's choices, ``--compare``, checkpoints' ``desc`` labels).
 MaskingName = Literal["roi", "random", "brain-random", "roi-voxel"]
+MASKING_NAMES: tuple[str, ...] = get_args(MaskingName)
+#: BIDS ``desc-`` label of each masking: labels are alphanumeric (``brain-random`` -> ``brainrandom``).
+MASKING_DESC = {name: name.replace("-", "") for name in MASKING_NAMES}
+#: The ``desc`` labels that differ from the names, also accepted where a masking is named.
+MASKING_DESCS = tuple(desc for name, desc in MASKING_DESC.items() if desc != name)
 PresetName = Literal["tiny", "small", "base"]
 BackboneName = Literal["swin4d", "vit4d"]
 Device = Literal["auto", "cpu", "cuda"]
 #: Readouts of a model's outputs for the group level, the default first (docs/science.md).
 READOUTS = ("connectivity", "region", "global")
 Readout = Literal[READOUTS]
-MASKING_NAMES = ("roi", "random", "brain-random", "roi-voxel")
-#: Their BIDS ``desc`` labels, also accepted where a masking is named.
-MASKING_DESCS = ("brainrandom", "roivoxel")
 
 #: BIDS labels are alphanumeric (the BIDS specification, "label" value format).
 LABEL_PATTERN = re.compile(r"^[A-Za-z0-9]+$")
@@ -174,8 +180,8 @@ class GroupConfig(_Section):
         allowed = (*MASKING_NAMES, *MASKING_DESCS, "fc", "covariates")
         for name in v or []:
             if name not in allowed:
-                raise ValueError(f"--compare {name!r}: give model maskings (roi, random, "
-                                 "brain-random, roi-voxel) and the baselines fc, covariates")
+                raise ValueError(f"--compare {name!r}: give model maskings "
+                                 f"({', '.join(MASKING_NAMES)}) and the baselines fc, covariates")
         return v
 
 

@@ -4,8 +4,36 @@
 of ``AAL3v1_2mm.nii.gz``) that roimae can process and the BIDS validator accepts, and a truth record
 (``roimae_demo_truth.json``, listed in ``.bidsignore``) of everything planted.
 
-Signal model
-------------
+The signal model is :data:`SIGNAL_MODEL` (a constant, not this docstring, so that the truth
+record holds it under ``python -OO`` too).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from scipy import ndimage, sparse
+
+from bidsapp import __version__
+from bidsapp.atlas import Atlas, load_atlas
+from bidsapp.errors import UsageError
+from bidsapp.grid import MNI_2MM_AFFINE, MNI_2MM_SHAPE
+from bidsapp.io import atomic_path, atomic_write_text, ensure_dir, json_text
+from bidsapp.logs import get_logger
+
+__all__ = ["ADHD_AMPLITUDE", "ADHD_REGIONS", "ADHD_SHIFT", "COUPLED_REGIONS", "COUPLING", "NETWORKS",
+           "NOISE_ONLY", "SIGNAL_MODEL", "make_demo_dataset"]
+
+log = get_logger("demo")
+
+#: The signal model of the demo, written into the truth record as ``signal_model``.
+SIGNAL_MODEL = """\
 All randomness comes from one ``numpy.random.Generator(seed)``, except that of the coupling effect
 (below), which comes from a second one, ``Generator([seed, 1])``: adding it left every other label
 and voxel as it was. The brain mask is AAL3 > 0, closed and dilated by one voxel, holes filled
@@ -56,30 +84,6 @@ and voxel as it was. The brain mask is AAL3 > 0, closed and dilated by one voxel
 Values are stored as int16 with ``scl_slope`` 0.5 (as fMRIPrep's int16 outputs carry a slope);
 voxels outside the mask are 0.
 """
-
-from __future__ import annotations
-
-import json
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-
-import nibabel as nib
-import numpy as np
-import pandas as pd
-from scipy import ndimage, sparse
-
-from bidsapp import __version__
-from bidsapp.atlas import Atlas, load_atlas
-from bidsapp.errors import UsageError
-from bidsapp.grid import MNI_2MM_AFFINE, MNI_2MM_SHAPE
-from bidsapp.io import atomic_path, atomic_write_text, ensure_dir, json_text
-from bidsapp.logs import get_logger
-
-__all__ = ["ADHD_AMPLITUDE", "ADHD_REGIONS", "ADHD_SHIFT", "COUPLED_REGIONS", "COUPLING", "NETWORKS",
-           "NOISE_ONLY", "make_demo_dataset"]
-
-log = get_logger("demo")
 
 TASK = "rest"
 SPACE = "MNI152NLin6Asym"
@@ -156,7 +160,7 @@ class _Layout:
 def make_demo_dataset(out_dir: Path, *, n_participants: int = 24, n_frames: int = 60,
                       seed: int = 0, repetition_time: float = 2.0,
                       atlas: Atlas | None = None) -> dict[str, Any]:
-    """Write the synthetic demo dataset (see the module docstring for the signal model).
+    """Write the synthetic demo dataset (signal model: :data:`SIGNAL_MODEL`).
 
     Parameters
     ----------
@@ -364,7 +368,7 @@ def _coupled_courses(rng: np.random.Generator, coupling: str, global_course: np.
 def _participant_bold(rng: np.random.Generator, coupling_rng: np.random.Generator,
                       layout: _Layout, diagnosis: str, coupling: str, site: dict[str, float],
                       gain: float, n_frames: int, repetition_time: float) -> np.ndarray:
-    """(V, T) float32 BOLD of one participant's brain voxels (the model of the module docstring).
+    """(V, T) float32 BOLD of one participant's brain voxels (the model of :data:`SIGNAL_MODEL`).
 
     The per-voxel factors are folded into (V,) coefficients first, so the (V, T) arrays are
     touched by few in-place operations: this is most of the demo's run time.
@@ -441,7 +445,7 @@ def _truth(atlas: Atlas, seed: int, n_frames: int, repetition_time: float,
         "n_frames": n_frames,
         "repetition_time": repetition_time,
         "atlas": {"name": atlas.name, "sha256": atlas.sha256()},
-        "signal_model": (__doc__ or "").partition("------------\n")[2].strip(),
+        "signal_model": SIGNAL_MODEL.strip(),
         "baseline": BASELINE,
         "baseline_profile_sd": PROFILE_SD,
         "fluctuation_amplitude": FLUCTUATION,
@@ -507,7 +511,7 @@ def _write_metadata(out_dir: Path, participants: pd.DataFrame, truth: dict[str, 
         "`coupled` participants (a second, independent label) ten cortical regions share the\n"
         "brain-wide course, which they do not in `uncoupled` ones (a change of covariance only).\n"
         f"Everything planted is listed in `{TRUTH_FILE}`; the model is described there and in\n"
-        "the docstring of bidsapp/demo.py.\n"
+        "SIGNAL_MODEL of bidsapp/demo.py.\n"
     )
     atomic_write_text(out_dir / "dataset_description.json", _json(description))
     atomic_write_text(out_dir / "README", readme)

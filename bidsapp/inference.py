@@ -1,25 +1,7 @@
 """Apply a pretrained model to one run: window embeddings and per-region attribution.
 
-Attribution hides AAL3 regions with the masking code used in training (``from_regions``), never one
-region per forward pass. Each window is passed ``K`` times (``--attribution-subsets``, even) with a random
-half of the regions hidden, each subset paired with its complement, so every region is hidden in exactly
-``K/2`` passes and visible in the other ``K/2`` (a balanced RISE-style design). From these passes:
-
-- **reconstruction error** of region r: the mean squared error over r's hidden brain voxels in the passes
-  that hid r (lower = better reconstructed from context); its standard error over those passes and windows
-  is reported beside it;
-- **occlusion effect** of region r on the window embedding: ``delta_r = mean(emb | r hidden) -
-  mean(emb | r visible)``, the average change of the embedding when r is hidden in the model's training
-  context (half the regions hidden). The occluded embedding of r is ``emb + delta_r`` and the
-  **representation sensitivity** is ``|delta_r| / s``, the displacement of the run embedding in units
-  of ``s``, the root-mean-square distance of the run's window embeddings from their mean (how far the
-  embedding moves when a region is hidden, compared with how far it moves from one window of the same
-  run to the next; a cosine is blind to this, since every embedding shares a large common component).
-  Each delta mixes in the other regions' effects with mean zero; its precision improves as
-  ``1/sqrt(K * windows)``.
-
-Cost: ``K + 1`` encoder passes per window instead of ``R + 1`` (166 + 1 for AAL3). The unmasked pass
-also gives the region readouts (:mod:`bidsapp.readouts`).
+The attribution method is :data:`ATTRIBUTION_METHOD` (a constant, not this docstring, so that
+the participant level writes it into its sidecars under ``python -OO`` too).
 """
 
 from __future__ import annotations
@@ -45,6 +27,32 @@ from bidsapp.readouts import RegionPooling, feature_correlation, region_embeddin
 from bidsapp.training import step_generator
 
 log = get_logger("inference")
+
+#: How attribution works, written into the participant level's sidecars as ``Method``.
+ATTRIBUTION_METHOD = """\
+Apply a pretrained model to one run: window embeddings and per-region attribution.
+
+Attribution hides AAL3 regions with the masking code used in training (``from_regions``), never one
+region per forward pass. Each window is passed ``K`` times (``--attribution-subsets``, even) with a random
+half of the regions hidden, each subset paired with its complement, so every region is hidden in exactly
+``K/2`` passes and visible in the other ``K/2`` (a balanced RISE-style design). From these passes:
+
+- **reconstruction error** of region r: the mean squared error over r's hidden brain voxels in the passes
+  that hid r (lower = better reconstructed from context); its standard error over those passes and windows
+  is reported beside it;
+- **occlusion effect** of region r on the window embedding: ``delta_r = mean(emb | r hidden) -
+  mean(emb | r visible)``, the average change of the embedding when r is hidden in the model's training
+  context (half the regions hidden). The occluded embedding of r is ``emb + delta_r`` and the
+  **representation sensitivity** is ``|delta_r| / s``, the displacement of the run embedding in units
+  of ``s``, the root-mean-square distance of the run's window embeddings from their mean (how far the
+  embedding moves when a region is hidden, compared with how far it moves from one window of the same
+  run to the next; a cosine is blind to this, since every embedding shares a large common component).
+  Each delta mixes in the other regions' effects with mean zero; its precision improves as
+  ``1/sqrt(K * windows)``.
+
+Cost: ``K + 1`` encoder passes per window instead of ``R + 1`` (166 + 1 for AAL3). The unmasked pass
+also gives the region readouts (:mod:`bidsapp.readouts`).
+"""
 
 
 @dataclass

@@ -50,6 +50,7 @@ from bidsapp.data import prepare_runs
 from bidsapp.errors import BadDataError, UsageError
 from bidsapp.grid import CubeAtlas, cube_atlas
 from bidsapp.inference import (
+    ATTRIBUTION_METHOD,
     LoadedModel,
     RunAttribution,
     analyse_run,
@@ -57,7 +58,6 @@ from bidsapp.inference import (
     load_model,
     window_spread,
 )
-from bidsapp.inference import __doc__ as ATTRIBUTION_METHOD
 from bidsapp.io import remove_temporaries
 from bidsapp.logs import get_logger
 from bidsapp.preprocess import CachedRun

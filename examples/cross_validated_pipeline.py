@@ -27,7 +27,7 @@ from bidsapp import RoimaeEmbedder
 
 
 def main(argv: list[str] | None = None) -> np.ndarray:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("model", type=Path, help="model.safetensors (or its folder)")
     parser.add_argument("bids_dir", type=Path)
     parser.add_argument("--target", default="diagnosis", help="column of participants.tsv")

@@ -21,7 +21,7 @@ from bidsapp import embed_imgs, load_model
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("model", type=Path, help="model.safetensors (or its folder)")
     parser.add_argument("imgs", nargs="+", type=Path, help="4D BOLD images in MNI space")
     parser.add_argument("--mask", type=Path, help="one brain mask for every image")

@@ -21,7 +21,7 @@ from bidsapp import embed_img, load_model
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("model", type=Path)
     parser.add_argument("bold", type=Path)
     parser.add_argument("mask", type=Path)

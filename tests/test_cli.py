@@ -18,7 +18,12 @@ import torch
 
 from bidsapp import __version__
 from bidsapp.cli import build_parser, config_from_args, main
+from bidsapp.cli.demo import DEMO_MASKINGS, DEMO_READOUTS, demo_configs
+from bidsapp.cli.parser import FANOUT, config_field
+from bidsapp.config import MASKING_NAMES
 from bidsapp.demo import make_demo_dataset
+from bidsapp.errors import UsageError
+from bidsapp.model.masking import RegionGrid, build_masking
 
 #: A console log record (``HH:MM:SS [LEVEL] message``), as bidsapp.logs formats them.
 LOG_RECORD = re.compile(r"^\d\d:\d\d:\d\d \[(DEBUG|INFO|WARNING|ERROR)\] ")
@@ -113,6 +118,25 @@ def test_demo_into_a_non_empty_dir_needs_overwrite(tmp_path: Path, capsys) -> No
     assert bold.stat().st_mtime_ns != stamp
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_demo_chain_configs_are_those_of_its_command_lines(tmp_path: Path, overwrite: bool) -> None:
+    """``roimae demo --run`` builds its configs directly: the same as parsing each step's argv."""
+    bids, out = tmp_path / "bids", tmp_path / "out"
+    common = [str(bids), str(out), "-v", "--nprocs", "2"]
+    argvs = []
+    for masking in DEMO_MASKINGS:
+        argvs.append([*common, "pretrain", "--masking", masking, "--preset", "tiny", "--epochs", "12",
+                      "--batch-size", "4", "--lr", "3e-3", "--window-frames", "10",
+                      *(["--overwrite"] if overwrite else [])])
+        argvs.append([*common, "participant", "--model-desc", masking, "--attribution-subsets", "16"])
+    argvs.append([*common, "group", "--target", "diagnosis", "--compare", *DEMO_MASKINGS, "fc",
+                  "covariates", "--features", *DEMO_READOUTS, "--covariates", "age", "sex",
+                  "--n-permutations", "50"])
+    expected = [config_from_args(build_parser().parse_args(argv)) for argv in argvs]
+    assert demo_configs(bids, out, verbosity=1, nprocs=2, n_permutations=50,
+                        overwrite=overwrite) == expected
+
+
 def test_bids_dir_named_demo_is_not_the_demo_command(tmp_path: Path) -> None:
     # ``demo OUT pretrain`` is a BIDS-App call on ./demo, which does not exist here.
     done = _console("demo", str(tmp_path / "out"), "pretrain", cwd=tmp_path)
@@ -140,6 +164,34 @@ def test_both_spellings_of_participant_label_give_the_same_config(tmp_path: Path
     assert dashed == underscored
     assert dashed.selection.participant_label == ["01", "02"]
     assert config().selection.participant_label is None
+
+
+def test_options_take_their_defaults_and_choices_from_the_config() -> None:
+    """Each option sets a Config field (its dest), whose default and choices it shows."""
+    parser = build_parser()
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help", "version"):
+            continue
+        field = config_field(FANOUT.get(action.dest, (action.dest,))[0])
+        if action.default is not None:
+            assert action.default == field.get_default(call_default_factory=True), action.dest
+        if action.choices is not None:
+            assert all(repr(c) in str(field.annotation) for c in action.choices), action.dest
+    text = parser.format_help()
+    assert "(default: None)" not in text
+    for action in parser._actions:
+        assert parser._get_formatter()._get_help_string(action).count("default") <= 1, action.dest
+
+
+def test_masking_choices_are_the_strategies_the_model_builds() -> None:
+    """``--masking`` offers config.MASKING_NAMES: each is a strategy of build_masking."""
+    labels = torch.zeros(4, 4, 4, dtype=torch.long)
+    labels[2:] = 1
+    grid = RegionGrid.from_labels(labels, torch.ones(4, 4, 4, dtype=torch.bool), 2, 2)
+    for name in MASKING_NAMES:
+        build_masking(name, grid, 0.5)
+    with pytest.raises(UsageError, match="unknown masking"):
+        build_masking("brainrandom", grid, 0.5)
 
 
 # --- exit codes of the README table ---------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The demo chain end to end: pretrain (roi, random) -> participant -> group, with known answers.
 
-One run of :func:`bidsapp.workflows.run_demo_chain` (what ``roimae demo DIR --run`` does) on the demo
+One run of :func:`bidsapp.cli.demo.run_demo_chain` (what ``roimae demo DIR --run`` does) on the demo
 dataset is shared by every test here; each test checks one promise of the pretrain, participant or
 group level against the planted truth recorded in ``roimae_demo_truth.json``.
 """
@@ -18,9 +18,9 @@ import pytest
 
 from bidsapp.atlas import load_atlas
 from bidsapp.bids.validation import run_bids_validator
+from bidsapp.cli.demo import DEMO_MASKINGS, DEMO_READOUTS, run_demo_chain
 from bidsapp.demo import make_demo_dataset
 from bidsapp.logs import setup_logging
-from bidsapp.workflows import DEMO_MASKINGS, DEMO_READOUTS, run_demo_chain
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo-chain")]
 

@@ -1,17 +1,18 @@
-"""From a validated :class:`~bidsapp.config.Config` to the level that does the work.
+"""The dispatch from a validated :class:`~bidsapp.config.Config` to the level that does the work.
 
-Data flows one way: CLI -> config -> this module -> the level's workflow -> writers.
+Data flows one way: CLI (:mod:`bidsapp.cli`) -> config -> this module -> the level (:mod:`bidsapp.pretrain`,
+:mod:`bidsapp.participant`, :mod:`bidsapp.group`) -> writers. This is the only module that imports
+the levels.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bidsapp.config import READOUTS, Config
+from bidsapp import group, participant, pretrain
+from bidsapp.config import Config
 from bidsapp.distributed import env_rank
 from bidsapp.errors import NoInputError, UsageError, interruption_in, interruption_message
 from bidsapp.io import atomic_write_text, ensure_dir
@@ -73,18 +74,13 @@ def run(config: Config) -> int:
              config.bids_dir, device, config.omp_nthreads)
     try:
         try:
+            # Looked up at call time (module.function), so a test can replace a level.
             if config.analysis_level == "pretrain":
-                from bidsapp.pretrain import run_pretrain
-
-                run_pretrain(config, device)
+                pretrain.run_pretrain(config, device)
             elif config.analysis_level == "participant":
-                from bidsapp.participant import run_participant
-
-                run_participant(config, device)
+                participant.run_participant(config, device)
             else:
-                from bidsapp.group import run_group
-
-                run_group(config)
+                group.run_group(config)
         except Exception as exc:
             interruption = interruption_in(exc)
             if interruption is not None:
@@ -97,57 +93,4 @@ def run(config: Config) -> int:
         log.error("%s", interruption_message(exc), extra={FILE_ONLY: True})
         raise
     log.info("roimae %s level finished; outputs in %s", config.analysis_level, config.output_dir)
-    return 0
-
-
-#: Settings of the demo chain: small enough for 2 CPU cores in a few minutes.
-DEMO_PRETRAIN = ["--preset", "tiny", "--epochs", "12", "--batch-size", "4", "--lr", "3e-3",
-                 "--window-frames", "10"]
-DEMO_MASKINGS = ("roi", "random")
-#: Every readout, beside the fc and covariates baselines.
-DEMO_READOUTS = READOUTS
-#: Twice the default subsets: the demo's group attribution resolves its planted regions.
-DEMO_PARTICIPANT = ["--attribution-subsets", "16"]
-
-
-def run_demo_chain(bids_dir: Path, out_dir: Path, *, verbosity: int = 0, nprocs: int = 1,
-                   n_permutations: int = 200, overwrite: bool = False) -> Path:
-    """Pretrain (roi and random), then the participant and group levels on the demo dataset.
-
-    ``overwrite`` replaces models an earlier chain left in ``out_dir`` (else pretraining refuses
-    to run over them).
-    """
-    from bidsapp.cli import build_parser, config_from_args
-
-    common = [str(bids_dir), str(out_dir)] + ["-v"] * verbosity + ["--nprocs", str(nprocs)]
-    steps = []
-    for masking in DEMO_MASKINGS:
-        steps.append([*common, "pretrain", "--masking", masking, *DEMO_PRETRAIN,
-                      *(["--overwrite"] if overwrite else [])])
-        steps.append([*common, "participant", "--model-desc", masking, *DEMO_PARTICIPANT])
-    steps.append([*common, "group", "--target", "diagnosis", "--compare", *DEMO_MASKINGS, "fc",
-                  "covariates", "--features", *DEMO_READOUTS, "--covariates", "age", "sex",
-                  "--n-permutations", str(n_permutations)])
-    for argv in steps:
-        run(config_from_args(build_parser().parse_args(argv)))
-    return out_dir / "group.html"
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    """``roimae demo OUT_DIR``: write the demo dataset and, with ``--run``, the whole chain."""
-    from bidsapp.demo import make_demo_dataset
-
-    setup_logging(args.verbosity)
-    out_dir = Path(args.out_dir).expanduser().absolute()
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:
-        raise UsageError(f"{out_dir} is not empty: choose a new or empty directory for the demo, "
-                         "or pass --overwrite to replace files of the same names there")
-    bids_dir = out_dir / "bids" if args.run else out_dir
-    make_demo_dataset(bids_dir, n_participants=args.participants, n_frames=args.frames,
-                      seed=args.seed)
-    get_logger().info("demo dataset written to %s", bids_dir)
-    if args.run:
-        report = run_demo_chain(bids_dir, out_dir / "derivatives", verbosity=args.verbosity,
-                                nprocs=min(2, os.cpu_count() or 1), overwrite=args.overwrite)
-        print(f"Reports: {report} and {out_dir / 'derivatives'}/sub-*.html")
     return 0
