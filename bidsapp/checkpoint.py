@@ -66,7 +66,7 @@ class _Part(BaseModel):
 
 
 class PresetInfo(_Part):
-    """``preset`` of a sidecar (:meth:`~bidsapp.model.presets.ModelPreset.describe`)."""
+    """``preset`` of a sidecar (:func:`~bidsapp.model.factory.describe_model`)."""
 
     name: PresetName
 

@@ -37,6 +37,7 @@ from bidsapp.data import build_region_grid
 from bidsapp.errors import BadDataError, NoInputError, UsageError
 from bidsapp.grid import cube_atlas
 from bidsapp.logs import get_logger
+from bidsapp.model.factory import build_model
 from bidsapp.model.mae import MaskedAutoencoder
 from bidsapp.model.masking import Mask, RegionGrid, build_masking
 from bidsapp.model.presets import BACKBONE_PRESETS, ModelPreset
@@ -116,7 +117,7 @@ def load_model(path: Path, atlas: Atlas, config: Config, device: torch.device) -
         raise UsageError(f"checkpoint {path} was trained with another atlas "
                          f"({meta.get('atlas', {}).get('name')}); pass the same --atlas")
     preset = BACKBONE_PRESETS[backbone][preset_name]
-    model = MaskedAutoencoder(preset, norm_pix_loss=bool(meta.get("norm_pix_loss", False)))
+    model = build_model(preset, norm_pix_loss=bool(meta.get("norm_pix_loss", False)))
     state = load_weights(path, meta)
     diverged = [name for name, value in state.items()
                 if value.is_floating_point() and not bool(torch.isfinite(value).all())]
