@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from bidsapp.errors import BadDataError, UsageError
-from bidsapp.model.layers import blocks
+from bidsapp.model.layers import blocks, depth_to_space
 
 MaskTime = Literal["tube", "random"]
 RatioUnit = Literal["regions", "tokens"]
@@ -107,9 +107,7 @@ def downsample_labels(
 
 def _tokens_to_voxels(tokens: torch.Tensor, patch_size: int) -> torch.Tensor:
     """Expand ``(..., gd, gh, gw)`` to ``(..., D, H, W)``: each voxel takes its token's value."""
-    for dim in (-3, -2, -1):
-        tokens = tokens.repeat_interleave(patch_size, dim=dim)
-    return tokens
+    return depth_to_space(tokens[..., None].expand(*tokens.shape, patch_size**3), patch_size)[..., 0]
 
 
 @dataclass(frozen=True, eq=False)
