@@ -31,11 +31,12 @@ import numpy as np
 import torch
 
 from bidsapp.atlas import Atlas
-from bidsapp.checkpoint import file_sha256, load_weights, masking_desc, read_metadata
+from bidsapp.checkpoint import load_weights, masking_desc, read_metadata
 from bidsapp.config import Config
 from bidsapp.data import build_region_grid
 from bidsapp.errors import BadDataError, NoInputError, UsageError
 from bidsapp.grid import cube_atlas
+from bidsapp.io import file_sha256
 from bidsapp.logs import get_logger
 from bidsapp.model.factory import build_model
 from bidsapp.model.mae import MaskedAutoencoder
