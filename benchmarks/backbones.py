@@ -26,7 +26,7 @@ def measure(backbone: str, preset_name: str, batch: int, frames: int, steps: int
     from bidsapp.atlas import load_atlas
     from bidsapp.data import build_region_grid
     from bidsapp.grid import cube_atlas
-    from bidsapp.model.mae import MaskedAutoencoder, count_parameters
+    from bidsapp.model.factory import build_model, count_parameters
     from bidsapp.model.masking import build_masking
     from bidsapp.model.presets import BACKBONE_PRESETS
 
@@ -37,7 +37,7 @@ def measure(backbone: str, preset_name: str, batch: int, frames: int, steps: int
     brain = torch.from_numpy(cube_atlas(atlas).brain).to(device).expand(batch, -1, -1, -1)
     x = torch.randn(batch, frames, 96, 96, 96, device=device) * brain[:, None]
     masking = build_masking("roi", build_region_grid(atlas, preset).to(device), 0.5)
-    model = MaskedAutoencoder(preset).to(device)
+    model = build_model(preset).to(device)
     if backbone == "swin4d-plain":
         model.skip_background = False
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)

@@ -27,7 +27,7 @@ from bidsapp.atlas import load_atlas
 from bidsapp.data import build_region_grid
 from bidsapp.demo import make_demo_dataset
 from bidsapp.inference import LoadedModel, analyse_run
-from bidsapp.model.mae import MaskedAutoencoder
+from bidsapp.model.factory import build_model
 from bidsapp.model.presets import PRESETS
 from bidsapp.preprocess import PreprocessParams, prepare_run
 
@@ -51,7 +51,7 @@ def participant(bold: Path, mask: Path, cache: Path, preset_name: str, attributi
     prepared = time.perf_counter() - start
     preset = PRESETS[preset_name]
     torch.manual_seed(0)
-    model = MaskedAutoencoder(preset).to(device).eval()
+    model = build_model(preset).to(device).eval()
     grid = build_region_grid(load_atlas(), preset).to(device)
     meta = {"masking": {"masking": "roi"}, "window_frames": 20}
     loaded = LoadedModel(model, meta, Path("untrained"), "0" * 64, preset, grid)

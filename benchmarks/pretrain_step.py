@@ -58,7 +58,7 @@ def main() -> None:
     from torch.utils.data import DataLoader
 
     from bidsapp.data import build_region_grid
-    from bidsapp.model.mae import MaskedAutoencoder
+    from bidsapp.model.factory import build_model
     from bidsapp.model.masking import build_masking
     from bidsapp.model.presets import PRESETS
     from bidsapp.preprocess import WindowDataset, collate_windows
@@ -70,7 +70,7 @@ def main() -> None:
         for preset_name, masking_name in itertools.product(args.presets, args.maskings):
             preset = PRESETS[preset_name]
             torch.manual_seed(0)
-            model = MaskedAutoencoder(preset).to(device)
+            model = build_model(preset).to(device)
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
             grid = build_region_grid(atlas, preset).to(device)
             masking = build_masking(masking_name, grid, 0.5)

@@ -12,7 +12,6 @@ further on.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -27,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from bidsapp.config import MASKING_DESC, BackboneName, MaskingName, PresetName
 from bidsapp.errors import BadDataError, NoInputError, UsageError
-from bidsapp.io import atomic_path, json_text
+from bidsapp.io import atomic_path, file_sha256, json_text
 
 FORMAT = "roimae-checkpoint/1"
 
@@ -64,7 +63,7 @@ class _Part(BaseModel):
 
 
 class PresetInfo(_Part):
-    """``preset`` of a sidecar (:meth:`~bidsapp.model.presets.ModelPreset.describe`)."""
+    """``preset`` of a sidecar (:func:`~bidsapp.model.factory.describe_model`)."""
 
     name: PresetName
 
@@ -148,15 +147,6 @@ def validate_metadata(text: str | bytes, where: Path) -> dict[str, Any]:
         raise BadDataError(f"checkpoint sidecar {where} is invalid: "
                            f"{where_in + ': ' if where_in else ''}{detail}") from exc
     return json.loads(text)
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_checkpoint(stem: Path, model: torch.nn.Module, metadata: dict[str, Any],

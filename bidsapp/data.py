@@ -13,9 +13,9 @@ import torch
 from bidsapp.atlas import Atlas
 from bidsapp.bids.layout import BoldRun
 from bidsapp.config import Config
-from bidsapp.grid import cube_atlas, downsample_labels
+from bidsapp.grid import cube_atlas
 from bidsapp.logs import get_logger
-from bidsapp.model.masking import RegionGrid
+from bidsapp.model.masking import RegionGrid, downsample_labels
 from bidsapp.model.presets import ModelPreset
 from bidsapp.preprocess import CachedRun, PreprocessParams, load_cached, prepare_run
 

@@ -11,8 +11,9 @@ NeuroSTORM does for such inputs (``select_middle_96`` followed by ``pad_to_96``)
 Hence cube voxel ``(i, j, k)`` is MNI-grid voxel ``(i - 3, j + 6, k - 3)``, and :func:`cube_affine`
 maps both to the same millimetres, so the atlas and the data register voxel for voxel.
 
-The atlas is then summarised per token (a ``patch^3`` block of the cube) by majority vote
-(:meth:`bidsapp.model.masking.RegionGrid.from_labels`), which is what region-guided masking hides
+The atlas is then summarised per block (working voxel, token) by majority vote
+(:func:`bidsapp.model.masking.block_majority`, through ``downsample_labels`` and
+:meth:`~bidsapp.model.masking.RegionGrid.from_labels`), which is what region-guided masking hides
 or keeps.
 """
 
@@ -148,65 +149,3 @@ def cube_atlas(atlas: Atlas) -> CubeAtlas:
     brain = ndimage.binary_dilation(to_cube(labels > 0, fill=False))
     region_values = np.array([region.index for region in atlas.regions])
     return CubeAtlas(voxel_labels=voxel_labels, brain=brain, region_values=region_values)
-
-
-def _block_majority(
-    voxel_labels: np.ndarray, brain: np.ndarray, factor: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Majority region among the brain voxels of each ``factor^3`` block, and the brain fraction.
-
-    Returns
-    -------
-    majority : ndarray, shape (D/f, H/f, W/f), int16
-        Most frequent id among labelled brain voxels (ties -> lowest id), -1 if there are none.
-    brain_fraction : ndarray, shape (D/f, H/f, W/f), float
-    """
-    if voxel_labels.shape != brain.shape:
-        raise ValueError(f"labels {voxel_labels.shape} and brain {brain.shape} differ in shape")
-    if factor < 1 or any(n % factor for n in voxel_labels.shape):
-        raise ValueError(f"factor {factor} does not divide the volume shape {voxel_labels.shape}")
-    grid = tuple(n // factor for n in voxel_labels.shape)
-
-    def blocks(volume: np.ndarray) -> np.ndarray:
-        # (D, H, W) -> (n_blocks, factor^3), one row per block in C order of the block grid
-        split = volume.reshape(grid[0], factor, grid[1], factor, grid[2], factor)
-        return split.transpose(0, 2, 4, 1, 3, 5).reshape(-1, factor**3)
-
-    label_blocks, brain_blocks = blocks(voxel_labels), blocks(brain)
-    block, voxel = np.nonzero(brain_blocks & (label_blocks >= 0))
-    labels = label_blocks[block, voxel].astype(np.int64)
-    n_ids = int(labels.max()) + 1 if labels.size else 1
-    # Count each (block, label) pair, then per block keep the largest count, lowest label first.
-    pairs, counts = np.unique(block * n_ids + labels, return_counts=True)
-    pair_block, pair_label = np.divmod(pairs, n_ids)
-    order = np.lexsort((pair_label, -counts, pair_block))
-    first = order[np.diff(pair_block[order], prepend=-1) != 0]
-    majority = np.full(brain_blocks.shape[0], -1, dtype=np.int16)
-    majority[pair_block[first]] = pair_label[first]
-    return majority.reshape(grid), brain_blocks.mean(axis=1).reshape(grid)
-
-
-def downsample_labels(
-    voxel_labels: np.ndarray, brain: np.ndarray, factor: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Coarsen a label volume and its brain mask by ``factor`` along every axis.
-
-    Parameters
-    ----------
-    voxel_labels : ndarray, shape (D, H, W), int
-        Region ids ``0..R-1`` or -1.
-    brain : ndarray, shape (D, H, W), bool
-    factor : int
-        Block edge; must divide D, H and W. 1 returns copies of the inputs.
-
-    Returns
-    -------
-    labels : ndarray, shape (D/f, H/f, W/f), int16
-        Majority id among the labelled brain voxels of each block (ties -> lowest id; -1 if none).
-    brain : ndarray, shape (D/f, H/f, W/f), bool
-        Blocks at least half of whose voxels are brain.
-    """
-    if factor == 1:
-        return voxel_labels.astype(np.int16), brain.astype(bool)
-    majority, fraction = _block_majority(voxel_labels, brain, factor)
-    return majority, fraction >= 0.5

@@ -13,12 +13,14 @@ import numpy as np
 import torch
 
 from bidsapp.atlas import Atlas
-from bidsapp.checkpoint import file_sha256, load_weights, masking_desc, read_metadata
+from bidsapp.checkpoint import load_weights, masking_desc, read_metadata
 from bidsapp.config import Config
 from bidsapp.data import build_region_grid
 from bidsapp.errors import BadDataError, NoInputError, UsageError
 from bidsapp.grid import cube_atlas
+from bidsapp.io import file_sha256
 from bidsapp.logs import get_logger
+from bidsapp.model.factory import build_model
 from bidsapp.model.mae import MaskedAutoencoder
 from bidsapp.model.masking import Mask, RegionGrid, build_masking
 from bidsapp.model.presets import BACKBONE_PRESETS, ModelPreset
@@ -124,7 +126,7 @@ def load_model(path: Path, atlas: Atlas, config: Config, device: torch.device) -
         raise UsageError(f"checkpoint {path} was trained with another atlas "
                          f"({meta.get('atlas', {}).get('name')}); pass the same --atlas")
     preset = BACKBONE_PRESETS[backbone][preset_name]
-    model = MaskedAutoencoder(preset, norm_pix_loss=bool(meta.get("norm_pix_loss", False)))
+    model = build_model(preset, norm_pix_loss=bool(meta.get("norm_pix_loss", False)))
     state = load_weights(path, meta)
     diverged = [name for name, value in state.items()
                 if value.is_floating_point() and not bool(torch.isfinite(value).all())]

@@ -1,7 +1,8 @@
 """Atomic file writes: every output is written to a temporary name beside it, then renamed.
 
 A crash (or ``SIGKILL``) therefore never leaves a half-written file under its final name, and a
-re-run finds either the complete file or nothing.
+re-run finds either the complete file or nothing. :func:`file_sha256` is the one file digest
+(checkpoints, inputs of the preprocessing cache).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import hashlib
 import json
 import math
 import os
@@ -35,6 +37,15 @@ def write_error(path: Path, exc: OSError, what: str | None = None) -> IOFailureE
     if exc.errno in _FULL:
         reason += " (the disk or the quota of this file system is full)"
     return IOFailureError(f"cannot write {what or path}: {reason}")
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def ensure_dir(path: Path) -> Path:

@@ -55,7 +55,7 @@ from scipy.interpolate import interp1d
 from bidsapp import __version__
 from bidsapp.errors import BadDataError, IOFailureError, NoInputError
 from bidsapp.grid import CUBE_SHAPE, MNI_2MM_AFFINE, MNI_2MM_SHAPE, from_cube, is_mni_2mm, to_cube
-from bidsapp.io import atomic_write_json, ensure_dir, file_lock, write_error
+from bidsapp.io import atomic_write_json, ensure_dir, file_lock, file_sha256, write_error
 from bidsapp.logs import get_logger
 
 log = get_logger("preprocess")
@@ -253,14 +253,10 @@ def prepare_run(bold: Path, mask: Path, cache_root: Path, params: PreprocessPara
 def _sha256(path: Path) -> str:
     if not path.is_file():
         raise NoInputError(f"{path} does not exist")
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
+        return file_sha256(path)
     except OSError as exc:
         raise IOFailureError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    return digest.hexdigest()
 
 
 def _cache_key(bold_sha: str, mask_sha: str, params: PreprocessParams,

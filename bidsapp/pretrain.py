@@ -40,6 +40,7 @@ from bidsapp.distributed import DistributedContext
 from bidsapp.errors import BadDataError, TrainingDivergedError, UsageError
 from bidsapp.io import atomic_path, ensure_dir
 from bidsapp.logs import get_logger
+from bidsapp.model.factory import build_model, describe_model
 from bidsapp.model.mae import MaskedAutoencoder
 from bidsapp.model.masking import build_masking
 from bidsapp.model.presets import BACKBONE_PRESETS, ModelPreset
@@ -84,7 +85,7 @@ def model_metadata(config: Config, atlas: Atlas, runs: list[CachedRun],
     return {
         "roimae_version": __version__,
         "backbone": preset.backbone,
-        "preset": preset.describe(),
+        "preset": describe_model(preset),
         "masking": config.masking.model_dump(),
         "norm_pix_loss": config.pretrain.norm_pix_loss,
         "atlas": {"name": atlas.name, "sha256": atlas.sha256(), "n_regions": len(atlas.regions)},
@@ -238,7 +239,7 @@ def _pretrain(config: Config, ctx: DistributedContext) -> Path:
                             config.masking.mask_ratio, unit=config.masking.mask_ratio_unit,
                             time=config.masking.mask_time)
     seed_everything(config.random_seed)
-    model = MaskedAutoencoder(preset, norm_pix_loss=config.pretrain.norm_pix_loss)
+    model = build_model(preset, norm_pix_loss=config.pretrain.norm_pix_loss)
     trainer = Trainer(model, masking, WindowDataset(runs, train_idx),
                       WindowDataset(runs, val_idx) if val_idx else None, ctx=ctx,
                       seed=config.random_seed, epochs=config.pretrain.epochs,

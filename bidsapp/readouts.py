@@ -30,6 +30,7 @@ from nilearn.connectome import ConnectivityMeasure
 from sklearn.covariance import EmpiricalCovariance
 
 from bidsapp.grid import CubeAtlas
+from bidsapp.model.layers import blocks
 from bidsapp.preprocess import CachedRun
 
 #: Frames per chunk when region means are read from the cache (bounds float32 memory).
@@ -65,11 +66,10 @@ class RegionPooling:
         size = labels.shape[0]
         if any(n != size or n % token_edge for n in labels.shape):
             raise ValueError(f"a cube {labels.shape} does not tile into {token_edge}-voxel tokens")
-        grid = size // token_edge
-        i, j, k = np.nonzero(labels >= 0)
-        token = ((i // token_edge) * grid + j // token_edge) * grid + k // token_edge
-        n_tokens = grid**3
-        pairs, counts = np.unique(labels[i, j, k] * n_tokens + token, return_counts=True)
+        per_token = blocks(torch.from_numpy(labels), token_edge).flatten(0, 2).numpy()  # (N, e^3)
+        n_tokens = per_token.shape[0]
+        token, voxel = np.nonzero(per_token >= 0)
+        pairs, counts = np.unique(per_token[token, voxel] * n_tokens + token, return_counts=True)
         regions, tokens = np.divmod(pairs, n_tokens)
         totals = np.bincount(regions, weights=counts, minlength=cube.n_regions)
         return cls(torch.from_numpy(regions), torch.from_numpy(tokens),

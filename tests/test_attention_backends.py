@@ -10,6 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from bidsapp.atlas import load_atlas
 from bidsapp.data import build_region_grid
 from bidsapp.grid import cube_atlas
+from bidsapp.model.factory import build_model
 from bidsapp.model.mae import MaskedAutoencoder
 from bidsapp.model.masking import build_masking
 from bidsapp.model.presets import BACKBONE_PRESETS
@@ -35,7 +36,7 @@ def _outputs(model: MaskedAutoencoder, x: torch.Tensor, brain: torch.Tensor,
 def test_fused_attention_kernel_serves_every_backbone(backbone: str) -> None:
     preset = BACKBONE_PRESETS[backbone]["tiny"]
     torch.manual_seed(0)
-    model = MaskedAutoencoder(preset)
+    model = build_model(preset)
     brain = torch.from_numpy(cube_atlas(load_atlas()).brain)[None].expand(2, -1, -1, -1)
     x = torch.randn(2, 10, 96, 96, 96) * brain[:, None]
     # With only the flash kernel allowed, SDPA raises rather than falling back to the math one.

@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bidsapp.checkpoint import file_sha256
 from bidsapp.cli import main
 from bidsapp.demo import make_demo_dataset
+from bidsapp.io import file_sha256
 
 pytestmark = pytest.mark.slow
 

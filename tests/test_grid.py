@@ -18,12 +18,11 @@ from bidsapp.grid import (
     MNI_2MM_SHAPE,
     cube_affine,
     cube_atlas,
-    downsample_labels,
     from_cube,
     is_mni_2mm,
     to_cube,
 )
-from bidsapp.model.masking import RegionGrid
+from bidsapp.model.masking import RegionGrid, downsample_labels
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from bidsapp.model import presets
-from bidsapp.model.mae import MaskedAutoencoder, count_parameters, masked_mse, normalize_patches
+from bidsapp.model.factory import build_model, count_parameters, describe_model
+from bidsapp.model.mae import MaskedAutoencoder, masked_mse, normalize_patches
 from bidsapp.model.masking import Mask, RegionGrid, build_masking
 from bidsapp.model.presets import PRESETS
 
@@ -19,7 +20,7 @@ TINY = PRESETS["tiny"]  # 96^3 input -> 48^3 working grid, 4^3-voxel tokens, 12^
 @pytest.fixture(scope="module")
 def model() -> MaskedAutoencoder:
     torch.manual_seed(0)
-    return MaskedAutoencoder(TINY).eval()
+    return build_model(TINY).eval()
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ def test_forward_weight_and_loss(model: MaskedAutoencoder, brain: torch.Tensor,
 
 def test_norm_pix_loss_targets(brain: torch.Tensor, grid: RegionGrid) -> None:
     torch.manual_seed(0)
-    model = MaskedAutoencoder(TINY, norm_pix_loss=True)
+    model = build_model(TINY, norm_pix_loss=True)
     mask = build_masking("random", grid, 0.5)(2, 1, torch.Generator().manual_seed(0))
     x = _x()
     with torch.no_grad():
@@ -128,7 +129,7 @@ def _expand_tokens(tokens: torch.Tensor) -> torch.Tensor:
 
 def test_mask_token_receives_gradient(brain: torch.Tensor, grid: RegionGrid) -> None:
     torch.manual_seed(0)
-    model = MaskedAutoencoder(TINY)
+    model = build_model(TINY)
     x = _x(n_frames=3)
     mask = build_masking("roi", grid, 0.5, time="random")(2, 3, torch.Generator().manual_seed(0))
     model(x, brain, mask).loss.backward()
@@ -168,7 +169,7 @@ def test_preset_table_matches_parameter_counts() -> None:
     rows = re.findall(r"^(\w+)\s+\d+\^3 \(s=\d\).*\s([\d,]+)$", presets.__doc__, re.MULTILINE)
     assert {name for name, _ in rows} == set(PRESETS)
     for name, quoted in rows:
-        model = MaskedAutoencoder(PRESETS[name])
+        model = build_model(PRESETS[name])
         assert int(quoted.replace(",", "")) == sum(p.numel() for p in model.parameters())
         assert count_parameters(PRESETS[name]) == int(quoted.replace(",", ""))
 
@@ -178,7 +179,7 @@ def test_preset_shapes_and_describe() -> None:
     assert TINY.grid_shape() == (12, 12, 12)
     assert PRESETS["base"].grid_shape() == (16, 16, 16)
     assert PRESETS["base"].stage_dims() == (36, 72, 144, 288)
-    info = json.loads(json.dumps(TINY.describe()))
+    info = json.loads(json.dumps(describe_model(TINY)))
     assert info["grid_shape"] == [12, 12, 12]
     assert info["n_parameters"] == count_parameters(TINY)
 

@@ -160,11 +160,11 @@ def test_correlation_matrix_leaves_out_regions_without_signal() -> None:
 
 @pytest.mark.parametrize("backbone", ["swin4d", "vit4d"])
 def test_encode_tokens_gives_the_embedding_of_encode(backbone: str) -> None:
-    from bidsapp.model.mae import MaskedAutoencoder
+    from bidsapp.model.factory import build_model
     from bidsapp.model.presets import BACKBONE_PRESETS
 
     torch.manual_seed(0)
-    model = MaskedAutoencoder(BACKBONE_PRESETS[backbone]["tiny"]).eval()
+    model = build_model(BACKBONE_PRESETS[backbone]["tiny"]).eval()
     brain = torch.zeros(1, 96, 96, 96, dtype=torch.bool)
     brain[:, 20:70, 20:80, 20:70] = True
     x = torch.randn(1, 10, 96, 96, 96) * brain[:, None]

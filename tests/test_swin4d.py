@@ -8,14 +8,14 @@ import itertools
 import pytest
 import torch
 
-from bidsapp.model.mae import MaskedAutoencoder, SwinMaskedAutoencoder, brain_tokens
+from bidsapp.model.factory import build_model
+from bidsapp.model.layers import brain_tokens, depth_to_space, space_to_depth
 from bidsapp.model.masking import RegionGrid, build_masking
 from bidsapp.model.presets import PRESETS
 from bidsapp.model.swin4d import (
     Swin4DEncoder,
     SwinBlock4D,
-    depth_to_space,
-    space_to_depth,
+    SwinMaskedAutoencoder,
     window_attention_mask,
     window_partition,
     window_reverse,
@@ -127,7 +127,7 @@ def test_temporal_embedding_tells_frames_apart() -> None:
 
 def _skip_setup() -> tuple[SwinMaskedAutoencoder, torch.Tensor, torch.Tensor, RegionGrid]:
     torch.manual_seed(0)
-    model = MaskedAutoencoder(PRESETS["tiny"])
+    model = build_model(PRESETS["tiny"])
     brain = torch.zeros(2, 96, 96, 96, dtype=torch.bool)
     brain[:, 16:80, 16:80, 16:80] = True
     brain[1, 16:40] = False

@@ -12,14 +12,15 @@ import torch
 from bidsapp.cli import main
 from bidsapp.demo import make_demo_dataset
 from bidsapp.model import presets
-from bidsapp.model.mae import MaskedAutoencoder, count_parameters, masked_mse
+from bidsapp.model.factory import build_model, count_parameters
+from bidsapp.model.layers import sincos_embedding_4d
+from bidsapp.model.mae import masked_mse
 from bidsapp.model.masking import Mask, RegionGrid, build_masking
 from bidsapp.model.presets import VIT4D_PRESETS, ModelPreset
 from bidsapp.model.vit4d import (
     ViTMaskedAutoencoder,
     pack,
     patchify,
-    sincos_embedding_4d,
     unpatchify,
 )
 
@@ -58,7 +59,7 @@ def _mask(name: str, batch: int = 2, frames: int = 10, seed: int = 0, time: str 
 @pytest.fixture(scope="module")
 def model() -> ViTMaskedAutoencoder:
     torch.manual_seed(0)
-    return MaskedAutoencoder(TINY).eval()
+    return build_model(TINY).eval()
 
 
 def _encoder_calls(model: ViTMaskedAutoencoder) -> tuple[list, torch.utils.hooks.RemovableHandle]:
@@ -101,7 +102,7 @@ def test_preset_table_matches_parameter_counts() -> None:
         preset = VIT4D_PRESETS[name]
         assert preset.backbone == "vit4d"
         assert count_parameters(preset) == int(quoted.replace(",", ""))
-    assert isinstance(MaskedAutoencoder(TINY), ViTMaskedAutoencoder)
+    assert isinstance(build_model(TINY), ViTMaskedAutoencoder)
 
 
 @torch.no_grad()
@@ -109,7 +110,7 @@ def test_preset_table_matches_parameter_counts() -> None:
 def test_shapes_for_each_preset(name: str) -> None:
     preset = VIT4D_PRESETS[name]
     torch.manual_seed(0)
-    model = MaskedAutoencoder(preset).eval()
+    model = build_model(preset).eval()
     frames = preset.tubelet
     mask = build_masking("roi", _region_grid(preset), 0.5)(2, frames, torch.Generator().manual_seed(0))
     x, brain = _x(frames=frames), _brain()
@@ -201,7 +202,7 @@ def test_dropping_tokens_equals_attention_masking_over_the_whole_grid(
 
 def test_loss_is_zero_for_a_perfect_reconstruction_of_the_hidden_set() -> None:
     torch.manual_seed(0)
-    model = MaskedAutoencoder(TINY)
+    model = build_model(TINY)
     brain = _brain()
     x = 3.0 * brain[:, None].expand(-1, 10, -1, -1, -1).float()  # 3 in the brain, 0 elsewhere
     mask = _mask("roi")
@@ -218,7 +219,7 @@ def test_loss_is_zero_for_a_perfect_reconstruction_of_the_hidden_set() -> None:
 
 def test_mask_token_receives_gradient() -> None:
     torch.manual_seed(0)
-    model = MaskedAutoencoder(TINY)
+    model = build_model(TINY)
     x, brain = _x(frames=5), _brain()
     model(x, brain, _mask("roi", frames=5)).loss.backward()
     assert model.mask_token.grad.abs().sum() > 0
@@ -242,7 +243,7 @@ def test_embedding_is_invariant_to_batch_composition(model: ViTMaskedAutoencoder
 
 def test_two_training_steps_lower_the_loss() -> None:
     torch.manual_seed(0)
-    model = MaskedAutoencoder(TINY)
+    model = build_model(TINY)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     x, brain, mask = _x(frames=5), _brain(), _mask("roi", frames=5)
     losses = []

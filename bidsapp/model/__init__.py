@@ -1,6 +1,7 @@
 """The masked autoencoder: masking strategies, the Swin4D and ViT4D backbones and model presets."""
 
-from bidsapp.model.mae import MAEOutput, MaskedAutoencoder, SwinMaskedAutoencoder, count_parameters
+from bidsapp.model.factory import build_model, count_parameters, describe_model
+from bidsapp.model.mae import MAEOutput, MaskedAutoencoder
 from bidsapp.model.masking import (
     BrainRandomMasking,
     Mask,
@@ -11,13 +12,12 @@ from bidsapp.model.masking import (
     RegionVoxelMasking,
     build_masking,
 )
-from bidsapp.model.presets import BACKBONE_PRESETS, INPUT_SHAPE, PRESETS, VIT4D_PRESETS, ModelPreset
-from bidsapp.model.swin4d import Swin4DEncoder
+from bidsapp.model.presets import BACKBONE_PRESETS, PRESETS, VIT4D_PRESETS, ModelPreset
+from bidsapp.model.swin4d import Swin4DEncoder, SwinMaskedAutoencoder
 from bidsapp.model.vit4d import ViTMaskedAutoencoder
 
 __all__ = [
     "BACKBONE_PRESETS",
-    "INPUT_SHAPE",
     "PRESETS",
     "VIT4D_PRESETS",
     "BrainRandomMasking",
@@ -34,5 +34,7 @@ __all__ = [
     "SwinMaskedAutoencoder",
     "ViTMaskedAutoencoder",
     "build_masking",
+    "build_model",
     "count_parameters",
+    "describe_model",
 ]

@@ -20,34 +20,94 @@ brain-random  tokens at random among brain tokens, at the same expected fraction
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from bidsapp.errors import BadDataError, UsageError
+from bidsapp.model.layers import blocks, depth_to_space
 
 MaskTime = Literal["tube", "random"]
 RatioUnit = Literal["regions", "tokens"]
 
 
-def _blocks(volume: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """View ``(..., D, H, W)`` as ``(..., D/p, H/p, W/p, p**3)``: the voxels of each token."""
-    *lead, d, h, w = volume.shape
-    p = patch_size
-    blocks = volume.reshape(*lead, d // p, p, h // p, p, w // p, p)
-    n = len(lead)
-    order = (*range(n), n, n + 2, n + 4, n + 1, n + 3, n + 5)
-    return blocks.permute(order).reshape(*lead, d // p, h // p, w // p, p**3)
+def block_majority(
+    voxel_labels: torch.Tensor, brain: torch.Tensor, factor: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Majority region among the brain voxels of each ``factor^3`` block, and its brain voxels.
+
+    Parameters
+    ----------
+    voxel_labels : torch.LongTensor, shape (D, H, W)
+        Region ids ``>= 0``, -1 = no region.
+    brain : torch.BoolTensor, shape (D, H, W)
+    factor : int
+        Block edge; must divide D, H and W.
+
+    Returns
+    -------
+    majority : torch.LongTensor, shape (D/f, H/f, W/f)
+        Most frequent id among the labelled brain voxels (ties go to the lowest id), -1 if none.
+    brain_count : torch.LongTensor, shape (D/f, H/f, W/f)
+        Brain voxels of the block.
+    """
+    if voxel_labels.shape != brain.shape:
+        raise ValueError(f"labels {tuple(voxel_labels.shape)} and brain {tuple(brain.shape)} "
+                         "differ in shape")
+    if factor < 1 or any(n % factor for n in voxel_labels.shape):
+        raise ValueError(f"factor {factor} does not divide the volume shape "
+                         f"{tuple(voxel_labels.shape)}")
+    labels = blocks(voxel_labels.long(), factor)  # (gd, gh, gw, f^3)
+    inside = blocks(brain.bool(), factor)  # (gd, gh, gw, f^3)
+    grid = labels.shape[:3]
+    block, voxel = (inside & (labels >= 0)).flatten(0, 2).nonzero(as_tuple=True)  # (V,) votes
+    ids = labels.flatten(0, 2)[block, voxel]
+    n_ids = int(ids.max()) + 1 if ids.numel() else 1
+    # Count each (block, id) pair; per block keep the largest count, then the lowest id, as the
+    # largest score (scores of real pairs are >= n_ids > 0).
+    pairs, counts = torch.unique(block * n_ids + ids, return_counts=True)
+    score = counts * n_ids + (n_ids - 1 - pairs % n_ids)
+    best = torch.full((math.prod(grid),), -1, dtype=torch.long, device=labels.device)
+    best.scatter_reduce_(0, pairs.div(n_ids, rounding_mode="floor"), score, "amax")
+    majority = torch.where(best >= 0, n_ids - 1 - best % n_ids, -1)
+    return majority.view(grid), inside.sum(-1)
+
+
+def downsample_labels(
+    voxel_labels: np.ndarray, brain: np.ndarray, factor: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Coarsen a label volume and its brain mask by ``factor`` along every axis.
+
+    Parameters
+    ----------
+    voxel_labels : ndarray, shape (D, H, W), int
+        Region ids ``0..R-1`` or -1.
+    brain : ndarray, shape (D, H, W), bool
+    factor : int
+        Block edge; must divide D, H and W. 1 returns copies of the inputs.
+
+    Returns
+    -------
+    labels : ndarray, shape (D/f, H/f, W/f), int16
+        Majority id among the labelled brain voxels of each block (ties -> lowest id; -1 if none).
+    brain : ndarray, shape (D/f, H/f, W/f), bool
+        Blocks at least half of whose voxels are brain.
+    """
+    if factor == 1:
+        return voxel_labels.astype(np.int16), brain.astype(bool)
+    majority, count = block_majority(torch.from_numpy(voxel_labels.astype(np.int64)),
+                                     torch.from_numpy(brain.astype(bool)), factor)
+    return majority.numpy().astype(np.int16), (2 * count >= factor**3).numpy()
 
 
 def _tokens_to_voxels(tokens: torch.Tensor, patch_size: int) -> torch.Tensor:
     """Expand ``(..., gd, gh, gw)`` to ``(..., D, H, W)``: each voxel takes its token's value."""
-    for dim in (-3, -2, -1):
-        tokens = tokens.repeat_interleave(patch_size, dim=dim)
-    return tokens
+    return depth_to_space(tokens[..., None].expand(*tokens.shape, patch_size**3), patch_size)[..., 0]
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,21 +171,11 @@ class RegionGrid:
         if labels.numel() and (labels.min() < -1 or labels.max() >= n_regions):
             raise BadDataError(f"region labels must lie in [-1, {n_regions}); got other values")
         brain = brain.bool()
-        # Votes per token and region (column 0 = no region); scatter_add is the memory-light
-        # form of one_hot(...).sum(), which would need D*H*W*(R+1) integers.
-        votes_idx = _blocks(labels + 1, patch_size).flatten(0, 2)  # (N, p^3)
-        votes_val = _blocks(brain, patch_size).flatten(0, 2).long()  # (N, p^3)
-        votes = torch.zeros(votes_idx.shape[0], n_regions + 1, dtype=torch.long,
-                            device=labels.device)
-        votes.scatter_add_(1, votes_idx, votes_val)  # (N, R+1)
-        region_votes = votes[:, 1:]
-        # argmax returns the first maximum: ties go to the lowest id.
-        token_labels = torch.where(region_votes.amax(1) > 0, region_votes.argmax(1), -1)
-        grid = tuple(size // patch_size for size in labels.shape)
+        token_labels, brain_count = block_majority(labels, brain, patch_size)  # (gd, gh, gw)
         return cls(
             voxel_labels=labels,
-            token_labels=token_labels.reshape(grid),
-            brain_tokens=votes.sum(1).gt(0).reshape(grid),
+            token_labels=token_labels,
+            brain_tokens=brain_count > 0,
             patch_size=patch_size,
             n_regions=n_regions,
             brain=brain,
@@ -438,7 +488,7 @@ class RegionVoxelMasking(_RegionDraw):
         grid = self.grid
         padded = self._check_regions(regions)
         voxels = padded[..., grid.voxel_labels]  # (B, Tm, D, H, W)
-        visible_brain = _blocks(~voxels & grid.brain, grid.patch_size).any(-1)  # (B, Tm, g...)
+        visible_brain = blocks(~voxels & grid.brain, grid.patch_size).any(-1)  # (B, Tm, g...)
         tokens = grid.brain_tokens & ~visible_brain
         return Mask(tokens, voxels, padded[..., :-1])
 

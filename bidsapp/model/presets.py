@@ -4,8 +4,8 @@ Every preset reads windows on the 96^3 MNI cube (2 mm); ``downsample = s`` avera
 a working grid of ``96/s`` voxels per side, where masks and losses live. Tokens are ``p^3``
 working voxels of one frame. Stage ``i`` has ``dim * 2**i`` channels on a grid halved ``i``
 times in space (time is never merged). Parameter counts are of the whole masked autoencoder
-(encoder with patch embedding and mask token, plus the light decoder); they are checked by the
-test suite.
+(encoder with patch embedding and mask token, plus the light decoder), as
+:func:`bidsapp.model.factory.count_parameters` gives them; they are checked by the test suite.
 
 =====  ==========  =====  ============  ================  ==========  ============  =========
 name   working     patch  tokens/frame  dims              depths      heads         params
@@ -46,8 +46,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-#: Shape of the input cube (2 mm MNI voxels) every preset reads.
-INPUT_SHAPE = (96, 96, 96)
+from bidsapp.grid import CUBE_SHAPE
 
 Backbone = Literal["swin4d", "vit4d"]
 
@@ -98,7 +97,7 @@ class ModelPreset:
     def __post_init__(self) -> None:
         if len(self.depths) != len(self.num_heads):
             raise ValueError(f"preset {self.name}: one depth and one head count per stage")
-        if any(size % self.downsample for size in INPUT_SHAPE):
+        if any(size % self.downsample for size in CUBE_SHAPE):
             raise ValueError(f"preset {self.name}: 96 is not divisible by {self.downsample}")
         if any(size % self.patch_size for size in self.working_shape()):
             raise ValueError(f"preset {self.name}: patch {self.patch_size} does not tile the grid")
@@ -121,7 +120,7 @@ class ModelPreset:
 
     def working_shape(self) -> tuple[int, int, int]:
         """Working grid ``(D, H, W)`` in voxels."""
-        return tuple(size // self.downsample for size in INPUT_SHAPE)
+        return tuple(size // self.downsample for size in CUBE_SHAPE)
 
     def grid_shape(self) -> tuple[int, int, int]:
         """Token grid ``(gd, gh, gw)`` of one frame (of one tubelet for vit4d)."""
@@ -138,17 +137,16 @@ class ModelPreset:
         )
 
     def describe(self) -> dict:
-        """Settings, shapes and parameter count as plain JSON values (docs, checkpoint sidecar)."""
-        # Imported here: the model module imports this one.
-        from bidsapp.model.mae import count_parameters
+        """Settings and shapes as plain JSON values.
 
+        :func:`bidsapp.model.factory.describe_model` adds the parameter count (checkpoint sidecar).
+        """
         info = asdict(self)
         info.update(
-            input_shape=list(INPUT_SHAPE),
+            input_shape=list(CUBE_SHAPE),
             working_shape=list(self.working_shape()),
             grid_shape=list(self.grid_shape()),
             stage_dims=list(self.stage_dims()),
-            n_parameters=count_parameters(self),
         )
         return {k: list(v) if isinstance(v, tuple) else v for k, v in info.items()}
 

@@ -10,6 +10,21 @@ the channels.
 
 Token tensors are laid out ``(B, T, D, H, W, C)`` throughout; windows are given as
 ``(wd, wh, ww, wt)`` as in the presets.
+
+The masked autoencoder (:class:`SwinMaskedAutoencoder`) replaces tokens the mask marks as hidden by
+a learned mask token after the patch embedding (SimMIM, as NeuroSTORM) and encodes every token of
+the cube; its decoder undoes the patch merging with linear "pixel-shuffle" upsampling from the
+last stage and maps every token to its ``p^3`` voxels.
+
+Background skipping. A token whose input is exactly 0 and that is not hidden embeds to the patch
+embedding's bias, so the embedding is computed only for the other tokens; the decoder head runs
+only on tokens that hold brain (``pred`` is 0 elsewhere, where the loss has no weight). Both are
+exact. Skipping attention windows is not: a window without brain is a function of its positions
+only if its input is 0 and unmasked and, from the shifted block on, if its tokens never shared a
+window with brain, so its output could only be reused from a pass over an empty input with the
+current weights (again at every training step). With 48 mm windows on the AAL3 brain, only 14% of
+the first stage-0 windows (and none of later stages) hold no brain token: that pass and the
+gathering would cost more than they save.
 """
 
 from __future__ import annotations
@@ -20,39 +35,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bidsapp.model.layers import (
+    Block,
+    blocks,
+    brain_tokens,
+    depth_to_space,
+    init_weights,
+    sinusoidal_embedding,
+    space_to_depth,
+)
+from bidsapp.model.mae import MaskedAutoencoder
+from bidsapp.model.masking import Mask
+from bidsapp.model.presets import ModelPreset
+
 Shape4 = tuple[int, int, int, int]  # (T, D, H, W) in tokens
-
-
-def space_to_depth(x: torch.Tensor, factor: int) -> torch.Tensor:
-    """Fold ``factor**3`` neighbouring positions into channels.
-
-    ``(..., D, H, W, C) -> (..., D/f, H/f, W/f, f*f*f*C)``, channels ordered (fd, fh, fw, C).
-    """
-    *lead, d, h, w, c = x.shape
-    f = factor
-    x = x.reshape(*lead, d // f, f, h // f, f, w // f, f, c)
-    n = len(lead)
-    x = x.permute(*range(n), n, n + 2, n + 4, n + 1, n + 3, n + 5, n + 6)
-    return x.reshape(*lead, d // f, h // f, w // f, f**3 * c)
-
-
-def depth_to_space(x: torch.Tensor, factor: int) -> torch.Tensor:
-    """Inverse of :func:`space_to_depth`: ``(..., d, h, w, f*f*f*C) -> (..., fd, fh, fw, C)``."""
-    *lead, d, h, w, c = x.shape
-    f = factor
-    x = x.reshape(*lead, d, h, w, f, f, f, c // f**3)
-    n = len(lead)
-    x = x.permute(*range(n), n, n + 3, n + 1, n + 4, n + 2, n + 5, n + 6)
-    return x.reshape(*lead, d * f, h * f, w * f, c // f**3)
-
-
-def sinusoidal_embedding(n_positions: int, dim: int, device: torch.device) -> torch.Tensor:
-    """Fixed sine/cosine embedding ``(n_positions, dim)`` of positions 0, 1, ... (Vaswani 2017)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=device) / half)
-    angles = torch.arange(n_positions, device=device, dtype=torch.float32)[:, None] * freqs
-    emb = torch.cat([angles.sin(), angles.cos()], dim=1)
-    return F.pad(emb, (0, dim - 2 * half))  # odd dim: one zero channel
 
 
 def clamp_window(grid: Shape4, window: Shape4, shift: Shape4) -> tuple[Shape4, Shape4]:
@@ -110,52 +106,16 @@ def window_attention_mask(
     return (code[:, :, None] == code[:, None, :]).unsqueeze(1)
 
 
-class MultiHeadAttention(nn.Module):
-    """Multi-head self-attention inside groups of tokens, through ``scaled_dot_product_attention``.
-
-    A group is a window (swin4d: ``nW`` windows of ``B`` samples) or a whole sample (vit4d: ``B``
-    groups of one sample each); tokens attend only within their group.
-    """
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by {num_heads} heads")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """``x (G, B, N, C)``, ``mask (G, 1, N or 1, N)`` or None -> ``(G, B, N, C)``.
-
-        ``mask`` is boolean (True = may be attended to) or additive, and is shared by the ``B``
-        samples and the heads of a group.
-        """
-        n_win, b, n, c = x.shape
-        h = self.num_heads
-        qkv = self.qkv(x).view(n_win, b, n, 3, h, c // h)
-        # Batch and heads share one axis so that the (nW, 1, N, N) mask broadcasts without a copy.
-        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).reshape(3, n_win, b * h, n, c // h)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (nW, B*h, N, C/h)
-        out = out.view(n_win, b, h, n, c // h).transpose(2, 3).reshape(n_win, b, n, c)
-        return self.proj(out)
-
-
-class SwinBlock4D(nn.Module):
+class SwinBlock4D(Block):
     """Pre-norm transformer block on 4D windows, optionally shifted by half a window."""
 
     def __init__(
         self, dim: int, num_heads: int, window_size: Shape4, *, shifted: bool, mlp_ratio: float
     ):
-        super().__init__()
+        super().__init__(dim, num_heads, mlp_ratio)
         wd, wh, ww, wt = window_size
         self.window = (wt, wd, wh, ww)  # (wt, wd, wh, ww): the order of the token axes
         self.shift = tuple(w // 2 for w in self.window) if shifted else (0, 0, 0, 0)
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = MultiHeadAttention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, T, D, H, W, C) -> (B, T, D, H, W, C)``."""
@@ -272,3 +232,110 @@ class Swin4DEncoder(nn.Module):
             outputs.append(x)
         outputs[-1] = self.norm(outputs[-1])
         return outputs
+
+
+class SwinDecoder(nn.Module):
+    """From the last stage back to voxels: ``(B, T, g_L.., C_L) -> (B, T, D, H, W)``."""
+
+    def __init__(self, dims: tuple[int, ...], patch_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        # Stage i -> i-1: 8*C_{i-1} channels, shuffled onto the 2x2x2 finer grid.
+        self.ups = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(dims[i]), nn.Linear(dims[i], 8 * dims[i - 1]))
+            for i in range(len(dims) - 1, 0, -1)
+        )
+        self.head = nn.Sequential(nn.LayerNorm(dims[0]), nn.Linear(dims[0], patch_size**3))
+
+    def forward(self, z: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode ``z``; with ``keep (B, gd, gh, gw)``, only those tokens (the others give 0)."""
+        for up in self.ups:
+            z = depth_to_space(up(z), 2)  # (B, T, g.., C) at last the stage-0 grid
+        if keep is None:
+            return depth_to_space(self.head(z), self.patch_size).squeeze(-1)
+        keep = keep[:, None].expand(z.shape[:-1])  # (B, T, gd, gh, gw)
+        voxels = z.new_zeros(*keep.shape, self.patch_size**3)
+        voxels[keep] = self.head(z[keep])  # (M, p^3)
+        return depth_to_space(voxels, self.patch_size).squeeze(-1)
+
+
+class SwinMaskedAutoencoder(MaskedAutoencoder):
+    """swin4d: the mask token replaces hidden tokens before the Swin4D encoder (SimMIM).
+
+    ``skip_background`` (on by default; off = the plain path, for tests) embeds only tokens with a
+    nonzero or hidden voxel and decodes only tokens holding brain (see the module docstring).
+    """
+
+    skip_background: bool = True
+
+    def __init__(self, preset: ModelPreset, *, norm_pix_loss: bool = False):
+        super().__init__(preset, norm_pix_loss=norm_pix_loss)
+        dims = preset.stage_dims()
+        # Two input channels per voxel: the visible value (0 if hidden) and the hidden indicator.
+        self.patch_embed = PatchEmbed4D(preset.patch_size, 2, preset.embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(preset.embed_dim))
+        self.encoder = Swin4DEncoder(
+            preset.grid_shape(), preset.embed_dim, preset.depths, preset.num_heads,
+            preset.window_size, preset.mlp_ratio,
+        )
+        self.decoder = SwinDecoder(dims, preset.patch_size)
+        self.apply(init_weights)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def _tokens(self, x: torch.Tensor, mask: Mask | None) -> torch.Tensor:
+        """Patch embedding of ``x (B, T, D, H, W)``: ``(B, T, gd, gh, gw, C0)``."""
+        hidden = self.hidden_voxels(x, mask)  # (B, T, D, H, W)
+        if not self.skip_background:
+            return self.patch_embed(torch.stack([x.masked_fill(hidden, 0.0), hidden.to(x.dtype)], -1))
+        p = self.preset.patch_size
+        values = blocks(x, p)  # (B, T, gd, gh, gw, p^3)
+        flags = blocks(hidden, p)  # (B, T, gd, gh, gw, p^3)
+        # Tokens with input 0 embed to the bias; hidden tokens get the mask token anyway.
+        active = values.ne(0).any(-1) | flags.any(-1)  # (B, T, gd, gh, gw)
+        if mask is not None:
+            active &= ~mask.tokens
+        hid = flags[active]  # (M, p^3)
+        # Channels ordered (voxel, [value, indicator]) as in PatchEmbed4D.
+        rows = torch.stack([values[active].masked_fill(hid, 0.0), hid.to(x.dtype)], -1)
+        out = self.patch_embed.proj(rows.flatten(1))  # (M, C0)
+        tokens = self.patch_embed.proj.bias.to(out.dtype).expand(*active.shape, -1).clone()
+        tokens[active] = out
+        return tokens
+
+    def _features(self, x: torch.Tensor, mask: Mask | None) -> list[torch.Tensor]:
+        """Encode working-resolution ``x (B, T, D, H, W)``; stage outputs as the encoder's."""
+        tokens = self._tokens(x, mask)  # (B, T, gd, gh, gw, C0)
+        if mask is not None:
+            tokens = torch.where(mask.tokens[..., None], self.mask_token.to(tokens.dtype), tokens)
+        return self.encoder(tokens)
+
+    def _reconstruct(
+        self, x: torch.Tensor, brain: torch.Tensor, mask: Mask
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        last = self._features(x, mask)[-1]  # (B, T, g_L.., C_L)
+        keep = brain_tokens(brain, self.preset.patch_size) if self.skip_background else None
+        return self.decoder(last, keep), self._pool(last, brain)
+
+    def _embed(self, x: torch.Tensor, brain: torch.Tensor, mask: Mask | None) -> torch.Tensor:
+        """The mean of the last stage's features over all frames and the tokens that hold brain.
+
+        A stage-L token holds brain if any of its working voxels does.
+        """
+        return self._pool(self._features(x, mask)[-1], brain)
+
+    def _embed_tokens(
+        self, x: torch.Tensor, brain: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stage-0 features (the finest grid) beside the pooled last stage, from one pass."""
+        feats = self._features(x, None)
+        first = feats[0]  # (B, T, gd, gh, gw, C0)
+        valid = torch.ones(first.shape[0], *first.shape[2:5], dtype=torch.bool, device=x.device)
+        return self._pool(feats[-1], brain), first, valid
+
+    def _pool(self, feats: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
+        """Mean of last-stage ``feats (B, T, g_L.., C_L)`` over frames and brain tokens: (B, C_L)."""
+        factor = self.preset.patch_size * 2 ** (len(self.preset.depths) - 1)
+        keep = brain_tokens(brain, factor)[:, None, ..., None].to(feats.dtype)  # (B, 1, g_L.., 1)
+        total = (feats * keep).sum((1, 2, 3, 4))  # (B, C_L)
+        count = keep.sum((1, 2, 3, 4)) * feats.shape[1]  # (B, 1)
+        return total / count.clamp_min(1.0)

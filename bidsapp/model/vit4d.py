@@ -22,15 +22,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bidsapp.model.mae import MaskedAutoencoder, brain_tokens, init_weights
-from bidsapp.model.masking import Mask
-from bidsapp.model.presets import ModelPreset
-from bidsapp.model.swin4d import (
-    MultiHeadAttention,
+from bidsapp.model.layers import (
+    Block,
+    brain_tokens,
     depth_to_space,
-    sinusoidal_embedding,
+    init_weights,
+    sincos_embedding_4d,
     space_to_depth,
 )
+from bidsapp.model.mae import MaskedAutoencoder
+from bidsapp.model.masking import Mask
+from bidsapp.model.presets import ModelPreset
 
 
 def patchify(x: torch.Tensor, patch_size: int, tubelet: int) -> torch.Tensor:
@@ -44,18 +46,6 @@ def unpatchify(tokens: torch.Tensor, patch_size: int, tubelet: int) -> torch.Ten
     """Inverse of :func:`patchify`: ``(B, T', gd, gh, gw, p^3*tt) -> (B, T'*tt, D, H, W)``."""
     x = depth_to_space(tokens, patch_size).movedim(-1, 2)  # (B, T', tt, D, H, W)
     return x.flatten(1, 2)
-
-
-def sincos_embedding_4d(grid: tuple[int, int, int, int], dim: int,
-                        device: torch.device) -> torch.Tensor:
-    """Fixed positional embedding of the token grid ``(T', gd, gh, gw)``: ``(T'*gd*gh*gw, dim)``.
-
-    The channels are four sine-cosine embeddings of ``dim/4`` channels, of t, d, h and w.
-    """
-    axes = [sinusoidal_embedding(n, dim // 4, device) for n in grid]  # (n_i, dim/4) each
-    parts = [emb.view([n if i == j else 1 for j in range(4)] + [-1]).expand(*grid, -1)
-             for i, (n, emb) in enumerate(zip(grid, axes, strict=True))]
-    return torch.cat(parts, -1).flatten(0, 3)
 
 
 def pack(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,23 +67,6 @@ def pack(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     m = int(counts.max()) if keep.numel() else 0
     index = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :m]
     return index, torch.arange(m, device=keep.device) < counts[:, None]
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: attention then MLP, each with a residual connection."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = MultiHeadAttention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-
-    def forward(self, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """``x (B, N, C)``, ``keys (B, 1, 1, N)`` bool (True = may be attended to) -> ``(B, N, C)``."""
-        x = x + self.attn(self.norm1(x)[:, None], keys)[:, 0]  # each sample is its own group
-        return x + self.mlp(self.norm2(x))
 
 
 class Transformer(nn.Module):

@@ -1,0 +1,68 @@
+"""Build the masked autoencoder of a preset: the one place that knows every backbone."""
+
+from __future__ import annotations
+
+import torch
+
+from bidsapp.model.mae import MaskedAutoencoder
+from bidsapp.model.presets import ModelPreset
+from bidsapp.model.swin4d import SwinMaskedAutoencoder
+from bidsapp.model.vit4d import ViTMaskedAutoencoder
+
+#: The masked autoencoder class of each backbone (``ModelPreset.backbone``).
+BACKBONES: dict[str, type[MaskedAutoencoder]] = {
+    "swin4d": SwinMaskedAutoencoder,
+    "vit4d": ViTMaskedAutoencoder,
+}
+
+
+def build_model(preset: ModelPreset, *, norm_pix_loss: bool = False) -> MaskedAutoencoder:
+    """Build the masked autoencoder of a preset, with freshly initialised weights.
+
+    Parameters
+    ----------
+    preset : ModelPreset
+        Backbone and sizes (see :mod:`bidsapp.model.presets`); ``preset.backbone`` picks the class.
+    norm_pix_loss : bool, default False
+        Reconstruct every token of every frame standardised over its brain voxels (MAE's
+        ``norm_pix_loss``).
+
+    Returns
+    -------
+    MaskedAutoencoder
+        A :class:`~bidsapp.model.swin4d.SwinMaskedAutoencoder` or a
+        :class:`~bidsapp.model.vit4d.ViTMaskedAutoencoder`, in training mode on the current
+        default device.
+
+    Raises
+    ------
+    ValueError
+        If ``preset.backbone`` names no known backbone.
+
+    Examples
+    --------
+    >>> from bidsapp.model.presets import PRESETS
+    >>> model = build_model(PRESETS["tiny"])
+    >>> type(model).__name__
+    'SwinMaskedAutoencoder'
+    """
+    try:
+        cls = BACKBONES[preset.backbone]
+    except KeyError:
+        raise ValueError(f"unknown backbone {preset.backbone!r}; choose one of "
+                         f"{', '.join(BACKBONES)}") from None
+    return cls(preset, norm_pix_loss=norm_pix_loss)
+
+
+def count_parameters(preset: ModelPreset) -> int:
+    """Number of trainable parameters of the masked autoencoder of ``preset``."""
+    # The meta device gives shapes without allocating or initialising memory.
+    with torch.device("meta"):
+        model = build_model(preset)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def describe_model(preset: ModelPreset) -> dict:
+    """:meth:`ModelPreset.describe <bidsapp.model.presets.ModelPreset.describe>` and the
+    parameter count ``n_parameters``, as plain JSON values (docs, checkpoint sidecar)."""
+    return {**preset.describe(), "n_parameters": count_parameters(preset)}
