@@ -41,7 +41,7 @@ from bidsapp.config import READOUTS, Config
 from bidsapp.errors import BadDataError, NoInputError, UsageError
 from bidsapp.inference import LoadedModel, RunAttribution, analyse_run
 from bidsapp.inference import load_model as _load_checkpoint
-from bidsapp.outputs import embedding_columns, embedding_frame, region_table
+from bidsapp.outputs import MODEL_WEIGHTS, embedding_columns, embedding_frame, region_table
 from bidsapp.preprocess import CachedRun, PreprocessParams, prepare_run
 from bidsapp.readouts import edge_regions, vectorize
 from bidsapp.runtime import resolve_device, seed_everything
@@ -119,9 +119,9 @@ def _model_file(path: Path) -> Path:
     """A ``.safetensors`` file, or a folder holding ``model.safetensors`` (``models/desc-roi``)."""
     path = Path(path)
     if path.is_dir():
-        if (path / "model.safetensors").is_file():
-            return path / "model.safetensors"
-        raise NoInputError(f"{path} holds no model.safetensors")
+        if (path / MODEL_WEIGHTS).is_file():
+            return path / MODEL_WEIGHTS
+        raise NoInputError(f"{path} holds no {MODEL_WEIGHTS}")
     return path
 
 

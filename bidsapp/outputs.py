@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 
 #: The pretrained models, one folder per masking (``models/desc-<m>/``).
 MODELS_DIR = "models"
+#: The final model's weights in its folder (its sidecar: ``model.json``).
+MODEL_WEIGHTS = "model.safetensors"
 #: Each job's log file and configuration.
 LOGS_DIR = "logs"
 #: The group level's tables and maps.
@@ -73,6 +75,22 @@ EMBEDDING_COLUMNS = r"^e\d+$"
 
 #: Where the run embeddings of every model lie: their ``desc`` names the models found.
 _RUN_EMBEDDINGS = "sub-*/**/*_stat-mean_embedding.tsv"
+
+
+def model_dir(output_dir: Path, desc: str) -> Path:
+    """``OUTPUT_DIR/models/desc-<m>``: the models pretrained with one masking.
+
+    Parameters
+    ----------
+    output_dir : Path
+    desc : str
+        The masking's ``desc`` label (:func:`bidsapp.checkpoint.masking_desc`).
+
+    Returns
+    -------
+    Path
+    """
+    return output_dir / MODELS_DIR / f"desc-{desc}"
 
 
 def atlas_label(atlas: Atlas) -> str:
