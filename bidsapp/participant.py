@@ -20,9 +20,10 @@ the model's masking ``<m>`` (``desc-<m>``), written beside the run in ``OUTPUT_D
 - ``<source>_atlas-AAL3v1_desc-<m>_attribution.tsv`` (one row per region) and
   ``..._stat-bygroup_attribution.tsv`` (limbic, cerebellum, ...; only when the atlas has region groups)
 
-``AAL3v1`` stands for the atlas's own name (:func:`bidsapp.atlas.atlas_name`). The names are built
-by :class:`bidsapp.outputs.RunOutputs`, the one home of the output contract.
+``AAL3v1`` stands for the atlas's own name (:func:`bidsapp.atlas.atlas_name`).
 - a JSON sidecar beside each, and ``OUTPUT_DIR/sub-<label>.html`` with figures in ``sub-<label>/figures/``.
+
+The names are built by :class:`bidsapp.outputs.RunOutputs`, the one home of the output contract.
 
 The run's ``..._desc-<m>_embedding.json`` is written last and lists every output: a run whose sidecar
 exists with all its outputs is complete and skipped (unless ``--overwrite``); anything else is redone.
