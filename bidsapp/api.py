@@ -4,8 +4,8 @@ The functions here run exactly what the participant level runs, on images instea
 dataset: the checkpoint checks of :func:`bidsapp.inference.load_model`, the preprocessing and
 cache of :func:`bidsapp.preprocess.prepare_run`, the encoder and attribution of
 :func:`bidsapp.inference.analyse_run`, and the region tables and maps of
-:mod:`bidsapp.participant`. Embeddings are therefore those the participant level writes, bit for
-bit on the CPU.
+:mod:`bidsapp.outputs` and :mod:`bidsapp.atlas`. Embeddings are therefore those the participant
+level writes, bit for bit on the CPU.
 
 Examples
 --------
@@ -36,12 +36,12 @@ import pandas as pd
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
-from bidsapp.atlas import Atlas, load_atlas
+from bidsapp.atlas import Atlas, group_summary, load_atlas, region_map
 from bidsapp.config import READOUTS, Config
 from bidsapp.errors import BadDataError, NoInputError, UsageError
 from bidsapp.inference import LoadedModel, RunAttribution, analyse_run
 from bidsapp.inference import load_model as _load_checkpoint
-from bidsapp.participant import _embedding_frame, group_summary, region_map, region_table
+from bidsapp.outputs import MODEL_WEIGHTS, embedding_columns, embedding_frame, region_table
 from bidsapp.preprocess import CachedRun, PreprocessParams, prepare_run
 from bidsapp.readouts import edge_regions, vectorize
 from bidsapp.runtime import resolve_device, seed_everything
@@ -112,16 +112,16 @@ class RoimaeModel:
     @property
     def feature_names(self) -> list[str]:
         """Embedding column names, as in the participant level's TSV files (``e000``, ...)."""
-        return [f"e{i:03d}" for i in range(self.n_features)]
+        return embedding_columns(self.n_features)
 
 
 def _model_file(path: Path) -> Path:
     """A ``.safetensors`` file, or a folder holding ``model.safetensors`` (``models/desc-roi``)."""
     path = Path(path)
     if path.is_dir():
-        if (path / "model.safetensors").is_file():
-            return path / "model.safetensors"
-        raise NoInputError(f"{path} holds no model.safetensors")
+        if (path / MODEL_WEIGHTS).is_file():
+            return path / MODEL_WEIGHTS
+        raise NoInputError(f"{path} holds no {MODEL_WEIGHTS}")
     return path
 
 
@@ -243,7 +243,7 @@ def run_embedding(model: RoimaeModel, cached: CachedRun, result: RunAttribution,
     """
     atlas, loaded = model.atlas, model.loaded
     tr = cached.repetition_time
-    windows = _embedding_frame(result.window_embeddings)
+    windows = embedding_frame(result.window_embeddings)
     frames = loaded.window_frames
     windows.insert(0, "onset", np.arange(len(windows)) * frames * tr if tr is not None else np.nan)
     windows.insert(0, "window", np.arange(len(windows)))
@@ -256,7 +256,7 @@ def run_embedding(model: RoimaeModel, cached: CachedRun, result: RunAttribution,
         for name, values in _per_region(result, len(atlas.regions)).items():
             if name not in regions and name.replace("_", "") not in regions:
                 regions[name] = values
-        occluded = _embedding_frame(result.occluded_embeddings)
+        occluded = embedding_frame(result.occluded_embeddings)
         occluded.insert(0, "name", regions["name"])
         occluded.insert(0, "index", regions["index"])
         measures = [c for c in regions.columns

@@ -423,3 +423,50 @@ def _build_atlas(name: str, img: nib.Nifti1Image, table: pd.DataFrame, source: s
         for i, n, h, g in zip(table["index"], table["name"], hemispheres, groups, strict=True)
     )
     return Atlas(name=name, image=img, regions=regions, source=source)
+
+
+def region_map(values: np.ndarray, contiguous: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    """A 3D float32 map where every voxel of region r carries ``values[r]`` (0 outside regions).
+
+    Parameters
+    ----------
+    values : ndarray, shape (R,)
+        One value per region, in the atlas's order (NaN stays NaN).
+    contiguous : ndarray of int, 3D
+        Each voxel's region index, -1 outside regions (:meth:`Atlas.contiguous`).
+    affine : ndarray, shape (4, 4)
+        The grid of ``contiguous``.
+
+    Returns
+    -------
+    nibabel.Nifti1Image
+        In millimetres.
+    """
+    lookup = np.concatenate([values.astype(np.float32), [0.0]])   # index -1 -> 0 (background)
+    data = lookup[contiguous]
+    img = nib.Nifti1Image(data.astype(np.float32), affine)
+    img.header.set_xyzt_units("mm")
+    return img
+
+
+def group_summary(table: pd.DataFrame, measures: tuple[str, ...]) -> pd.DataFrame:
+    """Mean of each measure over the regions of each group (regions without a value left out).
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        One row per region, with a ``group`` column (:meth:`Atlas.table`) and the measures.
+    measures : tuple of str
+        The columns to average; the first also counts the regions with a value.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per group, sorted: ``group``, ``regions``, ``regions_with_values`` and the
+        means.
+    """
+    grouped = table.groupby("group", sort=True)
+    summary = grouped[list(measures)].mean()
+    summary.insert(0, "regions", grouped.size())
+    summary.insert(1, "regions_with_values", grouped[measures[0]].count())
+    return summary.reset_index()

@@ -34,12 +34,10 @@ every participant alike average out).
 from __future__ import annotations
 
 import contextlib
-import glob
-import hashlib
 import json
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,7 +69,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 from threadpoolctl import threadpool_limits
 
-from bidsapp.atlas import Atlas, load_atlas
+from bidsapp.atlas import Atlas, group_summary, load_atlas, region_map
 from bidsapp.bids.derivatives import DerivativesWriter
 from bidsapp.bids.layout import discover_runs, runs_without_row
 from bidsapp.checkpoint import masking_desc
@@ -84,15 +82,20 @@ from bidsapp.io import (
     remove_temporaries,
 )
 from bidsapp.logs import get_logger
-from bidsapp.participant import (
+from bidsapp.outputs import (
     BIDSIGNORE,
+    GroupOutputs,
     RunOutputs,
-    _atlas_label,
+    SetResult,
+    atlas_label,
     baseline_outputs,
-    group_summary,
-    region_map,
+    model_descs,
+    read_embeddings,
+    read_relmat,
+    set_names,
 )
 from bidsapp.readouts import edge_regions, vectorize
+from bidsapp.reports import write_group_report
 
 log = get_logger("group")
 
@@ -418,20 +421,13 @@ def region_importance(es: EmbeddingSet, models: list, atlas: Atlas) -> pd.DataFr
     return table
 
 
-def _read_relmat(path: Path) -> np.ndarray:
-    """A ``relmat.tsv`` (``Node`` column, then one column per region) as an (R, R) array."""
-    frame = pd.read_csv(path, sep="\t", na_values="n/a", index_col=0)
-    return frame.to_numpy(dtype=np.float64)
-
-
 def _read_features(readout: str, path: Path) -> np.ndarray | None:
     """The feature vector of one run for a readout, None when its file is missing."""
     if not path.is_file():
         return None
     if readout in ("connectivity", "fc"):
-        return vectorize(_read_relmat(path))
-    frame = pd.read_csv(path, sep="\t", na_values="n/a").filter(regex=r"^e\d+$")
-    return frame.to_numpy(dtype=np.float64).ravel()
+        return vectorize(read_relmat(path))
+    return read_embeddings(path).ravel()
 
 
 def _feature_regions(readout: str, n_regions: int, n_features: int) -> list[np.ndarray] | None:
@@ -443,12 +439,6 @@ def _feature_regions(readout: str, n_regions: int, n_features: int) -> list[np.n
         width = n_features // n_regions
         return [np.arange(r * width, (r + 1) * width) for r in range(n_regions)]
     return None
-
-
-def _set_names(desc: str | None, readout: str) -> tuple[str, str]:
-    if desc is None:
-        return readout, f"feature-{readout}"
-    return f"{desc}-{readout}", f"desc-{desc}_feature-{readout}"
 
 
 def _load_embedding_set(desc: str | None, readout: str, dataset, writer: DerivativesWriter,
@@ -492,13 +482,12 @@ def _load_embedding_set(desc: str | None, readout: str, dataset, writer: Derivat
                                "level for it (--overwrite) with a sound model")
         occluded = None
         if attributed and readout == "global":
-            occluded = pd.read_csv(out.occluded, sep="\t", na_values="n/a").filter(
-                regex=r"^e\d+$").to_numpy(dtype=np.float64)
+            occluded = read_embeddings(out.occluded)
         vectors.append(vec)
         rows.append({"run": run.name, "participant_id": pid, "target": targets[pid],
                      "cv_group": pid if cv_groups is None else str(cv_groups.get(pid)),
                      "table": out.table if attributed else None, "occluded": occluded})
-    name, stem = _set_names(desc, readout)
+    name, stem = set_names(desc, readout)
     if missing:
         log.warning("%s: %d selected runs have no complete %s features (participant level not "
                     "run for them, or its job was killed before the end); they are left out",
@@ -535,19 +524,26 @@ def check_one_model(desc: str, models: dict[str, list[str]]) -> None:
                        "run (--overwrite)")
 
 
-def clear_group_outputs(out_dir: Path, prefix: str, map_stems: list[str]) -> list[Path]:
-    """Remove the outputs of an earlier group run with the same ``prefix`` (and maps of ``map_stems``).
+def clear_group_outputs(outputs: GroupOutputs, map_stems: list[str]) -> list[Path]:
+    """Remove the outputs of an earlier group run with the same prefix (and maps of ``map_stems``).
 
     The completion marker (``<prefix>_settings.json``) goes first: from then on, until this run
-    writes it again last, the folder says that its ``prefix`` outputs are incomplete.
+    writes it again last, the folder says that its prefix's outputs are incomplete.
+
+    Parameters
+    ----------
+    outputs : bidsapp.outputs.GroupOutputs
+        The paths of this ``--target``.
+    map_stems : list of str
+        ``atlas-<a>_<set>`` of every set this run scores: their target-free maps go too.
+
+    Returns
+    -------
+    list of Path
+        The files removed.
     """
-    figures = out_dir / "figures"
-    paths = [out_dir / f"{prefix}_settings.json", *sorted(out_dir.glob(f"{prefix}_*")),
-             *sorted(figures.glob(f"{prefix}_*"))]
-    for stem in map_stems:
-        paths += sorted(out_dir.glob(f"{glob.escape(stem)}_*"))
     removed = []
-    for path in dict.fromkeys(paths):
+    for path in outputs.written(map_stems):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
             removed.append(path)
@@ -613,8 +609,7 @@ def _wanted_sets(config: Config) -> list[tuple[str | None, str]]:
         if config.participant.model_desc:
             names = [config.participant.model_desc]
         else:
-            names = sorted({p.name.split("_desc-")[1].split("_")[0] for p in
-                            config.output_dir.glob("sub-*/**/*_stat-mean_embedding.tsv")})
+            names = model_descs(config.output_dir)
             if not names:
                 raise NoInputError(f"no embeddings in {config.output_dir}: run the participant "
                                    "level first")
@@ -641,16 +636,6 @@ def _check_classes(es: EmbeddingSet, folds: int) -> np.ndarray:
             f"{per_participant.idxmin()!r} has {per_participant.min()} participants (lower "
             "--cv-folds or add participants)")
     return np.array(sorted(per_participant.index))
-
-
-def target_label(target: str) -> str:
-    """The BIDS label of ``--target`` in file names: its ASCII letters and digits.
-
-    A name with none (``診断``) gets the first 8 hex digits of its SHA-256 instead; the settings
-    file and the report keep the name itself.
-    """
-    label = "".join(c for c in target if c.isascii() and c.isalnum())
-    return label or hashlib.sha256(target.encode("utf-8")).hexdigest()[:8]
 
 
 def summarize(folds_table: pd.DataFrame, p_value: float) -> pd.DataFrame:
@@ -714,7 +699,7 @@ def _run_group(config: Config) -> None:
             raise BadDataError(f"participants.tsv has no column {config.group.cv_groups!r} "
                                "(--cv-groups)")
         cv_groups = dataset.participants.set_index("participant_id")[config.group.cv_groups]
-    label = _atlas_label(atlas)
+    label = atlas_label(atlas)
     wanted = _wanted_sets(config)
     sets = []
     for desc, readout in wanted:
@@ -751,24 +736,24 @@ def _run_group(config: Config) -> None:
             raise BadDataError(f"a cross-validation fold has a single class ({y[train][0]!r}) "
                                f"in training: the --cv-groups {config.group.cv_groups} groups "
                                "are confounded with the target; use other groups or none")
-    out_dir = ensure_dir(config.output_dir / "group")
+    outputs = GroupOutputs(config.output_dir, config.group.target)
+    ensure_dir(outputs.dir)
     # A group job killed while writing left temporary files; this job rewrites every output.
-    for tmp in [*remove_stale_temporaries(out_dir), *remove_stale_temporaries(out_dir / "figures"),
-                *remove_temporaries(config.output_dir / "group.html")]:
+    for tmp in [*remove_stale_temporaries(outputs.dir),
+                *remove_stale_temporaries(outputs.figures),
+                *remove_temporaries(outputs.report)]:
         log.info("removed %s, left by an interrupted job", tmp.name)
-    prefix = f"target-{target_label(config.group.target)}"
-    for old in clear_group_outputs(out_dir, prefix, [f"atlas-{label}_{es.stem}" for es in sets]):
+    for old in clear_group_outputs(outputs, [outputs.map_stem(label, es.stem) for es in sets]):
         log.info("removed %s of an earlier group run", old.name)
-    results = {}
+    results: dict[str, SetResult] = {}
     for es in sets:
         folds_table, predictions, models, confusion = evaluate(es, splits, classes, config)
         p_value, null = permutation_pvalue(es, splits, folds_table, config)
         summary = summarize(folds_table, p_value)
-        stem = f"{prefix}_{es.stem}"
-        writer.write_tsv(out_dir / f"{stem}_folds.tsv", folds_table)
-        writer.write_tsv(out_dir / f"{stem}_predictions.tsv", predictions)
-        writer.write_tsv(out_dir / f"{stem}_metrics.tsv", summary)
-        writer.write_tsv(out_dir / f"{stem}_confusion.tsv",
+        writer.write_tsv(outputs.set_table(es.stem, "folds"), folds_table)
+        writer.write_tsv(outputs.set_table(es.stem, "predictions"), predictions)
+        writer.write_tsv(outputs.set_table(es.stem, "metrics"), summary)
+        writer.write_tsv(outputs.set_table(es.stem, "confusion"),
                          pd.DataFrame(confusion, index=classes, columns=classes)
                          .rename_axis("true").reset_index())
         attribution = group_attribution(es, models, atlas)
@@ -776,27 +761,24 @@ def _run_group(config: Config) -> None:
         if note is not None:
             log.warning("%s", note)
         if es.readout != "covariates":
-            write_group_maps(writer, out_dir, f"atlas-{label}_{es.stem}", attribution, atlas,
-                             prefix)
+            write_group_maps(writer, outputs, outputs.map_stem(label, es.stem), attribution,
+                             atlas)
         bal = summary.set_index("metric").loc["balanced_accuracy"]
         log.info("%s: balanced accuracy %.3f +- %.3f (permutation p = %.4f, %d runs, "
                  "%d participants, %d features)", es.name, bal["mean"], bal["sd"], p_value,
                  len(es.runs), es.runs["participant_id"].nunique(), es.X.shape[1])
-        results[es.name] = {"folds": folds_table, "summary": summary, "predictions": predictions,
-                            "confusion": confusion, "attribution": attribution, "null": null,
-                            "regions_note": note}
+        results[es.name] = SetResult(folds=folds_table, summary=summary,
+                                     predictions=predictions, confusion=confusion,
+                                     attribution=attribution, null=null, regions_note=note)
     n_runs = len(sets[0].runs)
     comparison = compare_sets(results, splits, n_runs)
     if comparison is not None:
-        writer.write_tsv(out_dir / f"{prefix}_comparison.tsv", comparison)
+        writer.write_tsv(outputs.comparison, comparison)
     scores = score_table(sets, results, splits, n_runs)
-    writer.write_tsv(out_dir / f"{prefix}_scores.tsv", scores)
-    from bidsapp.reports import write_group_report
-
-    report = write_group_report(config.output_dir, prefix, classes, results, comparison, scores,
-                                atlas)
+    writer.write_tsv(outputs.scores, scores)
+    report = write_group_report(outputs, classes, results, comparison, scores, atlas)
     # Last: the completion marker of this prefix's outputs (see clear_group_outputs).
-    atomic_write_json(out_dir / f"{prefix}_settings.json", {
+    atomic_write_json(outputs.settings, {
         "target": config.group.target, "target_map": config.group.target_map,
         "classes": classes.tolist(), "classifier": config.group.classifier,
         "cv_folds": config.group.cv_folds, "cv_repeats": config.group.cv_repeats,
@@ -825,8 +807,8 @@ def effective_rank(X: np.ndarray) -> float:
     return float(np.exp(-(share * np.log(share)).sum()))
 
 
-def score_table(sets: list[EmbeddingSet], results: dict, splits: list, n_runs: int
-                ) -> pd.DataFrame:
+def score_table(sets: list[EmbeddingSet], results: Mapping[str, SetResult], splits: list,
+                n_runs: int) -> pd.DataFrame:
     """One row per feature set: scores, and the comparison with the best baseline.
 
     The best baseline is the one of highest mean balanced accuracy; each other set is compared
@@ -834,12 +816,12 @@ def score_table(sets: list[EmbeddingSet], results: dict, splits: list, n_runs: i
     """
     n_test = int(np.mean([len(s[3]) for s in splits]))
     baselines = [es.name for es in sets if es.is_baseline]
-    best = max(baselines, key=lambda n: results[n]["folds"]["balanced_accuracy"].mean(),
+    best = max(baselines, key=lambda n: results[n].folds["balanced_accuracy"].mean(),
                default=None)
     rows = []
     for es in sets:
-        folds = results[es.name]["folds"]
-        summary = results[es.name]["summary"].set_index("metric")
+        folds = results[es.name].folds
+        summary = results[es.name].summary.set_index("metric")
         row = {"set": es.name, "kind": "baseline" if es.is_baseline else "model",
                "desc": es.desc, "readout": es.readout, "features": es.X.shape[1],
                "effective_rank": effective_rank(es.X),
@@ -850,7 +832,7 @@ def score_table(sets: list[EmbeddingSet], results: dict, splits: list, n_runs: i
                "best_baseline": best, "difference": np.nan, "t": np.nan, "p_corrected": np.nan}
         if best is not None and es.name != best:
             diff = (folds["balanced_accuracy"].to_numpy()
-                    - results[best]["folds"]["balanced_accuracy"].to_numpy())
+                    - results[best].folds["balanced_accuracy"].to_numpy())
             t, p = corrected_ttest(diff, n_runs - n_test, n_test)
             row.update(difference=diff.mean(), t=t, p_corrected=p)
         rows.append(row)
@@ -882,24 +864,35 @@ def group_attribution(es: EmbeddingSet, models: list, atlas: Atlas) -> pd.DataFr
     return table
 
 
-def write_group_maps(writer: DerivativesWriter, out_dir: Path, stem: str, table: pd.DataFrame,
-                     atlas: Atlas, prefix: str) -> None:
-    """Group NIfTI maps on the atlas grid, the region table and the summary by region group."""
+def write_group_maps(writer: DerivativesWriter, outputs: GroupOutputs, map_stem: str,
+                     table: pd.DataFrame, atlas: Atlas) -> None:
+    """Group NIfTI maps on the atlas grid, the region table and the summary by region group.
+
+    Parameters
+    ----------
+    writer : bidsapp.bids.derivatives.DerivativesWriter
+    outputs : bidsapp.outputs.GroupOutputs
+        The paths of this ``--target``.
+    map_stem : str
+        ``atlas-<a>_<set>`` (:meth:`~bidsapp.outputs.GroupOutputs.map_stem`).
+    table : pandas.DataFrame
+        The group region table (:func:`group_attribution`).
+    atlas : bidsapp.atlas.Atlas
+    """
     contiguous = atlas.contiguous(np.asarray(atlas.image.dataobj))
     for column in ("reconerror", "occlusion", "importance"):
         if table[column].notna().any():
-            name = f"{prefix}_{stem}" if column == "importance" else stem
-            path = out_dir / f"{name}_stat-{column}_boldmap.nii.gz"
-            writer.write_nifti(path, region_map(table[column].to_numpy(), contiguous,
-                                                atlas.image.affine))
-    writer.write_tsv(out_dir / f"{prefix}_{stem}_attribution.tsv", table)
+            writer.write_nifti(outputs.group_map(map_stem, column),
+                               region_map(table[column].to_numpy(), contiguous,
+                                          atlas.image.affine))
+    writer.write_tsv(outputs.attribution(map_stem), table)
     measures = tuple(c for c in ("importance", "reconerror", "occlusion") if table[c].notna().any())
     if measures and atlas.has_groups:
-        writer.write_tsv(out_dir / f"{prefix}_{stem}_stat-bygroup_attribution.tsv",
-                         group_summary(table, measures))
+        writer.write_tsv(outputs.attribution_by_group(map_stem), group_summary(table, measures))
 
 
-def compare_sets(results: dict, splits: list, n_runs: int) -> pd.DataFrame | None:
+def compare_sets(results: Mapping[str, SetResult], splits: list, n_runs: int
+                 ) -> pd.DataFrame | None:
     """Pairwise fold-wise comparison of balanced accuracy (corrected resampled t-test)."""
     descs = list(results)
     if len(descs) < 2:
@@ -908,8 +901,8 @@ def compare_sets(results: dict, splits: list, n_runs: int) -> pd.DataFrame | Non
     rows = []
     for i, a in enumerate(descs):
         for b in descs[i + 1:]:
-            fa = results[a]["folds"]["balanced_accuracy"].to_numpy()
-            fb = results[b]["folds"]["balanced_accuracy"].to_numpy()
+            fa = results[a].folds["balanced_accuracy"].to_numpy()
+            fb = results[b].folds["balanced_accuracy"].to_numpy()
             diff = fa - fb
             t, p = corrected_ttest(diff, n_runs - n_test, n_test)
             rows.append({"a": a, "b": b, "balanced_accuracy_a": fa.mean(),

@@ -17,6 +17,7 @@ from bidsapp.distributed import env_rank
 from bidsapp.errors import NoInputError, UsageError, interruption_in, interruption_message
 from bidsapp.io import atomic_write_text, ensure_dir
 from bidsapp.logs import FILE_ONLY, get_logger, setup_logging
+from bidsapp.outputs import LOGS_DIR
 from bidsapp.runtime import resolve_device, set_threads
 
 
@@ -54,7 +55,7 @@ def start_run(config: Config) -> Path | None:
     if env_rank() != 0:
         setup_logging(-1 if config.verbosity == 0 else config.verbosity)
         return None
-    logs_dir = ensure_dir(config.output_dir / "logs")
+    logs_dir = ensure_dir(config.output_dir / LOGS_DIR)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     run_id = f"{config.analysis_level}-{stamp}_{uuid.uuid4().hex[:8]}"
     log_file = logs_dir / f"roimae-{run_id}.log"

@@ -23,17 +23,16 @@ the model's masking ``<m>`` (``desc-<m>``), written beside the run in ``OUTPUT_D
 ``AAL3v1`` stands for the atlas's own name (:func:`bidsapp.atlas.atlas_name`).
 - a JSON sidecar beside each, and ``OUTPUT_DIR/sub-<label>.html`` with figures in ``sub-<label>/figures/``.
 
+The names are built by :class:`bidsapp.outputs.RunOutputs`, the one home of the output contract.
+
 The run's ``..._desc-<m>_embedding.json`` is written last and lists every output: a run whose sidecar
 exists with all its outputs is complete and skipped (unless ``--overwrite``); anything else is redone.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
-from collections.abc import Mapping
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -41,13 +40,13 @@ import pandas as pd
 import torch
 
 from bidsapp import __version__, model_card
-from bidsapp.atlas import Atlas, load_atlas
-from bidsapp.bids.derivatives import DerivativesWriter, parse_filename
+from bidsapp.atlas import Atlas, group_summary, load_atlas, region_map
+from bidsapp.bids.derivatives import DerivativesWriter
 from bidsapp.bids.layout import BoldRun, discover_runs
 from bidsapp.bids.validation import validate_input
 from bidsapp.config import Config
 from bidsapp.data import prepare_runs
-from bidsapp.errors import BadDataError, UsageError
+from bidsapp.errors import BadDataError
 from bidsapp.grid import CubeAtlas, cube_atlas
 from bidsapp.inference import (
     ATTRIBUTION_METHOD,
@@ -60,177 +59,22 @@ from bidsapp.inference import (
 )
 from bidsapp.io import remove_temporaries
 from bidsapp.logs import get_logger
+from bidsapp.outputs import (
+    BIDSIGNORE,
+    RunOutputs,
+    atlas_label,
+    complete_runs,
+    embedding_frame,
+    region_table,
+    relmat_frame,
+    run_stem,
+)
 from bidsapp.preprocess import CachedRun
 from bidsapp.readouts import correlation_matrix, region_timeseries
+from bidsapp.reports import report_lock, write_participant_report
 from bidsapp.runtime import seed_everything
 
 log = get_logger("participant")
-
-#: Non-standard suffixes this level writes (kept out of the BIDS validator's way).
-# Directories without a trailing slash: bids-validator-deno does not match "dir/" patterns.
-BIDSIGNORE = ["*_embedding.tsv", "*_embedding.json", "*_boldmap.nii.gz", "*_boldmap.json",
-              "*_attribution.tsv", "*_attribution.json", "*_relmat.tsv", "*_relmat.json",
-              "*_timeseries.tsv", "*_timeseries.json", "sub-*/figures", "sub-*.html",
-              "models", "group", "group.html", "logs"]
-
-
-def _atlas_label(atlas: Atlas) -> str:
-    return "".join(ch for ch in atlas.name if ch.isalnum())
-
-
-def baseline_outputs(writer: DerivativesWriter, run: BoldRun | Mapping[str, str],
-                     atlas_label: str) -> tuple[Path, Path]:
-    """The region time series and correlation matrix of the connectivity baseline of one run.
-
-    They do not depend on the model, so their names have no ``desc``.
-    """
-    entities = run if isinstance(run, Mapping) else run.entities
-
-    def path(suffix: str, stat: str) -> Path:
-        return writer.path_for(entities, suffix=suffix, extension=".tsv", atlas=atlas_label,
-                               stat=stat)
-
-    return path("timeseries", "mean"), path("relmat", "pearsoncorrelation")
-
-
-class RunOutputs:
-    """The paths of one run's outputs (``run``: the input run, or its entities)."""
-
-    def __init__(self, writer: DerivativesWriter, run: BoldRun | Mapping[str, str], desc: str,
-                 atlas_label: str, groups: bool = True):
-        entities = run if isinstance(run, Mapping) else run.entities
-
-        def path(suffix: str, extension: str, **extra: str) -> Path:
-            return writer.path_for(entities, suffix=suffix, extension=extension, **extra)
-
-        self.embedding = path("embedding", ".tsv", desc=desc)
-        self.mean_embedding = path("embedding", ".tsv", desc=desc, stat="mean")
-        self.region_embedding = path("embedding", ".tsv", atlas=atlas_label, desc=desc,
-                                     stat="region")
-        self.connectivity = path("relmat", ".tsv", atlas=atlas_label, desc=desc,
-                                 stat="pearsoncorrelation")
-        self.timeseries, self.fc = baseline_outputs(writer, entities, atlas_label)
-        self.occluded = path("embedding", ".tsv", atlas=atlas_label, desc=desc, stat="occluded")
-        self.recon_map = path("boldmap", ".nii.gz", atlas=atlas_label, stat="reconerror", desc=desc)
-        self.occlusion_map = path("boldmap", ".nii.gz", atlas=atlas_label, stat="occlusion",
-                                  desc=desc)
-        self.table = path("attribution", ".tsv", atlas=atlas_label, desc=desc)
-        # The summary by region group exists only for atlases whose regions have groups.
-        self.groups = (path("attribution", ".tsv", atlas=atlas_label, desc=desc, stat="bygroup")
-                       if groups else None)
-        self.done = self.embedding.with_suffix(".json")
-
-    def data_files(self, attribution: bool) -> list[Path]:
-        files = [self.embedding, self.mean_embedding, self.region_embedding, self.connectivity,
-                 self.timeseries, self.fc]
-        if attribution:
-            files += [self.occluded, self.recon_map, self.occlusion_map, self.table, self.groups]
-        return [f for f in files if f is not None]
-
-    def completion(self) -> dict | None:
-        """The completion sidecar if the run is complete (by whichever model), else ``None``.
-
-        Complete: the sidecar (written last) parses and every data file it lists (``Outputs``)
-        exists; a sidecar of roimae 0.1, which lists none, implies the embeddings and, with
-        attribution, its files. The one test of completeness, for the reports and the group
-        level.
-        """
-        try:
-            meta = json.loads(self.done.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            return None
-        if not isinstance(meta, dict) or not isinstance(meta.get("Model"), dict):
-            return None
-        listed = meta.get("Outputs")
-        if isinstance(listed, list) and all(isinstance(name, str) and name == Path(name).name
-                                            and name not in ("", ".", "..") for name in listed):
-            files = [self.done.parent / name for name in listed]
-        elif listed is None:
-            files = [self.embedding, self.mean_embedding]
-            if meta.get("Attribution") is not None:
-                files += [self.occluded, self.recon_map, self.occlusion_map, self.table]
-        else:
-            return None
-        return meta if all(p.is_file() for p in files) else None
-
-    def is_complete(self, attribution: bool, model_sha256: str) -> bool:
-        """Complete, by this model, with every output this version writes (else it is redone)."""
-        meta = self.completion()
-        if meta is None:
-            return False
-        same_model = meta["Model"].get("SHA256") == model_sha256
-        return (same_model and (meta.get("Attribution") is not None or not attribution)
-                and all(p.is_file() for p in self.data_files(meta.get("Attribution") is not None)))
-
-
-def complete_runs(writer: DerivativesWriter, subject: str, atlas_label: str,
-                  groups: bool = True) -> list[tuple[str, str, RunOutputs, dict]]:
-    """Every complete run of ``subject`` in OUTPUT_DIR, whichever model and job wrote it.
-
-    Returns ``(run name, desc, outputs, completion sidecar)`` sorted by desc and run: what the
-    participant report shows, so that it never loses the runs of another model or job.
-    """
-    folder = writer.output_dir / f"sub-{subject}"
-    found = []
-    for done in sorted(folder.rglob("*_embedding.json")) if folder.is_dir() else []:
-        try:
-            entities, _, _ = parse_filename(done.name)
-        except UsageError:
-            continue
-        desc = entities.pop("desc", None)
-        if desc is None or "stat" in entities or "atlas" in entities:
-            continue   # not a completion sidecar (the run embedding's own sidecar, say)
-        out = RunOutputs(writer, entities, desc, atlas_label, groups=groups)
-        meta = out.completion() if out.done == done else None
-        if meta is not None:
-            name = "_".join(f"{key}-{value}" for key, value in entities.items())
-            found.append((name, desc, out, meta))
-    return sorted(found, key=lambda item: (item[1], item[0]))
-
-
-def region_table(atlas: Atlas, loaded: LoadedModel, result: RunAttribution,
-                 voxels: np.ndarray) -> pd.DataFrame:
-    """One row per region: identity, size, and each attribution measure."""
-    table = atlas.table().copy()
-    labels = loaded.region_grid.token_labels.flatten()
-    tokens = torch.bincount(labels[labels >= 0], minlength=len(atlas.regions)).cpu().numpy()
-    table["voxels"] = voxels
-    table["tokens"] = tokens
-    table["reconerror"] = result.recon_error
-    table["reconerror_se"] = result.recon_error_se
-    table["occlusion"] = result.occlusion
-    table["note"] = np.where(result.eligible, "n/a",
-                             "owns no token of the model grid: cannot be hidden")
-    return table
-
-
-def group_summary(table: pd.DataFrame, measures: tuple[str, ...]) -> pd.DataFrame:
-    """Mean of each measure over the regions of each group (regions without a value left out)."""
-    grouped = table.groupby("group", sort=True)
-    summary = grouped[list(measures)].mean()
-    summary.insert(0, "regions", grouped.size())
-    summary.insert(1, "regions_with_values", grouped[measures[0]].count())
-    return summary.reset_index()
-
-
-def region_map(values: np.ndarray, contiguous: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
-    """A 3D float32 map where every voxel of region r carries ``values[r]`` (0 outside regions)."""
-    lookup = np.concatenate([values.astype(np.float32), [0.0]])   # index -1 -> 0 (background)
-    data = lookup[contiguous]
-    img = nib.Nifti1Image(data.astype(np.float32), affine)
-    img.header.set_xyzt_units("mm")
-    return img
-
-
-def _embedding_frame(rows: np.ndarray) -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=[f"e{i:03d}" for i in range(rows.shape[1])])
-
-
-def _relmat_frame(matrix: np.ndarray, names: list[str]) -> pd.DataFrame:
-    """A square region x region table with a ``Node`` column (as XCP-D's relmat files)."""
-    frame = pd.DataFrame(matrix, columns=names)
-    frame.insert(0, "Node", names)
-    return frame
 
 
 def write_readouts(writer: DerivativesWriter, out: RunOutputs, cached: CachedRun, cube: CubeAtlas,
@@ -238,7 +82,7 @@ def write_readouts(writer: DerivativesWriter, out: RunOutputs, cached: CachedRun
                    model_info: dict) -> None:
     """The region readouts of the model and the functional-connectivity baseline of one run."""
     names = [region.name for region in atlas.regions]
-    regions = _embedding_frame(result.region_embeddings)
+    regions = embedding_frame(result.region_embeddings)
     regions.insert(0, "name", names)
     regions.insert(0, "index", [region.index for region in atlas.regions])
     writer.write_tsv(out.region_embedding, regions)
@@ -247,7 +91,7 @@ def write_readouts(writer: DerivativesWriter, out: RunOutputs, cached: CachedRun
                        "region (weighted by the share of the region's voxels in each token) and "
                        "averaged over frames", "Atlas": atlas.name, "Sources": sources,
         "Model": model_info})
-    writer.write_tsv(out.connectivity, _relmat_frame(result.feature_connectivity, names))
+    writer.write_tsv(out.connectivity, relmat_frame(result.feature_connectivity, names))
     writer.write_sidecar(out.connectivity, {
         "Description": "Connectivity in the model's feature space: for every channel, the Pearson "
                        "correlation of two regions' features over frames, averaged over channels",
@@ -258,11 +102,13 @@ def write_readouts(writer: DerivativesWriter, out: RunOutputs, cached: CachedRun
         "Description": "Functional-connectivity baseline: mean z-scored signal of each region's "
                        "voxels in the run's brain mask, on the model cube, every frame",
         "Atlas": atlas.name, "Sources": sources, "RepetitionTime": cached.repetition_time})
-    writer.write_tsv(out.fc, _relmat_frame(correlation_matrix(timeseries), names))
+    writer.write_tsv(out.fc, relmat_frame(correlation_matrix(timeseries), names))
     writer.write_sidecar(out.fc, {
         "Description": "Functional-connectivity baseline: Pearson correlation of the region "
                        "time series (nilearn ConnectivityMeasure, empirical covariance)",
         "Atlas": atlas.name, "Sources": [*sources, writer.bids_uri(out.timeseries)]})
+
+
 def check_finite_embeddings(result: RunAttribution, run: BoldRun, loaded: LoadedModel) -> None:
     """Refuse (65) a run whose embeddings hold NaN or infinities, before anything is written.
 
@@ -285,11 +131,11 @@ def write_run(writer: DerivativesWriter, out: RunOutputs, run: BoldRun, cached: 
                   **model_card.cite(loaded.path, writer.bids_uri)}
     sources = [run.source_uri, writer.bids_uri(run.mask)]
     frames = loaded.window_frames
-    windows = _embedding_frame(result.window_embeddings)
+    windows = embedding_frame(result.window_embeddings)
     windows.insert(0, "onset", np.arange(len(windows)) * frames * tr)
     windows.insert(0, "window", np.arange(len(windows)))
     writer.write_tsv(out.embedding, windows)
-    writer.write_tsv(out.mean_embedding, _embedding_frame(result.embedding[None]))
+    writer.write_tsv(out.mean_embedding, embedding_frame(result.embedding[None]))
     writer.write_sidecar(out.mean_embedding, {
         "Description": "Run embedding: mean of the window embeddings", "Sources": sources,
         "Model": model_info})
@@ -308,7 +154,7 @@ def write_run(writer: DerivativesWriter, out: RunOutputs, run: BoldRun, cached: 
         contiguous = atlas.contiguous(atlas.resample_to(shape, affine))
         voxels = np.bincount(contiguous[contiguous >= 0].ravel(), minlength=len(atlas.regions))
         table = region_table(atlas, loaded, result, voxels)
-        occluded = _embedding_frame(result.occluded_embeddings)
+        occluded = embedding_frame(result.occluded_embeddings)
         occluded.insert(0, "name", table["name"])
         occluded.insert(0, "index", table["index"])
         writer.write_tsv(out.occluded, occluded)
@@ -349,7 +195,7 @@ def run_participant(config: Config, device: torch.device) -> None:
     writer.ensure_dataset_description()
     writer.ensure_bidsignore(BIDSIGNORE)
     attribution = config.participant.attribution
-    label = _atlas_label(atlas)
+    label = atlas_label(atlas)
     todo: list[tuple[BoldRun, RunOutputs]] = []
     for run in dataset.runs:
         out = RunOutputs(writer, run, loaded.desc, label, groups=atlas.has_groups)
@@ -379,14 +225,12 @@ def run_participant(config: Config, device: torch.device) -> None:
                  " + attribution" if attribution else "", time.perf_counter() - t0)
         by_subject[run.subject].append((run, out, result))
     if config.participant.reports:
-        from bidsapp.reports import report_lock, write_participant_report
-
         # Every selected participant, also when all its runs were complete and skipped; each
         # report shows every complete run on disk (all models, all jobs). The lock keeps two
         # jobs of one participant (two models, say) from writing it at once, the later one
         # seeing the earlier one's runs.
         for subject in dict.fromkeys(run.subject for run in dataset.runs):
-            examples = {f"{run.name}_desc-{loaded.desc}": result.example
+            examples = {run_stem(run.name, loaded.desc): result.example
                         for run, _, result in by_subject.get(subject, []) if result.example}
             with report_lock(config.output_dir, subject):
                 runs = complete_runs(writer, subject, label, groups=atlas.has_groups)

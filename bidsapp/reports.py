@@ -12,6 +12,7 @@ import contextlib
 import html
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -24,6 +25,7 @@ import pandas as pd
 from filelock import FileLock, Timeout
 
 from bidsapp import __version__
+from bidsapp.atlas import Atlas, region_map
 from bidsapp.errors import CannotCreateOutputError
 from bidsapp.io import (
     atomic_path,
@@ -31,6 +33,16 @@ from bidsapp.io import (
     ensure_dir,
     remove_stale_temporaries,
     remove_temporaries,
+)
+from bidsapp.outputs import (
+    REPORT_LOCK,
+    GroupOutputs,
+    RunOutputs,
+    SetResult,
+    participant_figures,
+    participant_report,
+    run_figure,
+    run_stem,
 )
 
 _LOCK_TIMEOUT_S = 600
@@ -128,8 +140,8 @@ def _spread_text(spread: float | None) -> str:
 @contextlib.contextmanager
 def report_lock(output_dir: Path, subject: str) -> Iterator[None]:
     """Hold the lock of ``sub-<label>.html`` (in its figures folder) while it is rebuilt."""
-    figures = ensure_dir(output_dir / f"sub-{subject}" / "figures")
-    lock = FileLock(figures / ".report.lock", timeout=_LOCK_TIMEOUT_S)
+    figures = ensure_dir(participant_figures(output_dir, subject))
+    lock = FileLock(figures / REPORT_LOCK, timeout=_LOCK_TIMEOUT_S)
     try:
         with lock:
             yield
@@ -150,7 +162,7 @@ def _cell(value: object) -> str:
     return html.escape("n/a" if value is None else str(value))
 
 
-def _run_figures(out, table: pd.DataFrame, figures: Path, stem: str) -> dict[str, Path]:
+def _run_figures(out: RunOutputs, table: pd.DataFrame, figures: Path, stem: str) -> dict[str, Path]:
     """The four figures of one run's attribution, drawn once per run and model.
 
     A figure drawn after the run's completion sidecar is reused: rebuilding a report for a new
@@ -171,31 +183,34 @@ def _run_figures(out, table: pd.DataFrame, figures: Path, stem: str) -> dict[str
     }
     drawn = {}
     for key, draw in draws.items():
-        figure = figures / f"{stem}_{key}.png"
+        figure = run_figure(figures, stem, key)
         drawn[key] = figure if _is_fresh(figure, out.done) else draw(figure)
     return drawn
 
 
-def write_participant_report(output_dir: Path, subject: str, runs: Sequence,
-                             atlas, examples: Mapping[str, dict] | None = None) -> Path:
+def write_participant_report(output_dir: Path, subject: str,
+                             runs: Sequence[tuple[str, str, RunOutputs, dict[str, Any]]],
+                             atlas: Atlas, examples: Mapping[str, dict[str, np.ndarray]] | None = None
+                             ) -> Path:
     """``OUTPUT_DIR/sub-<label>.html``: per model and run, the maps, the top regions, a reconstruction.
 
     Parameters
     ----------
     runs : sequence of (run name, desc, RunOutputs, completion sidecar)
         Every complete run of the participant on disk
-        (:func:`bidsapp.participant.complete_runs`), whichever model and job wrote it: the report
+        (:func:`bidsapp.outputs.complete_runs`), whichever model and job wrote it: the report
         is built from the files, never from one job's memory, so no job drops another's runs.
     examples : mapping, optional
         ``{"<run>_desc-<m>": example}``: input / masked / reconstruction slices of the runs this
         job processed (only in memory), drawn to ``<run>_desc-<m>_reconstruction.png``.
     """
-    figures = ensure_dir(output_dir / f"sub-{subject}" / "figures")
+    figures = ensure_dir(participant_figures(output_dir, subject))
     # Left by a job killed while writing this report, which is now rewritten whole.
     remove_stale_temporaries(figures)
-    remove_temporaries(output_dir / f"sub-{subject}.html")
+    report = participant_report(output_dir, subject)
+    remove_temporaries(report)
     for stem, example in (examples or {}).items():
-        plot_reconstruction(example, figures / f"{stem}_reconstruction.png")
+        plot_reconstruction(example, run_figure(figures, stem, "reconstruction"))
     body = [f"<h1>roimae: sub-{html.escape(subject)}</h1>",
             "<table class='meta'>"
             f"<tr><td>Atlas</td><td>{html.escape(atlas.name)} ({len(atlas.regions)} regions)"
@@ -217,7 +232,7 @@ def write_participant_report(output_dir: Path, subject: str, runs: Sequence,
                         f"<tr><td>Epoch</td><td>{_cell(model.get('Epoch'))}</td></tr>"
                         f"<tr><td>Model SHA-256</td><td>{_cell(str(model.get('SHA256'))[:16])}..."
                         "</td></tr></table>")
-        stem = f"{name}_desc-{desc}"
+        stem = run_stem(name, desc)
         sources = meta.get("Sources") or [None]
         body.append(f"<h3>{html.escape(name)}</h3>")
         body.append("<table class='meta'>"
@@ -249,26 +264,25 @@ def write_participant_report(output_dir: Path, subject: str, runs: Sequence,
         else:
             body.append("<p class='note'>No region attribution: the participant level ran "
                         "with --no-attribution.</p>")
-        example = figures / f"{stem}_reconstruction.png"
+        example = run_figure(figures, stem, "reconstruction")
         if _is_fresh(example, out.done):
             body += ["<h4>One window: input, masked input and reconstruction</h4>",
                      _img(example, output_dir, "reconstruction")]
-    report = output_dir / f"sub-{subject}.html"
     atomic_write_text(report, _page(f"roimae sub-{subject}", body))
     return report
 
 
-def plot_roc(results: dict, classes: np.ndarray, path: Path) -> Path:
+def plot_roc(results: Mapping[str, SetResult], classes: np.ndarray, path: Path) -> Path:
     """Out-of-fold ROC curves (first repeat) of each embedding set, binary targets."""
     from sklearn.metrics import roc_curve
 
     fig, ax = plt.subplots(figsize=(4.2, 4))
     positive = classes[1]
     for desc, res in results.items():
-        pred = res["predictions"]
+        pred = res.predictions
         first = pred[pred["repeat"] == 0]
         fpr, tpr, _ = roc_curve(first["target"] == positive, first[f"p_{positive}"])
-        auc = res["summary"].set_index("metric").loc["roc_auc", "mean"]
+        auc = res.summary.set_index("metric").loc["roc_auc", "mean"]
         ax.plot(fpr, tpr, label=f"{desc} (AUC {auc:.2f})")
     ax.plot([0, 1], [0, 1], ":", color="grey")
     ax.set_xlabel("false positive rate")
@@ -291,13 +305,35 @@ def plot_confusion(confusion: np.ndarray, classes: np.ndarray, path: Path, title
     return save_figure(fig, path)
 
 
-def write_group_report(output_dir: Path, prefix: str, classes: np.ndarray, results: dict,
-                       comparison: pd.DataFrame | None, scores: pd.DataFrame, atlas) -> Path:
-    """``OUTPUT_DIR/group.html``: scores beside the baselines, metrics, ROC, confusion, regions."""
-    from bidsapp.participant import region_map
+def write_group_report(outputs: GroupOutputs, classes: np.ndarray,
+                       results: Mapping[str, SetResult], comparison: pd.DataFrame | None,
+                       scores: pd.DataFrame, atlas: Atlas) -> Path:
+    """``OUTPUT_DIR/group.html``: scores beside the baselines, metrics, ROC, confusion, regions.
 
-    figures = ensure_dir(output_dir / "group" / "figures")
-    body = [f"<h1>roimae group report: {html.escape(prefix.removeprefix('target-'))}</h1>",
+    Parameters
+    ----------
+    outputs : bidsapp.outputs.GroupOutputs
+        The paths of the ``--target``'s outputs (the report and its figures).
+    classes : ndarray
+        The target's classes, sorted.
+    results : mapping of str to bidsapp.outputs.SetResult
+        Each feature set's results, by set name, in the order of the report.
+    comparison : pandas.DataFrame or None
+        The pairwise comparison of the sets (None for a single set).
+    scores : pandas.DataFrame
+        One row per set, beside the best baseline.
+    atlas : bidsapp.atlas.Atlas
+        For the region maps.
+
+    Returns
+    -------
+    Path
+        The report.
+    """
+    output_dir = outputs.output_dir
+    ensure_dir(outputs.figures)
+    body = [f"<h1>roimae group report: {html.escape(outputs.prefix.removeprefix('target-'))}"
+            "</h1>",
             f"<p>Classes: {html.escape(', '.join(map(str, classes)))}. Metrics are the mean and "
             "standard deviation over the folds of repeated stratified group k-fold "
             "cross-validation (runs of a participant never straddle folds).</p>"]
@@ -311,12 +347,11 @@ def write_group_report(output_dir: Path, prefix: str, classes: np.ndarray, resul
              _table_html(scores)]
     body.append("<h2>Classification</h2>")
     for name, res in results.items():
-        body += [f"<h3>{html.escape(name)}</h3>", _table_html(res["summary"])]
-        conf = plot_confusion(res["confusion"], classes, figures / f"{prefix}_{name}_"
-                              "confusion.png", name)
+        body += [f"<h3>{html.escape(name)}</h3>", _table_html(res.summary)]
+        conf = plot_confusion(res.confusion, classes, outputs.figure(f"{name}_confusion"), name)
         body.append(_img(conf, output_dir, "confusion matrix"))
     if len(classes) == 2:
-        roc = plot_roc(results, classes, figures / f"{prefix}_roc.png")
+        roc = plot_roc(results, classes, outputs.figure("roc"))
         body += ["<h3>ROC curves (first repeat, out of fold)</h3>", _img(roc, output_dir, "ROC")]
     if comparison is not None:
         body += ["<h2>Pairwise comparisons</h2>",
@@ -326,18 +361,18 @@ def write_group_report(output_dir: Path, prefix: str, classes: np.ndarray, resul
     body.append("<h2>Regions</h2>")
     contiguous = atlas.contiguous(np.asarray(atlas.image.dataobj))
     for desc, res in results.items():
-        table = res["attribution"]
+        table = res.attribution
         body.append(f"<h3>{html.escape(desc)}</h3>")
-        note = res.get("regions_note")
+        note = res.regions_note
         if note:   # e.g. the participant level ran with --no-attribution
             body.append(f"<p class='note'>{html.escape(note[:1].upper() + note[1:])}.</p>")
         if table["importance"].notna().any():
-            bars = plot_top_regions(table, "importance", figures / f"{prefix}_{desc}_"
-                                    "importance.png", "regions the classifier needs most",
-                                    ascending=False, error="importance_se")
+            bars = plot_top_regions(table, "importance", outputs.figure(f"{desc}_importance"),
+                                    "regions the classifier needs most", ascending=False,
+                                    error="importance_se")
             body.append(_img(bars, output_dir, "importance"))
             img = region_map(table["importance"].to_numpy(), contiguous, atlas.image.affine)
-            fig = plot_region_map(img, figures / f"{prefix}_{desc}_importancemap.png",
+            fig = plot_region_map(img, outputs.figure(f"{desc}_importancemap"),
                                   "classifier importance", "hot")
             body.append(_img(fig, output_dir, "importance map"))
             if atlas.has_groups:
@@ -348,9 +383,7 @@ def write_group_report(output_dir: Path, prefix: str, classes: np.ndarray, resul
                                     ("occlusion", "mean representation sensitivity", "hot")):
             if table[column].notna().any():
                 img = region_map(table[column].to_numpy(), contiguous, atlas.image.affine)
-                fig = plot_region_map(img, figures / f"{prefix}_{desc}_{column}.png",
-                                      title, cmap)
+                fig = plot_region_map(img, outputs.figure(f"{desc}_{column}"), title, cmap)
                 body.append(_img(fig, output_dir, title))
-    report = output_dir / "group.html"
-    atomic_write_text(report, _page("roimae group report", body))
-    return report
+    atomic_write_text(outputs.report, _page("roimae group report", body))
+    return outputs.report

@@ -2,7 +2,7 @@
 
 The end-to-end tests write fake participant-level outputs (run embeddings with a planted class
 difference, and optionally occluded embeddings) for a demo dataset, at the paths
-:class:`bidsapp.participant.RunOutputs` gives, and run ``roimae BIDS OUT group`` on them.
+:class:`bidsapp.outputs.RunOutputs` gives, and run ``roimae BIDS OUT group`` on them.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from bidsapp.group import (
     read_targets,
 )
 from bidsapp.logs import get_logger
-from bidsapp.participant import RunOutputs, _atlas_label
+from bidsapp.outputs import RunOutputs, atlas_label
 
 N_DIMS = 8
 N_PARTICIPANTS = 20
@@ -232,7 +232,7 @@ def write_fake_outputs(bids: Path, out: Path, atlas: Atlas, *, shift: float = 2.
         sign = 1.0 if diagnosis[pid] == "adhd" else -1.0
         embedding = rng.normal(size=N_DIMS)
         embedding[:3] += sign * shift
-        paths = RunOutputs(writer, run, desc, _atlas_label(atlas))
+        paths = RunOutputs(writer, run, desc, atlas_label(atlas))
         paths.mean_embedding.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame([embedding], columns=columns).to_csv(paths.mean_embedding, sep="\t",
                                                           index=False)
@@ -466,7 +466,7 @@ def write_fake_connectivity(bids: Path, out: Path, atlas: Atlas, *, desc: str = 
 
     for run in dataset.runs:
         sign = 1.0 if diagnosis[f"sub-{run.subject}"] == "adhd" else -1.0
-        paths = RunOutputs(writer, run, desc, _atlas_label(atlas))
+        paths = RunOutputs(writer, run, desc, atlas_label(atlas))
         paths.connectivity.parent.mkdir(parents=True, exist_ok=True)
         relmat(0.4 * sign).to_csv(paths.connectivity, sep="\t", index=False)
         relmat(0.0).to_csv(paths.fc, sep="\t", index=False)

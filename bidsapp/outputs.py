@@ -1,0 +1,659 @@
+"""The output contract: the name and layout of every file roimae writes and reads back.
+
+One module names the derivatives of every level, as fMRIPrep's and XCP-D's ``outputs`` modules
+do; the levels (:mod:`bidsapp.pretrain`, :mod:`bidsapp.participant`, :mod:`bidsapp.group`), the
+reports (:mod:`bidsapp.reports`) and the Python API (:mod:`bidsapp.api`) build their paths here
+and never import each other.
+
+``OUTPUT_DIR`` holds:
+
+- ``models/desc-<m>/``: the pretrained models (:data:`MODELS_DIR`, pretrain level);
+- ``sub-<label>/[ses-<label>/]func/``: each run's derivatives (:class:`RunOutputs`, participant
+  level; the connectivity baseline of :func:`baseline_outputs` has no ``desc``);
+- ``sub-<label>.html`` and ``sub-<label>/figures/``: the participant reports
+  (:func:`participant_report`, :func:`participant_figures`);
+- ``group/``, ``group/figures/`` and ``group.html``: the group level's tables, maps and report
+  (:class:`GroupOutputs`), ``target-<label>_...`` for each ``--target``;
+- ``logs/``: each job's log and configuration (:data:`LOGS_DIR`);
+- ``.bidsignore``: the patterns of :data:`BIDSIGNORE` (files the BIDS validator does not know).
+
+Tables have one layout wherever they are written or read: embeddings in columns ``e000``,
+``e001``... (:func:`embedding_frame`), region x region matrices with a ``Node`` column as XCP-D's
+``relmat`` files (:func:`relmat_frame`), and the per-region attribution table of
+:func:`region_table`.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from bidsapp.atlas import Atlas
+from bidsapp.bids.derivatives import DerivativesWriter, parse_filename
+from bidsapp.bids.layout import BoldRun
+from bidsapp.errors import UsageError
+
+if TYPE_CHECKING:
+    from bidsapp.inference import LoadedModel, RunAttribution
+
+#: The pretrained models, one folder per masking (``models/desc-<m>/``).
+MODELS_DIR = "models"
+#: The final model's weights in its folder (its sidecar: ``model.json``).
+MODEL_WEIGHTS = "model.safetensors"
+#: Each job's log file and configuration.
+LOGS_DIR = "logs"
+#: The group level's tables and maps.
+GROUP_DIR = "group"
+#: The group report, beside :data:`GROUP_DIR`.
+GROUP_REPORT = "group.html"
+#: The figures of a report, in ``sub-<label>/`` or :data:`GROUP_DIR`.
+FIGURES_DIR = "figures"
+#: The lock of a participant report, in its figures folder.
+REPORT_LOCK = ".report.lock"
+
+#: Non-standard suffixes and folders the participant and group levels write (kept out of the
+#: BIDS validator's way). Directories without a trailing slash: bids-validator-deno does not
+#: match "dir/" patterns.
+BIDSIGNORE = ["*_embedding.tsv", "*_embedding.json", "*_boldmap.nii.gz", "*_boldmap.json",
+              "*_attribution.tsv", "*_attribution.json", "*_relmat.tsv", "*_relmat.json",
+              "*_timeseries.tsv", "*_timeseries.json", f"sub-*/{FIGURES_DIR}", "sub-*.html",
+              MODELS_DIR, GROUP_DIR, GROUP_REPORT, LOGS_DIR]
+
+#: What the pretrain level adds to ``.bidsignore``.
+PRETRAIN_BIDSIGNORE = [MODELS_DIR, LOGS_DIR]
+
+#: The embedding columns of a table (``e000``, ``e001``...), as a regular expression.
+EMBEDDING_COLUMNS = r"^e\d+$"
+
+#: Where the run embeddings of every model lie: their ``desc`` names the models found.
+_RUN_EMBEDDINGS = "sub-*/**/*_stat-mean_embedding.tsv"
+
+
+def model_dir(output_dir: Path, desc: str) -> Path:
+    """``OUTPUT_DIR/models/desc-<m>``: the models pretrained with one masking.
+
+    Parameters
+    ----------
+    output_dir : Path
+    desc : str
+        The masking's ``desc`` label (:func:`bidsapp.checkpoint.masking_desc`).
+
+    Returns
+    -------
+    Path
+    """
+    return output_dir / MODELS_DIR / f"desc-{desc}"
+
+
+def atlas_label(atlas: Atlas) -> str:
+    """The ``atlas-`` entity of an atlas's outputs: the ASCII letters and digits of its name.
+
+    Parameters
+    ----------
+    atlas : bidsapp.atlas.Atlas
+
+    Returns
+    -------
+    str
+        E.g. ``AAL3v1``.
+    """
+    return "".join(ch for ch in atlas.name if ch.isalnum())
+
+
+def embedding_columns(n_features: int) -> list[str]:
+    """The names of ``n_features`` embedding columns: ``e000``, ``e001``...
+
+    Parameters
+    ----------
+    n_features : int
+
+    Returns
+    -------
+    list of str
+    """
+    return [f"e{i:03d}" for i in range(n_features)]
+
+
+def embedding_frame(rows: np.ndarray) -> pd.DataFrame:
+    """Embeddings as a table, one row each, in the columns of :func:`embedding_columns`.
+
+    Parameters
+    ----------
+    rows : ndarray, shape (n, F)
+
+    Returns
+    -------
+    pandas.DataFrame
+    """
+    return pd.DataFrame(rows, columns=embedding_columns(rows.shape[1]))
+
+
+def read_embeddings(path: Path) -> np.ndarray:
+    """The embedding columns of a TSV file (other columns left out), ``n/a`` as NaN.
+
+    Parameters
+    ----------
+    path : Path
+        A file written with :func:`embedding_frame` columns.
+
+    Returns
+    -------
+    ndarray of float64, shape (rows, F)
+    """
+    frame = pd.read_csv(path, sep="\t", na_values="n/a")
+    return frame.filter(regex=EMBEDDING_COLUMNS).to_numpy(dtype=np.float64)
+
+
+def relmat_frame(matrix: np.ndarray, names: list[str]) -> pd.DataFrame:
+    """A square region x region table with a ``Node`` column (as XCP-D's relmat files).
+
+    Parameters
+    ----------
+    matrix : ndarray, shape (R, R)
+    names : list of str
+        The region names, for the ``Node`` column and the column names.
+
+    Returns
+    -------
+    pandas.DataFrame
+    """
+    frame = pd.DataFrame(matrix, columns=names)
+    frame.insert(0, "Node", names)
+    return frame
+
+
+def read_relmat(path: Path) -> np.ndarray:
+    """A ``relmat.tsv`` (:func:`relmat_frame`) as an (R, R) array.
+
+    Parameters
+    ----------
+    path : Path
+
+    Returns
+    -------
+    ndarray of float64, shape (R, R)
+    """
+    frame = pd.read_csv(path, sep="\t", na_values="n/a", index_col=0)
+    return frame.to_numpy(dtype=np.float64)
+
+
+def region_table(atlas: Atlas, loaded: LoadedModel, result: RunAttribution,
+                 voxels: np.ndarray) -> pd.DataFrame:
+    """The attribution table of one run: identity, size and each measure, one row per region.
+
+    Parameters
+    ----------
+    atlas : bidsapp.atlas.Atlas
+    loaded : bidsapp.inference.LoadedModel
+        The model, for the number of tokens each region owns on its grid.
+    result : bidsapp.inference.RunAttribution
+        The run's attribution (``recon_error`` not None).
+    voxels : ndarray of int, shape (R,)
+        Each region's voxels on the run's grid.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The atlas table with ``voxels``, ``tokens``, ``reconerror``, ``reconerror_se``,
+        ``occlusion`` and ``note`` (why a region has no value, else ``n/a``).
+    """
+    table = atlas.table().copy()
+    labels = loaded.region_grid.token_labels.flatten()
+    tokens = np.bincount(labels[labels >= 0].cpu().numpy(), minlength=len(atlas.regions))
+    table["voxels"] = voxels
+    table["tokens"] = tokens
+    table["reconerror"] = result.recon_error
+    table["reconerror_se"] = result.recon_error_se
+    table["occlusion"] = result.occlusion
+    table["note"] = np.where(result.eligible, "n/a",
+                             "owns no token of the model grid: cannot be hidden")
+    return table
+
+
+def baseline_outputs(writer: DerivativesWriter, run: BoldRun | Mapping[str, str],
+                     atlas_label: str) -> tuple[Path, Path]:
+    """The region time series and correlation matrix of the connectivity baseline of one run.
+
+    They do not depend on the model, so their names have no ``desc``.
+
+    Parameters
+    ----------
+    writer : bidsapp.bids.derivatives.DerivativesWriter
+        The writer of OUTPUT_DIR.
+    run : bidsapp.bids.layout.BoldRun or mapping
+        The input run, or its entities.
+    atlas_label : str
+        The ``atlas-`` entity (:func:`atlas_label`).
+
+    Returns
+    -------
+    timeseries, relmat : Path
+        ``<source>_atlas-<a>_stat-mean_timeseries.tsv`` and
+        ``<source>_atlas-<a>_stat-pearsoncorrelation_relmat.tsv``.
+    """
+    entities = run if isinstance(run, Mapping) else run.entities
+
+    def path(suffix: str, stat: str) -> Path:
+        return writer.path_for(entities, suffix=suffix, extension=".tsv", atlas=atlas_label,
+                               stat=stat)
+
+    return path("timeseries", "mean"), path("relmat", "pearsoncorrelation")
+
+
+class RunOutputs:
+    """The paths of one run's participant-level outputs, and the test of their completeness.
+
+    Parameters
+    ----------
+    writer : bidsapp.bids.derivatives.DerivativesWriter
+        The writer of OUTPUT_DIR.
+    run : bidsapp.bids.layout.BoldRun or mapping
+        The input run, or its entities.
+    desc : str
+        The model's masking (``desc-<m>``).
+    atlas_label : str
+        The ``atlas-`` entity (:func:`atlas_label`).
+    groups : bool
+        Whether the atlas has region groups (then the run has a ``stat-bygroup`` table).
+
+    Attributes
+    ----------
+    embedding, mean_embedding, region_embedding : Path
+        The window embeddings, the run embedding and the region embeddings.
+    connectivity : Path
+        The model's feature-space connectivity.
+    timeseries, fc : Path
+        The connectivity baseline (:func:`baseline_outputs`).
+    occluded, recon_map, occlusion_map, table : Path
+        The attribution: occluded embeddings, the two region maps and the region table.
+    groups : Path or None
+        The attribution by region group (None for an atlas without groups).
+    done : Path
+        The completion sidecar (of :attr:`embedding`), written last.
+    """
+
+    def __init__(self, writer: DerivativesWriter, run: BoldRun | Mapping[str, str], desc: str,
+                 atlas_label: str, groups: bool = True) -> None:
+        entities = run if isinstance(run, Mapping) else run.entities
+
+        def path(suffix: str, extension: str, **extra: str) -> Path:
+            return writer.path_for(entities, suffix=suffix, extension=extension, **extra)
+
+        self.embedding = path("embedding", ".tsv", desc=desc)
+        self.mean_embedding = path("embedding", ".tsv", desc=desc, stat="mean")
+        self.region_embedding = path("embedding", ".tsv", atlas=atlas_label, desc=desc,
+                                     stat="region")
+        self.connectivity = path("relmat", ".tsv", atlas=atlas_label, desc=desc,
+                                 stat="pearsoncorrelation")
+        self.timeseries, self.fc = baseline_outputs(writer, entities, atlas_label)
+        self.occluded = path("embedding", ".tsv", atlas=atlas_label, desc=desc, stat="occluded")
+        self.recon_map = path("boldmap", ".nii.gz", atlas=atlas_label, stat="reconerror", desc=desc)
+        self.occlusion_map = path("boldmap", ".nii.gz", atlas=atlas_label, stat="occlusion",
+                                  desc=desc)
+        self.table = path("attribution", ".tsv", atlas=atlas_label, desc=desc)
+        # The summary by region group exists only for atlases whose regions have groups.
+        self.groups = (path("attribution", ".tsv", atlas=atlas_label, desc=desc, stat="bygroup")
+                       if groups else None)
+        self.done = self.embedding.with_suffix(".json")
+
+    def data_files(self, attribution: bool) -> list[Path]:
+        """The data files of the run (not their sidecars), with or without the attribution.
+
+        Parameters
+        ----------
+        attribution : bool
+
+        Returns
+        -------
+        list of Path
+        """
+        files = [self.embedding, self.mean_embedding, self.region_embedding, self.connectivity,
+                 self.timeseries, self.fc]
+        if attribution:
+            files += [self.occluded, self.recon_map, self.occlusion_map, self.table, self.groups]
+        return [f for f in files if f is not None]
+
+    def completion(self) -> dict[str, Any] | None:
+        """The completion sidecar if the run is complete (by whichever model), else ``None``.
+
+        Complete: the sidecar (written last) parses and every data file it lists (``Outputs``)
+        exists; a sidecar of roimae 0.1, which lists none, implies the embeddings and, with
+        attribution, its files. The one test of completeness, for the reports and the group
+        level.
+        """
+        try:
+            meta = json.loads(self.done.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        if not isinstance(meta, dict) or not isinstance(meta.get("Model"), dict):
+            return None
+        listed = meta.get("Outputs")
+        if isinstance(listed, list) and all(isinstance(name, str) and name == Path(name).name
+                                            and name not in ("", ".", "..") for name in listed):
+            files = [self.done.parent / name for name in listed]
+        elif listed is None:
+            files = [self.embedding, self.mean_embedding]
+            if meta.get("Attribution") is not None:
+                files += [self.occluded, self.recon_map, self.occlusion_map, self.table]
+        else:
+            return None
+        return meta if all(p.is_file() for p in files) else None
+
+    def is_complete(self, attribution: bool, model_sha256: str) -> bool:
+        """Complete, by this model, with every output this version writes (else it is redone).
+
+        Parameters
+        ----------
+        attribution : bool
+            Whether this job attributes (a run complete without attribution is then redone).
+        model_sha256 : str
+            The hash of this job's model weights.
+
+        Returns
+        -------
+        bool
+        """
+        meta = self.completion()
+        if meta is None:
+            return False
+        same_model = meta["Model"].get("SHA256") == model_sha256
+        return (same_model and (meta.get("Attribution") is not None or not attribution)
+                and all(p.is_file() for p in self.data_files(meta.get("Attribution") is not None)))
+
+
+def complete_runs(writer: DerivativesWriter, subject: str, atlas_label: str,
+                  groups: bool = True) -> list[tuple[str, str, RunOutputs, dict[str, Any]]]:
+    """Every complete run of ``subject`` in OUTPUT_DIR, whichever model and job wrote it.
+
+    Parameters
+    ----------
+    writer : bidsapp.bids.derivatives.DerivativesWriter
+        The writer of OUTPUT_DIR.
+    subject : str
+        The participant label, without ``sub-``.
+    atlas_label, groups : str, bool
+        As for :class:`RunOutputs`.
+
+    Returns
+    -------
+    list of (str, str, RunOutputs, dict)
+        ``(run name, desc, outputs, completion sidecar)`` sorted by desc and run: what the
+        participant report shows, so that it never loses the runs of another model or job.
+    """
+    folder = writer.output_dir / f"sub-{subject}"
+    found = []
+    for done in sorted(folder.rglob("*_embedding.json")) if folder.is_dir() else []:
+        try:
+            entities, _, _ = parse_filename(done.name)
+        except UsageError:
+            continue
+        desc = entities.pop("desc", None)
+        if desc is None or "stat" in entities or "atlas" in entities:
+            continue   # not a completion sidecar (the run embedding's own sidecar, say)
+        out = RunOutputs(writer, entities, desc, atlas_label, groups=groups)
+        meta = out.completion() if out.done == done else None
+        if meta is not None:
+            name = "_".join(f"{key}-{value}" for key, value in entities.items())
+            found.append((name, desc, out, meta))
+    return sorted(found, key=lambda item: (item[1], item[0]))
+
+
+def model_descs(output_dir: Path) -> list[str]:
+    """The ``desc`` of every model with run embeddings in ``output_dir``, sorted.
+
+    Parameters
+    ----------
+    output_dir : Path
+
+    Returns
+    -------
+    list of str
+    """
+    return sorted({p.name.split("_desc-")[1].split("_")[0]
+                   for p in output_dir.glob(_RUN_EMBEDDINGS)})
+
+
+def run_stem(run_name: str, desc: str) -> str:
+    """The stem of a run's report figures: ``<run name>_desc-<m>``.
+
+    Parameters
+    ----------
+    run_name : str
+        The run's entities, ``sub-01_task-rest_...``.
+    desc : str
+        The model's masking.
+
+    Returns
+    -------
+    str
+    """
+    return f"{run_name}_desc-{desc}"
+
+
+def participant_report(output_dir: Path, subject: str) -> Path:
+    """``OUTPUT_DIR/sub-<label>.html``.
+
+    Parameters
+    ----------
+    output_dir : Path
+    subject : str
+        The participant label, without ``sub-``.
+
+    Returns
+    -------
+    Path
+    """
+    return output_dir / f"sub-{subject}.html"
+
+
+def participant_figures(output_dir: Path, subject: str) -> Path:
+    """``OUTPUT_DIR/sub-<label>/figures``: the participant report's figures.
+
+    Parameters
+    ----------
+    output_dir : Path
+    subject : str
+        The participant label, without ``sub-``.
+
+    Returns
+    -------
+    Path
+    """
+    return output_dir / f"sub-{subject}" / FIGURES_DIR
+
+
+def run_figure(figures: Path, stem: str, key: str) -> Path:
+    """One figure of a run in a participant report: ``<stem>_<key>.png``.
+
+    Parameters
+    ----------
+    figures : Path
+        :func:`participant_figures`.
+    stem : str
+        :func:`run_stem`.
+    key : str
+        ``reconerror``, ``occlusion``, ``topregions``, ``bestrecon`` or ``reconstruction``.
+
+    Returns
+    -------
+    Path
+    """
+    return figures / f"{stem}_{key}.png"
+
+
+def target_label(target: str) -> str:
+    """The BIDS label of ``--target`` in file names: its ASCII letters and digits.
+
+    A name with none (``診断``) gets the first 8 hex digits of its SHA-256 instead; the settings
+    file and the report keep the name itself.
+
+    Parameters
+    ----------
+    target : str
+        The participants.tsv column.
+
+    Returns
+    -------
+    str
+    """
+    label = "".join(c for c in target if c.isascii() and c.isalnum())
+    return label or hashlib.sha256(target.encode("utf-8")).hexdigest()[:8]
+
+
+def set_names(desc: str | None, readout: str) -> tuple[str, str]:
+    """How tables and the report name a feature set, and its part of file names.
+
+    Parameters
+    ----------
+    desc : str or None
+        The model's masking; None for a baseline.
+    readout : str
+        The readout, or the baseline's name.
+
+    Returns
+    -------
+    name, stem : str
+        ``<desc>-<readout>`` and ``desc-<desc>_feature-<readout>`` for a model, else the
+        baseline's name and ``feature-<baseline>``.
+    """
+    if desc is None:
+        return readout, f"feature-{readout}"
+    return f"{desc}-{readout}", f"desc-{desc}_feature-{readout}"
+
+
+@dataclass(frozen=True)
+class GroupOutputs:
+    """The paths the group level writes for one ``--target``.
+
+    In ``OUTPUT_DIR/group/``, ``<prefix>`` being ``target-<label>`` and ``<set>`` a feature set's
+    stem (:func:`set_names`):
+
+    - ``<prefix>_<set>_{folds,predictions,metrics,confusion}.tsv`` (:meth:`set_table`);
+    - ``<prefix>_comparison.tsv``, ``<prefix>_scores.tsv`` and ``<prefix>_settings.json``, the
+      last written and the completion marker;
+    - ``<prefix>_atlas-<a>_<set>_attribution.tsv`` and ``..._stat-bygroup_attribution.tsv``;
+    - ``[<prefix>_]atlas-<a>_<set>_stat-<measure>_boldmap.nii.gz`` (:meth:`group_map`);
+    - figures in ``group/figures/`` and the report ``OUTPUT_DIR/group.html``.
+
+    Parameters
+    ----------
+    output_dir : Path
+        OUTPUT_DIR.
+    target : str
+        The ``--target`` column.
+    """
+
+    output_dir: Path
+    target: str
+
+    @property
+    def dir(self) -> Path:
+        """``OUTPUT_DIR/group``."""
+        return self.output_dir / GROUP_DIR
+
+    @property
+    def figures(self) -> Path:
+        """``OUTPUT_DIR/group/figures``."""
+        return self.dir / FIGURES_DIR
+
+    @property
+    def report(self) -> Path:
+        """``OUTPUT_DIR/group.html``."""
+        return self.output_dir / GROUP_REPORT
+
+    @property
+    def prefix(self) -> str:
+        """``target-<label>`` (:func:`target_label`)."""
+        return f"target-{target_label(self.target)}"
+
+    def set_table(self, set_stem: str, kind: str) -> Path:
+        """``<prefix>_<set>_<kind>.tsv``, ``kind`` being folds, predictions, metrics or confusion."""
+        return self.dir / f"{self.prefix}_{set_stem}_{kind}.tsv"
+
+    @property
+    def comparison(self) -> Path:
+        """The pairwise comparison of the feature sets."""
+        return self.dir / f"{self.prefix}_comparison.tsv"
+
+    @property
+    def scores(self) -> Path:
+        """One row per feature set, beside the best baseline."""
+        return self.dir / f"{self.prefix}_scores.tsv"
+
+    @property
+    def settings(self) -> Path:
+        """The settings of the run, written last: the completion marker of the prefix."""
+        return self.dir / f"{self.prefix}_settings.json"
+
+    @staticmethod
+    def map_stem(atlas_label: str, set_stem: str) -> str:
+        """``atlas-<a>_<set>``: the stem of a feature set's region maps and tables."""
+        return f"atlas-{atlas_label}_{set_stem}"
+
+    def group_map(self, map_stem: str, measure: str) -> Path:
+        """The region map of a measure; only ``importance`` depends on the target (has ``<prefix>``)."""
+        name = f"{self.prefix}_{map_stem}" if measure == "importance" else map_stem
+        return self.dir / f"{name}_stat-{measure}_boldmap.nii.gz"
+
+    def attribution(self, map_stem: str) -> Path:
+        """The group region table of a feature set."""
+        return self.dir / f"{self.prefix}_{map_stem}_attribution.tsv"
+
+    def attribution_by_group(self, map_stem: str) -> Path:
+        """The group region table averaged by region group."""
+        return self.dir / f"{self.prefix}_{map_stem}_stat-bygroup_attribution.tsv"
+
+    def figure(self, name: str) -> Path:
+        """``group/figures/<prefix>_<name>.png``, e.g. ``roc`` or ``<set name>_confusion``."""
+        return self.figures / f"{self.prefix}_{name}.png"
+
+    def written(self, map_stems: list[str]) -> list[Path]:
+        """The files an earlier group run with this prefix left (and the maps of ``map_stems``).
+
+        The completion marker comes first.
+        """
+        paths = [self.settings, *sorted(self.dir.glob(f"{self.prefix}_*")),
+                 *sorted(self.figures.glob(f"{self.prefix}_*"))]
+        for stem in map_stems:
+            paths += sorted(self.dir.glob(f"{glob.escape(stem)}_*"))
+        return list(dict.fromkeys(paths))
+
+
+@dataclass
+class SetResult:
+    """The cross-validated results of one feature set, from the group level to its report.
+
+    Attributes
+    ----------
+    folds : pandas.DataFrame
+        One row per repeat and fold: sizes, :data:`~bidsapp.group.METRICS`, the selected
+        regularisation (``<prefix>_<set>_folds.tsv``).
+    summary : pandas.DataFrame
+        Mean and sd of each metric, the permutation p-value (``..._metrics.tsv``).
+    predictions : pandas.DataFrame
+        Out-of-fold predictions and class probabilities (``..._predictions.tsv``).
+    confusion : ndarray of int, shape (n_classes, n_classes)
+        Summed over folds and repeats (true x predicted).
+    attribution : pandas.DataFrame
+        The group region table (``..._attribution.tsv``).
+    null : ndarray
+        The balanced accuracies of the label permutations (empty without permutations).
+    regions_note : str or None
+        Why region importance is missing, if it is.
+    """
+
+    folds: pd.DataFrame
+    summary: pd.DataFrame
+    predictions: pd.DataFrame
+    confusion: np.ndarray
+    attribution: pd.DataFrame
+    null: np.ndarray
+    regions_note: str | None = None
