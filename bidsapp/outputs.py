@@ -12,7 +12,8 @@ and never import each other.
   level; the connectivity baseline of :func:`baseline_outputs` has no ``desc``);
 - ``sub-<label>.html`` and ``sub-<label>/figures/``: the participant reports
   (:func:`participant_report`, :func:`participant_figures`);
-- ``group/``, ``group/figures/`` and ``group.html``: the group level's tables, maps and report
+- ``group/``, ``group/figures/`` and ``group_target-<label>.html``: the group level's tables,
+  maps and report (one report per ``--target``)
   (:class:`GroupOutputs`), ``target-<label>_...`` for each ``--target``;
 - ``logs/``: each job's log and configuration (:data:`LOGS_DIR`);
 - ``.bidsignore``: the patterns of :data:`BIDSIGNORE` (files the BIDS validator does not know).
@@ -53,7 +54,8 @@ LOGS_DIR = "logs"
 #: The group level's tables and maps.
 GROUP_DIR = "group"
 #: The group report, beside :data:`GROUP_DIR`.
-GROUP_REPORT = "group.html"
+#: The group report of ``--target`` LABEL is ``group_target-<label>.html``.
+GROUP_REPORT = "group_{prefix}.html"
 #: The figures of a report, in ``sub-<label>/`` or :data:`GROUP_DIR`.
 FIGURES_DIR = "figures"
 #: The lock of a participant report, in its figures folder.
@@ -65,7 +67,7 @@ REPORT_LOCK = ".report.lock"
 BIDSIGNORE = ["*_embedding.tsv", "*_embedding.json", "*_boldmap.nii.gz", "*_boldmap.json",
               "*_attribution.tsv", "*_attribution.json", "*_relmat.tsv", "*_relmat.json",
               "*_timeseries.tsv", "*_timeseries.json", f"sub-*/{FIGURES_DIR}", "sub-*.html",
-              MODELS_DIR, GROUP_DIR, GROUP_REPORT, LOGS_DIR]
+              MODELS_DIR, GROUP_DIR, GROUP_REPORT.format(prefix="*"), LOGS_DIR]
 
 #: What the pretrain level adds to ``.bidsignore``.
 PRETRAIN_BIDSIGNORE = [MODELS_DIR, LOGS_DIR]
@@ -541,7 +543,8 @@ class GroupOutputs:
       last written and the completion marker;
     - ``<prefix>_atlas-<a>_<set>_attribution.tsv`` and ``..._stat-bygroup_attribution.tsv``;
     - ``[<prefix>_]atlas-<a>_<set>_stat-<measure>_boldmap.nii.gz`` (:meth:`group_map`);
-    - figures in ``group/figures/`` and the report ``OUTPUT_DIR/group.html``.
+    - figures in ``group/figures/`` and the report ``OUTPUT_DIR/group_<prefix>.html`` (one per
+      target: a group run for another target never replaces it).
 
     Parameters
     ----------
@@ -566,8 +569,8 @@ class GroupOutputs:
 
     @property
     def report(self) -> Path:
-        """``OUTPUT_DIR/group.html``."""
-        return self.output_dir / GROUP_REPORT
+        """``OUTPUT_DIR/group_<prefix>.html``."""
+        return self.output_dir / GROUP_REPORT.format(prefix=self.prefix)
 
     @property
     def prefix(self) -> str:
@@ -620,7 +623,7 @@ class GroupOutputs:
 
         The completion marker comes first.
         """
-        paths = [self.settings, *sorted(self.dir.glob(f"{self.prefix}_*")),
+        paths = [self.settings, self.report, *sorted(self.dir.glob(f"{self.prefix}_*")),
                  *sorted(self.figures.glob(f"{self.prefix}_*"))]
         for stem in map_stems:
             paths += sorted(self.dir.glob(f"{glob.escape(stem)}_*"))

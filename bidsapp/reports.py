@@ -1,7 +1,7 @@
 """HTML reports with figures, as fMRIPrep writes them.
 
 ``OUTPUT_DIR/sub-<label>.html`` has its figures in ``OUTPUT_DIR/sub-<label>/figures/``, and
-``OUTPUT_DIR/group.html`` in ``OUTPUT_DIR/group/figures/``.
+``OUTPUT_DIR/group_target-<label>.html`` in ``OUTPUT_DIR/group/figures/``.
 
 Figures are PNG files referenced by relative paths, so a report opens anywhere without a network.
 """
@@ -308,7 +308,7 @@ def plot_confusion(confusion: np.ndarray, classes: np.ndarray, path: Path, title
 def write_group_report(outputs: GroupOutputs, classes: np.ndarray,
                        results: Mapping[str, SetResult], comparison: pd.DataFrame | None,
                        scores: pd.DataFrame, atlas: Atlas) -> Path:
-    """``OUTPUT_DIR/group.html``: scores beside the baselines, metrics, ROC, confusion, regions.
+    """``OUTPUT_DIR/group_target-<label>.html``: scores beside the baselines, metrics, ROC, regions.
 
     Parameters
     ----------

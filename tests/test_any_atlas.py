@@ -80,7 +80,7 @@ def test_aal116_runs_the_whole_chain(demo: Path, aal116: tuple[Path, Path], tmp_
                            for stem in stems for stat in ("", "_stat-bygroup"))
     assert (group / "atlas-AAL116parcel_desc-roi_feature-connectivity_stat-reconerror_boldmap"
                     ".nii.gz").is_file()
-    assert (out / "group.html").is_file()
+    assert (out / "group_target-diagnosis.html").is_file()
 
 
 def _kmeans_parcellation(shared_dir: Path, folder: Path, n_parcels: int = 30) -> tuple[Path, Path]:

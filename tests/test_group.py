@@ -281,7 +281,7 @@ def test_group_level_finds_planted_difference_and_region(demo: Path, tmp_path: P
     # What a group job killed while writing leaves behind: removed by the next one.
     stale = [out / "group" / ".target-diagnosis_desc-roi_feature-global_folds.k1ll3d.tmp.tsv",
              out / "group" / "figures" / ".target-diagnosis_roc.k1ll3d.tmp.png",
-             out / ".group.k1ll3d.tmp.html"]
+             out / ".group_target-diagnosis.k1ll3d.tmp.html"]
     for path in stale:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"partial")
@@ -309,7 +309,7 @@ def test_group_level_finds_planted_difference_and_region(demo: Path, tmp_path: P
     settings = json.loads(_group_file(out, "target-diagnosis_settings.json").read_text())
     assert settings["classes"] == ["adhd", "control"]
     assert settings["cv_groups"] == "participant_id" and settings["sets"] == ["roi-global"]
-    assert (out / "group.html").is_file()
+    assert (out / "group_target-diagnosis.html").is_file()
     # Region importance: only the planted region matters; the unhideable one has no value.
     attribution = pd.read_csv(
         _group_file(out, "target-diagnosis_atlas-AAL3v1_desc-roi_feature-global_attribution.tsv"), sep="\t",
@@ -334,16 +334,20 @@ def test_group_level_without_occluded_embeddings_has_no_importance(demo: Path, t
              out / "group/atlas-AAL3v1_desc-roi_feature-global_stat-reconerror_boldmap.nii.gz",
              out / "group/figures/target-diagnosis_desc-random_confusion.png"]
     other = out / "group/target-site_desc-roi_metrics.tsv"
-    for path in [*stale, other]:
+    other_report = out / "group_target-site.html"
+    for path in [*stale, other, other_report, out / "group_target-diagnosis.html"]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("old\n")
     code, err = run_group([demo, out, "group", "--target", "diagnosis", "--n-permutations", "0",
                            "--cv-repeats", "1", "--features", "global"], capsys)
     assert code == 0, err
     assert not any(path.exists() for path in stale) and other.is_file()
+    # One report per target: the other target's report is never replaced.
+    assert other_report.read_text() == "old\n"
+    assert "roi-global" in (out / "group_target-diagnosis.html").read_text()
     # Said in the log and the report, not an empty heading.
     assert "region importance not computed for roi-global: no run has region attribution" in err
-    assert "--no-attribution" in (out / "group.html").read_text()
+    assert "--no-attribution" in (out / "group_target-diagnosis.html").read_text()
     # The completion marker is written last.
     marker = _group_file(out, "target-diagnosis_settings.json")
     outputs = [p for p in (out / "group").rglob("target-diagnosis_*") if p != marker]
@@ -432,7 +436,7 @@ def test_group_level_input_errors_exit_65(demo_copy: Path, tmp_path: Path, atlas
     assert err.splitlines()[-1].startswith("roimae: error: ")
     assert message in err.splitlines()[-1]
     # Nothing of the group level was written.
-    assert not (out / "group").exists() and not (out / "group.html").exists()
+    assert not (out / "group").exists() and not list(out.glob("group*.html"))
 
 
 # --- readouts and baselines -------------------------------------------------------------------------
@@ -512,7 +516,7 @@ def test_connectivity_readout_beside_baselines_on_identical_folds(demo: Path, tm
     assert importance[KEY_REGION] > 5 * importance.drop(KEY_REGION).abs().max()
     comparison = pd.read_csv(_group_file(out, "target-diagnosis_comparison.tsv"), sep="\t")
     assert len(comparison) == 3  # every pair
-    report = (out / "group.html").read_text()
+    report = (out / "group_target-diagnosis.html").read_text()
     assert "Models and baselines" in report and "roi-connectivity" in report
 
 
