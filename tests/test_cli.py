@@ -128,7 +128,7 @@ def test_demo_chain_configs_are_those_of_its_command_lines(tmp_path: Path, overw
         argvs.append([*common, "pretrain", "--masking", masking, "--preset", "tiny", "--epochs", "12",
                       "--batch-size", "4", "--lr", "3e-3", "--window-frames", "10",
                       *(["--overwrite"] if overwrite else [])])
-        argvs.append([*common, "participant", "--model-desc", masking, "--attribution-subsets", "16"])
+        argvs.append([*common, "participant", "--model-desc", masking])
     argvs.append([*common, "group", "--target", "diagnosis", "--compare", *DEMO_MASKINGS, "fc",
                   "covariates", "--features", *DEMO_READOUTS, "--covariates", "age", "sex",
                   "--n-permutations", "50"])

@@ -17,6 +17,7 @@ from bidsapp.demo import make_demo_dataset
 from bidsapp.errors import UsageError
 from bidsapp.levels import run
 from bidsapp.logs import get_logger, setup_logging
+from bidsapp.outputs import GroupOutputs
 
 __all__ = ["DEMO_MASKINGS", "DEMO_READOUTS", "demo_configs", "run_demo", "run_demo_chain"]
 
@@ -30,8 +31,8 @@ DEMO_PRETRAIN: dict[str, dict[str, Any]] = {
     "preprocess": {"window_frames": 10},
     "pretrain": {"epochs": 12, "batch_size": 4, "lr": 3e-3},
 }
-#: Twice the default subsets: the demo's group attribution resolves its planted regions.
-DEMO_ATTRIBUTION_SUBSETS = 16
+#: The demo group level's target.
+DEMO_TARGET = "diagnosis"
 
 
 def demo_configs(bids_dir: Path, out_dir: Path, *, verbosity: int = 0, nprocs: int = 1,
@@ -60,10 +61,10 @@ def demo_configs(bids_dir: Path, out_dir: Path, *, verbosity: int = 0, nprocs: i
         }))
         configs.append(Config(
             **common, analysis_level="participant",
-            participant={"model_desc": masking, "attribution_subsets": DEMO_ATTRIBUTION_SUBSETS},
+            participant={"model_desc": masking},
         ))
     configs.append(Config(**common, analysis_level="group", group={
-        "target": "diagnosis", "compare": [*DEMO_MASKINGS, "fc", "covariates"],
+        "target": DEMO_TARGET, "compare": [*DEMO_MASKINGS, "fc", "covariates"],
         "features": list(DEMO_READOUTS), "covariates": ["age", "sex"],
         "n_permutations": n_permutations,
     }))
@@ -80,7 +81,7 @@ def run_demo_chain(bids_dir: Path, out_dir: Path, *, verbosity: int = 0, nprocs:
     for config in demo_configs(bids_dir, out_dir, verbosity=verbosity, nprocs=nprocs,
                                n_permutations=n_permutations, overwrite=overwrite):
         run(config)
-    return out_dir / "group.html"
+    return GroupOutputs(out_dir.expanduser().absolute(), DEMO_TARGET).report
 
 
 def run_demo(args: argparse.Namespace) -> int:
