@@ -29,6 +29,8 @@ from bidsapp.errors import BadDataError, NoInputError, UsageError
 from bidsapp.io import atomic_path, file_sha256, json_text
 
 FORMAT = "roimae-checkpoint/1"
+#: The stem of an epoch checkpoint (``epoch-001``); newer epochs have larger numbers.
+EPOCH_STEM = re.compile(r"^epoch-(\d{3,})$")
 
 
 def masking_desc(masking: str) -> str:
@@ -263,3 +265,61 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], structure: dict) -> d
     for param_id, entry in structure.get("scalars", {}).items():
         state.setdefault(int(param_id), {}).update(entry)
     return {"state": state, "param_groups": structure["param_groups"]}
+
+
+# Checkpoint-folder upkeep: which checkpoint is newest, pruning old ones, clearing a folder.
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest epoch checkpoint (its JSON sidecar exists), if any.
+
+    Sidecars are written last and atomically, so one that exists belongs to a complete
+    checkpoint; one that does not fit the schema was damaged afterwards, and reading it (on
+    ``--resume``) refuses it with exit 65 rather than silently resuming from an older epoch.
+    """
+    best: tuple[int, Path] | None = None
+    for sidecar in directory.glob("epoch-*.json"):
+        match = EPOCH_STEM.match(sidecar.stem)
+        if not match:
+            continue
+        epoch = int(match.group(1))
+        if best is None or epoch > best[0]:
+            best = (epoch, sidecar.with_suffix(""))
+    return None if best is None else best[1]
+
+
+def clear_model_dir(directory: Path) -> list[Path]:
+    """Remove what an earlier pretraining left in ``directory``, before a fresh run.
+
+    ``model.json`` and the checkpoint sidecars go first: once they are gone, nothing left (if this
+    is killed part-way) looks like a complete model or a checkpoint to resume.
+    """
+    first = [directory / "model.json", *directory.glob("epoch-*.json")]
+    rest = [directory / "model.safetensors", *directory.glob("epoch-*.safetensors"),
+            directory / "training_log.tsv", directory / "loss_curve.png"]
+    removed = []
+    for path in [*first, *rest]:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def prune_checkpoints(directory: Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest epoch checkpoints in ``directory``.
+
+    Parameters
+    ----------
+    directory : Path
+        A model folder holding ``epoch-NNN.json`` / ``.safetensors`` / ``_optim.safetensors``.
+    keep : int
+        How many of the newest checkpoints (by epoch number) stay.
+    """
+    stems = sorted((int(m.group(1)), p.with_suffix("")) for p in directory.glob("epoch-*.json")
+                   if (m := EPOCH_STEM.match(p.stem)))
+    for _, stem in stems[:-keep]:
+        # Sidecar first: without it the remaining files are no longer a checkpoint.
+        for suffix in (".json", ".safetensors"):
+            with contextlib.suppress(FileNotFoundError):
+                stem.with_suffix(suffix).unlink()
+        with contextlib.suppress(FileNotFoundError):
+            (stem.parent / f"{stem.name}_optim.safetensors").unlink()

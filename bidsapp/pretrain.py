@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import time
 from pathlib import Path
 
@@ -28,9 +27,12 @@ from bidsapp.bids.derivatives import DerivativesWriter
 from bidsapp.bids.layout import InputDataset, discover_runs
 from bidsapp.bids.validation import validate_input
 from bidsapp.checkpoint import (
+    clear_model_dir,
+    latest_checkpoint,
     load_optimizer_state,
     load_weights,
     masking_desc,
+    prune_checkpoints,
     read_metadata,
     save_checkpoint,
 )
@@ -52,7 +54,6 @@ log = get_logger("pretrain")
 
 MODELS_DIR = "models"
 KEEP_CHECKPOINTS = 2
-_EPOCH_STEM = re.compile(r"^epoch-(\d{3,})$")
 #: Sidecar entries a checkpoint must share with the run that resumes it, and their names in the
 #: error: continuing with another seed, split or input set would silently mix two trainings.
 RESUME_MUST_MATCH = {"preset": "preset", "masking": "masking", "atlas": "atlas",
@@ -107,24 +108,6 @@ def _windows(runs: list[CachedRun], subjects_of_runs: list[str],
             if sub in subjects for w in range(run.n_windows)]
 
 
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest epoch checkpoint (its JSON sidecar exists), if any.
-
-    Sidecars are written last and atomically, so one that exists belongs to a complete
-    checkpoint; one that does not fit the schema was damaged afterwards, and reading it (in
-    :func:`_resume`) refuses it with exit 65 rather than silently resuming from an older epoch.
-    """
-    best: tuple[int, Path] | None = None
-    for sidecar in directory.glob("epoch-*.json"):
-        match = _EPOCH_STEM.match(sidecar.stem)
-        if not match:
-            continue
-        epoch = int(match.group(1))
-        if best is None or epoch > best[0]:
-            best = (epoch, sidecar.with_suffix(""))
-    return None if best is None else best[1]
-
-
 def check_model_dir(config: Config, directory: Path) -> None:
     """Refuse to pretrain over a model already in ``directory`` unless told what to do with it.
 
@@ -151,35 +134,6 @@ def check_model_dir(config: Config, directory: Path) -> None:
         raise UsageError(f"{directory} already holds a pretrained model ({', '.join(held)}); pass "
                          "--resume to continue it, --overwrite to replace it, or choose another "
                          "OUTPUT_DIR")
-
-
-def clear_model_dir(directory: Path) -> list[Path]:
-    """Remove what an earlier pretraining left in ``directory``, before a fresh run.
-
-    ``model.json`` and the checkpoint sidecars go first: once they are gone, nothing left (if this
-    is killed part-way) looks like a complete model or a checkpoint to resume.
-    """
-    first = [directory / "model.json", *directory.glob("epoch-*.json")]
-    rest = [directory / "model.safetensors", *directory.glob("epoch-*.safetensors"),
-            directory / "training_log.tsv", directory / "loss_curve.png"]
-    removed = []
-    for path in [*first, *rest]:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-            removed.append(path)
-    return removed
-
-
-def _prune(directory: Path, keep: int) -> None:
-    stems = sorted((int(m.group(1)), p.with_suffix("")) for p in directory.glob("epoch-*.json")
-                   if (m := _EPOCH_STEM.match(p.stem)))
-    for _, stem in stems[:-keep]:
-        # Sidecar first: without it the remaining files are no longer a checkpoint.
-        for suffix in (".json", ".safetensors"):
-            with contextlib.suppress(FileNotFoundError):
-                stem.with_suffix(suffix).unlink()
-        with contextlib.suppress(FileNotFoundError):
-            (stem.parent / f"{stem.name}_optim.safetensors").unlink()
 
 
 def plot_loss_curve(history: pd.DataFrame, path: Path, title: str) -> None:
@@ -283,7 +237,7 @@ def _pretrain(config: Config, ctx: DistributedContext) -> Path:
             history.to_csv(tmp, sep="\t", index=False, na_rep="n/a")
         save_checkpoint(out_dir / f"epoch-{metrics.epoch:03d}", model, epoch_meta,
                         trainer.optimizer)
-        _prune(out_dir, KEEP_CHECKPOINTS)
+        prune_checkpoints(out_dir, KEEP_CHECKPOINTS)
         plot_loss_curve(history, out_dir / "loss_curve.png",
                         f"{config.masking.masking} masking, {preset.backbone} {preset.name} preset")
 
