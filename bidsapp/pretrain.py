@@ -17,7 +17,6 @@ import json
 import time
 from pathlib import Path
 
-import matplotlib
 import pandas as pd
 import torch
 
@@ -47,6 +46,7 @@ from bidsapp.model.mae import MaskedAutoencoder
 from bidsapp.model.masking import build_masking
 from bidsapp.model.presets import BACKBONE_PRESETS, ModelPreset
 from bidsapp.preprocess import CachedRun, WindowDataset
+from bidsapp.reports import plot_loss_curve
 from bidsapp.runtime import seed_everything
 from bidsapp.training import EpochMetrics, Trainer
 
@@ -134,25 +134,6 @@ def check_model_dir(config: Config, directory: Path) -> None:
         raise UsageError(f"{directory} already holds a pretrained model ({', '.join(held)}); pass "
                          "--resume to continue it, --overwrite to replace it, or choose another "
                          "OUTPUT_DIR")
-
-
-def plot_loss_curve(history: pd.DataFrame, path: Path, title: str) -> None:
-    """Training and held-out loss per epoch, as a PNG."""
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-    ax.plot(history["epoch"], history["train_loss"], "o-", label="training")
-    if history["val_loss"].notna().any():
-        ax.plot(history["epoch"], history["val_loss"], "s-", label="held-out")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("masked reconstruction MSE")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
 
 
 def run_pretrain(config: Config, device: torch.device) -> Path:
