@@ -48,7 +48,7 @@ from bidsapp.model.presets import BACKBONE_PRESETS, ModelPreset
 from bidsapp.preprocess import CachedRun, WindowDataset
 from bidsapp.reports import plot_loss_curve
 from bidsapp.runtime import seed_everything
-from bidsapp.training import EpochMetrics, Trainer
+from bidsapp.training import EpochMetrics, Trainer, TrainingSettings
 
 log = get_logger("pretrain")
 
@@ -100,6 +100,17 @@ def model_metadata(config: Config, atlas: Atlas, runs: list[CachedRun],
                   "n_windows": r.n_windows} for r in runs],
         "split": split,
     }
+
+
+def training_settings(config: Config) -> TrainingSettings:
+    """The :class:`~bidsapp.training.Trainer` settings of ``config``."""
+    train = config.pretrain
+    # One process loads and trains; the other --nprocs load data.
+    return TrainingSettings(seed=config.random_seed, epochs=train.epochs,
+                            batch_size=train.batch_size, lr=train.lr,
+                            weight_decay=train.weight_decay, warmup_epochs=train.warmup_epochs,
+                            clip_grad=train.clip_grad, num_workers=max(0, config.nprocs - 1),
+                            compile_model=train.torch_compile)
 
 
 def _windows(runs: list[CachedRun], subjects_of_runs: list[str],
@@ -177,13 +188,7 @@ def _pretrain(config: Config, ctx: DistributedContext) -> Path:
     model = build_model(preset, norm_pix_loss=config.pretrain.norm_pix_loss)
     trainer = Trainer(model, masking, WindowDataset(runs, train_idx),
                       WindowDataset(runs, val_idx) if val_idx else None, ctx=ctx,
-                      seed=config.random_seed, epochs=config.pretrain.epochs,
-                      batch_size=config.pretrain.batch_size, lr=config.pretrain.lr,
-                      weight_decay=config.pretrain.weight_decay,
-                      warmup_epochs=config.pretrain.warmup_epochs,
-                      clip_grad=config.pretrain.clip_grad,
-                      num_workers=max(0, config.nprocs - 1),
-                      compile_model=config.pretrain.torch_compile)
+                      settings=training_settings(config))
 
     meta = model_metadata(config, atlas, runs, {"train": train_subjects, "val": val_subjects})
     history = pd.DataFrame(columns=list(EpochMetrics.__dataclass_fields__))

@@ -73,19 +73,58 @@ class EpochMetrics:
         return dict(self.__dict__)
 
 
+@dataclass(frozen=True)
+class TrainingSettings:
+    """How :class:`Trainer` trains: the pretrain level's options, gathered once from the config.
+
+    Attributes
+    ----------
+    seed : int
+        Seeds the data order and the masks (``--random-seed``).
+    epochs : int
+        The last epoch to train.
+    batch_size : int
+        Windows per step and process.
+    lr : float
+        Peak learning rate of the warmup + cosine schedule.
+    weight_decay : float
+        AdamW weight decay (not applied to biases, norms and positional embeddings).
+    warmup_epochs : float
+        Length of the linear warmup, in epochs (a fraction is allowed).
+    clip_grad : float
+        Maximum gradient norm.
+    num_workers : int
+        Data-loader worker processes (0: load in the training process).
+    compile_model : bool
+        Compile the forward pass with :func:`torch.compile`.
+    """
+
+    seed: int
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_epochs: float
+    clip_grad: float
+    num_workers: int = 0
+    compile_model: bool = False
+
+
 class Trainer:
     """Fit a :class:`MaskedAutoencoder` with one masking strategy, on one or many processes."""
 
     def __init__(self, model: MaskedAutoencoder, masking: MaskingStrategy, train_set: Dataset,
-                 val_set: Dataset | None, *, ctx: DistributedContext, seed: int, epochs: int,
-                 batch_size: int, lr: float, weight_decay: float, warmup_epochs: float,
-                 clip_grad: float, num_workers: int = 0, compile_model: bool = False) -> None:
+                 val_set: Dataset | None, *, ctx: DistributedContext,
+                 settings: TrainingSettings) -> None:
+        seed, epochs, batch_size = settings.seed, settings.epochs, settings.batch_size
+        lr, num_workers = settings.lr, settings.num_workers
+        self.settings = settings
         self.ctx = ctx
         self.model = model.to(ctx.device)
         self.masking = masking
         self.seed = seed
         self.epochs = epochs
-        self.clip_grad = clip_grad
+        self.clip_grad = settings.clip_grad
         self.sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank,
                                           shuffle=True, seed=seed, drop_last=False)
         pin = ctx.device.type == "cuda"
@@ -104,7 +143,7 @@ class Trainer:
             DistributedDataParallel(self.model, device_ids=[ctx.device] if pin else None)
             if ctx.enabled else self.model
         )
-        if compile_model:
+        if settings.compile_model:
             # Background skipping selects tokens by content (data-dependent shapes, graph breaks);
             # the plain path computes the same outputs with static shapes, which compile well.
             self.model.skip_background = False
@@ -112,10 +151,10 @@ class Trainer:
             self.network = torch.compile(self.network)
         decay, no_decay = _parameter_groups(self.model)
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": weight_decay},
+            [{"params": decay, "weight_decay": settings.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
         steps_per_epoch = len(self.train_loader)
-        self.schedule = Schedule(lr, max(1, round(warmup_epochs * steps_per_epoch)),
+        self.schedule = Schedule(lr, max(1, round(settings.warmup_epochs * steps_per_epoch)),
                                  epochs * steps_per_epoch)
         self.steps_per_epoch = steps_per_epoch
         self.autocast = ctx.device.type == "cuda"
