@@ -17,7 +17,6 @@ import json
 import time
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 from bidsapp import __version__, model_card
@@ -39,7 +38,7 @@ from bidsapp.config import Config
 from bidsapp.data import build_region_grid, prepare_runs, split_participants
 from bidsapp.distributed import DistributedContext
 from bidsapp.errors import BadDataError, TrainingDivergedError, UsageError
-from bidsapp.io import atomic_path, ensure_dir
+from bidsapp.io import ensure_dir
 from bidsapp.logs import get_logger
 from bidsapp.model.factory import build_model, describe_model
 from bidsapp.model.mae import MaskedAutoencoder
@@ -48,7 +47,7 @@ from bidsapp.model.presets import BACKBONE_PRESETS, ModelPreset
 from bidsapp.preprocess import CachedRun, WindowDataset
 from bidsapp.reports import plot_loss_curve
 from bidsapp.runtime import seed_everything
-from bidsapp.training import EpochMetrics, Trainer, TrainingSettings
+from bidsapp.training import EpochMetrics, Trainer, TrainingHistory, TrainingSettings
 
 log = get_logger("pretrain")
 
@@ -191,7 +190,7 @@ def _pretrain(config: Config, ctx: DistributedContext) -> Path:
                       settings=training_settings(config))
 
     meta = model_metadata(config, atlas, runs, {"train": train_subjects, "val": val_subjects})
-    history = pd.DataFrame(columns=list(EpochMetrics.__dataclass_fields__))
+    history = TrainingHistory()
     start_epoch = 1
     if config.pretrain.resume:
         start_epoch, history = _resume(out_dir, model, trainer, meta)
@@ -210,21 +209,18 @@ def _pretrain(config: Config, ctx: DistributedContext) -> Path:
         writer.ensure_bidsignore([MODELS_DIR, "logs"])
 
     def on_epoch_end(metrics: EpochMetrics) -> None:
-        nonlocal history
-        history = pd.concat([history[history["epoch"] < metrics.epoch],
-                             pd.DataFrame([metrics.as_row()])], ignore_index=True)
+        history.add(metrics)
         if not ctx.is_main:
             return
         epoch_meta = dict(meta, epoch=metrics.epoch, metrics=metrics.as_row(),
                           epochs_planned=config.pretrain.epochs)
         # The log before the checkpoint: --resume keeps the log's rows up to the checkpoint's
         # epoch, so a job killed in between must not lose that epoch's row.
-        with atomic_path(out_dir / "training_log.tsv") as tmp:
-            history.to_csv(tmp, sep="\t", index=False, na_rep="n/a")
+        history.write(out_dir / "training_log.tsv")
         save_checkpoint(out_dir / f"epoch-{metrics.epoch:03d}", model, epoch_meta,
                         trainer.optimizer)
         prune_checkpoints(out_dir, KEEP_CHECKPOINTS)
-        plot_loss_curve(history, out_dir / "loss_curve.png",
+        plot_loss_curve(history.frame, out_dir / "loss_curve.png",
                         f"{config.masking.masking} masking, {preset.backbone} {preset.name} preset")
 
     if start_epoch <= config.pretrain.epochs:
@@ -242,9 +238,9 @@ def _pretrain(config: Config, ctx: DistributedContext) -> Path:
         log.info("all %d epochs are already done in %s", config.pretrain.epochs, out_dir)
     final = out_dir / "model.safetensors"
     if ctx.is_main:
-        last = history.iloc[-1].to_dict() if len(history) else {}
+        last = history.last()
         card = model_card.build_card(
-            meta, history, machine=model_card.hardware(ctx.device, ctx.world_size),
+            meta, history.frame, machine=model_card.hardware(ctx.device, ctx.world_size),
             data=model_card.training_data(dataset, runs, meta["split"], config.preprocess.target_tr),
             wall_seconds=time.perf_counter() - started)
         save_checkpoint(out_dir / "model", model,
@@ -265,11 +261,11 @@ def _after_divergence(directory: Path) -> str:
 
 
 def _resume(out_dir: Path, model: MaskedAutoencoder, trainer: Trainer,
-            meta: dict) -> tuple[int, pd.DataFrame]:
+            meta: dict) -> tuple[int, TrainingHistory]:
     stem = latest_checkpoint(out_dir) if out_dir.is_dir() else None
     if stem is None:
         log.warning("--resume: no complete checkpoint in %s; starting from epoch 1", out_dir)
-        return 1, pd.DataFrame(columns=list(EpochMetrics.__dataclass_fields__))
+        return 1, TrainingHistory()
     saved = read_metadata(stem.with_suffix(".json"))
     for key, what in RESUME_MUST_MATCH.items():
         if json.dumps(saved.get(key), sort_keys=True) != json.dumps(meta[key], sort_keys=True):
@@ -281,33 +277,9 @@ def _resume(out_dir: Path, model: MaskedAutoencoder, trainer: Trainer,
                              + "; drop --resume (with --overwrite) or choose another OUTPUT_DIR")
     model.load_state_dict(load_weights(stem, saved))
     trainer.optimizer.load_state_dict(load_optimizer_state(stem, saved))
-    history = _read_training_log(out_dir / "training_log.tsv")
     epoch = int(saved["epoch"])
-    history = history[history["epoch"] <= epoch].reset_index(drop=True)
+    history = TrainingHistory.read(out_dir / "training_log.tsv").until(epoch)
     val_loss = saved["metrics"].get("val_loss")   # null in JSON without a held-out set
     log.info("resuming from %s (epoch %d, held-out loss %s)", stem.name, epoch,
              "n/a" if val_loss is None else f"{val_loss:.4f}")
     return epoch + 1, history
-
-
-def _read_training_log(path: Path) -> pd.DataFrame:
-    """The training log of the run being resumed (empty when there is none yet).
-
-    Raises :class:`BadDataError` (exit 65) for a log that is empty, unreadable or without the
-    columns this version writes.
-    """
-    columns = list(EpochMetrics.__dataclass_fields__)
-    if not path.is_file():
-        return pd.DataFrame(columns=columns)
-    try:
-        history = pd.read_csv(path, sep="\t", na_values="n/a")
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise BadDataError(f"--resume: the training log {path} is damaged "
-                           f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-                           "restore it or start a new OUTPUT_DIR") from exc
-    missing = [c for c in columns if c not in history.columns]
-    if missing or not pd.api.types.is_numeric_dtype(history["epoch"]):
-        raise BadDataError(f"--resume: the training log {path} is damaged (columns "
-                           f"{', '.join(missing) or 'epoch'} missing or not numbers); restore it "
-                           "or start a new OUTPUT_DIR")
-    return history

@@ -11,14 +11,18 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import pandas as pd
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from bidsapp.distributed import DistributedContext
-from bidsapp.errors import TrainingDivergedError
+from bidsapp.errors import BadDataError, TrainingDivergedError
+from bidsapp.io import atomic_path
 from bidsapp.logs import get_logger
 from bidsapp.model.mae import MaskedAutoencoder
 from bidsapp.model.masking import MaskingStrategy
@@ -71,6 +75,75 @@ class EpochMetrics:
 
     def as_row(self) -> dict[str, float | int]:
         return dict(self.__dict__)
+
+
+class TrainingHistory:
+    """The training log: one row of :class:`EpochMetrics` per epoch, as ``training_log.tsv``.
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame, optional
+        Rows already trained (read back with :meth:`read` on ``--resume``); empty by default.
+
+    Attributes
+    ----------
+    frame : pandas.DataFrame
+        One row per epoch, columns :data:`COLUMNS` in order.
+    """
+
+    #: The columns of the log, in the order written.
+    COLUMNS: tuple[str, ...] = tuple(EpochMetrics.__dataclass_fields__)
+
+    def __init__(self, frame: pd.DataFrame | None = None) -> None:
+        self.frame = pd.DataFrame(columns=list(self.COLUMNS)) if frame is None else frame
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def add(self, metrics: EpochMetrics) -> None:
+        """Append the row of ``metrics``, replacing those of its epoch and later ones."""
+        # An epoch trained again replaces its row (and any later ones): the log never lists an
+        # epoch twice, nor an epoch newer than the weights.
+        self.frame = pd.concat([self.frame[self.frame["epoch"] < metrics.epoch],
+                                pd.DataFrame([metrics.as_row()])], ignore_index=True)
+
+    def until(self, epoch: int) -> TrainingHistory:
+        """The rows of epochs ``1 .. epoch``."""
+        return TrainingHistory(self.frame[self.frame["epoch"] <= epoch].reset_index(drop=True))
+
+    def last(self) -> dict[str, Any]:
+        """The row of the last epoch (empty when no epoch is logged)."""
+        return self.frame.iloc[-1].to_dict() if len(self.frame) else {}
+
+    def write(self, path: Path) -> None:
+        """Write the log as TSV, atomically, with ``n/a`` for missing values (BIDS)."""
+        with atomic_path(path) as tmp:
+            self.frame.to_csv(tmp, sep="\t", index=False, na_rep="n/a")
+
+    @classmethod
+    def read(cls, path: Path) -> TrainingHistory:
+        """The log of the run being resumed (empty when there is none yet).
+
+        Raises
+        ------
+        BadDataError
+            The log is empty, unreadable or without the columns this version writes (exit 65).
+        """
+        if not path.is_file():
+            return cls()
+        try:
+            frame = pd.read_csv(path, sep="\t", na_values="n/a")
+        except (OSError, UnicodeDecodeError, pd.errors.ParserError,
+                pd.errors.EmptyDataError) as exc:
+            raise BadDataError(f"--resume: the training log {path} is damaged "
+                               f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                               "restore it or start a new OUTPUT_DIR") from exc
+        missing = [c for c in cls.COLUMNS if c not in frame.columns]
+        if missing or not pd.api.types.is_numeric_dtype(frame["epoch"]):
+            raise BadDataError(f"--resume: the training log {path} is damaged (columns "
+                               f"{', '.join(missing) or 'epoch'} missing or not numbers); restore "
+                               "it or start a new OUTPUT_DIR")
+        return cls(frame)
 
 
 @dataclass(frozen=True)
