@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from bidsapp.config import MASKING_DESC, BackboneName, MaskingName, PresetName
 from bidsapp.errors import BadDataError, NoInputError, UsageError
-from bidsapp.io import atomic_path, file_sha256, json_text
+from bidsapp.io import atomic_path, ensure_dir, file_sha256, json_text
 
 FORMAT = "roimae-checkpoint/1"
 #: The stem of an epoch checkpoint (``epoch-001``); newer epochs have larger numbers.
@@ -285,6 +285,31 @@ def latest_checkpoint(directory: Path) -> Path | None:
         if best is None or epoch > best[0]:
             best = (epoch, sidecar.with_suffix(""))
     return None if best is None else best[1]
+
+
+def prepare_model_dir(directory: Path, *, fresh: bool) -> list[Path]:
+    """Create ``directory`` for a pretraining, without the leftovers of earlier jobs.
+
+    Parameters
+    ----------
+    directory : Path
+        The model folder (``models/desc-<masking>``).
+    fresh : bool
+        A new training (``--overwrite``, or nothing to resume): the files of an earlier run are
+        removed too (:func:`clear_model_dir`).
+
+    Returns
+    -------
+    list of Path
+        The files of an earlier run that were removed.
+    """
+    ensure_dir(directory)
+    # Temporary files of a job killed while writing here (atomic writes it never finished).
+    for stale in directory.glob(".*.tmp*"):
+        stale.unlink(missing_ok=True)
+    # A fresh run: no file of an earlier run may stay beside the new one's, to be pruned in the
+    # wrong order or resumed later.
+    return clear_model_dir(directory) if fresh else []
 
 
 def clear_model_dir(directory: Path) -> list[Path]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,11 +27,11 @@ from bidsapp.bids.derivatives import DerivativesWriter
 from bidsapp.bids.layout import InputDataset, discover_runs
 from bidsapp.bids.validation import validate_input
 from bidsapp.checkpoint import (
-    clear_model_dir,
     latest_checkpoint,
     load_optimizer_state,
     load_weights,
     masking_desc,
+    prepare_model_dir,
     prune_checkpoints,
     read_metadata,
     save_checkpoint,
@@ -38,10 +40,8 @@ from bidsapp.config import Config
 from bidsapp.data import build_region_grid, prepare_runs, split_participants
 from bidsapp.distributed import DistributedContext
 from bidsapp.errors import BadDataError, TrainingDivergedError, UsageError
-from bidsapp.io import ensure_dir
 from bidsapp.logs import get_logger
 from bidsapp.model.factory import build_model, describe_model
-from bidsapp.model.mae import MaskedAutoencoder
 from bidsapp.model.masking import build_masking
 from bidsapp.model.presets import BACKBONE_PRESETS, ModelPreset
 from bidsapp.preprocess import CachedRun, WindowDataset
@@ -164,6 +164,58 @@ def _pretrain(config: Config, ctx: DistributedContext) -> Path:
     out_dir = model_dir(config.output_dir, config.masking.masking)
     check_model_dir(config, out_dir)
     atlas = load_atlas(config.atlas, config.atlas_labels)
+    data = load_training_data(config, ctx)
+    trainer = _build_trainer(config, ctx, preset, atlas, data)
+    meta = model_metadata(config, atlas, data.runs, data.split)
+    start_epoch, history = 1, TrainingHistory()
+    if config.pretrain.resume:
+        start_epoch, history = _resume(out_dir, trainer, meta)
+    if ctx.is_main:
+        _prepare_outputs(config, out_dir, data.dataset, fresh=start_epoch == 1)
+    title = f"{config.masking.masking} masking, {preset.backbone} {preset.name} preset"
+    if start_epoch <= config.pretrain.epochs:
+        _fit(config, trainer, start_epoch, out_dir,
+             _epoch_saver(config, trainer, out_dir, meta, history, title))
+    else:
+        log.info("all %d epochs are already done in %s", config.pretrain.epochs, out_dir)
+    final = out_dir / "model.safetensors"
+    if ctx.is_main:
+        _write_model(config, trainer, final, meta, history, data,
+                     wall_seconds=time.perf_counter() - started)
+    return final
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The runs a pretraining reads, and its split of participants into training and held-out.
+
+    Attributes
+    ----------
+    dataset : InputDataset
+        The selected input runs.
+    runs : list of CachedRun
+        Their preprocessed caches, in the same order.
+    split : dict
+        ``{"train": [participants], "val": [participants]}``, as written in the sidecars.
+    train_windows, val_windows : list of (int, int)
+        ``(run index, window index)`` of each training and held-out window.
+    """
+
+    dataset: InputDataset
+    runs: list[CachedRun]
+    split: dict[str, list[str]]
+    train_windows: list[tuple[int, int]]
+    val_windows: list[tuple[int, int]]
+
+
+def load_training_data(config: Config, ctx: DistributedContext) -> TrainingData:
+    """Find, validate and preprocess the input runs; split them by participant.
+
+    Raises
+    ------
+    BadDataError
+        No run is long enough for one window (exit 65).
+    """
     dataset: InputDataset = discover_runs(config)
     if ctx.is_main:
         validate_input(config, dataset)
@@ -178,77 +230,85 @@ def _pretrain(config: Config, ctx: DistributedContext) -> Path:
                            f"{window_frames(config)}")
     log.info("%d runs, %d training windows (%d participants), %d held-out windows (%d)",
              len(runs), len(train_idx), len(train_subjects), len(val_idx), len(val_subjects))
+    return TrainingData(dataset, runs, {"train": train_subjects, "val": val_subjects},
+                        train_idx, val_idx)
 
+
+def _build_trainer(config: Config, ctx: DistributedContext, preset: ModelPreset, atlas: Atlas,
+                   data: TrainingData) -> Trainer:
+    """A fresh model and its trainer (the model is ``trainer.model``)."""
     region_grid = build_region_grid(atlas, preset)
     masking = build_masking(config.masking.masking, region_grid.to(ctx.device),
                             config.masking.mask_ratio, unit=config.masking.mask_ratio_unit,
                             time=config.masking.mask_time)
+    # Seeded just before the model: its initial weights depend on the seed alone.
     seed_everything(config.random_seed)
     model = build_model(preset, norm_pix_loss=config.pretrain.norm_pix_loss)
-    trainer = Trainer(model, masking, WindowDataset(runs, train_idx),
-                      WindowDataset(runs, val_idx) if val_idx else None, ctx=ctx,
-                      settings=training_settings(config))
+    val_set = WindowDataset(data.runs, data.val_windows) if data.val_windows else None
+    return Trainer(model, masking, WindowDataset(data.runs, data.train_windows), val_set,
+                   ctx=ctx, settings=training_settings(config))
 
-    meta = model_metadata(config, atlas, runs, {"train": train_subjects, "val": val_subjects})
-    history = TrainingHistory()
-    start_epoch = 1
-    if config.pretrain.resume:
-        start_epoch, history = _resume(out_dir, model, trainer, meta)
-    if ctx.is_main:
-        ensure_dir(out_dir)
-        # Temporary files of a job killed while writing here (atomic writes it never finished).
-        for stale in out_dir.glob(".*.tmp*"):
-            stale.unlink(missing_ok=True)
-        if start_epoch == 1:
-            # A fresh run (--overwrite, or nothing to resume): no file of an earlier run may stay
-            # beside the new one's, to be pruned in the wrong order or resumed later.
-            for old in clear_model_dir(out_dir):
-                log.info("removed %s of an earlier pretraining", old.name)
-        writer = DerivativesWriter(config.output_dir, source_datasets=dataset.datasets)
-        writer.ensure_dataset_description()
-        writer.ensure_bidsignore([MODELS_DIR, "logs"])
+
+def _prepare_outputs(config: Config, out_dir: Path, dataset: InputDataset, *, fresh: bool) -> None:
+    """Ready the model folder (cleared for a ``fresh`` run) and the derivatives dataset files."""
+    for old in prepare_model_dir(out_dir, fresh=fresh):
+        log.info("removed %s of an earlier pretraining", old.name)
+    writer = DerivativesWriter(config.output_dir, source_datasets=dataset.datasets)
+    writer.ensure_dataset_description()
+    writer.ensure_bidsignore([MODELS_DIR, "logs"])
+
+
+def _epoch_saver(config: Config, trainer: Trainer, out_dir: Path, meta: dict,
+                 history: TrainingHistory, title: str) -> Callable[[EpochMetrics], None]:
+    """What runs after each epoch: log it and, on the main process, checkpoint it."""
 
     def on_epoch_end(metrics: EpochMetrics) -> None:
         history.add(metrics)
-        if not ctx.is_main:
+        if not trainer.ctx.is_main:
             return
         epoch_meta = dict(meta, epoch=metrics.epoch, metrics=metrics.as_row(),
                           epochs_planned=config.pretrain.epochs)
         # The log before the checkpoint: --resume keeps the log's rows up to the checkpoint's
         # epoch, so a job killed in between must not lose that epoch's row.
         history.write(out_dir / "training_log.tsv")
-        save_checkpoint(out_dir / f"epoch-{metrics.epoch:03d}", model, epoch_meta,
+        save_checkpoint(out_dir / f"epoch-{metrics.epoch:03d}", trainer.model, epoch_meta,
                         trainer.optimizer)
         prune_checkpoints(out_dir, KEEP_CHECKPOINTS)
-        plot_loss_curve(history.frame, out_dir / "loss_curve.png",
-                        f"{config.masking.masking} masking, {preset.backbone} {preset.name} preset")
+        plot_loss_curve(history.frame, out_dir / "loss_curve.png", title)
 
-    if start_epoch <= config.pretrain.epochs:
-        try:
-            trainer.fit(start_epoch, on_epoch_end)
-        except TrainingDivergedError as exc:
-            if ctx.is_main and latest_checkpoint(out_dir) is None:
-                # Nothing to keep: no empty model folder is left to look like a model.
-                for folder in (out_dir, out_dir.parent):
-                    with contextlib.suppress(OSError):
-                        folder.rmdir()
-            raise TrainingDivergedError(f"{exc}; lower --lr (now {config.pretrain.lr:g}). "
-                                        + _after_divergence(out_dir)) from exc
-    else:
-        log.info("all %d epochs are already done in %s", config.pretrain.epochs, out_dir)
-    final = out_dir / "model.safetensors"
-    if ctx.is_main:
-        last = history.last()
-        card = model_card.build_card(
-            meta, history.frame, machine=model_card.hardware(ctx.device, ctx.world_size),
-            data=model_card.training_data(dataset, runs, meta["split"], config.preprocess.target_tr),
-            wall_seconds=time.perf_counter() - started)
-        save_checkpoint(out_dir / "model", model,
-                        dict(meta, epoch=int(last.get("epoch", 0)), metrics=last,
-                             epochs_planned=config.pretrain.epochs, model_card=card))
-        model_card.write_card(final, read_metadata(final))
-        log.info("model written to %s", final)
-    return final
+    return on_epoch_end
+
+
+def _fit(config: Config, trainer: Trainer, start_epoch: int, out_dir: Path,
+         on_epoch_end: Callable[[EpochMetrics], None]) -> None:
+    """Train from ``start_epoch``; on divergence, say what was kept and raise (exit 70)."""
+    try:
+        trainer.fit(start_epoch, on_epoch_end)
+    except TrainingDivergedError as exc:
+        if trainer.ctx.is_main and latest_checkpoint(out_dir) is None:
+            # Nothing to keep: no empty model folder is left to look like a model.
+            for folder in (out_dir, out_dir.parent):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+        raise TrainingDivergedError(f"{exc}; lower --lr (now {config.pretrain.lr:g}). "
+                                    + _after_divergence(out_dir)) from exc
+
+
+def _write_model(config: Config, trainer: Trainer, final: Path, meta: dict,
+                 history: TrainingHistory, data: TrainingData, *, wall_seconds: float) -> None:
+    """Write the final model, its sidecar with the model card, and ``model.md``."""
+    ctx = trainer.ctx
+    last = history.last()
+    card = model_card.build_card(
+        meta, history.frame, machine=model_card.hardware(ctx.device, ctx.world_size),
+        data=model_card.training_data(data.dataset, data.runs, data.split,
+                                      config.preprocess.target_tr),
+        wall_seconds=wall_seconds)
+    save_checkpoint(final.with_suffix(""), trainer.model,
+                    dict(meta, epoch=int(last.get("epoch", 0)), metrics=last,
+                         epochs_planned=config.pretrain.epochs, model_card=card))
+    model_card.write_card(final, read_metadata(final))
+    log.info("model written to %s", final)
 
 
 def _after_divergence(directory: Path) -> str:
@@ -260,8 +320,14 @@ def _after_divergence(directory: Path) -> str:
             "continue it with --resume and a lower --lr")
 
 
-def _resume(out_dir: Path, model: MaskedAutoencoder, trainer: Trainer,
-            meta: dict) -> tuple[int, TrainingHistory]:
+def _resume(out_dir: Path, trainer: Trainer, meta: dict) -> tuple[int, TrainingHistory]:
+    """Load the newest checkpoint in ``out_dir`` into ``trainer``; return the next epoch and log.
+
+    Raises
+    ------
+    UsageError
+        The checkpoint was trained with other settings or data (:data:`RESUME_MUST_MATCH`).
+    """
     stem = latest_checkpoint(out_dir) if out_dir.is_dir() else None
     if stem is None:
         log.warning("--resume: no complete checkpoint in %s; starting from epoch 1", out_dir)
@@ -275,7 +341,7 @@ def _resume(out_dir: Path, model: MaskedAutoencoder, trainer: Trainer,
             raise UsageError(f"--resume: checkpoint {stem.name} was trained with another {what}"
                              + (f" ({value})" if len(value) <= 60 else "")
                              + "; drop --resume (with --overwrite) or choose another OUTPUT_DIR")
-    model.load_state_dict(load_weights(stem, saved))
+    trainer.model.load_state_dict(load_weights(stem, saved))
     trainer.optimizer.load_state_dict(load_optimizer_state(stem, saved))
     epoch = int(saved["epoch"])
     history = TrainingHistory.read(out_dir / "training_log.tsv").until(epoch)
