@@ -12,7 +12,6 @@ further on.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import re
@@ -95,8 +94,26 @@ class OptimizerInfo(_Part):
     sha256: Sha256
 
 
+class RunInfo(_Part):
+    """One entry of ``data`` in a sidecar: an input run the model was trained on."""
+
+    source: str
+    sha256: str
+    n_windows: int = Field(ge=0)
+
+
 class CheckpointMeta(_Part):
-    """The schema of a checkpoint's JSON sidecar, as :func:`save_checkpoint` writes it."""
+    """The schema of a checkpoint's JSON sidecar, as :func:`save_checkpoint` writes it.
+
+    Read through attributes (``meta.atlas.sha256``), never through string keys. The fields that
+    roimae reads are required; those it only records are optional, so that the sidecars of older
+    versions still load. Only the fields given (or read) are written back
+    (:meth:`sidecar_dict`): a sidecar read and saved again keeps its keys.
+
+    The pretrain level builds one per model (:func:`bidsapp.pretrain.model_metadata`) with
+    ``epoch`` 0; each checkpoint is a copy with its epoch and metrics
+    (:meth:`pydantic.BaseModel.model_copy`).
+    """
 
     format: Literal["roimae-checkpoint/1"]
     weights: FileName | None = None
@@ -113,6 +130,15 @@ class CheckpointMeta(_Part):
     epoch: int = Field(ge=0)
     metrics: dict[str, Any] = Field(default_factory=dict)
     optimizer: OptimizerInfo | None = None
+    # Recorded for people and for --resume's checks; absent from the oldest sidecars.
+    roimae_version: str | None = None
+    grid: dict[str, Any] | None = None
+    random_seed: int | None = None
+    training: dict[str, Any] | None = None
+    data: list[RunInfo] | None = None
+    split: dict[str, list[str]] | None = None
+    epochs_planned: int | None = None
+    model_card: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _fits_the_backbone(self) -> CheckpointMeta:
@@ -124,9 +150,14 @@ class CheckpointMeta(_Part):
                              f"{self.backbone} tubelet ({tubelet} frames)")
         return self
 
+    def sidecar_dict(self) -> dict[str, Any]:
+        """The sidecar as a JSON-ready dict: the fields given or read, and nothing else."""
+        # exclude_unset: no default (null, {}) is added to a sidecar that did not have it.
+        return self.model_dump(exclude_unset=True)
 
-def validate_metadata(text: str | bytes, where: Path) -> dict[str, Any]:
-    """Validate a sidecar's JSON text with :class:`CheckpointMeta`; return it as a dict.
+
+def validate_metadata(text: str | bytes, where: Path) -> CheckpointMeta:
+    """Validate a sidecar's JSON text with :class:`CheckpointMeta`.
 
     Raises
     ------
@@ -135,7 +166,7 @@ def validate_metadata(text: str | bytes, where: Path) -> dict[str, Any]:
         that does not fit the schema; the message names the first offending field.
     """
     try:
-        CheckpointMeta.model_validate_json(text)
+        return CheckpointMeta.model_validate_json(text)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         where_in = ".".join(str(part) for part in first["loc"])
@@ -148,10 +179,9 @@ def validate_metadata(text: str | bytes, where: Path) -> dict[str, Any]:
         detail = first["msg"].removeprefix("Value error, ")
         raise BadDataError(f"checkpoint sidecar {where} is invalid: "
                            f"{where_in + ': ' if where_in else ''}{detail}") from exc
-    return json.loads(text)
 
 
-def save_checkpoint(stem: Path, model: torch.nn.Module, metadata: dict[str, Any],
+def save_checkpoint(stem: Path, model: torch.nn.Module, metadata: CheckpointMeta,
                     optimizer: torch.optim.Optimizer | None = None) -> Path:
     """Write ``stem.safetensors`` (+ ``stem_optim.safetensors``) and then ``stem.json``, atomically.
 
@@ -170,7 +200,7 @@ def save_checkpoint(stem: Path, model: torch.nn.Module, metadata: dict[str, Any]
         optim_tmp = stack.enter_context(atomic_path(optim_path)) if optimizer is not None else None
         weights_tmp = stack.enter_context(atomic_path(weights))
         _save_tensors(state, weights_tmp)
-        meta = dict(metadata, format=FORMAT, weights=weights.name,
+        meta = dict(metadata.sidecar_dict(), format=FORMAT, weights=weights.name,
                     weights_sha256=file_sha256(weights_tmp))
         if optimizer is not None:
             tensors, structure = _flatten_optimizer(optimizer.state_dict())
@@ -193,8 +223,18 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from exc
 
 
-def read_metadata(path: Path) -> dict[str, Any]:
-    """Read the JSON sidecar of a checkpoint given its ``.safetensors`` or ``.json`` path."""
+def read_metadata(path: Path) -> CheckpointMeta:
+    """Read the JSON sidecar of a checkpoint given its ``.safetensors`` or ``.json`` path.
+
+    Raises
+    ------
+    UsageError
+        ``path`` is neither (a pickled checkpoint, exit 64).
+    NoInputError
+        The sidecar does not exist (exit 66).
+    BadDataError
+        It cannot be read or does not fit :class:`CheckpointMeta` (exit 65).
+    """
     path = Path(path)
     if path.suffix != ".safetensors" and path.suffix != ".json":
         raise UsageError(f"checkpoint {path} must be a .safetensors file with a .json sidecar "
@@ -209,12 +249,12 @@ def read_metadata(path: Path) -> dict[str, Any]:
     return validate_metadata(text, sidecar)
 
 
-def load_weights(path: Path, meta: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+def load_weights(path: Path, meta: CheckpointMeta | None = None) -> dict[str, torch.Tensor]:
     """Load the weights of a checkpoint with safetensors (never pickle), checking its hash."""
     weights = Path(path).with_suffix(".safetensors")
     if not weights.is_file():
         raise NoInputError(f"checkpoint {weights} does not exist")
-    if meta is not None and meta.get("weights_sha256") not in (None, file_sha256(weights)):
+    if meta is not None and meta.weights_sha256 not in (None, file_sha256(weights)):
         raise BadDataError(f"checkpoint {weights} does not match the hash in its sidecar "
                            "(truncated or replaced file)")
     try:
@@ -224,21 +264,21 @@ def load_weights(path: Path, meta: dict[str, Any] | None = None) -> dict[str, to
                            f"(truncated, or a pickle, which is refused): {exc}") from exc
 
 
-def load_optimizer_state(stem: Path, meta: dict[str, Any]) -> dict[str, Any]:
+def load_optimizer_state(stem: Path, meta: CheckpointMeta) -> dict[str, Any]:
     """Rebuild an optimizer ``state_dict`` saved by :func:`save_checkpoint`."""
-    info = meta.get("optimizer")
-    if not info:
+    info = meta.optimizer
+    if info is None:
         raise BadDataError(f"checkpoint {stem} holds no optimizer state; cannot resume from it")
     # The schema accepts only a bare file name: the state is read from the checkpoint's folder.
-    path = stem.parent / _bare_file_name(info["file"])
+    path = stem.parent / _bare_file_name(info.file)
     if not path.is_file():
         raise BadDataError(f"optimizer state {path} named by checkpoint {stem.name} is missing; "
                            "cannot resume from it")
-    if file_sha256(path) != info["sha256"]:
+    if file_sha256(path) != info.sha256:
         raise BadDataError(f"optimizer state {path} does not match its sidecar hash")
     try:
         tensors = load_file(str(path))
-        return _unflatten_optimizer(tensors, info["structure"])
+        return _unflatten_optimizer(tensors, info.structure)
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
         raise BadDataError(f"optimizer state {path} is not a valid safetensors file: {exc}") from exc
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from bidsapp.atlas import Atlas
-from bidsapp.checkpoint import load_weights, masking_desc, read_metadata
+from bidsapp.checkpoint import CheckpointMeta, load_weights, masking_desc, read_metadata
 from bidsapp.config import Config
 from bidsapp.data import build_region_grid
 from bidsapp.errors import BadDataError, NoInputError, UsageError
@@ -68,7 +68,7 @@ class LoadedModel:
     """A pretrained model ready for inference, with what its checkpoint says about it."""
 
     model: MaskedAutoencoder
-    meta: dict
+    meta: CheckpointMeta
     path: Path
     sha256: str
     preset: ModelPreset
@@ -77,7 +77,7 @@ class LoadedModel:
 
     @property
     def masking(self) -> str:
-        return self.meta["masking"]["masking"]
+        return self.meta.masking.masking
 
     @property
     def desc(self) -> str:
@@ -85,7 +85,7 @@ class LoadedModel:
 
     @property
     def window_frames(self) -> int:
-        return int(self.meta["window_frames"])
+        return self.meta.window_frames
 
 
 def find_model(config: Config) -> Path:
@@ -114,8 +114,7 @@ def find_model(config: Config) -> Path:
 def load_model(path: Path, atlas: Atlas, config: Config, device: torch.device) -> LoadedModel:
     """Load a checkpoint (safetensors + JSON only) and refuse one that does not fit the config."""
     meta = read_metadata(path)
-    backbone = meta.get("backbone")
-    preset_name = meta.get("preset", {}).get("name")
+    backbone, preset_name = meta.backbone, meta.preset.name
     if preset_name not in BACKBONE_PRESETS.get(backbone, {}):
         raise BadDataError(f"checkpoint {path} names an unknown backbone {backbone!r} or preset "
                            f"{preset_name!r}")
@@ -125,14 +124,14 @@ def load_model(path: Path, atlas: Atlas, config: Config, device: torch.device) -
     if config.model.preset not in (None, preset_name):
         raise UsageError(f"checkpoint {path} is a {preset_name!r} model but --preset "
                          f"{config.model.preset} was given")
-    if config.preprocess.window_frames not in (None, meta.get("window_frames")):
-        raise UsageError(f"checkpoint {path} was trained on {meta.get('window_frames')}-frame "
+    if config.preprocess.window_frames not in (None, meta.window_frames):
+        raise UsageError(f"checkpoint {path} was trained on {meta.window_frames}-frame "
                          f"windows but --window-frames {config.preprocess.window_frames} was given")
-    if meta.get("atlas", {}).get("sha256") != atlas.sha256():
+    if meta.atlas.sha256 != atlas.sha256():
         raise UsageError(f"checkpoint {path} was trained with another atlas "
-                         f"({meta.get('atlas', {}).get('name')}); pass the same --atlas")
+                         f"({meta.atlas.name}); pass the same --atlas")
     preset = BACKBONE_PRESETS[backbone][preset_name]
-    model = build_model(preset, norm_pix_loss=bool(meta.get("norm_pix_loss", False)))
+    model = build_model(preset, norm_pix_loss=meta.norm_pix_loss)
     state = load_weights(path, meta)
     diverged = [name for name, value in state.items()
                 if value.is_floating_point() and not bool(torch.isfinite(value).all())]

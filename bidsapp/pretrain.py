@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,6 +28,8 @@ from bidsapp.bids.derivatives import DerivativesWriter
 from bidsapp.bids.layout import InputDataset, discover_runs
 from bidsapp.bids.validation import validate_input
 from bidsapp.checkpoint import (
+    FORMAT,
+    CheckpointMeta,
     latest_checkpoint,
     load_optimizer_state,
     load_weights,
@@ -79,10 +82,15 @@ def model_dir(output_dir: Path, masking: str) -> Path:
 
 
 def model_metadata(config: Config, atlas: Atlas, runs: list[CachedRun],
-                   split: dict[str, list[str]]) -> dict:
-    """What a checkpoint says about itself: enough to refuse a mismatched config later."""
+                   split: dict[str, list[str]]) -> CheckpointMeta:
+    """What a checkpoint says about itself: enough to refuse a mismatched config later.
+
+    Its ``epoch`` is 0; each checkpoint saved is a copy with its own epoch and metrics.
+    """
     preset = pretrain_preset(config)
-    return {
+    return CheckpointMeta.model_validate({
+        "format": FORMAT,
+        "epoch": 0,
         "roimae_version": __version__,
         "backbone": preset.backbone,
         "preset": describe_model(preset),
@@ -98,7 +106,7 @@ def model_metadata(config: Config, atlas: Atlas, runs: list[CachedRun],
         "data": [{"source": r.manifest["source"], "sha256": r.manifest["source_sha256"],
                   "n_windows": r.n_windows} for r in runs],
         "split": split,
-    }
+    })
 
 
 def training_settings(config: Config) -> TrainingSettings:
@@ -258,7 +266,7 @@ def _prepare_outputs(config: Config, out_dir: Path, dataset: InputDataset, *, fr
     writer.ensure_bidsignore([MODELS_DIR, "logs"])
 
 
-def _epoch_saver(config: Config, trainer: Trainer, out_dir: Path, meta: dict,
+def _epoch_saver(config: Config, trainer: Trainer, out_dir: Path, meta: CheckpointMeta,
                  history: TrainingHistory, title: str) -> Callable[[EpochMetrics], None]:
     """What runs after each epoch: log it and, on the main process, checkpoint it."""
 
@@ -266,8 +274,8 @@ def _epoch_saver(config: Config, trainer: Trainer, out_dir: Path, meta: dict,
         history.add(metrics)
         if not trainer.ctx.is_main:
             return
-        epoch_meta = dict(meta, epoch=metrics.epoch, metrics=metrics.as_row(),
-                          epochs_planned=config.pretrain.epochs)
+        epoch_meta = meta.model_copy(update={"epoch": metrics.epoch, "metrics": metrics.as_row(),
+                                              "epochs_planned": config.pretrain.epochs})
         # The log before the checkpoint: --resume keeps the log's rows up to the checkpoint's
         # epoch, so a job killed in between must not lose that epoch's row.
         history.write(out_dir / "training_log.tsv")
@@ -294,7 +302,7 @@ def _fit(config: Config, trainer: Trainer, start_epoch: int, out_dir: Path,
                                     + _after_divergence(out_dir)) from exc
 
 
-def _write_model(config: Config, trainer: Trainer, final: Path, meta: dict,
+def _write_model(config: Config, trainer: Trainer, final: Path, meta: CheckpointMeta,
                  history: TrainingHistory, data: TrainingData, *, wall_seconds: float) -> None:
     """Write the final model, its sidecar with the model card, and ``model.md``."""
     ctx = trainer.ctx
@@ -305,8 +313,9 @@ def _write_model(config: Config, trainer: Trainer, final: Path, meta: dict,
                                       config.preprocess.target_tr),
         wall_seconds=wall_seconds)
     save_checkpoint(final.with_suffix(""), trainer.model,
-                    dict(meta, epoch=int(last.get("epoch", 0)), metrics=last,
-                         epochs_planned=config.pretrain.epochs, model_card=card))
+                    meta.model_copy(update={"epoch": int(last.get("epoch", 0)), "metrics": last,
+                                            "epochs_planned": config.pretrain.epochs,
+                                            "model_card": card}))
     model_card.write_card(final, read_metadata(final))
     log.info("model written to %s", final)
 
@@ -320,7 +329,8 @@ def _after_divergence(directory: Path) -> str:
             "continue it with --resume and a lower --lr")
 
 
-def _resume(out_dir: Path, trainer: Trainer, meta: dict) -> tuple[int, TrainingHistory]:
+def _resume(out_dir: Path, trainer: Trainer,
+            meta: CheckpointMeta) -> tuple[int, TrainingHistory]:
     """Load the newest checkpoint in ``out_dir`` into ``trainer``; return the next epoch and log.
 
     Raises
@@ -333,19 +343,31 @@ def _resume(out_dir: Path, trainer: Trainer, meta: dict) -> tuple[int, TrainingH
         log.warning("--resume: no complete checkpoint in %s; starting from epoch 1", out_dir)
         return 1, TrainingHistory()
     saved = read_metadata(stem.with_suffix(".json"))
+    # Compared as the sidecars hold them (a field an older sidecar lacks is None, unlike any
+    # value); the saved one's keys sorted as in its file, for the message.
+    ours, theirs = meta.sidecar_dict(), _sorted_keys(saved.sidecar_dict())
     for key, what in RESUME_MUST_MATCH.items():
-        if json.dumps(saved.get(key), sort_keys=True) != json.dumps(meta[key], sort_keys=True):
+        if json.dumps(theirs.get(key), sort_keys=True) != json.dumps(ours[key], sort_keys=True):
             # The options disagree with the checkpoint: a usage error, as for --preset at the
             # participant level.
-            value = repr(saved.get(key))
+            value = repr(theirs.get(key))
             raise UsageError(f"--resume: checkpoint {stem.name} was trained with another {what}"
                              + (f" ({value})" if len(value) <= 60 else "")
                              + "; drop --resume (with --overwrite) or choose another OUTPUT_DIR")
     trainer.model.load_state_dict(load_weights(stem, saved))
     trainer.optimizer.load_state_dict(load_optimizer_state(stem, saved))
-    epoch = int(saved["epoch"])
+    epoch = saved.epoch
     history = TrainingHistory.read(out_dir / "training_log.tsv").until(epoch)
-    val_loss = saved["metrics"].get("val_loss")   # null in JSON without a held-out set
+    val_loss = saved.metrics.get("val_loss")   # null in JSON without a held-out set
     log.info("resuming from %s (epoch %d, held-out loss %s)", stem.name, epoch,
              "n/a" if val_loss is None else f"{val_loss:.4f}")
     return epoch + 1, history
+
+
+def _sorted_keys(value: Any) -> Any:
+    """``value`` with every dict's keys in sorted order, as in the sidecar file."""
+    if isinstance(value, dict):
+        return {key: _sorted_keys(value[key]) for key in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted_keys(item) for item in value]
+    return value
