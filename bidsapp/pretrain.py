@@ -268,7 +268,7 @@ def _prepare_outputs(config: Config, out_dir: Path, dataset: InputDataset, *, fr
 
 def _epoch_saver(config: Config, trainer: Trainer, out_dir: Path, meta: CheckpointMeta,
                  history: TrainingHistory, title: str) -> Callable[[EpochMetrics], None]:
-    """What runs after each epoch: log it and, on the main process, checkpoint it."""
+    """What runs after each epoch: add it to ``history`` and, on the main process, save it."""
 
     def on_epoch_end(metrics: EpochMetrics) -> None:
         history.add(metrics)
@@ -289,7 +289,7 @@ def _epoch_saver(config: Config, trainer: Trainer, out_dir: Path, meta: Checkpoi
 
 def _fit(config: Config, trainer: Trainer, start_epoch: int, out_dir: Path,
          on_epoch_end: Callable[[EpochMetrics], None]) -> None:
-    """Train from ``start_epoch``; on divergence, say what was kept and raise (exit 70)."""
+    """Train from ``start_epoch``; on divergence, say what was kept and raise (exit 65)."""
     try:
         trainer.fit(start_epoch, on_epoch_end)
     except TrainingDivergedError as exc:
