@@ -6,7 +6,10 @@ safetensors file, ``<stem>_optim.safetensors``, whose non-tensor parts live in t
 
 Every sidecar read is validated by one schema, :class:`CheckpointMeta`: a sidecar that does not fit it
 (a field of the wrong type, a file name with a directory part, ...) is bad data (exit 65), never a crash
-further on.
+further on; the rest of roimae reads it through the attributes of that model, not by keys.
+
+The upkeep of a model folder lives here too: the newest epoch checkpoint (:func:`latest_checkpoint`),
+pruning older ones (:func:`prune_checkpoints`) and clearing an earlier run (:func:`prepare_model_dir`).
 """
 
 from __future__ import annotations
