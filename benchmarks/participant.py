@@ -24,12 +24,15 @@ import torch
 from _common import best_of, emit
 
 from bidsapp.atlas import load_atlas
+from bidsapp.checkpoint import FORMAT, CheckpointMeta
 from bidsapp.data import build_region_grid
 from bidsapp.demo import make_demo_dataset
+from bidsapp.grid import cube_atlas
 from bidsapp.inference import LoadedModel, analyse_run
 from bidsapp.model.factory import build_model
 from bidsapp.model.presets import PRESETS
 from bidsapp.preprocess import PreprocessParams, prepare_run
+from bidsapp.readouts import RegionPooling
 
 
 def make_run(root: Path, frames: int) -> tuple[Path, Path]:
@@ -52,9 +55,14 @@ def participant(bold: Path, mask: Path, cache: Path, preset_name: str, attributi
     preset = PRESETS[preset_name]
     torch.manual_seed(0)
     model = build_model(preset).to(device).eval()
-    grid = build_region_grid(load_atlas(), preset).to(device)
-    meta = {"masking": {"masking": "roi"}, "window_frames": 20}
-    loaded = LoadedModel(model, meta, Path("untrained"), "0" * 64, preset, grid)
+    atlas = load_atlas()
+    grid = build_region_grid(atlas, preset).to(device)
+    meta = CheckpointMeta.model_validate({
+        "format": FORMAT, "epoch": 0, "backbone": preset.backbone, "preset": {"name": preset.name},
+        "masking": {"masking": "roi"}, "window_frames": 20,
+        "atlas": {"name": atlas.name, "sha256": atlas.sha256(), "n_regions": len(atlas.regions)}})
+    pooling = RegionPooling.from_atlas(cube_atlas(atlas), preset.patch_size * preset.downsample)
+    loaded = LoadedModel(model, meta, Path("untrained"), "0" * 64, preset, grid, pooling.to(device))
     start = time.perf_counter()
     result = analyse_run(loaded, run, attribution=attribution, n_subsets=subsets, seed=0)
     seconds = time.perf_counter() - start

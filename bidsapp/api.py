@@ -80,13 +80,13 @@ class RoimaeModel:
 
     @property
     def meta(self) -> dict[str, Any]:
-        """The checkpoint's JSON sidecar."""
-        return self.loaded.meta
+        """The checkpoint's JSON sidecar (:attr:`loaded` ``.meta`` holds it typed)."""
+        return self.loaded.meta.sidecar_dict()
 
     @property
     def card(self) -> dict[str, Any] | None:
         """The model card (training data, loss curve, hardware...); ``None`` for older models."""
-        return self.loaded.meta.get("model_card")
+        return self.loaded.meta.model_card
 
     @property
     def masking(self) -> str:
@@ -101,7 +101,7 @@ class RoimaeModel:
     @property
     def target_tr(self) -> float | None:
         """The repetition time the training runs were resampled to (``None``: not resampled)."""
-        return self.loaded.meta.get("target_tr")
+        return self.loaded.meta.target_tr
 
     @property
     def n_features(self) -> int:

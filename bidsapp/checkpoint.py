@@ -6,13 +6,15 @@ safetensors file, ``<stem>_optim.safetensors``, whose non-tensor parts live in t
 
 Every sidecar read is validated by one schema, :class:`CheckpointMeta`: a sidecar that does not fit it
 (a field of the wrong type, a file name with a directory part, ...) is bad data (exit 65), never a crash
-further on.
+further on; the rest of roimae reads it through the attributes of that model, not by keys.
+
+The upkeep of a model folder lives here too: the newest epoch checkpoint (:func:`latest_checkpoint`),
+pruning older ones (:func:`prune_checkpoints`) and clearing an earlier run (:func:`prepare_model_dir`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import re
@@ -26,9 +28,11 @@ from safetensors.torch import load_file, save_file
 
 from bidsapp.config import MASKING_DESC, BackboneName, MaskingName, PresetName
 from bidsapp.errors import BadDataError, NoInputError, UsageError
-from bidsapp.io import atomic_path, file_sha256, json_text
+from bidsapp.io import atomic_path, ensure_dir, file_sha256, json_text
 
 FORMAT = "roimae-checkpoint/1"
+#: The stem of an epoch checkpoint (``epoch-001``); newer epochs have larger numbers.
+EPOCH_STEM = re.compile(r"^epoch-(\d{3,})$")
 
 
 def masking_desc(masking: str) -> str:
@@ -93,8 +97,26 @@ class OptimizerInfo(_Part):
     sha256: Sha256
 
 
+class RunInfo(_Part):
+    """One entry of ``data`` in a sidecar: an input run the model was trained on."""
+
+    source: str
+    sha256: str
+    n_windows: int = Field(ge=0)
+
+
 class CheckpointMeta(_Part):
-    """The schema of a checkpoint's JSON sidecar, as :func:`save_checkpoint` writes it."""
+    """The schema of a checkpoint's JSON sidecar, as :func:`save_checkpoint` writes it.
+
+    Read through attributes (``meta.atlas.sha256``), never through string keys. The fields that
+    roimae reads are required; those it only records are optional, so that the sidecars of older
+    versions still load. Only the fields given (or read) are written back
+    (:meth:`sidecar_dict`): a sidecar read and saved again keeps its keys.
+
+    The pretrain level builds one per model (:func:`bidsapp.pretrain.model_metadata`) with
+    ``epoch`` 0; each checkpoint is a copy with its epoch and metrics
+    (:meth:`pydantic.BaseModel.model_copy`).
+    """
 
     format: Literal["roimae-checkpoint/1"]
     weights: FileName | None = None
@@ -111,6 +133,15 @@ class CheckpointMeta(_Part):
     epoch: int = Field(ge=0)
     metrics: dict[str, Any] = Field(default_factory=dict)
     optimizer: OptimizerInfo | None = None
+    # Recorded for people and for --resume's checks; absent from the oldest sidecars.
+    roimae_version: str | None = None
+    grid: dict[str, Any] | None = None
+    random_seed: int | None = None
+    training: dict[str, Any] | None = None
+    data: list[RunInfo] | None = None
+    split: dict[str, list[str]] | None = None
+    epochs_planned: int | None = None
+    model_card: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _fits_the_backbone(self) -> CheckpointMeta:
@@ -122,9 +153,14 @@ class CheckpointMeta(_Part):
                              f"{self.backbone} tubelet ({tubelet} frames)")
         return self
 
+    def sidecar_dict(self) -> dict[str, Any]:
+        """The sidecar as a JSON-ready dict: the fields given or read, and nothing else."""
+        # exclude_unset: no default (null, {}) is added to a sidecar that did not have it.
+        return self.model_dump(exclude_unset=True)
 
-def validate_metadata(text: str | bytes, where: Path) -> dict[str, Any]:
-    """Validate a sidecar's JSON text with :class:`CheckpointMeta`; return it as a dict.
+
+def validate_metadata(text: str | bytes, where: Path) -> CheckpointMeta:
+    """Validate a sidecar's JSON text with :class:`CheckpointMeta`.
 
     Raises
     ------
@@ -133,7 +169,7 @@ def validate_metadata(text: str | bytes, where: Path) -> dict[str, Any]:
         that does not fit the schema; the message names the first offending field.
     """
     try:
-        CheckpointMeta.model_validate_json(text)
+        return CheckpointMeta.model_validate_json(text)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         where_in = ".".join(str(part) for part in first["loc"])
@@ -146,10 +182,9 @@ def validate_metadata(text: str | bytes, where: Path) -> dict[str, Any]:
         detail = first["msg"].removeprefix("Value error, ")
         raise BadDataError(f"checkpoint sidecar {where} is invalid: "
                            f"{where_in + ': ' if where_in else ''}{detail}") from exc
-    return json.loads(text)
 
 
-def save_checkpoint(stem: Path, model: torch.nn.Module, metadata: dict[str, Any],
+def save_checkpoint(stem: Path, model: torch.nn.Module, metadata: CheckpointMeta,
                     optimizer: torch.optim.Optimizer | None = None) -> Path:
     """Write ``stem.safetensors`` (+ ``stem_optim.safetensors``) and then ``stem.json``, atomically.
 
@@ -168,7 +203,7 @@ def save_checkpoint(stem: Path, model: torch.nn.Module, metadata: dict[str, Any]
         optim_tmp = stack.enter_context(atomic_path(optim_path)) if optimizer is not None else None
         weights_tmp = stack.enter_context(atomic_path(weights))
         _save_tensors(state, weights_tmp)
-        meta = dict(metadata, format=FORMAT, weights=weights.name,
+        meta = dict(metadata.sidecar_dict(), format=FORMAT, weights=weights.name,
                     weights_sha256=file_sha256(weights_tmp))
         if optimizer is not None:
             tensors, structure = _flatten_optimizer(optimizer.state_dict())
@@ -191,8 +226,18 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from exc
 
 
-def read_metadata(path: Path) -> dict[str, Any]:
-    """Read the JSON sidecar of a checkpoint given its ``.safetensors`` or ``.json`` path."""
+def read_metadata(path: Path) -> CheckpointMeta:
+    """Read the JSON sidecar of a checkpoint given its ``.safetensors`` or ``.json`` path.
+
+    Raises
+    ------
+    UsageError
+        ``path`` is neither (a pickled checkpoint, exit 64).
+    NoInputError
+        The sidecar does not exist (exit 66).
+    BadDataError
+        It cannot be read or does not fit :class:`CheckpointMeta` (exit 65).
+    """
     path = Path(path)
     if path.suffix != ".safetensors" and path.suffix != ".json":
         raise UsageError(f"checkpoint {path} must be a .safetensors file with a .json sidecar "
@@ -207,12 +252,12 @@ def read_metadata(path: Path) -> dict[str, Any]:
     return validate_metadata(text, sidecar)
 
 
-def load_weights(path: Path, meta: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+def load_weights(path: Path, meta: CheckpointMeta | None = None) -> dict[str, torch.Tensor]:
     """Load the weights of a checkpoint with safetensors (never pickle), checking its hash."""
     weights = Path(path).with_suffix(".safetensors")
     if not weights.is_file():
         raise NoInputError(f"checkpoint {weights} does not exist")
-    if meta is not None and meta.get("weights_sha256") not in (None, file_sha256(weights)):
+    if meta is not None and meta.weights_sha256 not in (None, file_sha256(weights)):
         raise BadDataError(f"checkpoint {weights} does not match the hash in its sidecar "
                            "(truncated or replaced file)")
     try:
@@ -222,21 +267,21 @@ def load_weights(path: Path, meta: dict[str, Any] | None = None) -> dict[str, to
                            f"(truncated, or a pickle, which is refused): {exc}") from exc
 
 
-def load_optimizer_state(stem: Path, meta: dict[str, Any]) -> dict[str, Any]:
+def load_optimizer_state(stem: Path, meta: CheckpointMeta) -> dict[str, Any]:
     """Rebuild an optimizer ``state_dict`` saved by :func:`save_checkpoint`."""
-    info = meta.get("optimizer")
-    if not info:
+    info = meta.optimizer
+    if info is None:
         raise BadDataError(f"checkpoint {stem} holds no optimizer state; cannot resume from it")
     # The schema accepts only a bare file name: the state is read from the checkpoint's folder.
-    path = stem.parent / _bare_file_name(info["file"])
+    path = stem.parent / _bare_file_name(info.file)
     if not path.is_file():
         raise BadDataError(f"optimizer state {path} named by checkpoint {stem.name} is missing; "
                            "cannot resume from it")
-    if file_sha256(path) != info["sha256"]:
+    if file_sha256(path) != info.sha256:
         raise BadDataError(f"optimizer state {path} does not match its sidecar hash")
     try:
         tensors = load_file(str(path))
-        return _unflatten_optimizer(tensors, info["structure"])
+        return _unflatten_optimizer(tensors, info.structure)
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
         raise BadDataError(f"optimizer state {path} is not a valid safetensors file: {exc}") from exc
 
@@ -263,3 +308,86 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], structure: dict) -> d
     for param_id, entry in structure.get("scalars", {}).items():
         state.setdefault(int(param_id), {}).update(entry)
     return {"state": state, "param_groups": structure["param_groups"]}
+
+
+# Checkpoint-folder upkeep: which checkpoint is newest, pruning old ones, clearing a folder.
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest epoch checkpoint (its JSON sidecar exists), if any.
+
+    Sidecars are written last and atomically, so one that exists belongs to a complete
+    checkpoint; one that does not fit the schema was damaged afterwards, and reading it (on
+    ``--resume``) refuses it with exit 65 rather than silently resuming from an older epoch.
+    """
+    best: tuple[int, Path] | None = None
+    for sidecar in directory.glob("epoch-*.json"):
+        match = EPOCH_STEM.match(sidecar.stem)
+        if not match:
+            continue
+        epoch = int(match.group(1))
+        if best is None or epoch > best[0]:
+            best = (epoch, sidecar.with_suffix(""))
+    return None if best is None else best[1]
+
+
+def prepare_model_dir(directory: Path, *, fresh: bool) -> list[Path]:
+    """Create ``directory`` for a pretraining, without the leftovers of earlier jobs.
+
+    Parameters
+    ----------
+    directory : Path
+        The model folder (``models/desc-<masking>``).
+    fresh : bool
+        A new training (``--overwrite``, or nothing to resume): the files of an earlier run are
+        removed too (:func:`clear_model_dir`).
+
+    Returns
+    -------
+    list of Path
+        The files of an earlier run that were removed.
+    """
+    ensure_dir(directory)
+    # Temporary files of a job killed while writing here (atomic writes it never finished).
+    for stale in directory.glob(".*.tmp*"):
+        stale.unlink(missing_ok=True)
+    # A fresh run: no file of an earlier run may stay beside the new one's, to be pruned in the
+    # wrong order or resumed later.
+    return clear_model_dir(directory) if fresh else []
+
+
+def clear_model_dir(directory: Path) -> list[Path]:
+    """Remove what an earlier pretraining left in ``directory``, before a fresh run.
+
+    ``model.json`` and the checkpoint sidecars go first: once they are gone, nothing left (if this
+    is killed part-way) looks like a complete model or a checkpoint to resume.
+    """
+    first = [directory / "model.json", *directory.glob("epoch-*.json")]
+    rest = [directory / "model.safetensors", *directory.glob("epoch-*.safetensors"),
+            directory / "training_log.tsv", directory / "loss_curve.png"]
+    removed = []
+    for path in [*first, *rest]:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def prune_checkpoints(directory: Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest epoch checkpoints in ``directory``.
+
+    Parameters
+    ----------
+    directory : Path
+        A model folder holding ``epoch-NNN.json`` / ``.safetensors`` / ``_optim.safetensors``.
+    keep : int
+        How many of the newest checkpoints (by epoch number) stay.
+    """
+    stems = sorted((int(m.group(1)), p.with_suffix("")) for p in directory.glob("epoch-*.json")
+                   if (m := EPOCH_STEM.match(p.stem)))
+    for _, stem in stems[:-keep]:
+        # Sidecar first: without it the remaining files are no longer a checkpoint.
+        for suffix in (".json", ".safetensors"):
+            with contextlib.suppress(FileNotFoundError):
+                stem.with_suffix(suffix).unlink()
+        with contextlib.suppress(FileNotFoundError):
+            (stem.parent / f"{stem.name}_optim.safetensors").unlink()

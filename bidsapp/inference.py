@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from bidsapp.atlas import Atlas
-from bidsapp.checkpoint import load_weights, masking_desc, read_metadata
+from bidsapp.checkpoint import CheckpointMeta, load_weights, masking_desc, read_metadata
 from bidsapp.config import Config
 from bidsapp.data import build_region_grid
 from bidsapp.errors import BadDataError, NoInputError, UsageError
@@ -22,7 +22,13 @@ from bidsapp.io import file_sha256
 from bidsapp.logs import get_logger
 from bidsapp.model.factory import build_model
 from bidsapp.model.mae import MaskedAutoencoder
-from bidsapp.model.masking import Mask, RegionGrid, build_masking
+from bidsapp.model.masking import (
+    Mask,
+    RegionGrid,
+    RegionMasking,
+    RegionVoxelMasking,
+    build_masking,
+)
 from bidsapp.model.presets import BACKBONE_PRESETS, ModelPreset
 from bidsapp.preprocess import CachedRun
 from bidsapp.readouts import RegionPooling, feature_correlation, region_embedding
@@ -62,7 +68,7 @@ class LoadedModel:
     """A pretrained model ready for inference, with what its checkpoint says about it."""
 
     model: MaskedAutoencoder
-    meta: dict
+    meta: CheckpointMeta
     path: Path
     sha256: str
     preset: ModelPreset
@@ -71,7 +77,7 @@ class LoadedModel:
 
     @property
     def masking(self) -> str:
-        return self.meta["masking"]["masking"]
+        return self.meta.masking.masking
 
     @property
     def desc(self) -> str:
@@ -79,7 +85,7 @@ class LoadedModel:
 
     @property
     def window_frames(self) -> int:
-        return int(self.meta["window_frames"])
+        return self.meta.window_frames
 
 
 def find_model(config: Config) -> Path:
@@ -107,26 +113,22 @@ def find_model(config: Config) -> Path:
 
 def load_model(path: Path, atlas: Atlas, config: Config, device: torch.device) -> LoadedModel:
     """Load a checkpoint (safetensors + JSON only) and refuse one that does not fit the config."""
-    meta = read_metadata(path)
-    backbone = meta.get("backbone")
-    preset_name = meta.get("preset", {}).get("name")
-    if preset_name not in BACKBONE_PRESETS.get(backbone, {}):
-        raise BadDataError(f"checkpoint {path} names an unknown backbone {backbone!r} or preset "
-                           f"{preset_name!r}")
+    meta = read_metadata(path)   # its backbone and preset are known ones (the schema's check)
+    backbone, preset_name = meta.backbone, meta.preset.name
     if config.model.backbone not in (None, backbone):
         raise UsageError(f"checkpoint {path} is a {backbone} model but --backbone "
                          f"{config.model.backbone} was given")
     if config.model.preset not in (None, preset_name):
         raise UsageError(f"checkpoint {path} is a {preset_name!r} model but --preset "
                          f"{config.model.preset} was given")
-    if config.preprocess.window_frames not in (None, meta.get("window_frames")):
-        raise UsageError(f"checkpoint {path} was trained on {meta.get('window_frames')}-frame "
+    if config.preprocess.window_frames not in (None, meta.window_frames):
+        raise UsageError(f"checkpoint {path} was trained on {meta.window_frames}-frame "
                          f"windows but --window-frames {config.preprocess.window_frames} was given")
-    if meta.get("atlas", {}).get("sha256") != atlas.sha256():
+    if meta.atlas.sha256 != atlas.sha256():
         raise UsageError(f"checkpoint {path} was trained with another atlas "
-                         f"({meta.get('atlas', {}).get('name')}); pass the same --atlas")
+                         f"({meta.atlas.name}); pass the same --atlas")
     preset = BACKBONE_PRESETS[backbone][preset_name]
-    model = build_model(preset, norm_pix_loss=bool(meta.get("norm_pix_loss", False)))
+    model = build_model(preset, norm_pix_loss=meta.norm_pix_loss)
     state = load_weights(path, meta)
     diverged = [name for name, value in state.items()
                 if value.is_floating_point() and not bool(torch.isfinite(value).all())]
@@ -207,6 +209,155 @@ def _region_errors(pred: torch.Tensor, target: torch.Tensor, mask: Mask, labelle
     return error, count
 
 
+class RegionPasses:
+    """The masked forward passes of one window, each hiding a subset of regions.
+
+    Parameters
+    ----------
+    model : MaskedAutoencoder
+        The pretrained model.
+    masking : RegionMasking or RegionVoxelMasking
+        Hides whole regions (:meth:`from_regions`), as in training.
+    batch_size : int
+        Passes run at once.
+    """
+
+    def __init__(self, model: MaskedAutoencoder, masking: RegionMasking | RegionVoxelMasking,
+                 batch_size: int) -> None:
+        self.model, self.masking, self.batch_size = model, masking, batch_size
+        grid = masking.grid
+        self.n_regions = grid.n_regions
+        # Reconstruction errors are read at the labelled brain voxels only (a quarter of the cube).
+        self.labelled = (grid.brain & (grid.voxel_labels >= 0)).flatten().nonzero().squeeze(1)  # (V,)
+        self.labelled_regions = grid.voxel_labels.flatten()[self.labelled]                     # (V,)
+
+    def __call__(self, x: torch.Tensor, brain: torch.Tensor, regions: torch.Tensor, *,
+                 example: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                 dict[str, np.ndarray]]:
+        """Run the passes of ``regions`` on one window.
+
+        Parameters
+        ----------
+        x : torch.Tensor, shape (1, T, 96, 96, 96)
+            The window.
+        brain : torch.Tensor, shape (1, 96, 96, 96)
+            Its brain mask.
+        regions : torch.BoolTensor, shape (K, 1, R)
+            The regions each pass hides (:func:`_subsets`).
+        example : bool
+            Also return the middle frame of the first pass (for the report); else ``{}``.
+
+        Returns
+        -------
+        embeddings : torch.Tensor, shape (K, C)
+        errors, counts : torch.Tensor, shape (K, R)
+            :func:`_region_errors` of each pass.
+        shown : dict of numpy.ndarray
+            ``input``, ``hidden`` and ``reconstruction`` slices, or empty.
+        """
+        embs, errs, counts = [], [], []
+        shown: dict[str, np.ndarray] = {}
+        for start in range(0, regions.shape[0], self.batch_size):
+            chunk = regions[start:start + self.batch_size]
+            k = chunk.shape[0]
+            mask = self.masking.from_regions(chunk)
+            out = self.model(x.expand(k, -1, -1, -1, -1), brain.expand(k, -1, -1, -1), mask)
+            embs.append(out.embedding)                                  # (k, C)
+            error, hidden = _region_errors(out.pred, out.target, mask, self.labelled,
+                                           self.labelled_regions, self.n_regions)  # (k, R) each
+            errs.append(error)
+            counts.append(hidden)
+            if example and start == 0:
+                t = x.shape[1] // 2
+                mid = out.target.shape[2] // 2
+                shown = {
+                    "input": out.target[0, t, :, :, mid].float().cpu().numpy(),
+                    "hidden": mask.voxels[0, 0, :, :, mid].cpu().numpy(),
+                    "reconstruction": out.pred[0, t, :, :, mid].float().cpu().numpy(),
+                }
+        return torch.cat(embs), torch.cat(errs), torch.cat(counts), shown
+
+
+@dataclass(frozen=True)
+class RegionAttribution:
+    """The per-region results of :class:`AttributionSums` (R regions, C embedding dims)."""
+
+    recon_error: np.ndarray           # (R,) NaN where a region was never hidden
+    recon_error_se: np.ndarray        # (R,) NaN where it was hidden in fewer than two passes
+    occluded_embeddings: np.ndarray   # (R, C) NaN rows for regions that cannot be hidden
+    occlusion: np.ndarray             # (R,)
+
+
+class AttributionSums:
+    """Running sums of a run's attribution passes, added window by window.
+
+    Per window, the embedding delta of each region (mean embedding with the region hidden minus
+    visible); per region, the sum, sum of squares and count of its per-pass reconstruction errors.
+    The sums, not the passes, are kept: memory does not grow with the run's length.
+    """
+
+    def __init__(self) -> None:
+        self.deltas: list[torch.Tensor] = []   # one (R, C) per window
+        self.err_sum: torch.Tensor | None = None
+        self.err_sq: torch.Tensor | None = None
+        self.err_n: torch.Tensor | None = None
+
+    def add(self, regions: torch.Tensor, embeddings: torch.Tensor, errors: torch.Tensor,
+            counts: torch.Tensor) -> None:
+        """Add the passes of one window.
+
+        Parameters
+        ----------
+        regions : torch.BoolTensor, shape (K, 1, R)
+            The regions each pass hid.
+        embeddings : torch.Tensor, shape (K, C)
+        errors, counts : torch.Tensor, shape (K, R)
+            Summed squared error over each region's hidden voxels, and their number.
+        """
+        hidden_r = regions[:, 0, :].to(embeddings.dtype)                # (K, R)
+        n_hidden = hidden_r.sum(0).clamp_min(1)                         # (R,)
+        n_visible = (1 - hidden_r).sum(0).clamp_min(1)
+        mean_hidden = hidden_r.T @ embeddings / n_hidden[:, None]       # (R, C)
+        mean_visible = (1 - hidden_r).T @ embeddings / n_visible[:, None]
+        self.deltas.append(mean_hidden - mean_visible)
+        # Per pass and region: mean squared error over the region's hidden voxels.
+        e = errors / counts.clamp_min(1)                                # (K, R)
+        # Only passes that drew the region count: a neighbour's hidden token can also hide some
+        # of its voxels.
+        present = (counts > 0) & regions[:, 0, :]
+        e = torch.where(present, e, torch.zeros_like(e))
+        n = present.sum(0).to(e.dtype)
+        # Started from the first window's sums, not zeros: the same floating-point additions.
+        first = self.err_sum is None
+        self.err_sum = e.sum(0) if first else self.err_sum + e.sum(0)
+        self.err_sq = (e**2).sum(0) if first else self.err_sq + (e**2).sum(0)
+        self.err_n = n if first else self.err_n + n
+
+    def result(self, window_embeddings: np.ndarray, eligible: np.ndarray) -> RegionAttribution:
+        """Reconstruction errors and occlusion effects of every region.
+
+        Parameters
+        ----------
+        window_embeddings : numpy.ndarray, shape (W, C)
+            The unmasked embeddings of the run's windows.
+        eligible : numpy.ndarray of bool, shape (R,)
+            The regions that can be hidden at the model's grid.
+        """
+        n = self.err_n.clamp_min(1)
+        mean = self.err_sum / n
+        var = (self.err_sq / n - mean**2).clamp_min(0) * n / (n - 1).clamp_min(1)
+        recon_error = torch.where(self.err_n > 0, mean, torch.nan).cpu().numpy()
+        recon_error_se = torch.where(self.err_n > 1, (var / n).sqrt(), torch.nan).cpu().numpy()
+        delta = torch.stack(self.deltas).mean(0).float().cpu().numpy()  # (R, C)
+        occluded = window_embeddings.mean(0)[None, :] + delta
+        spread = window_spread(window_embeddings)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            sensitivity = np.linalg.norm(delta, axis=1) / spread
+        return RegionAttribution(recon_error, recon_error_se,
+                                 np.where(eligible[:, None], occluded, np.nan),
+                                 np.where(eligible & (spread > 0), sensitivity, np.nan))
+
+
 @torch.inference_mode()
 def analyse_run(loaded: LoadedModel, run: CachedRun, *, attribution: bool, n_subsets: int,
                 seed: int, batch_size: int | None = None) -> RunAttribution:
@@ -215,87 +366,37 @@ def analyse_run(loaded: LoadedModel, run: CachedRun, *, attribution: bool, n_sub
     ``batch_size`` masked passes run at once: by default 4 on a GPU and 1 on the CPU, where a
     batch is no faster per pass (0.318 vs 0.313 s at ``small``) and multiplies activation memory.
     """
-    model, grid = loaded.model, loaded.region_grid
+    grid = loaded.region_grid
     device = grid.device
-    batch_size = batch_size or (4 if device.type == "cuda" else 1)
     region_masking = build_masking("roi-voxel" if loaded.masking == "roi-voxel" else "roi",
                                    grid, 0.5)
-    eligible = region_masking.eligible                      # (R,)
-    n_regions = grid.n_regions
-    # Reconstruction errors are read at the labelled brain voxels only (a quarter of the cube).
-    labelled = (grid.brain & (grid.voxel_labels >= 0)).flatten().nonzero().squeeze(1)  # (V,)
-    labelled_regions = grid.voxel_labels.flatten()[labelled]                            # (V,)
-    window_embs, region_feats, deltas, err_sum, err_sq, err_n = [], [], [], None, None, None
+    passes = RegionPasses(loaded.model, region_masking,
+                          batch_size or (4 if device.type == "cuda" else 1))
+    sums = AttributionSums()
+    window_embs, region_feats = [], []
     example: dict[str, np.ndarray] = {}
+    brain = torch.from_numpy(run.brain)[None].to(device)                # (1, 96, 96, 96)
     for w in range(run.n_windows):
         x = torch.from_numpy(run.window(w))[None].to(device)            # (1, T, 96, 96, 96)
-        brain = torch.from_numpy(run.brain)[None].to(device)            # (1, 96, 96, 96)
-        emb, tokens, valid = model.encode_tokens(x, brain)              # (1, C), (1, T', g.., C0)
+        emb, tokens, valid = loaded.model.encode_tokens(x, brain)       # (1, C), (1, T', g.., C0)
         window_embs.append(emb[0])
         region_feats.append(loaded.pooling(tokens[0], valid[0]).cpu())  # (T', R, C0)
-        if not attribution:
-            continue
-        regions = _subsets(eligible, n_subsets,
-                           step_generator(seed, w, device=torch.device("cpu")))  # (K, 1, R)
-        regions = regions.to(device)
-        embs, errs, counts = [], [], []
-        for start in range(0, regions.shape[0], batch_size):
-            chunk = regions[start:start + batch_size]
-            k = chunk.shape[0]
-            mask = region_masking.from_regions(chunk)
-            out = model(x.expand(k, -1, -1, -1, -1), brain.expand(k, -1, -1, -1), mask)
-            embs.append(out.embedding)                                  # (k, C)
-            error, hidden = _region_errors(out.pred, out.target, mask, labelled,
-                                           labelled_regions, n_regions)  # (k, R) each
-            errs.append(error)
-            counts.append(hidden)
-            if w == 0 and start == 0:
-                t = x.shape[1] // 2
-                mid = out.target.shape[2] // 2
-                example = {
-                    "input": out.target[0, t, :, :, mid].float().cpu().numpy(),
-                    "hidden": mask.voxels[0, 0, :, :, mid].cpu().numpy(),
-                    "reconstruction": out.pred[0, t, :, :, mid].float().cpu().numpy(),
-                }
-        embs_k = torch.cat(embs)                                        # (K, C)
-        hidden_r = regions[:, 0, :].to(embs_k.dtype)                    # (K, R)
-        n_hidden = hidden_r.sum(0).clamp_min(1)                         # (R,)
-        n_visible = (1 - hidden_r).sum(0).clamp_min(1)
-        mean_hidden = hidden_r.T @ embs_k / n_hidden[:, None]           # (R, C)
-        mean_visible = (1 - hidden_r).T @ embs_k / n_visible[:, None]
-        deltas.append(mean_hidden - mean_visible)
-        # Per pass and region: mean squared error over the region's hidden voxels.
-        e = torch.cat(errs) / torch.cat(counts).clamp_min(1)            # (K, R)
-        # Only passes that drew the region count: a neighbour's hidden token can also hide some
-        # of its voxels.
-        present = (torch.cat(counts) > 0) & regions[:, 0, :]
-        e = torch.where(present, e, torch.zeros_like(e))
-        err_sum = e.sum(0) if err_sum is None else err_sum + e.sum(0)
-        err_sq = (e**2).sum(0) if err_sq is None else err_sq + (e**2).sum(0)
-        n = present.sum(0).to(e.dtype)
-        err_n = n if err_n is None else err_n + n
+        if attribution:
+            # The subsets of window w depend on (seed, w) alone, on any device.
+            regions = _subsets(region_masking.eligible, n_subsets,
+                               step_generator(seed, w, device=torch.device("cpu"))).to(device)
+            embs, errors, counts, shown = passes(x, brain, regions, example=w == 0)
+            sums.add(regions, embs, errors, counts)
+            example = shown if w == 0 else example
     window_embeddings = torch.stack(window_embs).float().cpu().numpy()  # (W, C)
-    embedding = window_embeddings.mean(0)
     features = torch.cat(region_feats).double().numpy()                # (F, R, C0)
-    result = RunAttribution(window_embeddings, embedding, region_embedding(features),
-                            feature_correlation(features), None, None, None, None,
-                            eligible.cpu().numpy(), example)
+    result = RunAttribution(window_embeddings, window_embeddings.mean(0),
+                            region_embedding(features), feature_correlation(features),
+                            None, None, None, None, region_masking.eligible.cpu().numpy(), example)
     if attribution:
-        n = err_n.clamp_min(1)
-        mean = err_sum / n
-        var = (err_sq / n - mean**2).clamp_min(0) * n / (n - 1).clamp_min(1)
-        has_error = err_n > 0
-        result.recon_error = torch.where(has_error, mean, torch.nan).cpu().numpy()
-        result.recon_error_se = torch.where(err_n > 1, (var / n).sqrt(),
-                                            torch.nan).cpu().numpy()
-        delta = torch.stack(deltas).mean(0).float().cpu().numpy()       # (R, C)
-        occluded = embedding[None, :] + delta
-        spread = window_spread(window_embeddings)
-        eligible_np = result.eligible
-        result.occluded_embeddings = np.where(eligible_np[:, None], occluded, np.nan)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            sensitivity = np.linalg.norm(delta, axis=1) / spread
-        result.occlusion = np.where(eligible_np & (spread > 0), sensitivity, np.nan)
+        found = sums.result(window_embeddings, result.eligible)
+        result.recon_error, result.recon_error_se = found.recon_error, found.recon_error_se
+        result.occluded_embeddings, result.occlusion = found.occluded_embeddings, found.occlusion
     return result
 
 

@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 from bidsapp.bids.layout import InputDataset
+from bidsapp.checkpoint import CheckpointMeta
 from bidsapp.io import atomic_write_text
 from bidsapp.preprocess import CachedRun
 
@@ -99,13 +100,13 @@ def training_data(dataset: InputDataset, runs: list[CachedRun],
     }
 
 
-def build_card(meta: dict[str, Any], history: pd.DataFrame, *, data: dict[str, Any],
+def build_card(meta: CheckpointMeta, history: pd.DataFrame, *, data: dict[str, Any],
                machine: dict[str, Any], wall_seconds: float) -> dict[str, Any]:
     """The facts of a model card.
 
     Parameters
     ----------
-    meta : dict
+    meta : CheckpointMeta
         The checkpoint metadata written by the pretrain level (``model_metadata``).
     history : pandas.DataFrame
         The training log: ``epoch``, ``train_loss``, ``val_loss``, ``seconds``, ...
@@ -121,23 +122,22 @@ def build_card(meta: dict[str, Any], history: pd.DataFrame, *, data: dict[str, A
     dict
         JSON-serialisable; stored as ``model_card`` in the model's sidecar.
     """
-    preset = meta.get("preset", {})
     curve = [{"epoch": int(row["epoch"]), "train_loss": _number(row.get("train_loss")),
               "heldout_loss": _number(row.get("val_loss"))} for _, row in history.iterrows()]
     seconds = pd.to_numeric(history.get("seconds", pd.Series(dtype=float)), errors="coerce")
     return {
-        "roimae_version": meta.get("roimae_version"),
+        "roimae_version": meta.roimae_version,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "backbone": meta.get("backbone"),
-        "preset": preset.get("name"),
-        "masking": meta.get("masking"),
-        "window_frames": meta.get("window_frames"),
-        "atlas": meta.get("atlas"),
+        "backbone": meta.backbone,
+        "preset": meta.preset.name,
+        "masking": meta.masking.model_dump(exclude_unset=True),
+        "window_frames": meta.window_frames,
+        "atlas": meta.atlas.model_dump(exclude_unset=True),
         "training_data": data,
         "loss_curve": curve,
         "epochs": len(curve),
-        "random_seed": meta.get("random_seed"),
-        "training": meta.get("training"),
+        "random_seed": meta.random_seed,
+        "training": meta.training,
         "hardware": machine,
         "training_seconds": _number(seconds.sum()) if len(seconds) else None,
         "wall_seconds": _number(wall_seconds),
@@ -244,7 +244,7 @@ def render_markdown(card: dict[str, Any], weights: Path | None = None,
     return "\n".join(lines)
 
 
-def write_card(weights: Path, meta: dict[str, Any]) -> Path | None:
+def write_card(weights: Path, meta: CheckpointMeta) -> Path | None:
     """Write ``model.md`` beside ``weights`` from the card in its sidecar metadata ``meta``.
 
     Returns
@@ -252,11 +252,11 @@ def write_card(weights: Path, meta: dict[str, Any]) -> Path | None:
     Path or None
         The card, or ``None`` when ``meta`` holds no card.
     """
-    card = meta.get("model_card")
+    card = meta.model_card
     if card is None:
         return None
     path = card_path(weights)
-    atomic_write_text(path, render_markdown(card, weights, meta.get("weights_sha256")))
+    atomic_write_text(path, render_markdown(card, weights, meta.weights_sha256))
     return path
 
 

@@ -127,7 +127,7 @@ def write_run(writer: DerivativesWriter, out: RunOutputs, run: BoldRun, cached: 
     tr = cached.repetition_time
     model_info = {"Path": writer.bids_uri(loaded.path), "SHA256": loaded.sha256,
                   "Preset": loaded.preset.name, "Masking": loaded.masking,
-                  "Backbone": loaded.meta.get("backbone"), "Epoch": loaded.meta.get("epoch"),
+                  "Backbone": loaded.meta.backbone, "Epoch": loaded.meta.epoch,
                   **model_card.cite(loaded.path, writer.bids_uri)}
     sources = [run.source_uri, writer.bids_uri(run.mask)]
     frames = loaded.window_frames
@@ -188,7 +188,7 @@ def run_participant(config: Config, device: torch.device) -> None:
     model_path = find_model(config)
     loaded = load_model(model_path, atlas, config, device)
     log.info("model %s (%s preset, %s masking, epoch %s)", model_path, loaded.preset.name,
-             loaded.masking, loaded.meta.get("epoch"))
+             loaded.masking, loaded.meta.epoch)
     dataset = discover_runs(config)
     validate_input(config, dataset)
     writer = DerivativesWriter(config.output_dir, source_datasets=dataset.datasets)

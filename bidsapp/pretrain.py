@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import matplotlib
-import pandas as pd
 import torch
 
 from bidsapp import __version__, model_card
@@ -28,9 +28,14 @@ from bidsapp.bids.derivatives import DerivativesWriter
 from bidsapp.bids.layout import InputDataset, discover_runs
 from bidsapp.bids.validation import validate_input
 from bidsapp.checkpoint import (
+    FORMAT,
+    CheckpointMeta,
+    latest_checkpoint,
     load_optimizer_state,
     load_weights,
     masking_desc,
+    prepare_model_dir,
+    prune_checkpoints,
     read_metadata,
     save_checkpoint,
 )
@@ -38,21 +43,19 @@ from bidsapp.config import Config
 from bidsapp.data import build_region_grid, prepare_runs, split_participants
 from bidsapp.distributed import DistributedContext
 from bidsapp.errors import BadDataError, TrainingDivergedError, UsageError
-from bidsapp.io import atomic_path, ensure_dir
 from bidsapp.logs import get_logger
 from bidsapp.model.factory import build_model, describe_model
-from bidsapp.model.mae import MaskedAutoencoder
 from bidsapp.model.masking import build_masking
 from bidsapp.model.presets import BACKBONE_PRESETS, ModelPreset
 from bidsapp.preprocess import CachedRun, WindowDataset
+from bidsapp.reports import plot_loss_curve
 from bidsapp.runtime import seed_everything
-from bidsapp.training import EpochMetrics, Trainer
+from bidsapp.training import EpochMetrics, Trainer, TrainingHistory, TrainingSettings
 
 log = get_logger("pretrain")
 
 MODELS_DIR = "models"
 KEEP_CHECKPOINTS = 2
-_EPOCH_STEM = re.compile(r"^epoch-(\d{3,})$")
 #: Sidecar entries a checkpoint must share with the run that resumes it, and their names in the
 #: error: continuing with another seed, split or input set would silently mix two trainings.
 RESUME_MUST_MATCH = {"preset": "preset", "masking": "masking", "atlas": "atlas",
@@ -79,10 +82,15 @@ def model_dir(output_dir: Path, masking: str) -> Path:
 
 
 def model_metadata(config: Config, atlas: Atlas, runs: list[CachedRun],
-                   split: dict[str, list[str]]) -> dict:
-    """What a checkpoint says about itself: enough to refuse a mismatched config later."""
+                   split: dict[str, list[str]]) -> CheckpointMeta:
+    """What a checkpoint says about itself: enough to refuse a mismatched config later.
+
+    Its ``epoch`` is 0; each checkpoint saved is a copy with its own epoch and metrics.
+    """
     preset = pretrain_preset(config)
-    return {
+    return CheckpointMeta.model_validate({
+        "format": FORMAT,
+        "epoch": 0,
         "roimae_version": __version__,
         "backbone": preset.backbone,
         "preset": describe_model(preset),
@@ -98,31 +106,24 @@ def model_metadata(config: Config, atlas: Atlas, runs: list[CachedRun],
         "data": [{"source": r.manifest["source"], "sha256": r.manifest["source_sha256"],
                   "n_windows": r.n_windows} for r in runs],
         "split": split,
-    }
+    })
+
+
+def training_settings(config: Config) -> TrainingSettings:
+    """The :class:`~bidsapp.training.Trainer` settings of ``config``."""
+    train = config.pretrain
+    # One process loads and trains; the other --nprocs load data.
+    return TrainingSettings(seed=config.random_seed, epochs=train.epochs,
+                            batch_size=train.batch_size, lr=train.lr,
+                            weight_decay=train.weight_decay, warmup_epochs=train.warmup_epochs,
+                            clip_grad=train.clip_grad, num_workers=max(0, config.nprocs - 1),
+                            compile_model=train.torch_compile)
 
 
 def _windows(runs: list[CachedRun], subjects_of_runs: list[str],
              subjects: set[str]) -> list[tuple[int, int]]:
     return [(i, w) for i, (run, sub) in enumerate(zip(runs, subjects_of_runs, strict=True))
             if sub in subjects for w in range(run.n_windows)]
-
-
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest epoch checkpoint (its JSON sidecar exists), if any.
-
-    Sidecars are written last and atomically, so one that exists belongs to a complete
-    checkpoint; one that does not fit the schema was damaged afterwards, and reading it (in
-    :func:`_resume`) refuses it with exit 65 rather than silently resuming from an older epoch.
-    """
-    best: tuple[int, Path] | None = None
-    for sidecar in directory.glob("epoch-*.json"):
-        match = _EPOCH_STEM.match(sidecar.stem)
-        if not match:
-            continue
-        epoch = int(match.group(1))
-        if best is None or epoch > best[0]:
-            best = (epoch, sidecar.with_suffix(""))
-    return None if best is None else best[1]
 
 
 def check_model_dir(config: Config, directory: Path) -> None:
@@ -153,54 +154,6 @@ def check_model_dir(config: Config, directory: Path) -> None:
                          "OUTPUT_DIR")
 
 
-def clear_model_dir(directory: Path) -> list[Path]:
-    """Remove what an earlier pretraining left in ``directory``, before a fresh run.
-
-    ``model.json`` and the checkpoint sidecars go first: once they are gone, nothing left (if this
-    is killed part-way) looks like a complete model or a checkpoint to resume.
-    """
-    first = [directory / "model.json", *directory.glob("epoch-*.json")]
-    rest = [directory / "model.safetensors", *directory.glob("epoch-*.safetensors"),
-            directory / "training_log.tsv", directory / "loss_curve.png"]
-    removed = []
-    for path in [*first, *rest]:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-            removed.append(path)
-    return removed
-
-
-def _prune(directory: Path, keep: int) -> None:
-    stems = sorted((int(m.group(1)), p.with_suffix("")) for p in directory.glob("epoch-*.json")
-                   if (m := _EPOCH_STEM.match(p.stem)))
-    for _, stem in stems[:-keep]:
-        # Sidecar first: without it the remaining files are no longer a checkpoint.
-        for suffix in (".json", ".safetensors"):
-            with contextlib.suppress(FileNotFoundError):
-                stem.with_suffix(suffix).unlink()
-        with contextlib.suppress(FileNotFoundError):
-            (stem.parent / f"{stem.name}_optim.safetensors").unlink()
-
-
-def plot_loss_curve(history: pd.DataFrame, path: Path, title: str) -> None:
-    """Training and held-out loss per epoch, as a PNG."""
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-    ax.plot(history["epoch"], history["train_loss"], "o-", label="training")
-    if history["val_loss"].notna().any():
-        ax.plot(history["epoch"], history["val_loss"], "s-", label="held-out")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("masked reconstruction MSE")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-
-
 def run_pretrain(config: Config, device: torch.device) -> Path:
     """Pretrain one model; return the path of the final ``model.safetensors``."""
     ctx = DistributedContext.setup(device)
@@ -219,6 +172,58 @@ def _pretrain(config: Config, ctx: DistributedContext) -> Path:
     out_dir = model_dir(config.output_dir, config.masking.masking)
     check_model_dir(config, out_dir)
     atlas = load_atlas(config.atlas, config.atlas_labels)
+    data = load_training_data(config, ctx)
+    trainer = _build_trainer(config, ctx, preset, atlas, data)
+    meta = model_metadata(config, atlas, data.runs, data.split)
+    start_epoch, history = 1, TrainingHistory()
+    if config.pretrain.resume:
+        start_epoch, history = _resume(out_dir, trainer, meta)
+    if ctx.is_main:
+        _prepare_outputs(config, out_dir, data.dataset, fresh=start_epoch == 1)
+    title = f"{config.masking.masking} masking, {preset.backbone} {preset.name} preset"
+    if start_epoch <= config.pretrain.epochs:
+        _fit(config, trainer, start_epoch, out_dir,
+             _epoch_saver(config, trainer, out_dir, meta, history, title))
+    else:
+        log.info("all %d epochs are already done in %s", config.pretrain.epochs, out_dir)
+    final = out_dir / "model.safetensors"
+    if ctx.is_main:
+        _write_model(config, trainer, final, meta, history, data,
+                     wall_seconds=time.perf_counter() - started)
+    return final
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The runs a pretraining reads, and its split of participants into training and held-out.
+
+    Attributes
+    ----------
+    dataset : InputDataset
+        The selected input runs.
+    runs : list of CachedRun
+        Their preprocessed caches, in the same order.
+    split : dict
+        ``{"train": [participants], "val": [participants]}``, as written in the sidecars.
+    train_windows, val_windows : list of (int, int)
+        ``(run index, window index)`` of each training and held-out window.
+    """
+
+    dataset: InputDataset
+    runs: list[CachedRun]
+    split: dict[str, list[str]]
+    train_windows: list[tuple[int, int]]
+    val_windows: list[tuple[int, int]]
+
+
+def load_training_data(config: Config, ctx: DistributedContext) -> TrainingData:
+    """Find, validate and preprocess the input runs; split them by participant.
+
+    Raises
+    ------
+    BadDataError
+        No run is long enough for one window (exit 65).
+    """
     dataset: InputDataset = discover_runs(config)
     if ctx.is_main:
         validate_input(config, dataset)
@@ -233,86 +238,86 @@ def _pretrain(config: Config, ctx: DistributedContext) -> Path:
                            f"{window_frames(config)}")
     log.info("%d runs, %d training windows (%d participants), %d held-out windows (%d)",
              len(runs), len(train_idx), len(train_subjects), len(val_idx), len(val_subjects))
+    return TrainingData(dataset, runs, {"train": train_subjects, "val": val_subjects},
+                        train_idx, val_idx)
 
+
+def _build_trainer(config: Config, ctx: DistributedContext, preset: ModelPreset, atlas: Atlas,
+                   data: TrainingData) -> Trainer:
+    """A fresh model and its trainer (the model is ``trainer.model``)."""
     region_grid = build_region_grid(atlas, preset)
     masking = build_masking(config.masking.masking, region_grid.to(ctx.device),
                             config.masking.mask_ratio, unit=config.masking.mask_ratio_unit,
                             time=config.masking.mask_time)
+    # Seeded just before the model: its initial weights depend on the seed alone.
     seed_everything(config.random_seed)
     model = build_model(preset, norm_pix_loss=config.pretrain.norm_pix_loss)
-    trainer = Trainer(model, masking, WindowDataset(runs, train_idx),
-                      WindowDataset(runs, val_idx) if val_idx else None, ctx=ctx,
-                      seed=config.random_seed, epochs=config.pretrain.epochs,
-                      batch_size=config.pretrain.batch_size, lr=config.pretrain.lr,
-                      weight_decay=config.pretrain.weight_decay,
-                      warmup_epochs=config.pretrain.warmup_epochs,
-                      clip_grad=config.pretrain.clip_grad,
-                      num_workers=max(0, config.nprocs - 1),
-                      compile_model=config.pretrain.torch_compile)
+    val_set = WindowDataset(data.runs, data.val_windows) if data.val_windows else None
+    return Trainer(model, masking, WindowDataset(data.runs, data.train_windows), val_set,
+                   ctx=ctx, settings=training_settings(config))
 
-    meta = model_metadata(config, atlas, runs, {"train": train_subjects, "val": val_subjects})
-    history = pd.DataFrame(columns=list(EpochMetrics.__dataclass_fields__))
-    start_epoch = 1
-    if config.pretrain.resume:
-        start_epoch, history = _resume(out_dir, model, trainer, meta)
-    if ctx.is_main:
-        ensure_dir(out_dir)
-        # Temporary files of a job killed while writing here (atomic writes it never finished).
-        for stale in out_dir.glob(".*.tmp*"):
-            stale.unlink(missing_ok=True)
-        if start_epoch == 1:
-            # A fresh run (--overwrite, or nothing to resume): no file of an earlier run may stay
-            # beside the new one's, to be pruned in the wrong order or resumed later.
-            for old in clear_model_dir(out_dir):
-                log.info("removed %s of an earlier pretraining", old.name)
-        writer = DerivativesWriter(config.output_dir, source_datasets=dataset.datasets)
-        writer.ensure_dataset_description()
-        writer.ensure_bidsignore([MODELS_DIR, "logs"])
+
+def _prepare_outputs(config: Config, out_dir: Path, dataset: InputDataset, *, fresh: bool) -> None:
+    """Ready the model folder (cleared for a ``fresh`` run) and the derivatives dataset files."""
+    for old in prepare_model_dir(out_dir, fresh=fresh):
+        log.info("removed %s of an earlier pretraining", old.name)
+    writer = DerivativesWriter(config.output_dir, source_datasets=dataset.datasets)
+    writer.ensure_dataset_description()
+    writer.ensure_bidsignore([MODELS_DIR, "logs"])
+
+
+def _epoch_saver(config: Config, trainer: Trainer, out_dir: Path, meta: CheckpointMeta,
+                 history: TrainingHistory, title: str) -> Callable[[EpochMetrics], None]:
+    """What runs after each epoch: add it to ``history`` and, on the main process, save it."""
 
     def on_epoch_end(metrics: EpochMetrics) -> None:
-        nonlocal history
-        history = pd.concat([history[history["epoch"] < metrics.epoch],
-                             pd.DataFrame([metrics.as_row()])], ignore_index=True)
-        if not ctx.is_main:
+        history.add(metrics)
+        if not trainer.ctx.is_main:
             return
-        epoch_meta = dict(meta, epoch=metrics.epoch, metrics=metrics.as_row(),
-                          epochs_planned=config.pretrain.epochs)
+        epoch_meta = meta.model_copy(update={"epoch": metrics.epoch, "metrics": metrics.as_row(),
+                                              "epochs_planned": config.pretrain.epochs})
         # The log before the checkpoint: --resume keeps the log's rows up to the checkpoint's
         # epoch, so a job killed in between must not lose that epoch's row.
-        with atomic_path(out_dir / "training_log.tsv") as tmp:
-            history.to_csv(tmp, sep="\t", index=False, na_rep="n/a")
-        save_checkpoint(out_dir / f"epoch-{metrics.epoch:03d}", model, epoch_meta,
+        history.write(out_dir / "training_log.tsv")
+        save_checkpoint(out_dir / f"epoch-{metrics.epoch:03d}", trainer.model, epoch_meta,
                         trainer.optimizer)
-        _prune(out_dir, KEEP_CHECKPOINTS)
-        plot_loss_curve(history, out_dir / "loss_curve.png",
-                        f"{config.masking.masking} masking, {preset.backbone} {preset.name} preset")
+        prune_checkpoints(out_dir, KEEP_CHECKPOINTS)
+        plot_loss_curve(history.frame, out_dir / "loss_curve.png", title)
 
-    if start_epoch <= config.pretrain.epochs:
-        try:
-            trainer.fit(start_epoch, on_epoch_end)
-        except TrainingDivergedError as exc:
-            if ctx.is_main and latest_checkpoint(out_dir) is None:
-                # Nothing to keep: no empty model folder is left to look like a model.
-                for folder in (out_dir, out_dir.parent):
-                    with contextlib.suppress(OSError):
-                        folder.rmdir()
-            raise TrainingDivergedError(f"{exc}; lower --lr (now {config.pretrain.lr:g}). "
-                                        + _after_divergence(out_dir)) from exc
-    else:
-        log.info("all %d epochs are already done in %s", config.pretrain.epochs, out_dir)
-    final = out_dir / "model.safetensors"
-    if ctx.is_main:
-        last = history.iloc[-1].to_dict() if len(history) else {}
-        card = model_card.build_card(
-            meta, history, machine=model_card.hardware(ctx.device, ctx.world_size),
-            data=model_card.training_data(dataset, runs, meta["split"], config.preprocess.target_tr),
-            wall_seconds=time.perf_counter() - started)
-        save_checkpoint(out_dir / "model", model,
-                        dict(meta, epoch=int(last.get("epoch", 0)), metrics=last,
-                             epochs_planned=config.pretrain.epochs, model_card=card))
-        model_card.write_card(final, read_metadata(final))
-        log.info("model written to %s", final)
-    return final
+    return on_epoch_end
+
+
+def _fit(config: Config, trainer: Trainer, start_epoch: int, out_dir: Path,
+         on_epoch_end: Callable[[EpochMetrics], None]) -> None:
+    """Train from ``start_epoch``; on divergence, say what was kept and raise (exit 65)."""
+    try:
+        trainer.fit(start_epoch, on_epoch_end)
+    except TrainingDivergedError as exc:
+        if trainer.ctx.is_main and latest_checkpoint(out_dir) is None:
+            # Nothing to keep: no empty model folder is left to look like a model.
+            for folder in (out_dir, out_dir.parent):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+        raise TrainingDivergedError(f"{exc}; lower --lr (now {config.pretrain.lr:g}). "
+                                    + _after_divergence(out_dir)) from exc
+
+
+def _write_model(config: Config, trainer: Trainer, final: Path, meta: CheckpointMeta,
+                 history: TrainingHistory, data: TrainingData, *, wall_seconds: float) -> None:
+    """Write the final model, its sidecar with the model card, and ``model.md``."""
+    ctx = trainer.ctx
+    last = history.last()
+    card = model_card.build_card(
+        meta, history.frame, machine=model_card.hardware(ctx.device, ctx.world_size),
+        data=model_card.training_data(data.dataset, data.runs, data.split,
+                                      config.preprocess.target_tr),
+        wall_seconds=wall_seconds)
+    save_checkpoint(final.with_suffix(""), trainer.model,
+                    meta.model_copy(update={"epoch": int(last.get("epoch", 0)), "metrics": last,
+                                            "epochs_planned": config.pretrain.epochs,
+                                            "model_card": card}))
+    model_card.write_card(final, read_metadata(final))
+    log.info("model written to %s", final)
 
 
 def _after_divergence(directory: Path) -> str:
@@ -324,50 +329,45 @@ def _after_divergence(directory: Path) -> str:
             "continue it with --resume and a lower --lr")
 
 
-def _resume(out_dir: Path, model: MaskedAutoencoder, trainer: Trainer,
-            meta: dict) -> tuple[int, pd.DataFrame]:
+def _resume(out_dir: Path, trainer: Trainer,
+            meta: CheckpointMeta) -> tuple[int, TrainingHistory]:
+    """Load the newest checkpoint in ``out_dir`` into ``trainer``; return the next epoch and log.
+
+    Raises
+    ------
+    UsageError
+        The checkpoint was trained with other settings or data (:data:`RESUME_MUST_MATCH`).
+    """
     stem = latest_checkpoint(out_dir) if out_dir.is_dir() else None
     if stem is None:
         log.warning("--resume: no complete checkpoint in %s; starting from epoch 1", out_dir)
-        return 1, pd.DataFrame(columns=list(EpochMetrics.__dataclass_fields__))
+        return 1, TrainingHistory()
     saved = read_metadata(stem.with_suffix(".json"))
+    # Compared as the sidecars hold them (a field an older sidecar lacks is None, unlike any
+    # value); the saved one's keys sorted as in its file, for the message.
+    ours, theirs = meta.sidecar_dict(), _sorted_keys(saved.sidecar_dict())
     for key, what in RESUME_MUST_MATCH.items():
-        if json.dumps(saved.get(key), sort_keys=True) != json.dumps(meta[key], sort_keys=True):
+        if json.dumps(theirs.get(key), sort_keys=True) != json.dumps(ours[key], sort_keys=True):
             # The options disagree with the checkpoint: a usage error, as for --preset at the
             # participant level.
-            value = repr(saved.get(key))
+            value = repr(theirs.get(key))
             raise UsageError(f"--resume: checkpoint {stem.name} was trained with another {what}"
                              + (f" ({value})" if len(value) <= 60 else "")
                              + "; drop --resume (with --overwrite) or choose another OUTPUT_DIR")
-    model.load_state_dict(load_weights(stem, saved))
+    trainer.model.load_state_dict(load_weights(stem, saved))
     trainer.optimizer.load_state_dict(load_optimizer_state(stem, saved))
-    history = _read_training_log(out_dir / "training_log.tsv")
-    epoch = int(saved["epoch"])
-    history = history[history["epoch"] <= epoch].reset_index(drop=True)
-    val_loss = saved["metrics"].get("val_loss")   # null in JSON without a held-out set
+    epoch = saved.epoch
+    history = TrainingHistory.read(out_dir / "training_log.tsv").until(epoch)
+    val_loss = saved.metrics.get("val_loss")   # null in JSON without a held-out set
     log.info("resuming from %s (epoch %d, held-out loss %s)", stem.name, epoch,
              "n/a" if val_loss is None else f"{val_loss:.4f}")
     return epoch + 1, history
 
 
-def _read_training_log(path: Path) -> pd.DataFrame:
-    """The training log of the run being resumed (empty when there is none yet).
-
-    Raises :class:`BadDataError` (exit 65) for a log that is empty, unreadable or without the
-    columns this version writes.
-    """
-    columns = list(EpochMetrics.__dataclass_fields__)
-    if not path.is_file():
-        return pd.DataFrame(columns=columns)
-    try:
-        history = pd.read_csv(path, sep="\t", na_values="n/a")
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise BadDataError(f"--resume: the training log {path} is damaged "
-                           f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-                           "restore it or start a new OUTPUT_DIR") from exc
-    missing = [c for c in columns if c not in history.columns]
-    if missing or not pd.api.types.is_numeric_dtype(history["epoch"]):
-        raise BadDataError(f"--resume: the training log {path} is damaged (columns "
-                           f"{', '.join(missing) or 'epoch'} missing or not numbers); restore it "
-                           "or start a new OUTPUT_DIR")
-    return history
+def _sorted_keys(value: Any) -> Any:
+    """``value`` with every dict's keys in sorted order, as in the sidecar file."""
+    if isinstance(value, dict):
+        return {key: _sorted_keys(value[key]) for key in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted_keys(item) for item in value]
+    return value

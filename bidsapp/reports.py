@@ -387,3 +387,29 @@ def write_group_report(outputs: GroupOutputs, classes: np.ndarray,
                 body.append(_img(fig, output_dir, title))
     atomic_write_text(outputs.report, _page("roimae group report", body))
     return outputs.report
+
+
+def plot_loss_curve(history: pd.DataFrame, path: Path, title: str) -> None:
+    """Training and held-out loss per epoch, as a PNG (the pretrain level's ``loss_curve.png``).
+
+    Parameters
+    ----------
+    history : pandas.DataFrame
+        The training log: ``epoch``, ``train_loss`` and ``val_loss`` (NaN without a held-out set).
+    path : Path
+        The PNG to write, atomically.
+    title : str
+        The figure title.
+    """
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    ax.plot(history["epoch"], history["train_loss"], "o-", label="training")
+    if history["val_loss"].notna().any():
+        ax.plot(history["epoch"], history["val_loss"], "s-", label="held-out")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("masked reconstruction MSE")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

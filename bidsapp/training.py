@@ -11,14 +11,18 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import pandas as pd
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from bidsapp.distributed import DistributedContext
-from bidsapp.errors import TrainingDivergedError
+from bidsapp.errors import BadDataError, TrainingDivergedError
+from bidsapp.io import atomic_path
 from bidsapp.logs import get_logger
 from bidsapp.model.mae import MaskedAutoencoder
 from bidsapp.model.masking import MaskingStrategy
@@ -73,19 +77,127 @@ class EpochMetrics:
         return dict(self.__dict__)
 
 
+class TrainingHistory:
+    """The training log: one row of :class:`EpochMetrics` per epoch, as ``training_log.tsv``.
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame, optional
+        Rows already trained (read back with :meth:`read` on ``--resume``); empty by default.
+
+    Attributes
+    ----------
+    frame : pandas.DataFrame
+        One row per epoch, columns :data:`COLUMNS` in order.
+    """
+
+    #: The columns of the log, in the order written.
+    COLUMNS: tuple[str, ...] = tuple(EpochMetrics.__dataclass_fields__)
+
+    def __init__(self, frame: pd.DataFrame | None = None) -> None:
+        self.frame = pd.DataFrame(columns=list(self.COLUMNS)) if frame is None else frame
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def add(self, metrics: EpochMetrics) -> None:
+        """Append the row of ``metrics``, replacing those of its epoch and later ones."""
+        # An epoch trained again replaces its row (and any later ones): the log never lists an
+        # epoch twice, nor an epoch newer than the weights.
+        self.frame = pd.concat([self.frame[self.frame["epoch"] < metrics.epoch],
+                                pd.DataFrame([metrics.as_row()])], ignore_index=True)
+
+    def until(self, epoch: int) -> TrainingHistory:
+        """The rows of epochs ``1 .. epoch``."""
+        return TrainingHistory(self.frame[self.frame["epoch"] <= epoch].reset_index(drop=True))
+
+    def last(self) -> dict[str, Any]:
+        """The row of the last epoch (empty when no epoch is logged)."""
+        return self.frame.iloc[-1].to_dict() if len(self.frame) else {}
+
+    def write(self, path: Path) -> None:
+        """Write the log as TSV, atomically, with ``n/a`` for missing values (BIDS)."""
+        with atomic_path(path) as tmp:
+            self.frame.to_csv(tmp, sep="\t", index=False, na_rep="n/a")
+
+    @classmethod
+    def read(cls, path: Path) -> TrainingHistory:
+        """The log of the run being resumed (empty when there is none yet).
+
+        Raises
+        ------
+        BadDataError
+            The log is empty, unreadable or without the columns this version writes (exit 65).
+        """
+        if not path.is_file():
+            return cls()
+        try:
+            frame = pd.read_csv(path, sep="\t", na_values="n/a")
+        except (OSError, UnicodeDecodeError, pd.errors.ParserError,
+                pd.errors.EmptyDataError) as exc:
+            raise BadDataError(f"--resume: the training log {path} is damaged "
+                               f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                               "restore it or start a new OUTPUT_DIR") from exc
+        missing = [c for c in cls.COLUMNS if c not in frame.columns]
+        if missing or not pd.api.types.is_numeric_dtype(frame["epoch"]):
+            raise BadDataError(f"--resume: the training log {path} is damaged (columns "
+                               f"{', '.join(missing) or 'epoch'} missing or not numbers); restore "
+                               "it or start a new OUTPUT_DIR")
+        return cls(frame)
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """How :class:`Trainer` trains: the pretrain level's options, gathered once from the config.
+
+    Attributes
+    ----------
+    seed : int
+        Seeds the data order and the masks (``--random-seed``).
+    epochs : int
+        The last epoch to train.
+    batch_size : int
+        Windows per step and process.
+    lr : float
+        Peak learning rate of the warmup + cosine schedule.
+    weight_decay : float
+        AdamW weight decay (not applied to biases, norms and positional embeddings).
+    warmup_epochs : float
+        Length of the linear warmup, in epochs (a fraction is allowed).
+    clip_grad : float
+        Maximum gradient norm.
+    num_workers : int
+        Data-loader worker processes (0: load in the training process).
+    compile_model : bool
+        Compile the forward pass with :func:`torch.compile`.
+    """
+
+    seed: int
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_epochs: float
+    clip_grad: float
+    num_workers: int = 0
+    compile_model: bool = False
+
+
 class Trainer:
     """Fit a :class:`MaskedAutoencoder` with one masking strategy, on one or many processes."""
 
     def __init__(self, model: MaskedAutoencoder, masking: MaskingStrategy, train_set: Dataset,
-                 val_set: Dataset | None, *, ctx: DistributedContext, seed: int, epochs: int,
-                 batch_size: int, lr: float, weight_decay: float, warmup_epochs: float,
-                 clip_grad: float, num_workers: int = 0, compile_model: bool = False) -> None:
+                 val_set: Dataset | None, *, ctx: DistributedContext,
+                 settings: TrainingSettings) -> None:
+        seed, epochs, batch_size = settings.seed, settings.epochs, settings.batch_size
+        lr, num_workers = settings.lr, settings.num_workers
+        self.settings = settings
         self.ctx = ctx
         self.model = model.to(ctx.device)
         self.masking = masking
         self.seed = seed
         self.epochs = epochs
-        self.clip_grad = clip_grad
+        self.clip_grad = settings.clip_grad
         self.sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank,
                                           shuffle=True, seed=seed, drop_last=False)
         pin = ctx.device.type == "cuda"
@@ -104,7 +216,7 @@ class Trainer:
             DistributedDataParallel(self.model, device_ids=[ctx.device] if pin else None)
             if ctx.enabled else self.model
         )
-        if compile_model:
+        if settings.compile_model:
             # Background skipping selects tokens by content (data-dependent shapes, graph breaks);
             # the plain path computes the same outputs with static shapes, which compile well.
             self.model.skip_background = False
@@ -112,10 +224,10 @@ class Trainer:
             self.network = torch.compile(self.network)
         decay, no_decay = _parameter_groups(self.model)
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": weight_decay},
+            [{"params": decay, "weight_decay": settings.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
         steps_per_epoch = len(self.train_loader)
-        self.schedule = Schedule(lr, max(1, round(warmup_epochs * steps_per_epoch)),
+        self.schedule = Schedule(lr, max(1, round(settings.warmup_epochs * steps_per_epoch)),
                                  epochs * steps_per_epoch)
         self.steps_per_epoch = steps_per_epoch
         self.autocast = ctx.device.type == "cuda"
