@@ -30,6 +30,7 @@ from bidsapp.model.masking import (
     build_masking,
 )
 from bidsapp.model.presets import BACKBONE_PRESETS, ModelPreset
+from bidsapp.outputs import MODELS_DIR
 from bidsapp.preprocess import CachedRun
 from bidsapp.readouts import RegionPooling, feature_correlation, region_embedding
 from bidsapp.training import step_generator
@@ -92,7 +93,7 @@ def find_model(config: Config) -> Path:
     """``--model``, else the model the pretrain level wrote in OUTPUT_DIR (``--model-desc`` picks one)."""
     if config.participant.model is not None:
         return config.participant.model
-    models = config.output_dir / "models"
+    models = config.output_dir / MODELS_DIR
     found = sorted(p for p in models.glob("desc-*/model.json")) if models.is_dir() else []
     wanted = config.participant.model_desc
     if wanted is not None:

@@ -47,6 +47,7 @@ from bidsapp.logs import get_logger
 from bidsapp.model.factory import build_model, describe_model
 from bidsapp.model.masking import build_masking
 from bidsapp.model.presets import BACKBONE_PRESETS, ModelPreset
+from bidsapp.outputs import PRETRAIN_BIDSIGNORE, model_dir
 from bidsapp.preprocess import CachedRun, WindowDataset
 from bidsapp.reports import plot_loss_curve
 from bidsapp.runtime import seed_everything
@@ -54,7 +55,6 @@ from bidsapp.training import EpochMetrics, Trainer, TrainingHistory, TrainingSet
 
 log = get_logger("pretrain")
 
-MODELS_DIR = "models"
 KEEP_CHECKPOINTS = 2
 #: Sidecar entries a checkpoint must share with the run that resumes it, and their names in the
 #: error: continuing with another seed, split or input set would silently mix two trainings.
@@ -74,11 +74,6 @@ def pretrain_preset(config: Config) -> ModelPreset:
 def window_frames(config: Config) -> int:
     """``--window-frames``, or the default for pretraining."""
     return config.preprocess.window_frames or config.preprocess.DEFAULT_WINDOW_FRAMES
-
-
-def model_dir(output_dir: Path, masking: str) -> Path:
-    """Where the models pretrained with ``masking`` live."""
-    return output_dir / MODELS_DIR / f"desc-{masking_desc(masking)}"
 
 
 def model_metadata(config: Config, atlas: Atlas, runs: list[CachedRun],
@@ -169,7 +164,7 @@ def _pretrain(config: Config, ctx: DistributedContext) -> Path:
     if window_frames(config) % preset.tubelet:
         raise UsageError(f"the {preset.backbone} {preset.name} preset reads tokens of {preset.tubelet} "
                          f"frames: --window-frames {window_frames(config)} is not a multiple of it")
-    out_dir = model_dir(config.output_dir, config.masking.masking)
+    out_dir = model_dir(config.output_dir, masking_desc(config.masking.masking))
     check_model_dir(config, out_dir)
     atlas = load_atlas(config.atlas, config.atlas_labels)
     data = load_training_data(config, ctx)
@@ -263,7 +258,7 @@ def _prepare_outputs(config: Config, out_dir: Path, dataset: InputDataset, *, fr
         log.info("removed %s of an earlier pretraining", old.name)
     writer = DerivativesWriter(config.output_dir, source_datasets=dataset.datasets)
     writer.ensure_dataset_description()
-    writer.ensure_bidsignore([MODELS_DIR, "logs"])
+    writer.ensure_bidsignore(PRETRAIN_BIDSIGNORE)
 
 
 def _epoch_saver(config: Config, trainer: Trainer, out_dir: Path, meta: CheckpointMeta,
