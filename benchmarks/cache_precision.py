@@ -9,13 +9,16 @@ stored) and float32 on the cube (the reference). The row gives the model inputs'
 over the support cells (max and RMS absolute, z-score units) of each float16 path from the
 reference and from each other, the functional-connectivity baseline of the cube and of the
 downsampled cache (max and mean absolute difference of the Fisher z of the AAL3 correlation
-matrices), and the size of each entry.
+matrices), the size of each entry, and the seconds to build one window's model input from each
+float16 entry (``run.window`` then, for the cube, the model's pooling), the mean over the run's
+windows, both measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +70,14 @@ def main() -> None:
         both = np.isfinite(fisher[0]) & np.isfinite(fisher[1])
         dz = np.abs(fisher[0][both] - fisher[1][both])
 
+        def window_seconds(run, pooling: bool) -> float:
+            start = time.perf_counter()
+            for w in range(run.n_windows):
+                x = torch.from_numpy(run.window(w))
+                if pooling:
+                    F.avg_pool3d(x, s)
+            return (time.perf_counter() - start) / run.n_windows
+
         def megabytes(run) -> float:
             return sum(f.stat().st_size for f in run.directory.iterdir()) / 2**20
 
@@ -84,7 +95,9 @@ def main() -> None:
               "fc_fisher_z_correlation": float(np.corrcoef(fisher[0][both], fisher[1][both])[0, 1]),
               "fc_fisher_z_abs_max": float(np.abs(fisher[0][both]).max()),
               "cache_mb_cube_float16": megabytes(full),
-              "cache_mb_pooled_float16": megabytes(pooled)})
+              "cache_mb_pooled_float16": megabytes(pooled),
+              "window_input_seconds_cube": window_seconds(full, True),
+              "window_input_seconds_pooled": window_seconds(pooled, False)})
 
 
 if __name__ == "__main__":
