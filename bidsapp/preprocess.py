@@ -17,8 +17,9 @@ cells, in C order of the working grid::
     <cache_root>/<key[:16]>/
         data.npy        (n_frames, n_support) float16, read memory-mapped: each support cell's
                         mean over its s^3 voxels, background counted as 0
-        voxels.npy      (96/s, 96/s, 96/s) int32: brain voxels of the cube in each cell
-                        (1 or 0 at s = 1); the support is ``voxels > 0``
+        voxels.npy      (96/s, 96/s, 96/s) uint8 (the smallest unsigned type holding s^3):
+                        brain voxels of the cube in each cell (1 or 0 at s = 1); the support
+                        is ``voxels > 0``
         brain.npy       (96/s, 96/s, 96/s) bool: the model's brain mask, cells at least half
                         brain (``voxels >= s^3 / 2``, as ``prepare``); at s = 1 the run's mask
         manifest.json   sources and their sha256, parameters, frame count, TR, ...
@@ -190,7 +191,7 @@ class CachedRun:
         return self.manifest["repetition_time"]
 
     def cell_voxels(self) -> np.ndarray:
-        """Brain voxels of the cube in each stored cell: (D, H, W) int32, read from the entry."""
+        """Brain voxels of the cube in each stored cell: (D, H, W) unsigned, read from the entry."""
         return np.load(self.directory / "voxels.npy")
 
     def frames(self, start: int, stop: int) -> np.ndarray:
@@ -422,15 +423,15 @@ def cell_counts(brain: np.ndarray, downsample: int) -> tuple[np.ndarray, np.ndar
 
     Returns
     -------
-    voxels : ndarray, shape (96/s, 96/s, 96/s), int32
+    voxels : ndarray, shape (96/s, 96/s, 96/s), unsigned (uint8 up to s = 6)
         Brain voxels in each cell of ``downsample``^3 voxels (the support: ``voxels > 0``).
     brain : ndarray, shape (96/s, 96/s, 96/s), bool
         Cells at least half brain, computed as :meth:`MaskedAutoencoder.prepare` does.
     """
     s = downsample
     shape = tuple(n // s for n in brain.shape)
-    voxels = brain.reshape(shape[0], s, shape[1], s, shape[2], s).sum(axis=(1, 3, 5),
-                                                                     dtype=np.int32)
+    voxels = brain.reshape(shape[0], s, shape[1], s, shape[2], s).sum(
+        axis=(1, 3, 5), dtype=np.min_scalar_type(s**3))
     if s == 1:
         return voxels, brain.astype(bool)
     pooled = F.avg_pool3d(torch.from_numpy(brain.astype(np.float32))[None, None], s)[0, 0]
@@ -493,7 +494,7 @@ def write_entry(directory: Path, rows: Iterable[np.ndarray], shape: tuple[int, i
         fh.flush()
         os.fsync(fh.fileno())
     np.save(directory / "brain.npy", brain)
-    np.save(directory / "voxels.npy", voxels.astype(np.int32, copy=False))
+    np.save(directory / "voxels.npy", voxels)
     atomic_write_json(directory / "manifest.json", manifest)
 
 
