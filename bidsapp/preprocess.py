@@ -802,6 +802,9 @@ def collate_windows(items: Sequence[dict]) -> dict:
         ``window`` int64 tensors (B,).
     """
     shape = tuple(items[0]["brain"].shape)
+    if any(tuple(item["brain"].shape) != shape for item in items):
+        raise ValueError("cannot batch windows of runs cached at different resolutions: "
+                         f"{sorted({tuple(item['brain'].shape) for item in items})}")
     n_frames = items[0]["values"].shape[0]
     x = torch.zeros(len(items), n_frames, int(np.prod(shape)))
     for row, item in enumerate(items):

@@ -207,6 +207,8 @@ def test_downsampled_entry_is_the_pooled_cube(tmp_path: Path, brain_mask: np.nda
     assert same_x is batch["x"] and torch.equal(same_brain, batch["brain"])
     clone = pickle.loads(pickle.dumps(run))
     np.testing.assert_array_equal(clone.window(1), run.window(1))
+    with pytest.raises(ValueError, match="different resolutions"):
+        collate_windows([WindowDataset([run])[0], WindowDataset([full])[0]])
 
 
 def test_downsample_is_checked() -> None:
