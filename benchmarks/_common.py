@@ -83,8 +83,8 @@ def step_seconds(model: torch.nn.Module, masking: Callable, optimizer: torch.opt
     """Median seconds of ``steps`` pretraining steps (as the pretrain level runs them: mask draw,
     forward with bf16 autocast on CUDA, backward, AdamW) after ``warmup`` untimed ones.
 
-    ``batches`` yields dicts with ``x`` (B, T, 96, 96, 96) and ``brain`` (B, 96, 96, 96), on any
-    device; moving them to ``device`` is part of the step.
+    ``batches`` yields dicts with ``x`` (B, T, 96, 96, 96) and ``brain`` (B, 96, 96, 96), or at
+    the model's working shape, on any device; moving them to ``device`` is part of the step.
     """
     autocast = device.type == "cuda"
     times = []

@@ -48,11 +48,13 @@ def decompress(bold: Path) -> dict:
 def participant(bold: Path, mask: Path, cache: Path, preset_name: str, attribution: bool,
                 subsets: int) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    start = time.perf_counter()
-    # A fresh cache per row: each row pays for its preprocessing, as a first participant run does.
-    run = prepare_run(bold, mask, cache / uuid.uuid4().hex, PreprocessParams(window_frames=20))
-    prepared = time.perf_counter() - start
     preset = PRESETS[preset_name]
+    start = time.perf_counter()
+    # A fresh cache per row: each row pays for its preprocessing, as a first participant run does;
+    # stored at the preset's working resolution, as the participant level stores it.
+    run = prepare_run(bold, mask, cache / uuid.uuid4().hex,
+                      PreprocessParams(window_frames=20, downsample=preset.downsample))
+    prepared = time.perf_counter() - start
     torch.manual_seed(0)
     model = build_model(preset).to(device).eval()
     atlas = load_atlas()

@@ -2,7 +2,8 @@
 
     python benchmarks/pretrain_step.py [--presets tiny small] [--maskings roi random] [--steps 6]
 
-The loader reads windows from the memory-mapped cache (as ``pretrain`` does); the floor is the same
+The loader reads windows from the memory-mapped cache, stored at the preset's working resolution
+(as ``pretrain`` does); the floor is the same
 model steps on the same batches already in memory. The two alternate for ``--rounds`` and each
 keeps its fastest round (the median of its steps). Target: loader step <= 1.1x in-memory step. On
 a GPU the row also gives the fraction of the card's bf16 peak reached (FLOPs counted by PyTorch).
@@ -22,15 +23,17 @@ from _common import emit, step_seconds
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
-def prepare(root: Path, frames: int, window: int):
+def prepare(root: Path, frames: int, window: int, downsample: int):
     from bidsapp.atlas import load_atlas
     from bidsapp.demo import make_demo_dataset
     from bidsapp.preprocess import PreprocessParams, prepare_run
 
     bids = root / "bids"
-    make_demo_dataset(bids, n_participants=4, n_frames=frames, seed=0)
+    if not bids.exists():
+        make_demo_dataset(bids, n_participants=4, n_frames=frames, seed=0)
     runs = [prepare_run(b, Path(str(b).replace("desc-preproc_bold", "desc-brain_mask")),
-                        root / "cache", PreprocessParams(window_frames=window))
+                        root / "cache", PreprocessParams(window_frames=window,
+                                                         downsample=downsample))
             for b in sorted(bids.glob("sub-*/func/*_desc-preproc_bold.nii.gz"))]
     return runs, load_atlas()
 
@@ -65,10 +68,11 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        runs, atlas = prepare(Path(tmp), args.window_frames * 3, args.window_frames)
-        dataset = WindowDataset(runs)
         for preset_name, masking_name in itertools.product(args.presets, args.maskings):
             preset = PRESETS[preset_name]
+            runs, atlas = prepare(Path(tmp), args.window_frames * 3, args.window_frames,
+                                  preset.downsample)  # reused once cached
+            dataset = WindowDataset(runs)
             torch.manual_seed(0)
             model = build_model(preset).to(device)
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)

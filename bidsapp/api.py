@@ -375,7 +375,8 @@ def embed_img(model: RoimaeModel, img: NiimgLike, mask_img: NiimgLike | None = N
         raise UsageError(f"n_subsets must be even and at least 2, not {n_subsets}")
     if target_tr == "model":
         target_tr = model.target_tr
-    params = PreprocessParams(window_frames=model.window_frames, target_tr=target_tr)
+    params = PreprocessParams(window_frames=model.window_frames, target_tr=target_tr,
+                              downsample=model.loaded.preset.downsample)
     with _work_dir(cache_dir) as work, tempfile.TemporaryDirectory(prefix="roimae-in-") as tmp:
         bold = _as_file(img, Path(tmp), "bold")
         grid = _header(bold)

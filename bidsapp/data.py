@@ -22,19 +22,27 @@ from bidsapp.preprocess import CachedRun, PreprocessParams, load_cached, prepare
 log = get_logger("data")
 
 
-def preprocess_params(config: Config, window_frames: int) -> PreprocessParams:
-    """The preprocessing settings of a run configuration (``window_frames`` already resolved)."""
-    return PreprocessParams(window_frames=window_frames, target_tr=config.preprocess.target_tr)
+def preprocess_params(config: Config, window_frames: int, downsample: int = 1) -> PreprocessParams:
+    """The preprocessing settings of a run configuration (``window_frames`` already resolved).
+
+    ``downsample`` is the model preset's: the cache is stored at its working resolution.
+    """
+    return PreprocessParams(window_frames=window_frames, target_tr=config.preprocess.target_tr,
+                            downsample=downsample)
 
 
 def _prepare(run: BoldRun, cache_root: Path, params: PreprocessParams) -> Path:
     return prepare_run(run.bold, run.mask, cache_root, params, run.repetition_time).directory
 
 
-def prepare_runs(config: Config, runs: Sequence[BoldRun], window_frames: int) -> list[CachedRun]:
-    """Bring every run to the model grid once (cached in the work directory), ``--nprocs`` at a time."""
+def prepare_runs(config: Config, runs: Sequence[BoldRun], window_frames: int,
+                 downsample: int = 1) -> list[CachedRun]:
+    """Bring every run to the model grid once (cached in the work directory), ``--nprocs`` at a time.
+
+    ``downsample``: the model preset's, so that runs are stored at its working resolution.
+    """
     cache_root = config.work_dir / "cache"
-    params = preprocess_params(config, window_frames)
+    params = preprocess_params(config, window_frames, downsample)
     if config.nprocs <= 1 or len(runs) <= 1:
         directories = [_prepare(run, cache_root, params) for run in runs]
     else:

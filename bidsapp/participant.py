@@ -207,7 +207,7 @@ def run_participant(config: Config, device: torch.device) -> None:
                 for tmp in remove_temporaries(path):
                     log.info("%s: removed %s, left by an interrupted job", run.name, tmp.name)
             todo.append((run, out))
-    cached = prepare_runs(config, [run for run, _ in todo], loaded.window_frames)
+    cached = prepare_runs(config, [run for run, _ in todo], loaded.window_frames, loaded.preset.downsample)
     cube = cube_atlas(atlas)
     seed_everything(config.random_seed)
     by_subject: dict[str, list] = defaultdict(list)

@@ -4,12 +4,29 @@ A run (BOLD series and its brain mask, in MNI space) is brought to the MNI 2 mm 
 another grid (its values copied where voxel centres coincide, as on fMRIPrep's res-2 grid, else
 interpolated trilinearly; the mask by nearest neighbour), optionally resampled in time, cut to
 the 96^3 cube (:mod:`bidsapp.grid`), z-scored with one mean and standard deviation over all brain
-voxels and frames (as NeuroSTORM), and stored as the brain voxels only::
+voxels and frames (as NeuroSTORM), and stored at the model's working resolution, on the cells
+that hold brain only.
+
+With ``downsample`` s (:class:`PreprocessParams`; the preset's, so that the model pools nothing)
+the working grid has (96 / s)^3 cells of s^3 cube voxels. The z-scored cube, background 0, is
+average-pooled over the cells in float32, chunk by chunk of frames, exactly as
+:meth:`bidsapp.model.mae.MaskedAutoencoder.prepare` would pool it (``F.avg_pool3d``), then stored.
+The *support* is the cells with at least one brain voxel; the stored columns are the support
+cells, in C order of the working grid::
 
     <cache_root>/<key[:16]>/
-        data.npy        (n_frames, n_brain) float16, read memory-mapped
-        brain.npy       (96, 96, 96) bool, the run's brain mask in the cube
+        data.npy        (n_frames, n_support) float16, read memory-mapped: each support cell's
+                        mean over its s^3 voxels, background counted as 0
+        voxels.npy      (96/s, 96/s, 96/s) uint8 (the smallest unsigned type holding s^3):
+                        brain voxels of the cube in each cell (1 or 0 at s = 1); the support
+                        is ``voxels > 0``
+        brain.npy       (96/s, 96/s, 96/s) bool: the model's brain mask, cells at least half
+                        brain (``voxels >= s^3 / 2``, as ``prepare``); at s = 1 the run's mask
         manifest.json   sources and their sha256, parameters, frame count, TR, ...
+
+At s = 1 the support is the brain mask and ``data`` holds the brain voxels (a quarter of the cube).
+A cell's mean over its brain voxels is ``value * s^3 / voxels`` (what the functional-connectivity
+baseline reads, :func:`bidsapp.readouts.region_timeseries`).
 
 The key hashes the content of both files and the parameters, so an entry is reused whatever the
 path or time stamp of its inputs, and any change to them makes a new entry. An entry is built in a
@@ -33,7 +50,7 @@ import os
 import shutil
 import uuid
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -44,6 +61,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
+import torch.nn.functional as F
 from nibabel.affines import apply_affine
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import SpatialImage
@@ -61,7 +79,7 @@ from bidsapp.logs import get_logger
 log = get_logger("preprocess")
 
 #: Bumped whenever the content of an entry changes meaning; part of the key.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 #: Frames processed at a time: bounds peak memory independently of the run length.
 CHUNK_FRAMES = 16
 #: A resampled run must keep this share of its mask and have this share inside the MNI brain.
@@ -82,11 +100,15 @@ class PreprocessParams:
         Resample every run to this repetition time (seconds), linearly in time.
     dtype : str
         Storage type of the z-scored values: ``"float16"`` or ``"float32"``.
+    downsample : int
+        Store the cube average-pooled over cells of ``downsample``^3 voxels: the working
+        resolution of the model preset that reads the entry (its ``downsample``).
     """
 
     window_frames: int = 20
     target_tr: float | None = None
     dtype: str = "float16"
+    downsample: int = 1
 
     def __post_init__(self) -> None:
         if self.window_frames < 1:
@@ -95,6 +117,13 @@ class PreprocessParams:
             raise ValueError(f"target_tr must be > 0, got {self.target_tr}")
         if self.dtype not in ("float16", "float32"):
             raise ValueError(f"dtype must be float16 or float32, got {self.dtype!r}")
+        if self.downsample < 1 or any(n % self.downsample for n in CUBE_SHAPE):
+            raise ValueError(f"downsample must divide {CUBE_SHAPE[0]}, got {self.downsample}")
+
+    @property
+    def working_shape(self) -> tuple[int, int, int]:
+        """The grid of the stored values: the cube divided by ``downsample``."""
+        return tuple(n // self.downsample for n in CUBE_SHAPE)
 
     def key(self) -> dict:
         """The parameters as a JSON-serialisable dict (hashed into the cache key)."""
@@ -103,7 +132,7 @@ class PreprocessParams:
 
 @dataclass
 class CachedRun:
-    """One preprocessed run, its values memory-mapped.
+    """One preprocessed run, its values memory-mapped, at the working resolution it was stored at.
 
     Attributes
     ----------
@@ -112,21 +141,20 @@ class CachedRun:
     manifest : dict
         Sources and their sha256, parameters, ``n_frames``, ``repetition_time``, ``n_windows``,
         normalisation, creation time and roimae version.
-    brain : ndarray, shape (96, 96, 96), bool
-        The run's brain mask in the cube.
-    data : ndarray, shape (n_frames, n_brain)
-        Z-scored values of the brain voxels (C order of the cube), memory-mapped read-only.
+    brain : ndarray, shape (D, H, W), bool
+        The run's brain mask on the stored grid (``96 / downsample`` per side): at downsample
+        s > 1 the cells at least half brain, as the model pools it.
+    data : ndarray, shape (n_frames, n_support)
+        Z-scored values of the support cells (C order of the grid), memory-mapped read-only.
+    support_index : ndarray, shape (n_support,), int64
+        Where the columns of ``data`` lie in the flattened grid.
     """
 
     directory: Path
     manifest: dict
     brain: np.ndarray
     data: np.ndarray
-    brain_index: np.ndarray = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        #: (n_brain,) int64: where the columns of ``data`` lie in the flattened cube.
-        self.brain_index = np.flatnonzero(self.brain)
+    support_index: np.ndarray = field(repr=False)
 
     def __reduce__(self) -> tuple:
         # Pickling (spawned DataLoader workers) re-opens the entry instead of copying the data.
@@ -148,22 +176,36 @@ class CachedRun:
         return int(self.manifest["params"]["window_frames"])
 
     @property
+    def downsample(self) -> int:
+        """Cube voxels per side of a stored cell (1: the 2 mm cube itself)."""
+        return int(self.manifest["params"]["downsample"])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The stored grid ``(D, H, W)``."""
+        return tuple(self.brain.shape)
+
+    @property
     def repetition_time(self) -> float | None:
         """Seconds between stored frames, ``None`` if the source did not say."""
         return self.manifest["repetition_time"]
 
+    def cell_voxels(self) -> np.ndarray:
+        """Brain voxels of the cube in each stored cell: (D, H, W) unsigned, read from the entry."""
+        return np.load(self.directory / "voxels.npy")
+
     def frames(self, start: int, stop: int) -> np.ndarray:
-        """Frames ``start:stop`` as cubes, background 0.
+        """Frames ``start:stop`` on the stored grid, 0 outside the support.
 
         Returns
         -------
-        ndarray, shape (stop - start, 96, 96, 96), float32
+        ndarray, shape (stop - start, D, H, W), float32
         """
         if not 0 <= start <= stop <= self.n_frames:
             raise IndexError(f"frames {start}:{stop} outside 0:{self.n_frames}")
-        cubes = np.zeros((stop - start, int(np.prod(CUBE_SHAPE))), dtype=np.float32)
-        cubes[:, self.brain_index] = self.data[start:stop]
-        return cubes.reshape((stop - start, *CUBE_SHAPE))
+        grids = np.zeros((stop - start, self.brain.size), dtype=np.float32)
+        grids[:, self.support_index] = self.data[start:stop]
+        return grids.reshape((stop - start, *self.shape))
 
     def window_slice(self, index: int) -> slice:
         """The frames of window ``index``; :class:`IndexError` if there is no such window."""
@@ -172,11 +214,11 @@ class CachedRun:
         return slice(index * self.window_frames, (index + 1) * self.window_frames)
 
     def window(self, index: int) -> np.ndarray:
-        """Window ``index`` as cubes.
+        """Window ``index`` on the stored grid.
 
         Returns
         -------
-        ndarray, shape (window_frames, 96, 96, 96), float32
+        ndarray, shape (window_frames, D, H, W), float32
         """
         frames = self.window_slice(index)
         return self.frames(frames.start, frames.stop)
@@ -188,12 +230,18 @@ def load_cached(directory: Path) -> CachedRun:
     try:
         manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
         brain = np.load(directory / "brain.npy")
+        support = np.load(directory / "voxels.npy", mmap_mode="r") > 0
         data = np.load(directory / "data.npy", mmap_mode="r")
     except (OSError, ValueError) as exc:
         raise IOFailureError(f"cache entry {directory} is unreadable: {exc}") from exc
-    if brain.shape != CUBE_SHAPE or data.shape != (manifest.get("n_frames"), int(brain.sum())):
+    downsample = manifest.get("params", {}).get("downsample")
+    if (not isinstance(downsample, int) or downsample < 1
+            or brain.shape != tuple(n // downsample for n in CUBE_SHAPE)
+            or support.shape != brain.shape
+            or data.shape != (manifest.get("n_frames"), int(support.sum()))):
         raise IOFailureError(f"cache entry {directory} is inconsistent; delete it and re-run")
-    return CachedRun(directory=directory, manifest=manifest, brain=brain, data=data)
+    return CachedRun(directory=directory, manifest=manifest, brain=brain, data=data,
+                     support_index=np.flatnonzero(support))
 
 
 def prepare_run(bold: Path, mask: Path, cache_root: Path, params: PreprocessParams,
@@ -320,6 +368,7 @@ def _build_entry(directory: Path, bold: Path, mask: Path, params: PreprocessPara
     # The brain voxels of the MNI grid that the cube keeps, in the cube's C order (the shift
     # between the grids is monotone along every axis, so both orders agree).
     kept = from_cube(brain, fill=False)
+    brain_index = np.flatnonzero(brain)
 
     sampler = VoxelSampler.between(kept, image.affine, image.shape)
     values = _brain_values(image, inside, sampler, bold)  # (T, n_brain) float32
@@ -333,37 +382,120 @@ def _build_entry(directory: Path, bold: Path, mask: Path, params: PreprocessPara
         log.debug("%s: last %d frames fill no window and are not used for windows", bold.name,
                   n_frames % params.window_frames)
 
+    voxels, model_brain = cell_counts(brain, params.downsample)
+    support = np.flatnonzero(voxels)
+
+    def rows() -> Iterator[np.ndarray]:
+        for chunk in _chunks(n_frames):
+            normalised = values[chunk] - np.float32(mean)
+            normalised *= np.float32(1 / std)
+            yield pool_brain_values(normalised, brain_index, params.downsample, support)
+
+    manifest = {
+        **provenance,
+        "params": params.key(),
+        "n_frames": n_frames,
+        "repetition_time": params.target_tr or source_tr,
+        "source_repetition_time": source_tr,
+        "n_windows": n_windows,
+        "n_brain": int(brain.sum()),
+        "n_support": len(support),
+        "spatially_resampled": resample,
+        "normalization": {"mean": mean, "std": std},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "roimae_version": __version__,
+    }
     try:
-        # Plain writes, not a memory map: on a full disk or quota a write through a map raises
-        # SIGBUS and kills the process, while write() fails with ENOSPC / EDQUOT (exit 74).
-        with open(directory / "data.npy", "wb") as fh:
-            np.lib.format.write_array_header_1_0(fh, {
-                "descr": np.lib.format.dtype_to_descr(np.dtype(params.dtype)),
-                "fortran_order": False, "shape": values.shape})
-            for rows in _chunks(n_frames):
-                normalised = values[rows] - np.float32(mean)
-                normalised *= np.float32(1 / std)
-                fh.write(normalised.astype(params.dtype, copy=False).data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        np.save(directory / "brain.npy", brain)
-        manifest = {
-            **provenance,
-            "params": params.key(),
-            "n_frames": n_frames,
-            "repetition_time": params.target_tr or source_tr,
-            "source_repetition_time": source_tr,
-            "n_windows": n_windows,
-            "n_brain": int(brain.sum()),
-            "spatially_resampled": resample,
-            "normalization": {"mean": mean, "std": std},
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "roimae_version": __version__,
-        }
-        atomic_write_json(directory / "manifest.json", manifest)
+        write_entry(directory, rows(), (n_frames, len(support)), params.dtype, model_brain,
+                    voxels, manifest)
     except OSError as exc:
         raise write_error(directory, exc, f"the cache of {bold.name} in {directory.parent}") \
             from exc
+
+
+def cell_counts(brain: np.ndarray, downsample: int) -> tuple[np.ndarray, np.ndarray]:
+    """The brain voxels of each working cell, and the model's brain mask on the working grid.
+
+    Parameters
+    ----------
+    brain : ndarray, shape (96, 96, 96), bool
+    downsample : int
+
+    Returns
+    -------
+    voxels : ndarray, shape (96/s, 96/s, 96/s), unsigned (uint8 up to s = 6)
+        Brain voxels in each cell of ``downsample``^3 voxels (the support: ``voxels > 0``).
+    brain : ndarray, shape (96/s, 96/s, 96/s), bool
+        Cells at least half brain, computed as :meth:`MaskedAutoencoder.prepare` does.
+    """
+    s = downsample
+    shape = tuple(n // s for n in brain.shape)
+    voxels = brain.reshape(shape[0], s, shape[1], s, shape[2], s).sum(
+        axis=(1, 3, 5), dtype=np.min_scalar_type(s**3))
+    if s == 1:
+        return voxels, brain.astype(bool)
+    pooled = F.avg_pool3d(torch.from_numpy(brain.astype(np.float32))[None, None], s)[0, 0]
+    return voxels, (pooled >= 0.5).numpy()
+
+
+def pool_brain_values(values: np.ndarray, brain_index: np.ndarray, downsample: int,
+                      support: np.ndarray) -> np.ndarray:
+    """Brain voxel values of some frames -> the support cells' means, background 0.
+
+    Parameters
+    ----------
+    values : ndarray, shape (t, n_brain), float32
+        Values of the cube's brain voxels (C order).
+    brain_index : ndarray, shape (n_brain,)
+        Their flat indices in the 96^3 cube.
+    downsample : int
+    support : ndarray, shape (n_support,)
+        Flat indices of the cells to return on the working grid.
+
+    Returns
+    -------
+    ndarray, shape (t, n_support), float32
+        ``F.avg_pool3d`` of the cubes (what the model's ``prepare`` computes), at the support.
+    """
+    if downsample == 1:
+        return values
+    cubes = torch.zeros(len(values), int(np.prod(CUBE_SHAPE)))
+    cubes[:, torch.from_numpy(brain_index)] = torch.from_numpy(values)
+    pooled = F.avg_pool3d(cubes.view(1, len(values), *CUBE_SHAPE), downsample)  # (1, t, D, H, W)
+    return pooled.reshape(len(values), -1)[:, torch.from_numpy(support)].numpy()
+
+
+def write_entry(directory: Path, rows: Iterable[np.ndarray], shape: tuple[int, int], dtype: str,
+                brain: np.ndarray, voxels: np.ndarray, manifest: dict) -> None:
+    """Write the files of a cache entry (see the module docstring) into ``directory``.
+
+    Parameters
+    ----------
+    directory : Path
+        An existing, empty directory.
+    rows : iterable of ndarray, each (t, n_support)
+        The stored values, chunk by chunk of frames, ``shape[0]`` frames in all.
+    shape : (n_frames, n_support)
+    dtype : str
+        Storage type of the values.
+    brain, voxels : ndarray, shape (D, H, W)
+        The brain mask and the brain voxels per cell on the stored grid.
+    manifest : dict
+        Written last, atomically: an entry without it is incomplete.
+    """
+    # Plain writes, not a memory map: on a full disk or quota a write through a map raises
+    # SIGBUS and kills the process, while write() fails with ENOSPC / EDQUOT (exit 74).
+    with open(directory / "data.npy", "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, {
+            "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+            "fortran_order": False, "shape": tuple(shape)})
+        for chunk in rows:
+            fh.write(np.ascontiguousarray(chunk, dtype=dtype).data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    np.save(directory / "brain.npy", brain)
+    np.save(directory / "voxels.npy", voxels)
+    atomic_write_json(directory / "manifest.json", manifest)
 
 
 def _mask_on_grid(mask: Path, image: SpatialImage, bold: Path) -> np.ndarray:
@@ -627,13 +759,15 @@ class WindowDataset(torch.utils.data.Dataset):
     Parameters
     ----------
     runs : sequence of CachedRun
+        Stored at one resolution (one ``downsample``).
     window_indices : sequence of (run index, window index), optional
         The windows to serve; all windows of all runs by default.
 
-    Items are dicts: ``values`` (T, n_brain) tensor of the stored brain values (a quarter of the
-    cube, float16 by default), ``brain_index`` (n_brain,) int64 flat indices of the run's brain
-    voxels in the cube, ``run`` and ``window`` ints. :func:`collate_windows` turns a list of them
-    into model inputs; a DataLoader needs ``collate_fn=collate_windows``.
+    Items are dicts: ``values`` (T, n_support) tensor of the stored values (the support cells,
+    float16 by default), ``support_index`` (n_support,) int64 flat indices of the support cells in
+    the run's grid, ``brain`` (D, H, W) bool tensor of the run's brain mask on that grid, ``run``
+    and ``window`` ints. :func:`collate_windows` turns a list of them into model inputs; a
+    DataLoader needs ``collate_fn=collate_windows``.
     """
 
     def __init__(self, runs: Sequence[CachedRun],
@@ -652,27 +786,30 @@ class WindowDataset(torch.utils.data.Dataset):
         run = self.runs[run_index]
         frames = run.window_slice(window_index)
         return {"values": torch.from_numpy(np.array(run.data[frames])),  # read from the memmap
-                "brain_index": torch.from_numpy(run.brain_index),
+                "support_index": torch.from_numpy(run.support_index),
+                "brain": torch.from_numpy(run.brain),
                 "run": run_index, "window": window_index}
 
 
 def collate_windows(items: Sequence[dict]) -> dict:
-    """Batch :class:`WindowDataset` items into model inputs, writing each cube once.
+    """Batch :class:`WindowDataset` items into model inputs, writing each grid once.
 
     Returns
     -------
     dict
-        ``x`` float32 tensor (B, T, 96, 96, 96), background 0; ``brain`` bool tensor
-        (B, 96, 96, 96); ``run`` and ``window`` int64 tensors (B,).
+        ``x`` float32 tensor (B, T, D, H, W) on the runs' stored grid (the 96^3 cube at
+        downsample 1), 0 outside the support; ``brain`` bool tensor (B, D, H, W); ``run`` and
+        ``window`` int64 tensors (B,).
     """
-    n_voxels = int(np.prod(CUBE_SHAPE))
+    shape = tuple(items[0]["brain"].shape)
+    if any(tuple(item["brain"].shape) != shape for item in items):
+        raise ValueError("cannot batch windows of runs cached at different resolutions: "
+                         f"{sorted({tuple(item['brain'].shape) for item in items})}")
     n_frames = items[0]["values"].shape[0]
-    x = torch.zeros(len(items), n_frames, n_voxels)
-    brain = torch.zeros(len(items), n_voxels, dtype=torch.bool)
+    x = torch.zeros(len(items), n_frames, int(np.prod(shape)))
     for row, item in enumerate(items):
-        x[row].index_copy_(1, item["brain_index"], item["values"].float())
-        brain[row, item["brain_index"]] = True
-    return {"x": x.view(len(items), n_frames, *CUBE_SHAPE),
-            "brain": brain.view(len(items), *CUBE_SHAPE),
+        x[row].index_copy_(1, item["support_index"], item["values"].float())
+    return {"x": x.view(len(items), n_frames, *shape),
+            "brain": torch.stack([item["brain"] for item in items]),
             "run": torch.tensor([item["run"] for item in items]),
             "window": torch.tensor([item["window"] for item in items])}

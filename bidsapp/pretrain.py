@@ -222,7 +222,7 @@ def load_training_data(config: Config, ctx: DistributedContext) -> TrainingData:
     dataset: InputDataset = discover_runs(config)
     if ctx.is_main:
         validate_input(config, dataset)
-    runs = prepare_runs(config, dataset.runs, window_frames(config))
+    runs = prepare_runs(config, dataset.runs, window_frames(config), preset.downsample)
     subjects = [run.subject for run in dataset.runs]
     train_subjects, val_subjects = split_participants(subjects, config.pretrain.val_fraction,
                                                       config.random_seed)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from nilearn.connectome import ConnectivityMeasure
+from scipy import sparse
 from sklearn.covariance import EmpiricalCovariance
 
 from bidsapp.grid import CubeAtlas
@@ -152,7 +153,14 @@ def feature_correlation(features: np.ndarray) -> np.ndarray:
 
 
 def region_timeseries(run: CachedRun, cube: CubeAtlas) -> np.ndarray:
-    """Mean signal of every region over the run's brain voxels, frame by frame.
+    """Mean signal of every region over the run's brain, frame by frame.
+
+    At downsample 1 (the 2 mm cube), the mean over the region's voxels in the run's brain mask.
+    In a cache stored at downsample s, each cell holds the mean of its s^3 voxels, background 0;
+    a region's signal is then the mean of the brain-voxel means of the cells with brain
+    (``value * s^3 / brain voxels``), weighted by the number of the region's voxels (atlas on the
+    cube) each cell holds: :class:`RegionPooling`'s partial-volume weights, renormalised over
+    the cells with brain. At s = 1 both are the same.
 
     Parameters
     ----------
@@ -164,21 +172,28 @@ def region_timeseries(run: CachedRun, cube: CubeAtlas) -> np.ndarray:
     Returns
     -------
     ndarray, shape (n_frames, R), float64
-        NaN for a region without a voxel in the run's brain mask.
+        NaN for a region without a voxel in a cell holding brain.
     """
-    labels = cube.voxel_labels.ravel()[run.brain_index].astype(np.int64)  # (n_brain,)
-    inside = labels >= 0
-    columns = labels[inside]
-    counts = np.bincount(columns, minlength=cube.n_regions).astype(np.float64)
+    s = run.downsample
+    pooling = RegionPooling.from_atlas(cube, s)
+    # Support cells -> data columns (-1: a cell without brain).
+    column = np.full(run.brain.size, -1, dtype=np.int64)
+    column[run.support_index] = np.arange(len(run.support_index))
+    regions, cells = pooling.regions.numpy(), pooling.tokens.numpy()
+    columns = column[cells]
+    keep = columns >= 0
+    weights = pooling.weights.numpy()[keep]
+    regions, cells, columns = regions[keep], cells[keep], columns[keep]
+    totals = np.bincount(regions, weights=weights, minlength=cube.n_regions)  # (R,)
+    # Brain-voxel mean of a cell = stored value * s^3 / its brain voxels.
+    scale = s**3 / run.cell_voxels().ravel()[cells] if s > 1 else np.ones(len(cells))
+    matrix = sparse.csr_matrix((weights * scale / totals[regions], (columns, regions)),
+                               shape=(len(run.support_index), cube.n_regions))  # (n_support, R)
     out = np.zeros((run.n_frames, cube.n_regions))
     for start in range(0, run.n_frames, _CHUNK_FRAMES):
-        chunk = np.asarray(run.data[start:start + _CHUNK_FRAMES], dtype=np.float32)[:, inside]
-        sums = np.zeros((chunk.shape[0], cube.n_regions))
-        for row, values in enumerate(chunk):
-            sums[row] = np.bincount(columns, weights=values, minlength=cube.n_regions)
-        out[start:start + chunk.shape[0]] = sums
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(counts > 0, out / counts, np.nan)
+        chunk = np.asarray(run.data[start:start + _CHUNK_FRAMES], dtype=np.float64)
+        out[start:start + len(chunk)] = (matrix.T @ chunk.T).T
+    return np.where(totals > 0, out, np.nan)
 
 
 def correlation_matrix(timeseries: np.ndarray) -> np.ndarray:

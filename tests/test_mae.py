@@ -61,6 +61,28 @@ def test_prepare_pools_values_and_brain(model: MaskedAutoencoder) -> None:
     assert bs[0, 0, 0, 0]
 
 
+def test_prepare_takes_working_resolution_input(model: MaskedAutoencoder, brain: torch.Tensor,
+                                               grid: RegionGrid) -> None:
+    """Input already at 48^3 (a cache stored at downsample 2) passes as it is, same outputs."""
+    x = _x()
+    xs, bs = model.prepare(x, brain)
+    same_x, same_brain = model.prepare(xs, bs)
+    assert same_x is xs and torch.equal(same_brain, bs)
+    mask = build_masking("random", grid, 0.5)(2, 1, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(xs, bs, mask).pred, model(x, brain, mask).pred)
+        torch.testing.assert_close(model.encode(xs, bs), model.encode(x, brain))
+    # Any other shape, or a brain that does not match x, is refused.
+    with pytest.raises(ValueError, match="x must be"):
+        model.prepare(torch.zeros(1, 1, 32, 32, 32), torch.zeros(1, 32, 32, 32, dtype=torch.bool))
+    with pytest.raises(ValueError, match="x must be"):
+        model.prepare(torch.zeros(1, 48, 48, 48), torch.zeros(1, 48, 48, 48, dtype=torch.bool))
+    with pytest.raises(ValueError, match="brain must be"):
+        model.prepare(xs, brain)
+    with pytest.raises(ValueError, match="brain must be"):
+        model.prepare(x, bs)
+
+
 def test_masked_mse_zero_on_perfect_hidden_reconstruction() -> None:
     target = torch.randn(2, 3, 8, 8, 8)
     weight = (torch.rand(2, 3, 8, 8, 8) < 0.3).float()

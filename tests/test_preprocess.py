@@ -11,12 +11,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from nibabel.affines import apply_affine
 from nibabel.processing import resample_from_to
 
 from bidsapp.errors import BadDataError
 from bidsapp.grid import CUBE_SHAPE, MNI_2MM_AFFINE, MNI_2MM_SHAPE, cube_affine
 from bidsapp.logs import get_logger
+from bidsapp.model.factory import build_model
+from bidsapp.model.presets import PRESETS
 from bidsapp.preprocess import (
     CachedRun,
     PreprocessParams,
@@ -103,7 +106,8 @@ def test_prepared_run_is_z_scored_cube_of_the_input(tmp_path: Path,
 
     manifest = run.manifest
     assert manifest["source"] == str(bold.absolute()) and len(manifest["source_sha256"]) == 64
-    assert manifest["params"] == {"window_frames": 4, "target_tr": None, "dtype": "float16"}
+    assert manifest["params"] == {"window_frames": 4, "target_tr": None, "dtype": "float16",
+                                  "downsample": 1}
     kept = brain_mask.copy()
     kept[:, :6] = kept[:, 102:] = False
     assert manifest["normalization"]["mean"] == pytest.approx(series[kept].mean(), rel=1e-6)
@@ -143,8 +147,11 @@ def test_cache_is_reused_and_keyed_by_content_and_params(tmp_path: Path,
     assert other.directory != first.directory and other.n_windows == 4
     with_tr = prepare_run(bold, mask, cache, PARAMS, repetition_time=1.5)
     assert with_tr.directory != first.directory and with_tr.repetition_time == 1.5
+    pooled = prepare_run(bold, mask, cache, PreprocessParams(window_frames=4, downsample=2))
+    assert pooled.directory != first.directory and pooled.shape == (48, 48, 48)
     assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) == sorted(
-        {first.directory.name, other.directory.name, with_tr.directory.name})
+        {first.directory.name, other.directory.name, with_tr.directory.name,
+         pooled.directory.name})
 
 
 def test_killed_build_is_redone(tmp_path: Path, brain_mask: np.ndarray) -> None:
@@ -170,6 +177,48 @@ def test_concurrent_preparation_builds_once(tmp_path: Path, brain_mask: np.ndarr
     assert runs[0].manifest["created"] == runs[1].manifest["created"]
 
 
+def test_downsampled_entry_is_the_pooled_cube(tmp_path: Path, brain_mask: np.ndarray) -> None:
+    """At downsample 2 an entry holds what the model's prepare computes from the full-res one."""
+    bold, mask = write_run(tmp_path, noise(9), brain_mask)
+    full = prepare_run(bold, mask, tmp_path / "cache", PARAMS)
+    run = prepare_run(bold, mask, tmp_path / "cache", PreprocessParams(window_frames=4,
+                                                                       downsample=2))
+    assert run.downsample == 2 and run.shape == (48, 48, 48) and run.n_windows == 2
+    model = build_model(PRESETS["tiny"])
+    cubes = torch.from_numpy(full.frames(0, 9))[None]  # (1, 9, 96, 96, 96), stored float16
+    x, brain = model.prepare(cubes, torch.from_numpy(full.brain)[None])
+    # Pooled from float16 values in float32 (the old path) vs pooled in float32, then float16.
+    np.testing.assert_allclose(run.frames(0, 9), x[0].numpy(), atol=F16_ATOL, rtol=0)
+    expected = F.avg_pool3d(torch.from_numpy(z_scored_cubes(noise(9), brain_mask)), 2).numpy()
+    np.testing.assert_allclose(run.frames(0, 9), expected, atol=F16_ATOL / 2, rtol=0)
+    np.testing.assert_array_equal(run.brain, brain[0].numpy())
+    # The columns are the cells with any brain voxel; their voxel counts are stored.
+    voxels = full.brain.reshape(48, 2, 48, 2, 48, 2).sum(axis=(1, 3, 5))
+    np.testing.assert_array_equal(run.cell_voxels(), voxels)
+    np.testing.assert_array_equal(run.support_index, np.flatnonzero(voxels))
+    assert run.data.shape == (9, (voxels > 0).sum()) and run.brain.sum() < (voxels > 0).sum()
+    assert (run.frames(0, 9)[:, voxels == 0] == 0).all()
+    # Batches are at the stored resolution, and the model takes them as they are.
+    batch = collate_windows([WindowDataset([run])[1]])
+    assert batch["x"].shape == (1, 4, 48, 48, 48) and batch["brain"].shape == (1, 48, 48, 48)
+    np.testing.assert_array_equal(batch["x"][0].numpy(), run.window(1))
+    np.testing.assert_array_equal(batch["brain"][0].numpy(), run.brain)
+    same_x, same_brain = model.prepare(batch["x"], batch["brain"])
+    assert same_x is batch["x"] and torch.equal(same_brain, batch["brain"])
+    clone = pickle.loads(pickle.dumps(run))
+    np.testing.assert_array_equal(clone.window(1), run.window(1))
+    with pytest.raises(ValueError, match="different resolutions"):
+        collate_windows([WindowDataset([run])[0], WindowDataset([full])[0]])
+
+
+def test_downsample_is_checked() -> None:
+    with pytest.raises(ValueError, match="downsample"):
+        PreprocessParams(downsample=5)
+    with pytest.raises(ValueError, match="downsample"):
+        PreprocessParams(downsample=0)
+    assert PreprocessParams(downsample=3).working_shape == (32, 32, 32)
+
+
 def test_window_dataset(tmp_path: Path, brain_mask: np.ndarray) -> None:
     bold, mask = write_run(tmp_path, noise(9), brain_mask)
     run = prepare_run(bold, mask, tmp_path / "cache", PARAMS)
@@ -177,6 +226,7 @@ def test_window_dataset(tmp_path: Path, brain_mask: np.ndarray) -> None:
     assert len(dataset) == 4
     item = dataset[3]
     assert item["values"].shape == (4, int(run.brain.sum())) and (item["run"], item["window"]) == (1, 1)
+    assert item["brain"].shape == CUBE_SHAPE and len(item["support_index"]) == run.brain.sum()
     batch = collate_windows([dataset[3], dataset[0]])
     assert batch["x"].shape == (2, 4, *CUBE_SHAPE) and batch["x"].dtype == torch.float32
     assert batch["brain"].shape == (2, *CUBE_SHAPE) and batch["brain"].dtype == torch.bool

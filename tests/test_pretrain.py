@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from bidsapp.cli import main
 from bidsapp.demo import make_demo_dataset
 from bidsapp.io import json_text
+from bidsapp.preprocess import load_cached
 
 COMMON = ["--window-frames", "10", "--batch-size", "2", "--random-seed", "3", "--nprocs", "1"]
 
@@ -55,6 +56,29 @@ def test_resume_after_epoch_1_equals_uninterrupted_run(small_demo: Path, tmp_pat
     assert meta["atlas"]["n_regions"] == 166
     assert len(meta["data"]) == 4 and all(len(d["sha256"]) == 64 for d in meta["data"])
     assert (resumed / "models/desc-roi/loss_curve.png").stat().st_size > 1000
+
+
+def test_two_epochs_then_participant_share_a_cache_at_working_resolution(small_demo: Path,
+                                                                          tmp_path: Path) -> None:
+    """tiny (downsample 2): runs are cached at 48^3 once, and the participant level reuses them."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    assert _pretrain(small_demo, out, "--epochs", "2", "-w", str(work)) == 0
+    log = pd.read_csv(out / "models/desc-roi/training_log.tsv", sep="\t")
+    assert log["epoch"].tolist() == [1, 2] and np.isfinite(log["train_loss"]).all()
+    entries = sorted(p for p in (work / "cache").iterdir() if not p.name.startswith("."))
+    assert len(entries) == 4
+    for entry in entries:
+        run = load_cached(entry)
+        assert run.downsample == 2 and run.shape == (48, 48, 48) and run.window(0).shape == (
+            10, 48, 48, 48)
+    assert main([str(small_demo), str(out), "participant", "--no-reports", "--nprocs", "1",
+                 "--participant-label", "01", "-w", str(work)]) == 0
+    assert sorted(p for p in (work / "cache").iterdir() if not p.name.startswith(".")) == entries
+    embedding = next(out.rglob("sub-01_*desc-roi_embedding.tsv"))
+    assert np.isfinite(pd.read_csv(embedding, sep="\t").filter(regex="^e").to_numpy()).all()
+    timeseries = pd.read_csv(next(out.rglob("sub-01_*timeseries.tsv")), sep="\t",
+                             na_values="n/a")
+    assert timeseries.shape == (20, 166) and np.isfinite(timeseries.to_numpy()).mean() > 0.9
 
 
 def test_resume_from_a_crash_mid_save_uses_last_complete_checkpoint(small_demo: Path,

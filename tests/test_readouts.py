@@ -13,7 +13,14 @@ from nilearn.maskers import NiftiLabelsMasker
 from sklearn.covariance import EmpiricalCovariance
 
 from bidsapp.atlas import load_atlas
-from bidsapp.grid import MNI_2MM_AFFINE, MNI_2MM_SHAPE, CubeAtlas, cube_affine, cube_atlas
+from bidsapp.grid import (
+    MNI_2MM_AFFINE,
+    MNI_2MM_SHAPE,
+    CubeAtlas,
+    cube_affine,
+    cube_atlas,
+    from_cube,
+)
 from bidsapp.preprocess import PreprocessParams, prepare_run
 from bidsapp.readouts import (
     RegionPooling,
@@ -146,6 +153,53 @@ def test_connectivity_baseline_matches_nilearn_computed_directly(tmp_path: Path,
     # Regions painted with one course correlate strongly.
     same = [i for i, r in enumerate(atlas.regions) if r.index % 3 == atlas.regions[0].index % 3]
     assert np.nanmean(corr[np.ix_(same, same)]) > 0.9
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_region_timeseries_of_constant_regions_at_downsample_1_and_2(tmp_path: Path,
+                                                                     dtype: str) -> None:
+    """Regions constant in space give their (z-scored) values at both cache resolutions.
+
+    The regions fill whole 2^3 cells of the cube; the run's brain covers some cells only in part
+    (region 1 loses 3 voxels, region 2 keeps 3 of its 8), which the downsampled cache stores as
+    ``value * brain voxels / 8``; region 3 lies outside the brain: NaN.
+    """
+    labels = np.full((96, 96, 96), -1)
+    labels[20:30, 20:30, 20:30] = 0
+    labels[30:40, 20:30, 20:30] = 1
+    labels[50:52, 50:52, 50:52] = 2
+    labels[70:72, 70:72, 70:72] = 3
+    brain = labels >= 0
+    brain[70:72, 70:72, 70:72] = False
+    brain[30, 20, 20] = brain[31, 21, 21] = brain[39, 29, 29] = False
+    brain[50:52, 50:52, 50:52] = False
+    brain[50, 50, 50] = brain[51, 50, 50] = brain[51, 51, 51] = True
+    brain[60:66, 60:66, 60:66] = True  # unlabelled brain, in cells of its own
+    frames = np.arange(12)
+    courses = np.stack([np.sin(frames), np.cos(frames), 0.5 * frames, -frames % 3])  # (4, T)
+    rng = np.random.default_rng(0)
+    cube = np.zeros((96, 96, 96, 12), dtype=np.float32)
+    for region in range(4):
+        cube[labels == region] = 100 + 10 * region + courses[region]
+    cube[60:66, 60:66, 60:66] = rng.normal(100, 5, size=(6, 6, 6, 12))
+    cube[~brain] = 0
+    for name, data in (("bold.nii", from_cube(cube, fill=0)),
+                       ("mask.nii", from_cube(brain, fill=False).astype(np.uint8))):
+        image = nib.Nifti1Image(data, MNI_2MM_AFFINE)
+        image.header.set_xyzt_units("mm", "sec")
+        if data.ndim == 4:
+            image.header.set_zooms((2.0, 2.0, 2.0, 2.0))
+        nib.save(image, tmp_path / name)
+    atlas = _cube(labels, 4)
+    atol = 1e-5 if dtype == "float32" else 4e-3
+    for downsample in (1, 2):
+        run = prepare_run(tmp_path / "bold.nii", tmp_path / "mask.nii", tmp_path / "cache",
+                          PreprocessParams(window_frames=4, dtype=dtype, downsample=downsample))
+        stats = run.manifest["normalization"]
+        expected = (100 + 10 * np.arange(4)[None] + courses.T - stats["mean"]) / stats["std"]
+        timeseries = region_timeseries(run, atlas)  # (12, 4)
+        np.testing.assert_allclose(timeseries[:, :3], expected[:, :3], atol=atol, rtol=0)
+        assert np.isnan(timeseries[:, 3]).all()
 
 
 def test_correlation_matrix_leaves_out_regions_without_signal() -> None:

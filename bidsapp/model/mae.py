@@ -113,12 +113,14 @@ class MaskedAutoencoder(nn.Module, ABC):
         self.norm_pix_loss = norm_pix_loss
 
     def prepare(self, x: torch.Tensor, brain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pool to working resolution.
+        """Pool to working resolution, unless the input is already there.
 
         Parameters
         ----------
-        x : torch.Tensor, shape (B, T, 96, 96, 96)
-        brain : torch.BoolTensor, shape (B, 96, 96, 96)
+        x : torch.Tensor, shape (B, T, 96, 96, 96) or (B, T, D, H, W)
+            The cube, or input already at the working shape (a cache stored at the preset's
+            ``downsample``: :mod:`bidsapp.preprocess`), returned as it is.
+        brain : torch.BoolTensor, shape (B, *x.shape[2:])
 
         Returns
         -------
@@ -127,12 +129,15 @@ class MaskedAutoencoder(nn.Module, ABC):
         brain : torch.BoolTensor, shape (B, D, H, W)
             Voxels at least half brain.
         """
-        if x.ndim != 5 or tuple(x.shape[2:]) != CUBE_SHAPE:
-            raise ValueError(f"x must be (B, T, 96, 96, 96); got {tuple(x.shape)}")
-        if brain.shape != (x.shape[0], *CUBE_SHAPE):
-            raise ValueError(f"brain must be (B, 96, 96, 96); got {tuple(brain.shape)}")
+        working = self.preset.working_shape()
+        if x.ndim != 5 or tuple(x.shape[2:]) not in (CUBE_SHAPE, working):
+            raise ValueError(f"x must be (B, T, 96, 96, 96) or at the working shape (B, T, "
+                             f"{', '.join(map(str, working))}); got {tuple(x.shape)}")
+        if brain.shape != (x.shape[0], *x.shape[2:]):
+            raise ValueError(f"brain must be (B, {', '.join(map(str, x.shape[2:]))}) as x; got "
+                             f"{tuple(brain.shape)}")
         s = self.preset.downsample
-        if s == 1:
+        if s == 1 or tuple(x.shape[2:]) == working:
             return x, brain.bool()
         x = F.avg_pool3d(x, s)  # (B, T, ...) read as (N, C, D, H, W): pools each frame
         brain = F.avg_pool3d(brain[:, None].to(x.dtype), s)[:, 0] >= 0.5
@@ -156,8 +161,8 @@ class MaskedAutoencoder(nn.Module, ABC):
 
         Parameters
         ----------
-        x : torch.Tensor, shape (B, T, 96, 96, 96)
-        brain : torch.BoolTensor, shape (B, 96, 96, 96)
+        x : torch.Tensor, shape (B, T, 96, 96, 96) or at the working shape (:meth:`prepare`)
+        brain : torch.BoolTensor, shape (B, 96, 96, 96) or at the working shape
         mask : Mask
             At this model's working resolution, ``Tm`` = 1 or ``T``.
         """
@@ -174,8 +179,8 @@ class MaskedAutoencoder(nn.Module, ABC):
 
         Parameters
         ----------
-        x : torch.Tensor, shape (B, T, 96, 96, 96)
-        brain : torch.BoolTensor, shape (B, 96, 96, 96)
+        x : torch.Tensor, shape (B, T, 96, 96, 96) or at the working shape (:meth:`prepare`)
+        brain : torch.BoolTensor, shape (B, 96, 96, 96) or at the working shape
         mask : Mask, optional
             Hide part of the input (attribution); nothing is hidden by default.
         """
@@ -192,8 +197,8 @@ class MaskedAutoencoder(nn.Module, ABC):
 
         Parameters
         ----------
-        x : torch.Tensor, shape (B, T, 96, 96, 96)
-        brain : torch.BoolTensor, shape (B, 96, 96, 96)
+        x : torch.Tensor, shape (B, T, 96, 96, 96) or at the working shape (:meth:`prepare`)
+        brain : torch.BoolTensor, shape (B, 96, 96, 96) or at the working shape
 
         Returns
         -------
