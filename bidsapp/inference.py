@@ -239,9 +239,9 @@ class RegionPasses:
 
         Parameters
         ----------
-        x : torch.Tensor, shape (1, T, 96, 96, 96)
+        x : torch.Tensor, shape (1, T, D, H, W)
             The window.
-        brain : torch.Tensor, shape (1, 96, 96, 96)
+        brain : torch.Tensor, shape (1, D, H, W)
             Its brain mask.
         regions : torch.BoolTensor, shape (K, 1, R)
             The regions each pass hides (:func:`_subsets`).
@@ -376,9 +376,9 @@ def analyse_run(loaded: LoadedModel, run: CachedRun, *, attribution: bool, n_sub
     sums = AttributionSums()
     window_embs, region_feats = [], []
     example: dict[str, np.ndarray] = {}
-    brain = torch.from_numpy(run.brain)[None].to(device)                # (1, 96, 96, 96)
+    brain = torch.from_numpy(run.brain)[None].to(device)                # (1, D, H, W) working grid
     for w in range(run.n_windows):
-        x = torch.from_numpy(run.window(w))[None].to(device)            # (1, T, 96, 96, 96)
+        x = torch.from_numpy(run.window(w))[None].to(device)            # (1, T, D, H, W)
         emb, tokens, valid = loaded.model.encode_tokens(x, brain)       # (1, C), (1, T', g.., C0)
         window_embs.append(emb[0])
         region_feats.append(loaded.pooling(tokens[0], valid[0]).cpu())  # (T', R, C0)

@@ -100,7 +100,8 @@ def write_readouts(writer: DerivativesWriter, out: RunOutputs, cached: CachedRun
     writer.write_tsv(out.timeseries, pd.DataFrame(timeseries, columns=names))
     writer.write_sidecar(out.timeseries, {
         "Description": "Functional-connectivity baseline: mean z-scored signal of each region's "
-                       "voxels in the run's brain mask, on the model cube, every frame",
+                       "voxels in the run's brain mask, every frame, from the cache on the "
+                       "model's working grid (cells weighted by their voxels of the region)",
         "Atlas": atlas.name, "Sources": sources, "RepetitionTime": cached.repetition_time})
     writer.write_tsv(out.fc, relmat_frame(correlation_matrix(timeseries), names))
     writer.write_sidecar(out.fc, {
@@ -207,7 +208,8 @@ def run_participant(config: Config, device: torch.device) -> None:
                 for tmp in remove_temporaries(path):
                     log.info("%s: removed %s, left by an interrupted job", run.name, tmp.name)
             todo.append((run, out))
-    cached = prepare_runs(config, [run for run, _ in todo], loaded.window_frames, loaded.preset.downsample)
+    cached = prepare_runs(config, [run for run, _ in todo], loaded.window_frames,
+                          loaded.preset.downsample)
     cube = cube_atlas(atlas)
     seed_everything(config.random_seed)
     by_subject: dict[str, list] = defaultdict(list)

@@ -167,7 +167,7 @@ def _pretrain(config: Config, ctx: DistributedContext) -> Path:
     out_dir = model_dir(config.output_dir, masking_desc(config.masking.masking))
     check_model_dir(config, out_dir)
     atlas = load_atlas(config.atlas, config.atlas_labels)
-    data = load_training_data(config, ctx)
+    data = load_training_data(config, ctx, preset)
     trainer = _build_trainer(config, ctx, preset, atlas, data)
     meta = model_metadata(config, atlas, data.runs, data.split)
     start_epoch, history = 1, TrainingHistory()
@@ -211,8 +211,10 @@ class TrainingData:
     val_windows: list[tuple[int, int]]
 
 
-def load_training_data(config: Config, ctx: DistributedContext) -> TrainingData:
-    """Find, validate and preprocess the input runs; split them by participant.
+def load_training_data(config: Config, ctx: DistributedContext,
+                       preset: ModelPreset) -> TrainingData:
+    """Find, validate and preprocess the input runs (cached at ``preset``'s working resolution);
+    split them by participant.
 
     Raises
     ------

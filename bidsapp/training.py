@@ -237,8 +237,8 @@ class Trainer:
                     unit="batch")
 
     def _forward(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        x = batch["x"].to(self.ctx.device, non_blocking=True)          # (B, T, 96, 96, 96)
-        brain = batch["brain"].to(self.ctx.device, non_blocking=True)  # (B, 96, 96, 96)
+        x = batch["x"].to(self.ctx.device, non_blocking=True)          # (B, T, D, H, W) working grid
+        brain = batch["brain"].to(self.ctx.device, non_blocking=True)  # (B, D, H, W)
         mask = self.masking(x.shape[0], x.shape[1], generator)
         with torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             out = self.network(x, brain, mask)
