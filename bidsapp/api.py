@@ -536,7 +536,9 @@ class RoimaeEmbedder(TransformerMixin, BaseEstimator):
         return np.vstack(rows).astype(np.float32, copy=False)
 
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
-        """Feature names: ``roimae_e000``... (global), ``roimae_<region>_e000``... (region),
+        """Names of the output features.
+
+        ``roimae_e000``... (global), ``roimae_<region>_e000``... (region),
         ``roimae_<region>__<region>`` (connectivity).
 
         Returns

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 
 def env_rank() -> int:
-    """This process's global rank from the torchrun environment (0 when not distributed)."""
+    """The global rank of this process from the torchrun environment (0 when not distributed)."""
     return int(os.environ.get("RANK", "0"))
 
 
@@ -34,10 +34,12 @@ class DistributedContext:
 
     @property
     def is_main(self) -> bool:
+        """Rank 0: the process that logs and writes."""
         return self.rank == 0
 
     @property
     def enabled(self) -> bool:
+        """More than one process."""
         return self.world_size > 1
 
     @classmethod
@@ -54,6 +56,7 @@ class DistributedContext:
         return cls(rank=rank, world_size=world_size, device=device)
 
     def barrier(self) -> None:
+        """Wait for every rank (nothing to wait for in one process)."""
         if self.enabled:
             dist.barrier()
 
@@ -66,5 +69,6 @@ class DistributedContext:
         return values
 
     def shutdown(self) -> None:
+        """Leave the process group, if one was joined."""
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()

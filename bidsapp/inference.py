@@ -78,14 +78,17 @@ class LoadedModel:
 
     @property
     def masking(self) -> str:
+        """The masking strategy the model was pretrained with."""
         return self.meta.masking.masking
 
     @property
     def desc(self) -> str:
+        """The ``desc-`` label of its outputs."""
         return masking_desc(self.masking)
 
     @property
     def window_frames(self) -> int:
+        """Frames per window the model reads."""
         return self.meta.window_frames
 
 

@@ -213,8 +213,9 @@ class TrainingData:
 
 def load_training_data(config: Config, ctx: DistributedContext,
                        preset: ModelPreset) -> TrainingData:
-    """Find, validate and preprocess the input runs (cached at ``preset``'s working resolution);
-    split them by participant.
+    """Find, validate and preprocess the input runs; split them by participant.
+
+    Runs are cached at ``preset``'s working resolution.
 
     Raises
     ------

@@ -44,6 +44,7 @@ class Schedule:
     final_fraction: float = 0.01
 
     def lr(self, step: int) -> float:
+        """The learning rate at ``step``."""
         if step < self.warmup_steps:
             return self.peak_lr * (step + 1) / self.warmup_steps
         span = max(1, self.total_steps - self.warmup_steps)
@@ -74,6 +75,7 @@ class EpochMetrics:
     seconds: float
 
     def as_row(self) -> dict[str, float | int]:
+        """The metrics as a row of the training log."""
         return dict(self.__dict__)
 
 

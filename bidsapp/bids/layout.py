@@ -86,10 +86,12 @@ class BoldRun:
 
     @property
     def subject(self) -> str:
+        """The participant label (without ``sub-``)."""
         return self.entities["sub"]
 
     @property
     def session(self) -> str | None:
+        """The session label, None without sessions."""
         return self.entities.get("ses")
 
     @property

@@ -57,8 +57,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 class _HelpFormatter(argparse.HelpFormatter):
-    """Each option's help ends with its default, once: not for switches, absent values (None),
-    or a help text that already says what the default is."""
+    """Each option's help ends with its default, once.
+
+    Not for switches, absent values (None), or a help text that already says what the default is.
+    """
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""

@@ -63,6 +63,9 @@ def count_parameters(preset: ModelPreset) -> int:
 
 
 def describe_model(preset: ModelPreset) -> dict:
-    """:meth:`ModelPreset.describe <bidsapp.model.presets.ModelPreset.describe>` and the
-    parameter count ``n_parameters``, as plain JSON values (docs, checkpoint sidecar)."""
+    """The preset's description with its parameter count, as plain JSON values.
+
+    :meth:`ModelPreset.describe <bidsapp.model.presets.ModelPreset.describe>` and
+    ``n_parameters`` (docs, checkpoint sidecar).
+    """
     return {**preset.describe(), "n_parameters": count_parameters(preset)}

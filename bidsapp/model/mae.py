@@ -55,8 +55,10 @@ class MAEOutput:
 
     @cached_property
     def loss(self) -> torch.Tensor:
-        """Scalar: mean squared error over hidden brain voxels (computed when first asked for, so
-        that inference, which never asks, does not pay for it)."""
+        """Scalar: mean squared error over hidden brain voxels.
+
+        Computed when first asked for, so that inference, which never asks, does not pay for it.
+        """
         return masked_mse(self.pred, self.target, self.weight)
 
 

@@ -255,7 +255,9 @@ class MaskingStrategy(Protocol):
 
     def __call__(
         self, batch_size: int, n_frames: int, generator: torch.Generator | None = None
-    ) -> Mask: ...
+    ) -> Mask:
+        """A mask for ``batch_size`` windows of ``n_frames`` frames, drawn from ``generator``."""
+        ...
 
 
 def _check_unit(unit: str) -> None:
@@ -308,6 +310,7 @@ class RandomMasking(_Masking):
     def __call__(
         self, batch_size: int, n_frames: int, generator: torch.Generator | None = None
     ) -> Mask:
+        """A mask for ``batch_size`` windows of ``n_frames`` frames, drawn from ``generator``."""
         grid = self.grid
         noise = self._noise(batch_size, n_frames, grid.token_labels.numel(), generator)
         tokens = _scatter_smallest(noise, self.n_hidden).unflatten(-1, grid.grid_shape)
@@ -348,6 +351,7 @@ class BrainRandomMasking(_Masking):
     def __call__(
         self, batch_size: int, n_frames: int, generator: torch.Generator | None = None
     ) -> Mask:
+        """A mask for ``batch_size`` windows of ``n_frames`` frames, drawn from ``generator``."""
         grid = self.grid
         noise = self._noise(batch_size, n_frames, grid.brain_tokens.numel(), generator)
         # Background tokens sort last, so they are never among the n_hidden <= n_brain chosen.

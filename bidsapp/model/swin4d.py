@@ -149,6 +149,7 @@ class PatchEmbed4D(nn.Module):
         self.proj = nn.Linear(patch_size**3 * in_chans, embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Patches of ``x`` to token embeddings."""
         return self.proj(space_to_depth(x, self.patch_size))
 
 
@@ -161,6 +162,7 @@ class PatchMerging(nn.Module):
         self.reduction = nn.Linear(8 * dim, 2 * dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Merge 2x2x2 neighbouring tokens into one."""
         return self.reduction(self.norm(space_to_depth(x, 2)))
 
 

@@ -78,6 +78,7 @@ class Transformer(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Encode tokens ``x``, attending to the ``valid`` ones only."""
         # A sample with no valid token attends to its padding, so that no row is all masked (NaN).
         keys = (valid | ~valid.any(1, keepdim=True))[:, None, None, :]  # (B, 1, 1, N)
         for block in self.blocks:
