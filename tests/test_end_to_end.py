@@ -23,7 +23,7 @@ from bidsapp.demo import make_demo_dataset
 from bidsapp.levels import run
 from bidsapp.logs import setup_logging
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo-chain")]
+pytestmark = pytest.mark.slow
 
 N_PARTICIPANTS = 24
 
