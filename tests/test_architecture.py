@@ -28,6 +28,19 @@ def _resolve(name: str, modules: set[str]) -> str | None:
     return None
 
 
+def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node, at any depth, except those under ``if TYPE_CHECKING:`` (never imported)."""
+    nodes, stack = [], [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            stack.extend(node.orelse)
+            continue
+        nodes.append(node)
+        stack.extend(ast.iter_child_nodes(node))
+    return nodes
+
+
 def import_graph() -> nx.DiGraph:
     """Module -> imported package module, from every import statement, at any depth."""
     files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
@@ -36,7 +49,7 @@ def import_graph() -> nx.DiGraph:
     graph.add_nodes_from(modules)
     for module, path in files.items():
         package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        for node in _runtime_nodes(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):

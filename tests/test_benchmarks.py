@@ -14,7 +14,7 @@ def test_pretrain_epoch_benchmark_runs() -> None:
     command = [sys.executable, str(REPO_ROOT / "benchmarks" / "pretrain_epoch.py"), "--runs", "2",
                "--steps", "2", "--rounds", "1", "--frames", "8", "--window-frames", "4",
                "--batch-size", "1"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(rows) == 1
