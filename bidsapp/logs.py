@@ -26,6 +26,17 @@ def get_logger(name: str | None = None) -> logging.Logger:
     return logging.getLogger(LOGGER_NAME if name is None else f"{LOGGER_NAME}.{name}")
 
 
+def reset_logging() -> logging.Logger:
+    """Close and drop the ``roimae`` logger's handlers; it propagates again, with no level set."""
+    logger = get_logger()
+    for handler in logger.handlers:
+        handler.close()
+    logger.handlers.clear()
+    logger.setLevel(logging.NOTSET)
+    logger.propagate = True
+    return logger
+
+
 def setup_logging(verbosity: int, log_file: Path | None = None) -> logging.Logger:
     """Configure the ``roimae`` logger.
 
@@ -37,10 +48,7 @@ def setup_logging(verbosity: int, log_file: Path | None = None) -> logging.Logge
     log_file : Path, optional
         Also write every message at DEBUG level to this file.
     """
-    logger = get_logger()
-    for handler in logger.handlers:
-        handler.close()
-    logger.handlers.clear()
+    logger = reset_logging()
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
     console = logging.StreamHandler()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bidsapp.logs import get_logger
+from bidsapp.logs import reset_logging
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("ROIMAE_SHARED_DIR", REPO_ROOT.parent / "shared"))
@@ -76,9 +75,4 @@ def fresh_logging() -> Iterator[None]:
     """Close and drop roimae's console handlers after the test, so that no handler writes to the
     closed stream of an earlier test's capsys."""
     yield
-    logger = get_logger()
-    for handler in logger.handlers:
-        handler.close()
-    logger.handlers.clear()
-    logger.setLevel(logging.NOTSET)
-    logger.propagate = True
+    reset_logging()
