@@ -15,6 +15,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import torch
@@ -46,23 +47,23 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _child(fn: Callable[..., dict], args: tuple, queue: multiprocessing.Queue) -> None:
+def _child(fn: Callable[..., dict], args: tuple) -> dict:
     start = time.perf_counter()
     result = fn(*args)
     result.setdefault("seconds", time.perf_counter() - start)
     result["peak_rss_mb"] = peak_rss_mb()
-    queue.put(result)
+    return result
 
 
 def in_child(fn: Callable[..., dict], *args: Any) -> dict:
-    """Run ``fn(*args)`` in a spawned process; return its result with seconds and peak RSS."""
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_child, args=(fn, args, queue))
-    process.start()
-    result = queue.get()
-    process.join()
-    return result
+    """Run ``fn(*args)`` in a spawned process; return its result with seconds and peak RSS.
+
+    An exception in the child is raised here, and a child that dies (killed, out of memory)
+    raises :class:`~concurrent.futures.process.BrokenProcessPool`: neither leaves the benchmark
+    waiting for a result that never comes.
+    """
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_child, fn, args).result()
 
 
 def best_of(repeats: int, fn: Callable[..., dict], *args: Any) -> dict:

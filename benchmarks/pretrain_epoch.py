@@ -88,7 +88,7 @@ def epochs(directories: list[Path], args: argparse.Namespace) -> dict:
     from bidsapp.model.presets import PRESETS
     from bidsapp.preprocess import WindowDataset, collate_windows, load_cached
     from bidsapp.runtime import seed_everything
-    from bidsapp.training import Trainer
+    from bidsapp.training import Trainer, TrainingSettings
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -113,12 +113,13 @@ def epochs(directories: list[Path], args: argparse.Namespace) -> dict:
     masking = build_masking(args.masking, grid, 0.5)
     seed_everything(0)
     model = build_model(preset)
+    settings = TrainingSettings(seed=0, epochs=1 + args.rounds, batch_size=args.batch_size,
+                                lr=1e-4, weight_decay=0.05, warmup_epochs=0, clip_grad=1.0,
+                                num_workers=args.workers)
     trainer = Trainer(model, masking, WindowDataset(runs, train_idx),
                       WindowDataset(runs, val_idx) if val_idx else None,
-                      ctx=DistributedContext(rank=0, world_size=1, device=device), seed=0,
-                      epochs=1 + args.rounds, batch_size=args.batch_size, lr=1e-4,
-                      weight_decay=0.05, warmup_epochs=0, clip_grad=1.0,
-                      num_workers=args.workers)
+                      ctx=DistributedContext(rank=0, world_size=1, device=device),
+                      settings=settings)
     trainer.train_epoch(1)  # warm-up: first allocations, kernels, page cache of the windows
     trainer.evaluate()
     # In memory: a few of the same batches (all of them at full resolution would cost GBs).
