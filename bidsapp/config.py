@@ -30,6 +30,8 @@ BackboneName = Literal["swin4d", "vit4d"]
 Device = Literal["auto", "cpu", "cuda"]
 #: Readouts of a model's outputs for the group level, the default first (docs/science.md).
 READOUTS = ("connectivity", "region", "global")
+#: Feature sets that need no model: Pearson FC, tangent-space FC, phenotype covariates.
+BASELINES = ("fc", "tangent", "covariates")
 Readout = Literal[READOUTS]
 
 #: BIDS labels are alphanumeric (the BIDS specification, "label" value format).
@@ -177,11 +179,12 @@ class GroupConfig(_Section):
     @field_validator("compare")
     @classmethod
     def _compare(cls, v: list[str] | None) -> list[str] | None:
-        allowed = (*MASKING_NAMES, *MASKING_DESCS, "fc", "covariates")
+        allowed = (*MASKING_NAMES, *MASKING_DESCS, *BASELINES)
         for name in v or []:
             if name not in allowed:
                 raise ValueError(f"--compare {name!r}: give model maskings "
-                                 f"({', '.join(MASKING_NAMES)}) and the baselines fc, covariates")
+                                 f"({', '.join(MASKING_NAMES)}) and the baselines "
+                                 f"{', '.join(BASELINES)}")
         return v
 
 

@@ -16,9 +16,13 @@ Cross-validation is honest by construction:
 Feature sets. Each model (``desc``) is read through one or more readouts (``--features``): the
 feature-space connectivity of its regions (``connectivity``, the Fisher z of the upper triangle),
 its region embeddings (``region``) or the run embedding (``global``); see :mod:`bidsapp.readouts`.
-Two baselines are scored on the same folds: ``fc``, the Fisher z of the Pearson correlations of the
-region mean signals of the same preprocessed runs, and ``covariates``, the phenotype columns of
-``--covariates`` alone (the "no imaging" floor). Every classifier is one scikit-learn pipeline fit on
+Three baselines are scored on the same folds: ``fc``, the Fisher z of the Pearson correlations of
+the region mean signals of the same preprocessed runs; ``tangent``, the tangent-space
+parametrisation of their covariances (Varoquaux et al. 2010; the strongest FC readout for
+classification in Dadi et al. 2019), whose reference (the geometric mean of the training runs'
+covariances) nilearn's ``ConnectivityMeasure`` fits on the training folds only, as the first step
+of the pipeline; and ``covariates``, the phenotype columns of ``--covariates`` alone (the "no
+imaging" floor). Every classifier is one scikit-learn pipeline fit on
 the training folds only: mean imputation, standardisation and a PCA that keeps every component (a
 rotation onto the training rows' span, exact for an L2-penalised linear model, and what makes 10^4
 connectivity features cheap), then the classifier.
@@ -44,6 +48,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from nilearn.connectome import ConnectivityMeasure
 from scipy import stats
 from sklearn.base import clone
 from sklearn.decomposition import PCA
@@ -73,7 +78,7 @@ from bidsapp.atlas import Atlas, group_summary, load_atlas, region_map
 from bidsapp.bids.derivatives import DerivativesWriter
 from bidsapp.bids.layout import discover_runs, runs_without_row
 from bidsapp.checkpoint import masking_desc
-from bidsapp.config import Config
+from bidsapp.config import BASELINES, Config
 from bidsapp.errors import BadDataError, NoInputError, UsageError
 from bidsapp.io import (
     atomic_write_json,
@@ -101,9 +106,6 @@ log = get_logger("group")
 
 METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "f1_macro")
 
-
-#: Feature sets that need no model.
-BASELINES = ("fc", "covariates")
 
 #: How the group level scores feature sets (recorded in ``*_settings.json``).
 GROUP_METHOD = (
@@ -134,7 +136,9 @@ class EmbeddingSet:
         One of :data:`bidsapp.config.READOUTS` or :data:`BASELINES`.
     runs : pandas.DataFrame
         ``run, participant_id, target, cv_group, table, occluded``, one row per run.
-    X : ndarray, shape (n_runs, F)
+    X : ndarray, shape (n_runs, F) or (n_runs,)
+        The features; for ``tangent``, an object array of each run's region time series
+        (n_frames, R'), which the classifier's first step turns into features.
     regions : list of ndarray or None
         For each atlas region, the columns of ``X`` that involve it (None: no such mapping).
     model_sha256 : str or None
@@ -155,14 +159,47 @@ class EmbeddingSet:
         """A set that needs no model."""
         return self.desc is None
 
+    @property
+    def from_time_series(self) -> bool:
+        """``X`` holds time series: the features are fit inside the folds (``tangent``)."""
+        return self.readout == "tangent"
+
+    @property
+    def n_features(self) -> int:
+        """The number of features the classifier sees."""
+        if self.from_time_series:
+            n_regions = self.X[0].shape[1]
+            return n_regions * (n_regions - 1) // 2
+        return self.X.shape[1]
+
+    def feature_matrix(self) -> np.ndarray:
+        """The features of every run, (n_runs, F).
+
+        For ``tangent``, with the reference fit on all runs: descriptive only (the effective
+        rank); the classifier fits its own on the training folds.
+        """
+        if self.from_time_series:
+            return tangent_space().fit_transform(list(self.X))
+        return self.X
+
+
+def tangent_space() -> ConnectivityMeasure:
+    """The tangent-space FC step: region time series (n_frames, R) -> R (R - 1) / 2 features.
+
+    nilearn's defaults otherwise: Ledoit-Wolf covariances of the standardised time series, the
+    geometric mean of the fitted runs' covariances as the reference.
+    """
+    return ConnectivityMeasure(kind="tangent", vectorize=True, discard_diagonal=True)
+
 
 def build_classifier(name: str, seed: int, inner_groups: int | Any,
-                     fixed: bool = False) -> GridSearchCV:
+                     fixed: bool = False, from_time_series: bool = False) -> GridSearchCV:
     """The classifier with its regularisation chosen by inner grouped cross-validation.
 
     ``inner_groups`` is the number of :class:`GroupKFold` splits, or any scikit-learn ``cv``
     (a splitter, a list of splits). ``fixed`` keeps only the estimator's default regularisation
-    (for training folds too small for an inner cross-validation).
+    (for training folds too small for an inner cross-validation). ``from_time_series`` puts
+    :func:`tangent_space` first: the pipeline then takes region time series.
     """
     if name == "logreg":
         estimator = LogisticRegression(max_iter=2000)
@@ -173,8 +210,11 @@ def build_classifier(name: str, seed: int, inner_groups: int | Any,
     else:
         estimator = MLPClassifier(hidden_layer_sizes=(64,), max_iter=500, random_state=seed)
         grid = {"clf__alpha": np.logspace(-4, 0, 3)}
-    pipeline = Pipeline([("impute", SimpleImputer(strategy="mean")), ("scale", StandardScaler()),
-                         ("reduce", PCA(svd_solver="full")), ("clf", estimator)])
+    steps = [("impute", SimpleImputer(strategy="mean")), ("scale", StandardScaler()),
+             ("reduce", PCA(svd_solver="full")), ("clf", estimator)]
+    if from_time_series:
+        steps.insert(0, ("connectivity", tangent_space()))
+    pipeline = Pipeline(steps)
     if fixed:
         grid = {key: [pipeline.get_params()[key]] for key in grid}
     cv = GroupKFold(n_splits=inner_groups) if isinstance(inner_groups, int) else inner_groups
@@ -283,7 +323,8 @@ def evaluate(es: EmbeddingSet, splits: list, classes: np.ndarray, config: Config
         inner = groups if len(np.unique(groups[train])) >= 2 else participants
         cv, fixed = inner_cv(y[train], inner[train], config.random_seed + repeat)
         unsearched += fixed
-        model = build_classifier(config.group.classifier, config.random_seed, cv, fixed=fixed)
+        model = build_classifier(config.group.classifier, config.random_seed, cv, fixed=fixed,
+                                 from_time_series=es.from_time_series)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             model.fit(es.X[train], y[train], groups=inner[train])
@@ -313,11 +354,13 @@ def permutation_pvalue(es: EmbeddingSet, splits: list, folds_table: pd.DataFrame
     if n_perm == 0:
         return np.nan, np.array([])
     params = Counter(folds_table["selected"]).most_common(1)[0][0]
-    base = build_classifier(config.group.classifier, config.random_seed, 2).estimator
+    base = build_classifier(config.group.classifier, config.random_seed, 2,
+                            from_time_series=es.from_time_series).estimator
     base.set_params(**{f"clf__{k}": v for k, v in json.loads(params).items()})
     classifier = base.steps[-1][1]
     first_repeat = [s for s in splits if s[0] == 0]
-    # Imputation, scaling and PCA do not see the labels: fit once per fold, not per permutation.
+    # Tangent space, imputation, scaling and PCA do not see the labels: fit once per fold, not
+    # per permutation.
     folds = []
     for _, _, train, test in first_repeat:
         prepare = Pipeline(base.steps[:-1]).fit(es.X[train])
@@ -390,7 +433,12 @@ def region_importance(es: EmbeddingSet, models: list, atlas: Atlas) -> pd.DataFr
     for _, test, model in models:
         classes = list(model.classes_)
         true = np.array([classes.index(v) for v in y[test]])
-        base = true_class_margin(model, es.X[test], true)               # (n_test,)
+        X_test = es.X[test]
+        if es.from_time_series:
+            # Hide regions from the features the fold's tangent step made, not the time series.
+            X_test = model.best_estimator_[:1].transform(list(X_test))
+            model = model.best_estimator_[1:]
+        base = true_class_margin(model, X_test, true)                   # (n_test,)
         drop = np.full((len(test), n_regions), np.nan)
         if es.regions is None:
             for row, i in enumerate(test):
@@ -403,7 +451,7 @@ def region_importance(es: EmbeddingSet, models: list, atlas: Atlas) -> pd.DataFr
         else:
             for r, columns in enumerate(es.regions):
                 if len(columns):
-                    hidden = es.X[test].copy()
+                    hidden = X_test.copy()
                     hidden[:, columns] = np.nan
                     drop[:, r] = base - true_class_margin(model, hidden, true)
         drops.append(drop)
@@ -422,12 +470,42 @@ def region_importance(es: EmbeddingSet, models: list, atlas: Atlas) -> pd.DataFr
 
 
 def _read_features(readout: str, path: Path) -> np.ndarray | None:
-    """The feature vector of one run for a readout, None when its file is missing."""
+    """The feature vector of one run for a readout, None when its file is missing.
+
+    For ``tangent``, the run's region time series (n_frames, R).
+    """
     if not path.is_file():
         return None
     if readout in ("connectivity", "fc"):
         return vectorize(read_relmat(path))
+    if readout == "tangent":
+        return pd.read_csv(path, sep="\t", na_values="n/a").to_numpy(dtype=np.float64)
     return read_embeddings(path).ravel()
+
+
+def _time_series_set(vectors: list[np.ndarray], n_regions: int
+                     ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Time series of the regions with signal in every run, and each atlas region's features.
+
+    A covariance needs every region in every run: regions without voxels or constant in any run
+    are left out (this looks at the data only, never the labels). Returns the object array of
+    time series (n_runs,) and, per atlas region, its columns among the tangent features (none
+    for a region left out).
+    """
+    usable = np.ones(n_regions, dtype=bool)
+    for ts in vectors:
+        usable &= np.isfinite(ts).all(axis=0) & (np.nanstd(ts, axis=0) > 0)
+    kept = np.flatnonzero(usable)
+    if len(kept) < 2:
+        raise BadDataError("fewer than two regions have a signal in every run: the tangent "
+                           "baseline cannot be computed")
+    X = np.empty(len(vectors), dtype=object)
+    X[:] = [ts[:, kept] for ts in vectors]
+    by_kept = _feature_regions("connectivity", len(kept), 0)
+    regions = [np.array([], dtype=np.int64)] * n_regions
+    for j, r in enumerate(kept):
+        regions[r] = by_kept[j]
+    return X, regions
 
 
 def _feature_regions(readout: str, n_regions: int, n_features: int) -> list[np.ndarray] | None:
@@ -457,7 +535,8 @@ def _load_embedding_set(desc: str | None, readout: str, dataset, writer: Derivat
             continue
         out, attributed = None, False
         if desc is None:
-            path = baseline_outputs(writer, run, atlas_label)[1]
+            timeseries, relmat = baseline_outputs(writer, run, atlas_label)
+            path = timeseries if readout == "tangent" else relmat
         else:
             out = RunOutputs(writer, run, desc, atlas_label, groups=groups)
             # A participant job killed part-way leaves files but no completion sidecar.
@@ -499,12 +578,15 @@ def _load_embedding_set(desc: str | None, readout: str, dataset, writer: Derivat
                                                         else ""))
     if desc is not None:
         check_one_model(desc, models)
-    if len({len(v) for v in vectors}) > 1:
+    if len({v.shape[-1] if readout == "tangent" else len(v) for v in vectors}) > 1:
         raise BadDataError(f"{name}: the runs' feature files have different sizes (outputs of "
                            "different atlases under one name?)")
-    X = np.vstack(vectors)
-    return EmbeddingSet(name, stem, desc, readout, pd.DataFrame(rows), X,
-                        _feature_regions(readout, n_regions, X.shape[1]),
+    if readout == "tangent":
+        X, regions = _time_series_set(vectors, n_regions)
+    else:
+        X = np.vstack(vectors)
+        regions = _feature_regions(readout, n_regions, X.shape[1])
+    return EmbeddingSet(name, stem, desc, readout, pd.DataFrame(rows), X, regions,
                         next(iter(models)) if models else None)
 
 
@@ -613,7 +695,7 @@ def _wanted_sets(config: Config) -> list[tuple[str | None, str]]:
             if not names:
                 raise NoInputError(f"no embeddings in {config.output_dir}: run the participant "
                                    "level first")
-        names = [*names, "fc"] + (["covariates"] if config.group.covariates else [])
+        names = [*names, "fc", "tangent"] + (["covariates"] if config.group.covariates else [])
     wanted: list[tuple[str | None, str]] = []
     for name in names:
         if name in BASELINES:
@@ -678,6 +760,29 @@ def _warnings_to_log() -> Iterator[None]:
                          sum(counts.values()), ", ".join(sorted(counts)))
 
 
+def _splits(sets: list[EmbeddingSet], config: Config) -> list:
+    """The folds every set is scored on (:func:`make_splits`), checked for the sets."""
+    splits = make_splits(sets[0].runs["target"].to_numpy(), sets[0].runs["cv_group"].to_numpy(),
+                         config.group.cv_folds, config.group.cv_repeats, config.random_seed)
+    y = sets[0].runs["target"].to_numpy()
+    for _, _, train, _ in splits:
+        if len(np.unique(y[train])) < 2:
+            # Only with --cv-groups: a group holding (nearly) one class leaves a fold without
+            # the other in training.
+            raise BadDataError(f"a cross-validation fold has a single class ({y[train][0]!r}) "
+                               f"in training: the --cv-groups {config.group.cv_groups} groups "
+                               "are confounded with the target; use other groups or none")
+    smallest_training = min(len(train) for _, _, train, _ in splits)
+    for es in sets:
+        if es.from_time_series and smallest_training <= es.X[0].shape[1]:
+            # Measured (docs/science.md): the training runs' tangent vectors are then offset
+            # from the test runs' (each training run pulls the reference toward itself).
+            log.warning("%s: %d regions for as few as %d training runs: the tangent space is "
+                        "unreliable with fewer training runs than regions (expect chance-level "
+                        "scores)", es.name, es.X[0].shape[1], smallest_training)
+    return splits
+
+
 def _run_group(config: Config) -> None:
     atlas = load_atlas(config.atlas, config.atlas_labels)
     dataset = discover_runs(config)
@@ -709,11 +814,11 @@ def _run_group(config: Config) -> None:
             sets.append(_load_embedding_set(desc, readout, dataset, writer, targets, cv_groups,
                                             label, len(atlas.regions)))
         except NoInputError:
-            if readout != "fc" or config.group.compare is not None:
+            if readout not in ("fc", "tangent") or config.group.compare is not None:
                 raise
             # Outputs of an older participant level: the baseline is left out, not the models.
             log.warning("no functional-connectivity baseline files (rerun the participant "
-                        "level to write them): the fc baseline is left out")
+                        "level to write them): the %s baseline is left out", readout)
     if not sets:
         raise UsageError("the covariates baseline alone has no runs to score: compare it with a "
                          "model or fc")
@@ -726,16 +831,7 @@ def _run_group(config: Config) -> None:
         runs = sets[0].runs[["run", "participant_id", "target", "cv_group"]]
         sets.append(covariate_set(dataset.participants, config.group.covariates, runs))
     classes = _check_classes(sets[0], config.group.cv_folds)
-    splits = make_splits(sets[0].runs["target"].to_numpy(), sets[0].runs["cv_group"].to_numpy(),
-                         config.group.cv_folds, config.group.cv_repeats, config.random_seed)
-    y = sets[0].runs["target"].to_numpy()
-    for _, _, train, _ in splits:
-        if len(np.unique(y[train])) < 2:
-            # Only with --cv-groups: a group holding (nearly) one class leaves a fold without
-            # the other in training.
-            raise BadDataError(f"a cross-validation fold has a single class ({y[train][0]!r}) "
-                               f"in training: the --cv-groups {config.group.cv_groups} groups "
-                               "are confounded with the target; use other groups or none")
+    splits = _splits(sets, config)
     outputs = GroupOutputs(config.output_dir, config.group.target)
     ensure_dir(outputs.dir)
     # A group job killed while writing left temporary files; this job rewrites every output.
@@ -766,7 +862,7 @@ def _run_group(config: Config) -> None:
         bal = summary.set_index("metric").loc["balanced_accuracy"]
         log.info("%s: balanced accuracy %.3f +- %.3f (permutation p = %.4f, %d runs, "
                  "%d participants, %d features)", es.name, bal["mean"], bal["sd"], p_value,
-                 len(es.runs), es.runs["participant_id"].nunique(), es.X.shape[1])
+                 len(es.runs), es.runs["participant_id"].nunique(), es.n_features)
         results[es.name] = SetResult(folds=folds_table, summary=summary,
                                      predictions=predictions, confusion=confusion,
                                      attribution=attribution, null=null, regions_note=note)
@@ -823,8 +919,8 @@ def score_table(sets: list[EmbeddingSet], results: Mapping[str, SetResult], spli
         folds = results[es.name].folds
         summary = results[es.name].summary.set_index("metric")
         row = {"set": es.name, "kind": "baseline" if es.is_baseline else "model",
-               "desc": es.desc, "readout": es.readout, "features": es.X.shape[1],
-               "effective_rank": effective_rank(es.X),
+               "desc": es.desc, "readout": es.readout, "features": es.n_features,
+               "effective_rank": effective_rank(es.feature_matrix()),
                "balanced_accuracy": summary.loc["balanced_accuracy", "mean"],
                "balanced_accuracy_sd": summary.loc["balanced_accuracy", "sd"],
                "roc_auc": summary.loc["roc_auc", "mean"],

@@ -339,7 +339,9 @@ def write_group_report(outputs: GroupOutputs, classes: np.ndarray,
             "cross-validation (runs of a participant never straddle folds).</p>"]
     body += ["<h2>Models and baselines</h2>",
              "<p>Every feature set on the same folds. <code>fc</code>: functional connectivity "
-             "(Pearson correlations of region mean signals); <code>covariates</code>: phenotype "
+             "(Pearson correlations of region mean signals); <code>tangent</code>: their "
+             "covariances in tangent space (reference fit on the training folds); "
+             "<code>covariates</code>: phenotype "
              "columns only. <code>difference</code>, <code>t</code> and <code>p_corrected</code> "
              "compare each set with the best baseline (corrected resampled t-test, Nadeau &amp; "
              "Bengio 2003). <code>effective_rank</code>: how many directions the features of "

@@ -74,8 +74,9 @@ def test_aal116_runs_the_whole_chain(demo: Path, aal116: tuple[Path, Path], tmp_
                 "--cv-repeats", "1", "--n-permutations", "0") == 0
     group = out / "group"
     names = sorted(p.name for p in group.glob("*_attribution.tsv"))
-    # The model's default readout and the fc baseline, each with its summary by region group.
-    stems = ["desc-roi_feature-connectivity", "feature-fc"]
+    # The model's default readout and the fc and tangent baselines, each with its summary by
+    # region group.
+    stems = ["desc-roi_feature-connectivity", "feature-fc", "feature-tangent"]
     assert names == sorted(f"target-diagnosis_atlas-AAL116parcel_{stem}{stat}_attribution.tsv"
                            for stem in stems for stat in ("", "_stat-bygroup"))
     assert (group / "atlas-AAL116parcel_desc-roi_feature-connectivity_stat-reconerror_boldmap"

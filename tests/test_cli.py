@@ -130,6 +130,7 @@ def test_demo_chain_configs_are_those_of_its_command_lines(tmp_path: Path, overw
                       *(["--overwrite"] if overwrite else [])])
         argvs.append([*common, "participant", "--model-desc", masking])
     argvs.append([*common, "group", "--target", "diagnosis", "--compare", *DEMO_MASKINGS, "fc",
+                  "tangent",
                   "covariates", "--features", *DEMO_READOUTS, "--covariates", "age", "sex",
                   "--n-permutations", "50"])
     expected = [config_from_args(build_parser().parse_args(argv)) for argv in argvs]

@@ -19,6 +19,7 @@ import pytest
 from bidsapp.atlas import load_atlas
 from bidsapp.bids.validation import run_bids_validator
 from bidsapp.cli.demo import DEMO_MASKINGS, DEMO_READOUTS, demo_configs, run_demo_chain
+from bidsapp.config import BASELINES
 from bidsapp.demo import make_demo_dataset
 from bidsapp.levels import run
 from bidsapp.logs import setup_logging
@@ -118,7 +119,7 @@ def test_group_classification_beats_chance(chain: dict) -> None:
     group = chain["out"] / "group"
     scores = pd.read_csv(group / "target-diagnosis_scores.tsv", sep="\t",
                          na_values="n/a").set_index("set")
-    sets = [f"{d}-{r}" for d in DEMO_MASKINGS for r in DEMO_READOUTS] + ["fc", "covariates"]
+    sets = [f"{d}-{r}" for d in DEMO_MASKINGS for r in DEMO_READOUTS] + list(BASELINES)
     assert scores.index.tolist() == sets
     # The diagnosis effect is an amplitude and baseline change: first-order readouts see it.
     for desc in DEMO_MASKINGS:

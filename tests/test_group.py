@@ -35,6 +35,7 @@ from bidsapp.group import (
     make_splits,
     permutation_pvalue,
     read_targets,
+    tangent_space,
 )
 from bidsapp.logs import get_logger
 from bidsapp.outputs import RunOutputs, atlas_label
@@ -518,6 +519,83 @@ def test_connectivity_readout_beside_baselines_on_identical_folds(demo: Path, tm
     assert len(comparison) == 3  # every pair
     report = (out / "group_target-diagnosis.html").read_text()
     assert "Models and baselines" in report and "roi-connectivity" in report
+
+
+def write_fake_timeseries(bids: Path, out: Path, atlas: Atlas, *, seed: int = 2,
+                          frames: int = 120) -> list[str]:
+    """Baseline region time series (and their Pearson relmats) of every run; the regions used.
+
+    Twenty regions have a signal (noise of SD 1), the others none (NaN, as a region without
+    voxels): the tangent space needs fewer regions than training runs (docs/science.md). In adhd
+    runs the first 10 of them follow KEY_REGION (a hub: partner = noise + 0.6 KEY_REGION), in
+    control runs they are independent.
+    """
+    config = config_from_args(build_parser().parse_args([str(bids), str(out), "group"]))
+    dataset = discover_runs(config)
+    writer = DerivativesWriter(out, source_datasets=dataset.datasets)
+    diagnosis = dataset.participants.set_index("participant_id")["diagnosis"]
+    names = atlas.table()["name"].tolist()
+    key = names.index(KEY_REGION)
+    used = [*[r for r in range(20) if r != key][:19], key]
+    partners = used[:10]
+    rng = np.random.default_rng(seed)
+    for run in dataset.runs:
+        ts = np.full((frames, len(names)), np.nan)
+        ts[:, used] = rng.normal(size=(frames, len(used)))
+        if diagnosis[f"sub-{run.subject}"] == "adhd":
+            ts[:, partners] += 0.6 * ts[:, [key]]
+        paths = RunOutputs(writer, run, "roi", atlas_label(atlas))
+        paths.timeseries.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(ts, columns=names).to_csv(paths.timeseries, sep="\t", index=False,
+                                               na_rep="n/a")
+        relmat = pd.DataFrame(pd.DataFrame(ts).corr().to_numpy(), columns=names)
+        relmat.insert(0, "Node", names)
+        relmat.to_csv(paths.fc, sep="\t", index=False, na_rep="n/a")
+    return [names[r] for r in used]
+
+
+def test_tangent_baseline_finds_a_planted_coupling(demo: Path, tmp_path: Path, atlas: Atlas,
+                                                   capsys) -> None:
+    out = tmp_path / "out"
+    used = write_fake_timeseries(demo, out, atlas)
+    code, err = run_group([demo, out, "group", "--target", "diagnosis", "--compare", "fc",
+                           "tangent", "--n-permutations", "10", "--cv-repeats", "1"], capsys)
+    assert code == 0, err
+    scores = pd.read_csv(_group_file(out, "target-diagnosis_scores.tsv"), sep="\t",
+                         na_values="n/a").set_index("set")
+    assert scores.index.tolist() == ["fc", "tangent"]
+    # The regions without signal are left out of the tangent space.
+    assert scores.loc["tangent", "features"] == 20 * 19 // 2
+    assert scores.loc["tangent", "balanced_accuracy"] > 0.85
+    assert scores.loc["tangent", "permutation_p"] == pytest.approx(1 / 11)
+    # Importance through the tangent features: the hub and its partners above every other
+    # region; none for the regions left out.
+    attribution = pd.read_csv(_group_file(out, "target-diagnosis_atlas-AAL3v1_feature-tangent_"
+                                               "attribution.tsv"), sep="\t",
+                              na_values="n/a").set_index("name")
+    importance = attribution["importance"]
+    planted = [*used[:10], KEY_REGION]
+    assert set(importance.nlargest(3).index) <= set(planted)
+    # Diffuse, though: whitening by the reference spreads the planted change over every edge.
+    assert importance[planted].mean() > importance[used[10:-1]].mean()
+    assert importance.drop(used).isna().all()
+
+
+def test_tangent_reference_is_fit_on_the_training_runs_only(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    es = _synthetic_set(n=24)
+    X = np.empty(len(es.runs), dtype=object)
+    X[:] = [rng.normal(size=(50, 8)) for _ in range(len(es.runs))]
+    es = EmbeddingSet("tangent", "feature-tangent", None, "tangent", es.runs, X)
+    assert es.n_features == 28 and es.feature_matrix().shape == (24, 28)
+    y = es.runs["target"].to_numpy()
+    splits = make_splits(y, es.runs["cv_group"].to_numpy(), 4, 1, seed=0)
+    with threadpool_limits(limits=1):
+        _, _, models, _ = evaluate(es, splits, np.array(["adhd", "control"]),
+                                   _group_config(tmp_path))
+    for (_, _, train, _), (_, _, model) in zip(splits, models, strict=True):
+        fitted = model.best_estimator_.named_steps["connectivity"]
+        np.testing.assert_allclose(fitted.mean_, tangent_space().fit(list(X[train])).mean_)
 
 
 def test_covariates_baseline_needs_its_columns(demo: Path, tmp_path: Path, atlas: Atlas,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bidsapp.cli.parser import default_omp_nthreads, default_work_dir
-from bidsapp.config import READOUTS, Config
+from bidsapp.config import BASELINES, READOUTS, Config
 from bidsapp.demo import make_demo_dataset
 from bidsapp.errors import UsageError
 from bidsapp.levels import run
@@ -23,7 +23,7 @@ __all__ = ["DEMO_MASKINGS", "DEMO_READOUTS", "demo_configs", "run_demo", "run_de
 
 #: The maskings pretrained, then analysed at the participant level, by the demo chain.
 DEMO_MASKINGS = ("roi", "random")
-#: Every readout, beside the fc and covariates baselines.
+#: Every readout, beside the fc, tangent and covariates baselines.
 DEMO_READOUTS = READOUTS
 #: Config sections of the demo's pretrain steps: small enough for 2 CPU cores in a few minutes.
 DEMO_PRETRAIN: dict[str, dict[str, Any]] = {
@@ -64,7 +64,7 @@ def demo_configs(bids_dir: Path, out_dir: Path, *, verbosity: int = 0, nprocs: i
             participant={"model_desc": masking},
         ))
     configs.append(Config(**common, analysis_level="group", group={
-        "target": DEMO_TARGET, "compare": [*DEMO_MASKINGS, "fc", "covariates"],
+        "target": DEMO_TARGET, "compare": [*DEMO_MASKINGS, *BASELINES],
         "features": list(DEMO_READOUTS), "covariates": ["age", "sex"],
         "n_permutations": n_permutations,
     }))

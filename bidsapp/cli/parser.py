@@ -263,9 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
             help="label permutations for the p-value (0: no p-value)")
     _option(grp, "group.compare", "--compare", nargs="+", metavar="SET",
             help="score these feature sets on identical folds: model maskings (e.g. "
-            f"{' '.join(MASKING_NAMES[:2])}) and the baselines fc (functional connectivity) and "
-            "covariates (default: every model found, fc, and covariates when --covariates is "
-            "given)")
+            f"{' '.join(MASKING_NAMES[:2])}) and the baselines fc (functional connectivity), "
+            "tangent (tangent-space FC) and covariates (default: every model found, fc, "
+            "tangent, and covariates when --covariates is given)")
     _option(grp, "group.features", "--features", nargs="+",
             help="readouts of each model: connectivity of its region features, region "
             "embeddings, or the run embedding")
