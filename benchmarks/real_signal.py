@@ -88,7 +88,7 @@ def main() -> None:
                "--no-reports", *common)
         timings[f"participant_{masking}_seconds"] = time.perf_counter() - start
     start = time.perf_counter()
-    roimae(bids, out, "group", "--target", "Child_Adult", "--compare", *args.maskings, "fc",
+    roimae(bids, out, "group", "--target", "Child_Adult", "--compare", *args.maskings, "fc", "tangent",
            "covariates", "--features", *args.features, "--covariates", "Gender", "Handedness",
            "--cv-folds", args.cv_folds, "--cv-repeats", args.cv_repeats,
            "--n-permutations", args.n_permutations, *common)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -48,6 +49,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from joblib import Memory
 from nilearn.connectome import ConnectivityMeasure
 from scipy import stats
 from sklearn.base import clone
@@ -193,13 +195,15 @@ def tangent_space() -> ConnectivityMeasure:
 
 
 def build_classifier(name: str, seed: int, inner_groups: int | Any,
-                     fixed: bool = False, from_time_series: bool = False) -> GridSearchCV:
+                     fixed: bool = False, from_time_series: bool = False,
+                     memory: Memory | None = None) -> GridSearchCV:
     """The classifier with its regularisation chosen by inner grouped cross-validation.
 
     ``inner_groups`` is the number of :class:`GroupKFold` splits, or any scikit-learn ``cv``
     (a splitter, a list of splits). ``fixed`` keeps only the estimator's default regularisation
     (for training folds too small for an inner cross-validation). ``from_time_series`` puts
-    :func:`tangent_space` first: the pipeline then takes region time series.
+    :func:`tangent_space` first: the pipeline then takes region time series. ``memory``
+    caches the pipeline's fitted transformers (:class:`sklearn.pipeline.Pipeline`).
     """
     if name == "logreg":
         estimator = LogisticRegression(max_iter=2000)
@@ -214,7 +218,7 @@ def build_classifier(name: str, seed: int, inner_groups: int | Any,
              ("reduce", PCA(svd_solver="full")), ("clf", estimator)]
     if from_time_series:
         steps.insert(0, ("connectivity", tangent_space()))
-    pipeline = Pipeline(steps)
+    pipeline = Pipeline(steps, memory=memory)
     if fixed:
         grid = {key: [pipeline.get_params()[key]] for key in grid}
     cv = GroupKFold(n_splits=inner_groups) if isinstance(inner_groups, int) else inner_groups
@@ -317,29 +321,34 @@ def evaluate(es: EmbeddingSet, splits: list, classes: np.ndarray, config: Config
     confusion = np.zeros((len(classes), len(classes)), dtype=int)
     participants = es.runs["participant_id"].to_numpy()
     unsearched = 0
-    for repeat, fold, train, test in splits:
-        # The inner CV needs two groups in the training folds; with --cv-groups and a single
-        # group left for training (e.g. two sites) it falls back to the participants.
-        inner = groups if len(np.unique(groups[train])) >= 2 else participants
-        cv, fixed = inner_cv(y[train], inner[train], config.random_seed + repeat)
-        unsearched += fixed
-        model = build_classifier(config.group.classifier, config.random_seed, cv, fixed=fixed,
-                                 from_time_series=es.from_time_series)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            model.fit(es.X[train], y[train], groups=inner[train])
-        proba = model.predict_proba(es.X[test])
-        pred = model.classes_[proba.argmax(1)]
-        rows.append({"repeat": repeat, "fold": fold, "n_train": len(train), "n_test": len(test),
-                     **fold_metrics(y[test], pred, proba, classes),
-                     "selected": json.dumps({k.removeprefix("clf__"): float(v)
-                                             for k, v in model.best_params_.items()})})
-        confusion += confusion_matrix(y[test], pred, labels=classes)
-        predictions.append(pd.DataFrame({
-            "repeat": repeat, "fold": fold, "run": es.runs["run"].to_numpy()[test],
-            "participant_id": es.runs["participant_id"].to_numpy()[test], "target": y[test],
-            "predicted": pred, **{f"p_{c}": proba[:, i] for i, c in enumerate(model.classes_)}}))
-        models.append((repeat, test, model))
+    # The tangent step does not depend on the regularisation: fitted once per inner training
+    # set and reused across the grid (joblib's cache of the pipeline, in a private temporary
+    # folder), not once per grid point.
+    with tempfile.TemporaryDirectory(prefix="roimae-cv-") as cache:
+        memory = Memory(cache, verbose=0) if es.from_time_series else None
+        for repeat, fold, train, test in splits:
+            # The inner CV needs two groups in the training folds; with --cv-groups and a single
+            # group left for training (e.g. two sites) it falls back to the participants.
+            inner = groups if len(np.unique(groups[train])) >= 2 else participants
+            cv, fixed = inner_cv(y[train], inner[train], config.random_seed + repeat)
+            unsearched += fixed
+            model = build_classifier(config.group.classifier, config.random_seed, cv, fixed=fixed,
+                                     from_time_series=es.from_time_series, memory=memory)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                model.fit(es.X[train], y[train], groups=inner[train])
+            proba = model.predict_proba(es.X[test])
+            pred = model.classes_[proba.argmax(1)]
+            rows.append({"repeat": repeat, "fold": fold, "n_train": len(train), "n_test": len(test),
+                         **fold_metrics(y[test], pred, proba, classes),
+                         "selected": json.dumps({k.removeprefix("clf__"): float(v)
+                                                 for k, v in model.best_params_.items()})})
+            confusion += confusion_matrix(y[test], pred, labels=classes)
+            predictions.append(pd.DataFrame({
+                "repeat": repeat, "fold": fold, "run": es.runs["run"].to_numpy()[test],
+                "participant_id": es.runs["participant_id"].to_numpy()[test], "target": y[test],
+                "predicted": pred, **{f"p_{c}": proba[:, i] for i, c in enumerate(model.classes_)}}))
+            models.append((repeat, test, model))
     if unsearched:
         log.warning("%s: in %d of %d folds a class has a single participant (or group) in "
                     "training, too few for an inner cross-validation: the regularisation is the "
@@ -777,9 +786,10 @@ def _splits(sets: list[EmbeddingSet], config: Config) -> list:
         if es.from_time_series and smallest_training <= es.X[0].shape[1]:
             # Measured (docs/science.md): the training runs' tangent vectors are then offset
             # from the test runs' (each training run pulls the reference toward itself).
-            log.warning("%s: %d regions for as few as %d training runs: the tangent space is "
-                        "unreliable with fewer training runs than regions (expect chance-level "
-                        "scores)", es.name, es.X[0].shape[1], smallest_training)
+            log.warning("%s: %d regions for as few as %d training runs: with fewer training "
+                        "runs than regions the tangent space can misplace the test runs (scores "
+                        "near chance; docs/science.md)", es.name, es.X[0].shape[1],
+                        smallest_training)
     return splits
 
 

@@ -14,6 +14,7 @@ BENCHMARKS = REPO_ROOT / "benchmarks"
 
 #: Each benchmark with arguments small enough for a few seconds on 2 cores.
 QUICK_ARGUMENTS = {
+    "baselines_real.py": ["--cv-folds", "2", "--cv-repeats", "1", "--participants", "10"],
     "backbones.py": ["--presets", "tiny", "--backbones", "swin4d", "vit4d", "--batch-size", "1",
                      "--frames", "10", "--steps", "1", "--warmup", "1"],
     "cache_precision.py": ["--frames", "40"],
