@@ -148,6 +148,38 @@ class TrainingHistory:
         return cls(frame)
 
 
+def training_network(model: MaskedAutoencoder, ctx: DistributedContext, *,
+                     compile_model: bool = False) -> torch.nn.Module:
+    """The module a training step calls: ``model`` itself, in DDP across ranks, compiled if asked.
+
+    Parameters
+    ----------
+    model : MaskedAutoencoder
+        The autoencoder, already on ``ctx.device``.
+    ctx : DistributedContext
+        With more than one process, the model is wrapped in
+        :class:`~torch.nn.parallel.DistributedDataParallel`.
+    compile_model : bool
+        Compile the forward pass with :func:`torch.compile`.
+
+    Returns
+    -------
+    torch.nn.Module
+        Called as ``network(x, brain, mask)``; its weights are those of ``model``.
+    """
+    network: torch.nn.Module = model
+    if ctx.enabled:
+        cuda = ctx.device.type == "cuda"
+        network = DistributedDataParallel(model, device_ids=[ctx.device] if cuda else None)
+    if compile_model:
+        # Background skipping selects tokens by content (data-dependent shapes, graph breaks);
+        # the plain path computes the same outputs with static shapes, which compile well.
+        model.skip_background = False
+        # Only the forward is compiled; weights and checkpoints stay those of ``model``.
+        network = torch.compile(network)
+    return network
+
+
 @dataclass(frozen=True)
 class TrainingSettings:
     """How :class:`Trainer` trains: the pretrain level's options, gathered once from the config.
@@ -214,16 +246,7 @@ class Trainer:
             self.val_loader = DataLoader(val_set, batch_size=batch_size, sampler=val_sampler,
                                          collate_fn=collate_windows,
                                          num_workers=num_workers, pin_memory=pin)
-        self.network: torch.nn.Module = (
-            DistributedDataParallel(self.model, device_ids=[ctx.device] if pin else None)
-            if ctx.enabled else self.model
-        )
-        if settings.compile_model:
-            # Background skipping selects tokens by content (data-dependent shapes, graph breaks);
-            # the plain path computes the same outputs with static shapes, which compile well.
-            self.model.skip_background = False
-            # Only the forward is compiled; weights and checkpoints stay those of ``self.model``.
-            self.network = torch.compile(self.network)
+        self.network = training_network(self.model, ctx, compile_model=settings.compile_model)
         decay, no_decay = _parameter_groups(self.model)
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": settings.weight_decay},
