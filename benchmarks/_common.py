@@ -106,3 +106,28 @@ def step_seconds(model: torch.nn.Module, masking: Callable, optimizer: torch.opt
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+#: Dense bf16 peak of known cards (TFLOP/s), for the fraction-of-peak column.
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0}
+
+
+def bf16_peak_fraction(network: torch.nn.Module, masking: Callable, batch: dict,
+                       device: torch.device, seconds_per_step: float) -> dict[str, float | None]:
+    """TFLOP/s of one training step (FLOPs counted by PyTorch) and its fraction of the card's peak.
+
+    Only on CUDA (an empty dict elsewhere); the fraction is ``None`` for a card not in
+    :data:`BF16_PEAK_TFLOPS`.
+    """
+    if device.type != "cuda":
+        return {}
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, brain = batch["x"].to(device), batch["brain"].to(device)
+    with FlopCounterMode(display=False) as counter, \
+            torch.autocast("cuda", dtype=torch.bfloat16):
+        network(x, brain, masking(x.shape[0], x.shape[1])).loss.backward()
+    tflops = counter.get_total_flops() / seconds_per_step / 1e12
+    name = torch.cuda.get_device_name(0)
+    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+    return {"tflops": tflops, "fraction_of_bf16_peak": tflops / peak if peak else None}

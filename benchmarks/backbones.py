@@ -1,14 +1,20 @@
 """Benchmark: seconds per training step of each backbone, relative to swin4d at the same preset.
 
     python benchmarks/backbones.py [--presets tiny small] [--backbones swin4d swin4d-plain vit4d]
-                                   [--batch-size 2] [--frames 20] [--steps 3]
+                                   [--batch-size 2] [--frames 20] [--steps 3] [--compile]
+    torchrun --standalone --nproc-per-node 2 benchmarks/backbones.py --backbones swin4d
 
 A step is what the pretrain level does per batch (mask draw, forward, backward, AdamW) on windows
 of noise in the AAL3 brain (0 outside, as the cache gives), with ``roi`` masking at 50% of the
-regions. ``swin4d-plain`` is swin4d without background skipping. The visible-token fraction is the
-share of the cube's tokens (all frames) that the encoder processes. Every measurement runs in a
-fresh process; with ``--repeats`` the backbones are measured in turn and each row gives the median
-(the ratio to swin4d is of medians). CUDA with bf16 autocast when available, else the CPU.
+regions, through the module the pretrain level trains (:func:`bidsapp.training.training_network`:
+compiled with ``--compile`` as ``--torch-compile`` does, in DistributedDataParallel under
+torchrun). ``swin4d-plain`` is swin4d without background skipping. The visible-token fraction is
+the share of the cube's tokens (all frames) that the encoder processes. Every measurement runs in
+a fresh process; with ``--repeats`` the backbones are measured in turn and each row gives the
+median (the ratio to swin4d is of medians). CUDA with bf16 autocast when available, else the CPU;
+on CUDA a row also gives TFLOP/s and the fraction of the card's bf16 peak. Under torchrun every
+rank measures in its own process and rank 0 prints the rows (``world_size``; samples/s counts
+every rank's batch).
 """
 
 from __future__ import annotations
@@ -18,28 +24,35 @@ import itertools
 import statistics
 
 import torch
-from _common import emit, in_child, step_seconds
+from _common import bf16_peak_fraction, emit, in_child, peak_rss_mb, step_seconds
+
+from bidsapp.distributed import env_rank, env_world_size
 
 
 def measure(backbone: str, preset_name: str, batch: int, frames: int, steps: int,
-            warmup: int) -> dict:
+            warmup: int, compile_model: bool = False) -> dict:
     from bidsapp.atlas import load_atlas
     from bidsapp.data import build_region_grid
+    from bidsapp.distributed import DistributedContext
     from bidsapp.grid import cube_atlas
     from bidsapp.model.factory import build_model, count_parameters
     from bidsapp.model.masking import build_masking
     from bidsapp.model.presets import BACKBONE_PRESETS
+    from bidsapp.training import training_network
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ctx = DistributedContext.setup(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    device = ctx.device
     preset = BACKBONE_PRESETS[backbone.removesuffix("-plain")][preset_name]
     atlas = load_atlas()
-    torch.manual_seed(0)
+    torch.manual_seed(ctx.rank)
     brain = torch.from_numpy(cube_atlas(atlas).brain).to(device).expand(batch, -1, -1, -1)
     x = torch.randn(batch, frames, 96, 96, 96, device=device) * brain[:, None]
     masking = build_masking("roi", build_region_grid(atlas, preset).to(device), 0.5)
+    torch.manual_seed(0)  # the same initial weights on every rank, as DDP expects
     model = build_model(preset).to(device)
     if backbone == "swin4d-plain":
         model.skip_background = False
+    network = training_network(model, ctx, compile_model=compile_model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     encoded: list[float] = []
     if preset.backbone == "vit4d":  # the encoder's valid tokens, per sample
@@ -47,13 +60,17 @@ def measure(backbone: str, preset_name: str, batch: int, frames: int, steps: int
             lambda _m, args, _out: encoded.append(args[1].sum().item() / batch))
     n_tokens = frames * torch.tensor(preset.grid_shape()).prod().item() / preset.tubelet
     batches = itertools.repeat({"x": x, "brain": brain})
-    seconds = step_seconds(model, masking, optimizer, batches, device, steps, warmup)
+    seconds = step_seconds(network, masking, optimizer, batches, device, steps, warmup)
+    world = ctx.world_size
+    ctx.shutdown()
     return {"benchmark": "backbone-step", "backbone": backbone, "preset": preset_name,
             "device": device.type, "batch": batch, "frames": frames,
-            "seconds_per_step": seconds, "samples_per_second": batch / seconds,
+            "compile": compile_model, "world_size": world,
+            "seconds_per_step": seconds, "samples_per_second": batch * world / seconds,
             "n_parameters": count_parameters(preset),
             "visible_token_fraction": sum(encoded) / len(encoded) / n_tokens if encoded else 1.0,
-            "steps": steps, "warmup": warmup}
+            "steps": steps, "warmup": warmup,
+            **bf16_peak_fraction(network, masking, {"x": x, "brain": brain}, device, seconds)}
 
 
 def main() -> None:
@@ -68,14 +85,23 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=1,
                         help="measure every backbone this many times, interleaved; report medians")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the forward pass, as pretrain --torch-compile does")
     args = parser.parse_args()
+    measured = (args.batch_size, args.frames, args.steps, args.warmup, args.compile)
+    if env_world_size() > 1:  # under torchrun: every rank is already its own fresh process
+        if len(args.presets) * len(args.backbones) > 1:
+            parser.error("under torchrun, measure one preset and one backbone per launch")
+        row = measure(args.backbones[0], args.presets[0], *measured)
+        if env_rank() == 0:
+            emit({**row, "peak_rss_mb": peak_rss_mb()})
+        return
     backbones = ["swin4d", *(b for b in args.backbones if b != "swin4d")]
     for preset in args.presets:
         rows: dict[str, list[dict]] = {b: [] for b in backbones}
         for _ in range(args.repeats):
             for backbone in backbones:
-                rows[backbone].append(in_child(measure, backbone, preset, args.batch_size,
-                                               args.frames, args.steps, args.warmup))
+                rows[backbone].append(in_child(measure, backbone, preset, *measured))
         reference = statistics.median(r["seconds_per_step"] for r in rows["swin4d"])
         for backbone in args.backbones:
             seconds = [r["seconds_per_step"] for r in rows[backbone]]

@@ -17,10 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _common import emit, step_seconds
-
-#: Dense bf16 peak of known cards (TFLOP/s), for the fraction-of-peak column.
-BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+from _common import bf16_peak_fraction, emit, step_seconds
 
 
 def prepare(root: Path, frames: int, window: int, downsample: int):
@@ -36,15 +33,6 @@ def prepare(root: Path, frames: int, window: int, downsample: int):
                                                          downsample=downsample))
             for b in sorted(bids.glob("sub-*/func/*_desc-preproc_bold.nii.gz"))]
     return runs, load_atlas()
-
-
-def flops_per_step(model, masking, batch, device: torch.device) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    x, brain = batch["x"].to(device), batch["brain"].to(device)
-    with FlopCounterMode(display=False) as counter:
-        model(x, brain, masking(x.shape[0], x.shape[1])).loss.backward()
-    return float(counter.get_total_flops())
 
 
 def main() -> None:
@@ -102,12 +90,8 @@ def main() -> None:
                    "steps": args.steps, "rounds": args.rounds,
                    "seconds_per_step": loaded, "samples_per_second": args.batch_size / loaded,
                    "floor": "same steps, batches in memory", "floor_seconds": in_memory,
-                   "ratio": loaded / in_memory, "target_ratio": 1.1}
-            if device.type == "cuda":
-                name = torch.cuda.get_device_name(0)
-                peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
-                tflops = flops_per_step(model, masking, batch, device) / loaded / 1e12
-                row.update(tflops=tflops, fraction_of_bf16_peak=tflops / peak if peak else None)
+                   "ratio": loaded / in_memory, "target_ratio": 1.1,
+                   **bf16_peak_fraction(model, masking, batch, device, loaded)}
             emit(row)
 
 

