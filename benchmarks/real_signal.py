@@ -28,7 +28,8 @@ import numpy as np
 import pandas as pd
 from _common import emit
 
-REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata" / "development_fmri"
+REALDATA = (Path(os.environ.get("ROIMAE_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
+            / "realdata" / "development_fmri")
 
 
 def roimae(*argv: object) -> None:
