@@ -12,6 +12,7 @@ from bidsapp.model.masking import (
     RandomMasking,
     RegionGrid,
     RegionMasking,
+    RegionTokenOrVoxelMasking,
     RegionVoxelMasking,
     build_masking,
 )
@@ -129,6 +130,26 @@ def test_roi_voxel_partial_token_is_not_mask_token(grid: RegionGrid) -> None:
     assert mask.voxels[0, 0, 11, 4:12, 4:20].all()
     assert not mask.tokens[0, 0, 2].any()
     assert int(mask.tokens.sum()) == 16
+
+
+def test_token_or_voxel_hides_token_regions_as_roi_and_the_others_by_voxel(grid: RegionGrid) -> None:
+    masking = RegionTokenOrVoxelMasking(grid, 0.5)
+    # Every region with a brain voxel can be hidden (the one-voxel region 4 too), region 5 not.
+    assert masking.eligible.tolist() == [True] * 5 + [False]
+    assert masking.token_owned.tolist() == [True] * 4 + [False] * 2
+    roi = RegionMasking(grid, 0.5)
+    labels, _ = _hand_volumes()
+    for drawn in ([0, 2], [1, 3], [0, 1, 2, 3], [2, 4], [4], [1, 4]):
+        regions = torch.zeros(1, 1, N_REGIONS, dtype=torch.bool)
+        regions[..., drawn] = True
+        mask = masking.from_regions(regions)
+        by_tokens = roi.from_regions(regions)
+        # The token-owning regions are hidden exactly as roi hides them in training ...
+        np.testing.assert_array_equal(mask.tokens.numpy(), by_tokens.tokens.numpy())
+        # ... and region 4 adds its one voxel, inside a token that stays visible.
+        expected = by_tokens.voxels[0, 0].numpy() | (labels == 4) * (4 in drawn)
+        np.testing.assert_array_equal(mask.voxels[0, 0].numpy(), expected)
+        np.testing.assert_array_equal(mask.regions.numpy(), regions.numpy())
 
 
 @pytest.mark.parametrize("ratio", [0.3, 0.5, 0.8])

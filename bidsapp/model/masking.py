@@ -497,6 +497,50 @@ class RegionVoxelMasking(_RegionDraw):
         return Mask(tokens, voxels, padded[..., :-1])
 
 
+class RegionTokenOrVoxelMasking(_RegionDraw):
+    """Whole atlas regions: as their tokens where they own some, voxel by voxel where they own none.
+
+    What attribution hides in a model trained with token masks: a region that owns a token is
+    hidden exactly as ``roi`` hides it in training, and a region too small to own one (52 of
+    AAL3's 166 at ``tiny``, the amygdalae among them) is hidden voxel by voxel, inside tokens that
+    stay visible, as ``roi-voxel`` does. Every region with a brain voxel can then be hidden;
+    ``token_owned`` says which way. Tokens whose brain voxels are all hidden get the mask token.
+    """
+
+    name = "roi-token-or-voxel"
+    unit_noun = "brain voxel"
+
+    def _sizes(self) -> tuple[torch.Tensor, int]:
+        grid = self.grid
+        labels = grid.token_labels.flatten()
+        self.token_owned = torch.bincount(labels[labels >= 0], minlength=grid.n_regions) > 0  # (R,)
+        labels = grid.voxel_labels[grid.brain]
+        sizes = torch.bincount(labels[labels >= 0], minlength=grid.n_regions)
+        return sizes, int(grid.brain.sum())
+
+    def from_regions(self, regions: torch.Tensor) -> Mask:
+        """The mask of the given regions.
+
+        Parameters
+        ----------
+        regions : torch.BoolTensor, shape (B, Tm, R)
+
+        Returns
+        -------
+        Mask
+            The tokens of the token-owning regions and all their voxels, plus the voxels of the
+            regions that own no token.
+        """
+        grid = self.grid
+        padded = self._check_regions(regions)                         # (B, Tm, R+1)
+        owned = F.pad(self.token_owned, (0, 1))                        # (R+1,), "no region" last
+        tokens = (padded & owned)[..., grid.token_labels]              # (B, Tm, gd, gh, gw)
+        voxels = (_tokens_to_voxels(tokens, grid.patch_size)
+                  | (padded & ~owned)[..., grid.voxel_labels])         # (B, Tm, D, H, W)
+        visible_brain = blocks(~voxels & grid.brain, grid.patch_size).any(-1)
+        return Mask(tokens | (grid.brain_tokens & ~visible_brain), voxels, padded[..., :-1])
+
+
 def build_masking(
     name: str,
     region_grid: RegionGrid,
