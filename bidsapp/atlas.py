@@ -450,12 +450,17 @@ def region_map(values: np.ndarray, contiguous: np.ndarray, affine: np.ndarray) -
 
 
 def group_summary(table: pd.DataFrame, measures: tuple[str, ...]) -> pd.DataFrame:
-    """Mean of each measure over the regions of each group (regions without a value left out).
+    """Mean of each measure over the regions of each group, weighted by their voxels.
+
+    A group's value is that of its average voxel: a small region, whose value is the noisiest
+    (a few voxels' reconstruction error, a small occlusion), counts in proportion to its size
+    and cannot swamp its group. Regions without a value are left out.
 
     Parameters
     ----------
     table : pandas.DataFrame
-        One row per region, with a ``group`` column (:meth:`Atlas.table`) and the measures.
+        One row per region, with a ``group`` column (:meth:`Atlas.table`), the measures and,
+        optionally, ``voxels`` (each region's voxels; without it every region weighs one).
     measures : tuple of str
         The columns to average; the first also counts the regions with a value.
 
@@ -463,10 +468,22 @@ def group_summary(table: pd.DataFrame, measures: tuple[str, ...]) -> pd.DataFram
     -------
     pandas.DataFrame
         One row per group, sorted: ``group``, ``regions``, ``regions_with_values`` and the
-        means.
+        weighted means.
     """
+    weights = (table["voxels"].to_numpy(dtype=float) if "voxels" in table
+               else np.ones(len(table)))
+    frame = pd.DataFrame({"group": table["group"]})
+    for measure in measures:
+        values = table[measure].to_numpy(dtype=float)
+        known = np.isfinite(values) & (weights > 0)
+        frame[f"{measure}:sum"] = np.where(known, values * weights, 0.0)
+        frame[f"{measure}:weight"] = np.where(known, weights, 0.0)
+    sums = frame.groupby("group", sort=True).sum()
     grouped = table.groupby("group", sort=True)
-    summary = grouped[list(measures)].mean()
-    summary.insert(0, "regions", grouped.size())
-    summary.insert(1, "regions_with_values", grouped[measures[0]].count())
+    summary = pd.DataFrame(index=sums.index)
+    summary["regions"] = grouped.size()
+    summary["regions_with_values"] = grouped[measures[0]].count()
+    for measure in measures:
+        weight = sums[f"{measure}:weight"]
+        summary[measure] = (sums[f"{measure}:sum"] / weight.where(weight > 0)).astype(float)
     return summary.reset_index()

@@ -948,6 +948,8 @@ def score_table(sets: list[EmbeddingSet], results: Mapping[str, SetResult], spli
 def group_attribution(es: EmbeddingSet, models: list, atlas: Atlas) -> pd.DataFrame:
     """Mean participant measures per region, and the classifier-based importance."""
     table = atlas.table().copy()
+    labels = atlas.contiguous(np.asarray(atlas.image.dataobj))
+    table["voxels"] = np.bincount(labels[labels >= 0], minlength=len(atlas.regions))
     tables = [pd.read_csv(p, sep="\t", na_values="n/a") for p in es.runs["table"] if p is not None]
     for measure in ("reconerror", "occlusion"):
         if tables:

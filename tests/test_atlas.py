@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bidsapp.atlas import Atlas, Region, group_for_region, load_atlas
+from bidsapp.atlas import Atlas, Region, group_for_region, group_summary, load_atlas
 from bidsapp.errors import BadDataError, ExitCode, NoInputError
 
 AAL_IMAGE = "AAL3v1_2mm.nii.gz"
@@ -278,3 +278,22 @@ def test_nilearn_cached_copy_is_loaded(tmp_path: Path, monkeypatch: pytest.Monke
     # No hemisphere/group in the XML: derived, they equal the shared table, so does the hash.
     assert atlas.regions == aal.regions
     assert atlas.sha256() == aal.sha256()
+
+
+def test_group_summary_weighs_regions_by_their_voxels() -> None:
+    table = pd.DataFrame({
+        "group": ["a", "a", "a", "b", "b"],
+        "voxels": [90, 10, 50, 1, 3],
+        "reconerror": [1.0, 11.0, np.nan, 2.0, 6.0],
+        "occlusion": [0.5, 0.5, 2.0, np.nan, np.nan],
+    })
+    summary = group_summary(table, ("reconerror", "occlusion")).set_index("group")
+    assert summary["regions"].tolist() == [3, 2]
+    assert summary["regions_with_values"].tolist() == [2, 2]
+    # (90 * 1 + 10 * 11) / 100 = 2: the 10-voxel region's outlier counts a tenth.
+    np.testing.assert_allclose(summary["reconerror"], [2.0, (2.0 + 18.0) / 4])
+    np.testing.assert_allclose(summary.loc["a", "occlusion"], (45 + 5 + 100) / 150)
+    assert np.isnan(summary.loc["b", "occlusion"])
+    # Without voxel counts every region weighs one.
+    plain = group_summary(table.drop(columns="voxels"), ("reconerror",)).set_index("group")
+    np.testing.assert_allclose(plain["reconerror"], [6.0, 4.0])
