@@ -79,7 +79,7 @@ def build_region_grid(atlas: Atlas, preset: ModelPreset) -> RegionGrid:
     missing = [atlas.regions[i].name for i in grid.regions_without_tokens()]
     if missing:
         log.info("%d of %d %s regions own no token of the %s grid (patch %d at %dx downsampling) "
-                 "and cannot be hidden by roi masking or attributed: %s",
+                 "and cannot be hidden by roi masking (attribution hides them voxel by voxel): %s",
                  len(missing), grid.n_regions, atlas.name, preset.name, preset.patch_size,
                  preset.downsample, ", ".join(missing))
     return grid

@@ -25,9 +25,8 @@ from bidsapp.model.mae import MaskedAutoencoder
 from bidsapp.model.masking import (
     Mask,
     RegionGrid,
-    RegionMasking,
+    RegionTokenOrVoxelMasking,
     RegionVoxelMasking,
-    build_masking,
 )
 from bidsapp.model.presets import BACKBONE_PRESETS, ModelPreset
 from bidsapp.outputs import MODELS_DIR
@@ -58,6 +57,13 @@ half of the regions hidden, each subset paired with its complement, so every reg
   run to the next; a cosine is blind to this, since every embedding shares a large common component).
   Each delta mixes in the other regions' effects with mean zero; its precision improves as
   ``1/sqrt(K * windows)``.
+
+Regions are hidden as the model was trained to see them hidden: by their tokens (a ``roi``,
+``random`` or ``brain-random`` model) or by their voxels (a ``roi-voxel`` model). A region too small
+to own a token of the model grid (52 of AAL3's 166 at ``tiny``) is hidden voxel by voxel in either
+case, inside tokens that stay visible (``RegionTokenOrVoxelMasking``): its values are those of a
+finer occlusion than the token-owning regions' and are marked so in the region table. Only a region
+without a brain voxel on the model's working grid cannot be hidden.
 
 Cost: ``K + 1`` encoder passes per window instead of ``R + 1`` (166 + 1 for AAL3). The unmasked pass
 also gives the region readouts (:mod:`bidsapp.readouts`).
@@ -220,13 +226,14 @@ class RegionPasses:
     ----------
     model : MaskedAutoencoder
         The pretrained model.
-    masking : RegionMasking or RegionVoxelMasking
-        Hides whole regions (:meth:`from_regions`), as in training.
+    masking : RegionTokenOrVoxelMasking or RegionVoxelMasking
+        Hides whole regions (:meth:`from_regions`).
     batch_size : int
         Passes run at once.
     """
 
-    def __init__(self, model: MaskedAutoencoder, masking: RegionMasking | RegionVoxelMasking,
+    def __init__(self, model: MaskedAutoencoder,
+                 masking: RegionTokenOrVoxelMasking | RegionVoxelMasking,
                  batch_size: int) -> None:
         self.model, self.masking, self.batch_size = model, masking, batch_size
         grid = masking.grid
@@ -372,8 +379,8 @@ def analyse_run(loaded: LoadedModel, run: CachedRun, *, attribution: bool, n_sub
     """
     grid = loaded.region_grid
     device = grid.device
-    region_masking = build_masking("roi-voxel" if loaded.masking == "roi-voxel" else "roi",
-                                   grid, 0.5)
+    hiding = RegionVoxelMasking if loaded.masking == "roi-voxel" else RegionTokenOrVoxelMasking
+    region_masking = hiding(grid, 0.5)
     passes = RegionPasses(loaded.model, region_masking,
                           batch_size or (4 if device.type == "cuda" else 1))
     sums = AttributionSums()

@@ -61,6 +61,13 @@ FIGURES_DIR = "figures"
 #: The lock of a participant report, in its figures folder.
 REPORT_LOCK = ".report.lock"
 
+#: The ``note`` of a region in a participant's attribution table that has no brain voxel on the
+#: model's working grid (its values are ``n/a``).
+NOTE_CANNOT_BE_HIDDEN = "no brain voxel on the model's working grid: cannot be hidden"
+#: The ``note`` of a region too small to own a token: hidden voxel by voxel, a finer occlusion than
+#: the token-owning regions'.
+NOTE_HIDDEN_BY_VOXEL = "owns no token of the model grid: hidden voxel by voxel"
+
 #: Non-standard suffixes and folders the participant and group levels write (kept out of the
 #: BIDS validator's way). Directories without a trailing slash: bids-validator-deno does not
 #: match "dir/" patterns.
@@ -205,7 +212,8 @@ def region_table(atlas: Atlas, loaded: LoadedModel, result: RunAttribution,
     -------
     pandas.DataFrame
         The atlas table with ``voxels``, ``tokens``, ``reconerror``, ``reconerror_se``,
-        ``occlusion`` and ``note`` (why a region has no value, else ``n/a``).
+        ``occlusion`` and ``note`` (:data:`NOTE_CANNOT_BE_HIDDEN`, :data:`NOTE_HIDDEN_BY_VOXEL`
+        or ``n/a``).
     """
     table = atlas.table().copy()
     labels = loaded.region_grid.token_labels.flatten()
@@ -215,8 +223,9 @@ def region_table(atlas: Atlas, loaded: LoadedModel, result: RunAttribution,
     table["reconerror"] = result.recon_error
     table["reconerror_se"] = result.recon_error_se
     table["occlusion"] = result.occlusion
-    table["note"] = np.where(result.eligible, "n/a",
-                             "owns no token of the model grid: cannot be hidden")
+    table["note"] = np.select(
+        [~result.eligible, tokens == 0],
+        [NOTE_CANNOT_BE_HIDDEN, NOTE_HIDDEN_BY_VOXEL], "n/a")
     return table
 
 

@@ -169,8 +169,8 @@ def write_run(writer: DerivativesWriter, out: RunOutputs, run: BoldRun, cached: 
             writer.write_nifti(path, region_map(table[column].to_numpy(), contiguous, affine))
             writer.write_sidecar(path, {"Description": text, "Sources": sources,
                                         "Atlas": atlas.name, "Model": model_info,
-                                        "NaNMeans": "the region owns no token of the model "
-                                                    "grid"})
+                                        "NaNMeans": "the region has no brain voxel on the "
+                                                    "model's working grid"})
         writer.write_tsv(out.table, table)
         if out.groups is not None:
             writer.write_tsv(out.groups, group_summary(table, ("reconerror", "occlusion")))
@@ -178,6 +178,7 @@ def write_run(writer: DerivativesWriter, out: RunOutputs, run: BoldRun, cached: 
             "Method": " ".join(ATTRIBUTION_METHOD.split()), "Subsets": config.participant.
             attribution_subsets, "Atlas": atlas.name, "Regions": len(atlas.regions),
             "RegionsNotHidden": int((~result.eligible).sum()),
+            "RegionsHiddenByVoxel": int((result.eligible & (table["tokens"] == 0)).sum()),
         }
     meta["Outputs"] = [path.name for path in out.data_files(meta["Attribution"] is not None)]
     writer.write_sidecar(out.embedding, meta)   # last: marks the run complete

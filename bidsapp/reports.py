@@ -35,6 +35,8 @@ from bidsapp.io import (
     remove_temporaries,
 )
 from bidsapp.outputs import (
+    NOTE_CANNOT_BE_HIDDEN,
+    NOTE_HIDDEN_BY_VOXEL,
     REPORT_LOCK,
     GroupOutputs,
     RunOutputs,
@@ -256,11 +258,14 @@ def write_participant_report(output_dir: Path, subject: str,
             if out.groups is not None:
                 summary = pd.read_csv(out.groups, sep="\t", na_values="n/a")
                 body += ["<h4>By region group</h4>", _table_html(summary)]
-            missing = table[table["note"].notna() & (table["note"] != "n/a")]
-            if len(missing):
-                body.append(f"<p class='note'>{len(missing)} regions own no token of the "
-                            "model grid and cannot be hidden: "
-                            + html.escape(", ".join(missing["name"])) + ".</p>")
+            for note, said in ((NOTE_HIDDEN_BY_VOXEL, "own no token of the model grid and "
+                                "were hidden voxel by voxel (a finer occlusion than the others')"),
+                               (NOTE_CANNOT_BE_HIDDEN, "have no brain voxel on the model's "
+                                "working grid and cannot be hidden")):
+                names = table.loc[table["note"] == note, "name"]
+                if len(names):
+                    body.append(f"<p class='note'>{len(names)} regions {said}: "
+                                + html.escape(", ".join(names)) + ".</p>")
         else:
             body.append("<p class='note'>No region attribution: the participant level ran "
                         "with --no-attribution.</p>")

@@ -23,6 +23,7 @@ from bidsapp.config import BASELINES
 from bidsapp.demo import make_demo_dataset
 from bidsapp.levels import run
 from bidsapp.logs import setup_logging
+from bidsapp.outputs import NOTE_CANNOT_BE_HIDDEN, NOTE_HIDDEN_BY_VOXEL
 
 pytestmark = pytest.mark.slow
 
@@ -91,10 +92,19 @@ def test_participant_outputs_for_every_run(chain: dict) -> None:
                     values = np.unique(data[labels == r])
                     assert values.size == 1
                     np.testing.assert_allclose(values[0], table[column].iloc[r], rtol=1e-5)
-            # Regions too small to own a token are listed as such, not silently zero.
+            # Regions too small to own a token of the tiny grid (the amygdalae among them) are
+            # hidden voxel by voxel and say so; only a region without a brain voxel on the 4 mm
+            # working grid cannot be hidden, and says that.
             no_token = table["tokens"] == 0
-            assert no_token.any() and table.loc[no_token, "reconerror"].isna().all()
-            assert table.loc[no_token, "note"].str.contains("no token").all()
+            assert table.loc[no_token, "note"].isin(
+                [NOTE_HIDDEN_BY_VOXEL, NOTE_CANNOT_BE_HIDDEN]).all()
+            by_voxel = table["note"] == NOTE_HIDDEN_BY_VOXEL
+            assert by_voxel.sum() > 40
+            assert table.loc[by_voxel, ["reconerror", "occlusion"]].notna().all().all()
+            assert by_voxel[table["name"].isin(["Amygdala_L", "Amygdala_R"])].all()
+            unhidden = table["reconerror"].isna()
+            assert unhidden.sum() <= 1
+            assert (table.loc[unhidden, "note"] == NOTE_CANNOT_BE_HIDDEN).all()
             # Representation sensitivity is a distance: non-negative, and far above float
             # resolution.
             sensitivity = table["occlusion"].dropna()
@@ -167,21 +177,22 @@ def test_group_attribution_ranks_the_planted_regions_first(chain: dict, desc: st
 
 
 @pytest.mark.parametrize("desc", ["roi", "random"])
-def test_group_attribution_of_the_run_embedding_covers_the_token_regions(chain: dict,
-                                                                         desc: str) -> None:
+def test_group_attribution_of_the_run_embedding_covers_every_hidden_region(chain: dict,
+                                                                           desc: str) -> None:
     """The run embedding's importance comes from the participant level's occluded embeddings:
-    a value and a standard error for every region that owns a token, none for the others.
+    a value and a standard error for every region the participant level could hide (by its
+    tokens or, if it owns none, by its voxels), none for the others.
 
     Its precision at the demo's compute (6 region subsets per window) does not resolve the
     planted regions; the region readout's does (the test above).
     """
     table = pd.read_csv(chain["out"] / f"group/target-diagnosis_atlas-AAL3v1_desc-{desc}_"
                         "feature-global_attribution.tsv", sep="\t", na_values="n/a")
-    participant = _region_tables(chain["out"], desc).groupby("name", sort=False)["tokens"].first()
-    has_token = table["name"].map(participant).to_numpy() > 0
-    assert has_token.sum() >= 100
-    assert table.loc[has_token, ["importance", "importance_se"]].notna().all().all()
-    assert table.loc[~has_token, "importance"].isna().all()
+    note = _region_tables(chain["out"], desc).groupby("name", sort=False)["note"].first()
+    hidden = (table["name"].map(note) != NOTE_CANNOT_BE_HIDDEN).to_numpy()
+    assert hidden.sum() >= 160
+    assert table.loc[hidden, ["importance", "importance_se"]].notna().all().all()
+    assert table.loc[~hidden, "importance"].isna().all()
 
 
 def test_covariance_only_effect_is_found_by_the_connectivity_readout(chain: dict) -> None:
