@@ -410,6 +410,38 @@ def demo_copy(demo: Path, tmp_path: Path) -> Path:
     return copy
 
 
+def test_group_level_refuses_a_non_finite_run_embedding(demo: Path, tmp_path: Path, atlas: Atlas,
+                                                        capsys) -> None:
+    out = tmp_path / "out"
+    write_fake_outputs(demo, out, atlas)
+    first = sorted(out.glob("sub-*/func/*_desc-roi_stat-mean_embedding.tsv"))[0]
+    table = pd.read_csv(first, sep="\t")
+    table.iloc[0, 2] = np.inf
+    table.to_csv(first, sep="\t", index=False)
+    code, err = run_group([demo, out, "group", "--target", "diagnosis", "--features", "global",
+                           "--n-permutations", "0"], capsys)
+    assert code == 65 and "Traceback" not in err
+    assert err.splitlines()[-1] == (f"roimae: error: {first.name} holds non-finite values; rerun "
+                                    "the participant level for it (--overwrite) with a sound model")
+    assert not (out / "group").exists() and not list(out.glob("group*.html"))
+
+
+def test_runs_without_a_participants_row_are_left_out_with_a_warning(
+        demo_copy: Path, tmp_path: Path, atlas: Atlas, capsys) -> None:
+    out = tmp_path / "out"
+    write_fake_outputs(demo_copy, out, atlas)
+    tsv = demo_copy / "participants.tsv"
+    table = pd.read_csv(tsv, sep="\t")
+    table[table["participant_id"] != "sub-03"].to_csv(tsv, sep="\t", index=False)
+    code, err = run_group([demo_copy, out, "group", "--target", "diagnosis", "--features",
+                           "global", "--n-permutations", "0", "--cv-repeats", "1"], capsys)
+    assert code == 0, err
+    assert "1 runs have no row in participants.tsv and are left out (sub-03_" in err
+    predictions = pd.read_csv(_group_file(out, "target-diagnosis_desc-roi_feature-global_"
+                                               "predictions.tsv"), sep="\t")
+    assert set(predictions["participant_id"]) == set(table["participant_id"]) - {"sub-03"}
+
+
 @pytest.mark.parametrize(("case", "options", "message"), [
     ("no column", ["--target", "DX"], "participants.tsv has no column 'DX'"),
     ("no cv column", ["--target", "diagnosis", "--cv-groups", "scanner"],
