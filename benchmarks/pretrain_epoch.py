@@ -1,19 +1,20 @@
 """Benchmark: seconds per training window of real pretraining epochs on cached datasets of N runs.
 
-    python benchmarks/pretrain_epoch.py [--runs 10 100 1000] [--steps 20] [--preset tiny]
+    python benchmarks/pretrain_epoch.py [--runs 10 100 1000] [--steps 20] [--preset tiny] [--cold]
 
 For every size N, a synthetic cache of N runs (``--frames`` 176 per run, one participant each) is
 written *directly in the cache format* (:func:`bidsapp.preprocess.write_entry`), with random
 z-scores on the brain of the atlas template, at the preset's working resolution (``--downsample``
-to store another one, 1 for the full 2 mm cube): preprocessing N NIfTI files would take longer
-than the epochs. A fresh spawned process then opens the N entries (as the pretrain level does),
-splits participants (``--val-fraction``) and builds the :class:`bidsapp.training.Trainer` over
+to store another one, 1 for the full 2 mm cube): preprocessing N NIfTI files would take longer than
+the epochs. A fresh spawned process then opens the N entries (as the pretrain level does), splits
+participants (``--val-fraction``) and builds the :class:`bidsapp.training.Trainer` over
 :class:`bidsapp.preprocess.WindowDataset` with its real sampler and DataLoader. So that every size
 costs the same time, the epoch covers ``--steps`` batches: that many training windows drawn at
 random (seeded) among all training runs' windows, and held-out windows in the same proportion as
 the runs. One untimed epoch warms up, then ``--rounds`` timed epochs (training pass and held-out
-pass, each timed) alternate with the floor: the same model steps on the same training windows'
-batches already in memory (:func:`_common.step_seconds`, median). Each keeps its fastest round.
+pass, each timed; with ``--cold`` the page cache is emptied before each) alternate with the floor:
+the same model steps on the same training windows' batches already in memory
+(:func:`_common.step_seconds`, median). Each keeps its fastest round.
 
 Rows (JSON, one per size): ``seconds_per_window`` (training pass / training windows),
 ``epoch_seconds_per_window`` (training and held-out passes / training windows),
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import shutil
 import tempfile
 import time
@@ -74,6 +76,12 @@ def write_cache(root: Path, n_runs: int, frames: int, window: int, downsample: i
         write_entry(directory, rows, (frames, n_support), params.dtype, brain, voxels, manifest)
         directories.append(directory)
     return directories
+
+
+def drop_page_cache() -> None:
+    """Write dirty pages and empty the kernel's page cache (root on Linux only)."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def epochs(directories: list[Path], args: argparse.Namespace) -> dict:
@@ -127,6 +135,8 @@ def epochs(directories: list[Path], args: argparse.Namespace) -> dict:
     train_s = val_s = floor_s = float("inf")
     rss = 0.0
     for epoch in range(2, 2 + args.rounds):
+        if args.cold:
+            drop_page_cache()
         start = time.perf_counter()
         trainer.train_epoch(epoch)
         middle = time.perf_counter()
@@ -167,9 +177,18 @@ def main() -> None:
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--cold", action="store_true",
+                        help="empty the page cache before each timed epoch (needs root on Linux): "
+                             "every window is read from the disk, as from a cache larger than "
+                             "memory")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="where the synthetic caches are written (default: a temporary one)")
     args = parser.parse_args()
+    if args.cold:
+        try:
+            drop_page_cache()
+        except OSError as exc:
+            parser.error(f"--cold cannot empty the page cache: {exc}")
     from bidsapp.model.presets import PRESETS
 
     downsample = args.downsample or PRESETS[args.preset].downsample
@@ -186,6 +205,7 @@ def main() -> None:
                   "downsample": downsample, "batch": args.batch_size,
                   "frames_per_window": args.window_frames, "frames_per_run": args.frames,
                   "steps": args.steps, "rounds": args.rounds, "loader_workers": args.workers,
+                  "page_cache": "emptied before each timed epoch" if args.cold else "warm",
                   **result, "cache_mb": size / 2**20, "cache_mb_per_run": size / 2**20 / n_runs,
                   "cache_write_seconds": written, "cache": "synthetic, written directly"})
             shutil.rmtree(root)
