@@ -83,6 +83,14 @@ def test_api_equals_the_participant_level(pretrained_demo: PretrainedDemo, tmp_p
         written = nib.load(func / f"{atlas_stem}_stat-{measure}_boldmap.nii.gz")
         assert np.allclose(run.maps[measure].affine, written.affine)
         np.testing.assert_array_equal(run.maps[measure].get_fdata(), written.get_fdata())
+    # The readouts the group level reads: region embeddings and feature-space connectivity.
+    regions = pd.read_csv(func / f"{atlas_stem}_stat-region_embedding.tsv", sep="\t", na_values="n/a")
+    np.testing.assert_array_equal(run.result.region_embeddings,
+                                  regions.filter(regex=r"^e\d{3}$").to_numpy(dtype=np.float64))
+    relmat = pd.read_csv(func / f"{atlas_stem}_stat-pearsoncorrelation_relmat.tsv", sep="\t",
+                         na_values="n/a")
+    np.testing.assert_array_equal(run.result.feature_connectivity,
+                                  relmat.drop(columns="Node").to_numpy(dtype=np.float64))
     assert run.eligible.shape == (166,)                  # the result's fields, as attributes
     assert run.result.recon_error is not None
 
