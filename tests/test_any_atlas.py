@@ -2,7 +2,7 @@
 
 AAL116 (read from ``../shared/realdata/development_fmri``, its region list converted to a label
 table here) runs the whole chain; a Schaefer-like parcellation made here (k-means clusters of
-the brain, named by hemisphere, no region groups) runs pretrain and participant.
+the brain, named by hemisphere, no region groups) runs it too, without summaries by group.
 """
 
 from __future__ import annotations
@@ -124,3 +124,15 @@ def test_parcellation_without_groups(demo: Path, shared_dir: Path, tmp_path: Pat
     stamp = (func / f"{stem}_attribution.tsv").stat().st_mtime_ns
     assert _run(demo, out, "participant", atlas, "--participant-label", "01", "--no-reports") == 0
     assert (func / f"{stem}_attribution.tsv").stat().st_mtime_ns == stamp
+    # The group level: region tables and maps, no summary by group, a report.
+    assert _run(demo, out, "participant", atlas, "--no-reports", "--no-attribution") == 0
+    assert _run(demo, out, "group", atlas, "--target", "diagnosis", "--cv-folds", "2",
+                "--cv-repeats", "1", "--n-permutations", "0", "--compare", "roi", "fc") == 0
+    group = out / "group"
+    names = sorted(p.name for p in group.glob("*_attribution.tsv"))
+    assert names == [f"target-diagnosis_atlas-KMeans30_{stem}_attribution.tsv"
+                     for stem in ("desc-roi_feature-connectivity", "feature-fc")]
+    table = pd.read_csv(group / names[0], sep="\t", na_values="n/a")
+    assert len(table) == 30 and table["importance"].notna().all()
+    assert not list(out.rglob("*bygroup*"))
+    assert (out / "group_target-diagnosis.html").is_file()
