@@ -651,6 +651,12 @@ def diverged_training(ctx: Ctx) -> list:
     return _pretrain(ctx, ctx.demo, "--lr", "1e6")
 
 
+def diverged_after_a_good_epoch(ctx: Ctx) -> list:
+    """A 1-epoch model resumed for a second epoch at a rate that diverges: epoch 1 is kept."""
+    _with_model(ctx)
+    return _pretrain(ctx, ctx.demo, "--epochs", "2", "--resume", "--lr", "1e6")
+
+
 def checkpoint_non_finite(ctx: Ctx) -> list:
     """The weights of a diverged pretraining (NaN), with a sidecar that vouches for them."""
     weights = ctx.model_copy()
@@ -909,6 +915,10 @@ CASES = {
                                          ("training diverged at epoch 1, step",
                                           "lower --lr (now 1e+06)", "no model was written"),
                                          late=True),
+    "diverged after a good epoch (--resume --lr 1e6)": Case(
+        diverged_after_a_good_epoch, 65,
+        ("training diverged at epoch 2, step", "epoch-001, is kept and no new model written"),
+        late=True),
     "checkpoint with non-finite weights": Case(checkpoint_non_finite, 65,
                                                "holds non-finite weights"),
     "checkpoint with overflowing embeddings": Case(checkpoint_overflowing, 65,
