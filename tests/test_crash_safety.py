@@ -202,3 +202,36 @@ def test_pretraining_stopped_by_a_signal_ends_with_one_line(demo: Path, tmp_path
     # And the run continues from its last checkpoint.
     _finish(_start(log, *command, "--epochs", "2", "--resume"), log)
     assert json.loads((models / "model.json").read_text())["epoch"] >= 2
+
+
+def test_participant_job_stopped_by_sigterm_keeps_complete_runs_and_resumes(
+        pretrained_demo, tmp_path: Path) -> None:
+    """A Slurm time limit in the participant level: one line, complete runs kept, a rerun ends."""
+    out = tmp_path / "out"
+    command = [pretrained_demo.bids, out, "participant", "--model", pretrained_demo.model,
+               "--no-reports", "--nprocs", "1", "--omp-nthreads", "1"]
+    log = tmp_path / "stderr.txt"
+    proc = _start(log, *command)
+    done = "sub-*/func/*_desc-roi_embedding.json"   # a run's completion sidecar, written last
+    deadline = time.monotonic() + 300
+    while not list(out.glob(done)):
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "no run was completed within 300 s"
+        time.sleep(POLL_S)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    err = log.read_text()
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err
+    last = err.splitlines()[-1]
+    assert last.startswith("roimae: stopped by SIGTERM; outputs completed so far are kept"), last
+    complete = sorted(p.name for p in out.glob(done))
+    assert 1 <= len(complete) < 4, complete
+    assert _temporaries(out) == []
+    (log_file,) = (out / "logs").glob("roimae-participant-*.log")
+    assert "[ERROR] stopped by SIGTERM" in log_file.read_text()
+    # The rerun keeps the complete runs (same bytes) and does the rest.
+    before = {name: file_sha256(next(out.glob(f"sub-*/func/{name}"))) for name in complete}
+    _finish(_start(log, *command), log)
+    assert len(list(out.glob(done))) == 4
+    assert {name: file_sha256(next(out.glob(f"sub-*/func/{name}"))) for name in complete} == before
