@@ -16,6 +16,9 @@ brain-random  tokens at random among brain tokens, at the same expected fraction
 
 ``mask_time="tube"`` draws one mask per window and repeats it over frames (``Tm = 1``);
 ``"random"`` draws one per frame (``Tm = T``).
+
+Attribution, not training, also uses :class:`RegionTokenOrVoxelMasking`: a region by its tokens
+where it owns some, by its voxels where it owns none, so that every region can be hidden.
 """
 
 from __future__ import annotations
