@@ -806,7 +806,7 @@ def _run_group(config: Config) -> None:
             raise BadDataError(f"none of the {len(no_row)} selected runs has a row in "
                                f"{dataset.participants_file} (e.g. {no_row[0]}): its "
                                "participant_id column must name their participants")
-        log.warning("%d runs have no row in participants.tsv and are left out (%s)", len(no_row),
+        log.warning("runs left out, without a row in participants.tsv: %d (%s)", len(no_row),
                     ", ".join(no_row[:5]) + (" ..." if len(no_row) > 5 else ""))
     cv_groups = None
     if config.group.cv_groups:

@@ -436,7 +436,7 @@ def test_runs_without_a_participants_row_are_left_out_with_a_warning(
     code, err = run_group([demo_copy, out, "group", "--target", "diagnosis", "--features",
                            "global", "--n-permutations", "0", "--cv-repeats", "1"], capsys)
     assert code == 0, err
-    assert "1 runs have no row in participants.tsv and are left out (sub-03_" in err
+    assert "runs left out, without a row in participants.tsv: 1 (sub-03_" in err
     predictions = pd.read_csv(_group_file(out, "target-diagnosis_desc-roi_feature-global_"
                                                "predictions.tsv"), sep="\t")
     assert set(predictions["participant_id"]) == set(table["participant_id"]) - {"sub-03"}
