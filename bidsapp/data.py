@@ -71,7 +71,7 @@ def split_participants(subjects: Sequence[str], val_fraction: float,
 
 
 def build_region_grid(atlas: Atlas, preset: ModelPreset) -> RegionGrid:
-    """AAL3 regions on the preset's working grid and token grid (contiguous ids, -1 = none)."""
+    """The atlas regions on the preset's working grid and token grid (contiguous ids, -1 = none)."""
     cube = cube_atlas(atlas)
     labels, brain = downsample_labels(cube.voxel_labels, cube.brain, preset.downsample)
     grid = RegionGrid.from_labels(torch.from_numpy(labels.astype(np.int64)),

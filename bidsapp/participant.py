@@ -15,13 +15,13 @@ the model's masking ``<m>`` (``desc-<m>``), written beside the run in ``OUTPUT_D
 - ``<source>_atlas-AAL3v1_desc-<m>_stat-occluded_embedding.tsv``: one row per region, the run embedding
   with that region hidden (used by the group level)
 - ``<source>_atlas-AAL3v1_desc-<m>_stat-reconerror_boldmap.nii.gz`` and ``..._stat-occlusion_...``: 3D
-  maps on the run's grid, each region's voxels carrying its value (NaN: a region the model grid cannot
-  hide); ``stat`` follows ``desc`` as in nilearn (it is not a BIDS 1.11 entity)
+  maps on the run's grid, each region's voxels carrying its value (NaN: a region without a brain
+  voxel on the model's working grid); ``stat`` follows ``desc`` as in nilearn (it is not a BIDS 1.11 entity)
 - ``<source>_atlas-AAL3v1_desc-<m>_attribution.tsv`` (one row per region) and
   ``..._stat-bygroup_attribution.tsv`` (limbic, cerebellum, ...; only when the atlas has region groups)
+- a JSON sidecar beside each, and ``OUTPUT_DIR/sub-<label>.html`` with figures in ``sub-<label>/figures/``.
 
 ``AAL3v1`` stands for the atlas's own name (:func:`bidsapp.atlas.atlas_name`).
-- a JSON sidecar beside each, and ``OUTPUT_DIR/sub-<label>.html`` with figures in ``sub-<label>/figures/``.
 
 The names are built by :class:`bidsapp.outputs.RunOutputs`, the one home of the output contract.
 
