@@ -492,15 +492,17 @@ class RegionVoxelMasking(_RegionDraw):
         Mask
             Voxels whose label is among the regions; tokens with brain voxels all hidden.
         """
-        grid = self.grid
         padded = self._check_regions(regions)
-        voxels = padded[..., grid.voxel_labels]  # (B, Tm, D, H, W)
+        return self._voxel_mask(padded[..., self.grid.voxel_labels], padded)  # (B, Tm, D, H, W)
+
+    def _voxel_mask(self, voxels: torch.Tensor, padded: torch.Tensor) -> Mask:
+        """The mask hiding ``voxels``: tokens whose brain voxels are all hidden get the mask token."""
+        grid = self.grid
         visible_brain = blocks(~voxels & grid.brain, grid.patch_size).any(-1)  # (B, Tm, g...)
-        tokens = grid.brain_tokens & ~visible_brain
-        return Mask(tokens, voxels, padded[..., :-1])
+        return Mask(grid.brain_tokens & ~visible_brain, voxels, padded[..., :-1])
 
 
-class RegionTokenOrVoxelMasking(_RegionDraw):
+class RegionTokenOrVoxelMasking(RegionVoxelMasking):
     """Whole atlas regions: as their tokens where they own some, voxel by voxel where they own none.
 
     What attribution hides in a model trained with token masks: a region that owns a token is
@@ -511,15 +513,12 @@ class RegionTokenOrVoxelMasking(_RegionDraw):
     """
 
     name = "roi-token-or-voxel"
-    unit_noun = "brain voxel"
 
     def _sizes(self) -> tuple[torch.Tensor, int]:
-        grid = self.grid
-        labels = grid.token_labels.flatten()
-        self.token_owned = torch.bincount(labels[labels >= 0], minlength=grid.n_regions) > 0  # (R,)
-        labels = grid.voxel_labels[grid.brain]
-        sizes = torch.bincount(labels[labels >= 0], minlength=grid.n_regions)
-        return sizes, int(grid.brain.sum())
+        labels = self.grid.token_labels.flatten()
+        self.token_owned = torch.bincount(labels[labels >= 0],
+                                          minlength=self.grid.n_regions) > 0  # (R,)
+        return super()._sizes()
 
     def from_regions(self, regions: torch.Tensor) -> Mask:
         """The mask of the given regions.
@@ -540,8 +539,8 @@ class RegionTokenOrVoxelMasking(_RegionDraw):
         tokens = (padded & owned)[..., grid.token_labels]              # (B, Tm, gd, gh, gw)
         voxels = (_tokens_to_voxels(tokens, grid.patch_size)
                   | (padded & ~owned)[..., grid.voxel_labels])         # (B, Tm, D, H, W)
-        visible_brain = blocks(~voxels & grid.brain, grid.patch_size).any(-1)
-        return Mask(tokens | (grid.brain_tokens & ~visible_brain), voxels, padded[..., :-1])
+        # A token-owning region's tokens hold brain voxels, all hidden: they get the mask token.
+        return self._voxel_mask(voxels, padded)
 
 
 def build_masking(
