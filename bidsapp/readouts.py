@@ -22,6 +22,7 @@ classification, correlation matrices enter as the Fisher z of their upper triang
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -177,8 +178,9 @@ def region_timeseries(run: CachedRun, cube: CubeAtlas) -> np.ndarray:
     s = run.downsample
     pooling = RegionPooling.from_atlas(cube, s)
     # Support cells -> data columns (-1: a cell without brain).
-    column = np.full(run.brain.size, -1, dtype=np.int64)
-    column[run.support_index] = np.arange(len(run.support_index))
+    support = run.support_index   # read from the entry
+    column = np.full(math.prod(run.shape), -1, dtype=np.int64)
+    column[support] = np.arange(len(support))
     regions, cells = pooling.regions.numpy(), pooling.tokens.numpy()
     columns = column[cells]
     keep = columns >= 0
@@ -188,7 +190,7 @@ def region_timeseries(run: CachedRun, cube: CubeAtlas) -> np.ndarray:
     # Brain-voxel mean of a cell = stored value * s^3 / its brain voxels.
     scale = s**3 / run.cell_voxels().ravel()[cells] if s > 1 else np.ones(len(cells))
     matrix = sparse.csr_matrix((weights * scale / totals[regions], (columns, regions)),
-                               shape=(len(run.support_index), cube.n_regions))  # (n_support, R)
+                               shape=(len(support), cube.n_regions))  # (n_support, R)
     out = np.zeros((run.n_frames, cube.n_regions))
     for start in range(0, run.n_frames, _CHUNK_FRAMES):
         chunk = np.asarray(run.data[start:start + _CHUNK_FRAMES], dtype=np.float64)
