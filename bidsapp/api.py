@@ -36,7 +36,7 @@ import pandas as pd
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
-from bidsapp.atlas import Atlas, group_summary, load_atlas, region_map
+from bidsapp.atlas import Atlas, group_summary, load_atlas, region_map, region_voxels
 from bidsapp.config import READOUTS, Config
 from bidsapp.errors import BadDataError, NoInputError, UsageError
 from bidsapp.inference import LoadedModel, RunAttribution, analyse_run
@@ -251,7 +251,7 @@ def run_embedding(model: RoimaeModel, cached: CachedRun, result: RunAttribution,
     maps: dict[str, nib.Nifti1Image] = {}
     if result.recon_error is not None:
         contiguous = atlas.contiguous(atlas.resample_to(tuple(shape[:3]), affine))
-        voxels = np.bincount(contiguous[contiguous >= 0].ravel(), minlength=len(atlas.regions))
+        voxels = region_voxels(contiguous, len(atlas.regions))
         regions = region_table(atlas, loaded, result, voxels)
         for name, values in _per_region(result, len(atlas.regions)).items():
             if name not in regions and name.replace("_", "") not in regions:

@@ -425,6 +425,23 @@ def _build_atlas(name: str, img: nib.Nifti1Image, table: pd.DataFrame, source: s
     return Atlas(name=name, image=img, regions=regions, source=source)
 
 
+def region_voxels(contiguous: np.ndarray, n_regions: int) -> np.ndarray:
+    """Voxels of each region in a volume of contiguous ids (:meth:`Atlas.contiguous`).
+
+    Parameters
+    ----------
+    contiguous : numpy.ndarray of int
+        Region ids ``0..R-1``, -1 outside every region.
+    n_regions : int
+        ``R``.
+
+    Returns
+    -------
+    numpy.ndarray of int, shape (R,)
+    """
+    return np.bincount(contiguous[contiguous >= 0].ravel(), minlength=n_regions)
+
+
 def region_map(values: np.ndarray, contiguous: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
     """A 3D float32 map where every voxel of region r carries ``values[r]`` (0 outside regions).
 

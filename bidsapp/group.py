@@ -76,7 +76,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 from threadpoolctl import threadpool_limits
 
-from bidsapp.atlas import Atlas, group_summary, load_atlas, region_map
+from bidsapp.atlas import Atlas, group_summary, load_atlas, region_map, region_voxels
 from bidsapp.bids.derivatives import DerivativesWriter
 from bidsapp.bids.layout import discover_runs, runs_without_row
 from bidsapp.checkpoint import masking_desc
@@ -948,8 +948,8 @@ def score_table(sets: list[EmbeddingSet], results: Mapping[str, SetResult], spli
 def group_attribution(es: EmbeddingSet, models: list, atlas: Atlas) -> pd.DataFrame:
     """Mean participant measures per region, and the classifier-based importance."""
     table = atlas.table().copy()
-    labels = atlas.contiguous(np.asarray(atlas.image.dataobj))
-    table["voxels"] = np.bincount(labels[labels >= 0], minlength=len(atlas.regions))
+    table["voxels"] = region_voxels(atlas.contiguous(np.asarray(atlas.image.dataobj)),
+                                    len(atlas.regions))
     tables = [pd.read_csv(p, sep="\t", na_values="n/a") for p in es.runs["table"] if p is not None]
     for measure in ("reconerror", "occlusion"):
         if tables:

@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 
 from bidsapp import __version__, model_card
-from bidsapp.atlas import Atlas, group_summary, load_atlas, region_map
+from bidsapp.atlas import Atlas, group_summary, load_atlas, region_map, region_voxels
 from bidsapp.bids.derivatives import DerivativesWriter
 from bidsapp.bids.layout import BoldRun, discover_runs
 from bidsapp.bids.validation import validate_input
@@ -153,7 +153,7 @@ def write_run(writer: DerivativesWriter, out: RunOutputs, run: BoldRun, cached: 
         grid = nib.load(run.bold)
         shape, affine = grid.shape[:3], grid.affine
         contiguous = atlas.contiguous(atlas.resample_to(shape, affine))
-        voxels = np.bincount(contiguous[contiguous >= 0].ravel(), minlength=len(atlas.regions))
+        voxels = region_voxels(contiguous, len(atlas.regions))
         table = region_table(atlas, loaded, result, voxels)
         occluded = embedding_frame(result.occluded_embeddings)
         occluded.insert(0, "name", table["name"])
