@@ -61,6 +61,7 @@ from bidsapp.io import remove_temporaries
 from bidsapp.logs import get_logger
 from bidsapp.outputs import (
     BIDSIGNORE,
+    NOTE_HIDDEN_BY_VOXEL,
     RunOutputs,
     atlas_label,
     complete_runs,
@@ -178,7 +179,7 @@ def write_run(writer: DerivativesWriter, out: RunOutputs, run: BoldRun, cached: 
             "Method": " ".join(ATTRIBUTION_METHOD.split()), "Subsets": config.participant.
             attribution_subsets, "Atlas": atlas.name, "Regions": len(atlas.regions),
             "RegionsNotHidden": int((~result.eligible).sum()),
-            "RegionsHiddenByVoxel": int((result.eligible & (table["tokens"] == 0)).sum()),
+            "RegionsHiddenByVoxel": int((table["note"] == NOTE_HIDDEN_BY_VOXEL).sum()),
         }
     meta["Outputs"] = [path.name for path in out.data_files(meta["Attribution"] is not None)]
     writer.write_sidecar(out.embedding, meta)   # last: marks the run complete
