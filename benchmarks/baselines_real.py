@@ -22,7 +22,7 @@ from _common import emit
 from sklearn.metrics import balanced_accuracy_score
 from threadpoolctl import threadpool_limits
 
-from bidsapp.group import build_classifier, corrected_ttest, inner_cv, make_splits
+from bidsapp.classification import build_classifier, corrected_ttest, inner_cv, make_splits
 from bidsapp.readouts import vectorize
 
 REALDATA = Path(os.environ.get("ROIMAE_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared")

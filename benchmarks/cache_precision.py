@@ -35,9 +35,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     from bidsapp.atlas import load_atlas
+    from bidsapp.cache import PreprocessParams
     from bidsapp.demo import make_demo_dataset
     from bidsapp.grid import cube_atlas
-    from bidsapp.preprocess import PreprocessParams, prepare_run
+    from bidsapp.preprocess import prepare_run
     from bidsapp.readouts import correlation_matrix, region_timeseries, vectorize
 
     s = args.downsample

@@ -28,8 +28,9 @@ def main() -> None:
     parser.add_argument("--cv-repeats", type=int, default=1,
                         help="fold sets (the group level's default is 5)")
     args = parser.parse_args()
+    from bidsapp.classification import build_classifier, evaluate, make_splits, permutation_pvalue
     from bidsapp.config import Config
-    from bidsapp.group import EmbeddingSet, build_classifier, evaluate, make_splits, permutation_pvalue
+    from bidsapp.features import EmbeddingSet
 
     rng = np.random.default_rng(0)
     n = args.participants

@@ -24,14 +24,15 @@ import torch
 from _common import best_of, emit
 
 from bidsapp.atlas import load_atlas
+from bidsapp.cache import PreprocessParams
 from bidsapp.checkpoint import FORMAT, CheckpointMeta
 from bidsapp.data import build_region_grid
 from bidsapp.demo import make_demo_dataset
 from bidsapp.grid import cube_atlas
-from bidsapp.inference import LoadedModel, analyse_run
+from bidsapp.inference import RoimaeModel, analyse_run
 from bidsapp.model.factory import build_model
 from bidsapp.model.presets import PRESETS
-from bidsapp.preprocess import PreprocessParams, prepare_run
+from bidsapp.preprocess import prepare_run
 from bidsapp.readouts import RegionPooling
 
 
@@ -64,7 +65,8 @@ def participant(bold: Path, mask: Path, cache: Path, preset_name: str, attributi
         "masking": {"masking": "roi"}, "window_frames": 20,
         "atlas": {"name": atlas.name, "sha256": atlas.sha256(), "n_regions": len(atlas.regions)}})
     pooling = RegionPooling.from_atlas(cube_atlas(atlas), preset.patch_size * preset.downsample)
-    loaded = LoadedModel(model, meta, Path("untrained"), "0" * 64, preset, grid, pooling.to(device))
+    loaded = RoimaeModel(model, meta, Path("untrained"), "0" * 64, preset, grid, pooling.to(device),
+                         atlas)
     start = time.perf_counter()
     result = analyse_run(loaded, run, attribution=attribution, n_subsets=subsets, seed=0)
     seconds = time.perf_counter() - start

@@ -20,7 +20,8 @@ import numpy as np
 from _common import best_of, emit
 from scipy import ndimage
 
-from bidsapp.preprocess import PreprocessParams, prepare_run
+from bidsapp.cache import PreprocessParams
+from bidsapp.preprocess import prepare_run
 
 MNI_2MM = np.array([[-2.0, 0, 0, 90], [0, 2, 0, -126], [0, 0, 2, -72], [0, 0, 0, 1]])
 

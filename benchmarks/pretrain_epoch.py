@@ -41,16 +41,11 @@ from _common import emit, in_child, peak_rss_mb, step_seconds
 def write_cache(root: Path, n_runs: int, frames: int, window: int, downsample: int,
                 seed: int) -> list[Path]:
     """``n_runs`` synthetic cache entries under ``root``; their directories."""
-    from bidsapp import __version__
+    from bidsapp._version import __version__
     from bidsapp.atlas import load_atlas
+    from bidsapp.cache import CACHE_FORMAT, PreprocessParams, write_entry
     from bidsapp.grid import cube_atlas
-    from bidsapp.preprocess import (
-        CACHE_FORMAT,
-        CHUNK_FRAMES,
-        PreprocessParams,
-        cell_counts,
-        write_entry,
-    )
+    from bidsapp.preprocess import CHUNK_FRAMES, cell_counts
 
     params = PreprocessParams(window_frames=window, downsample=downsample)
     cube_brain = cube_atlas(load_atlas()).brain
@@ -89,14 +84,15 @@ def epochs(directories: list[Path], args: argparse.Namespace) -> dict:
     from torch.utils.data import DataLoader
 
     from bidsapp.atlas import load_atlas
+    from bidsapp.cache import load_cached
     from bidsapp.data import build_region_grid, split_participants
     from bidsapp.distributed import DistributedContext
     from bidsapp.model.factory import build_model
     from bidsapp.model.masking import build_masking
     from bidsapp.model.presets import PRESETS
-    from bidsapp.preprocess import WindowDataset, collate_windows, load_cached
     from bidsapp.runtime import seed_everything
     from bidsapp.training import Trainer, TrainingSettings
+    from bidsapp.windows import WindowDataset, collate_windows
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

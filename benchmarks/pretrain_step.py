@@ -22,8 +22,9 @@ from _common import bf16_peak_fraction, emit, step_seconds
 
 def prepare(root: Path, frames: int, window: int, downsample: int):
     from bidsapp.atlas import load_atlas
+    from bidsapp.cache import PreprocessParams
     from bidsapp.demo import make_demo_dataset
-    from bidsapp.preprocess import PreprocessParams, prepare_run
+    from bidsapp.preprocess import prepare_run
 
     bids = root / "bids"
     if not bids.exists():
@@ -52,7 +53,7 @@ def main() -> None:
     from bidsapp.model.factory import build_model
     from bidsapp.model.masking import build_masking
     from bidsapp.model.presets import PRESETS
-    from bidsapp.preprocess import WindowDataset, collate_windows
+    from bidsapp.windows import WindowDataset, collate_windows
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from bidsapp._version import __version__
+
 _API = ("RoimaeEmbedder", "RoimaeModel", "RunEmbedding", "embed_img", "embed_imgs", "load_model")
 __all__ = ["__version__", *_API]
 

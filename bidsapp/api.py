@@ -22,28 +22,25 @@ Examples
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
-import pandas as pd
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
-from bidsapp.atlas import Atlas, group_summary, load_atlas, region_map, region_voxels
-from bidsapp.config import READOUTS, Config
+from bidsapp.atlas import Atlas, load_atlas
+from bidsapp.config import READOUTS
 from bidsapp.errors import BadDataError, NoInputError, UsageError
-from bidsapp.inference import LoadedModel, RunAttribution, analyse_run
+from bidsapp.grid import mni_brain_mask
+from bidsapp.inference import RoimaeModel, analyse_run
 from bidsapp.inference import load_model as _load_checkpoint
-from bidsapp.outputs import MODEL_WEIGHTS, embedding_columns, embedding_frame, region_table
-from bidsapp.preprocess import CachedRun, PreprocessParams, prepare_run
+from bidsapp.preprocess import prepare_run
 from bidsapp.readouts import edge_regions, vectorize
+from bidsapp.results import RunEmbedding, run_embedding
 from bidsapp.runtime import resolve_device, seed_everything
 
 __all__ = ["RoimaeEmbedder", "RoimaeModel", "RunEmbedding", "embed_img", "embed_imgs",
@@ -51,78 +48,6 @@ __all__ = ["RoimaeEmbedder", "RoimaeModel", "RunEmbedding", "embed_img", "embed_
 
 #: A path to a NIfTI file or a nibabel image (nilearn's "niimg-like", without globs).
 NiimgLike = str | Path | nib.spatialimages.SpatialImage
-
-#: Region-table columns that describe a region rather than measure it.
-_IDENTITY = ("index", "name", "hemisphere", "group", "voxels", "tokens", "note")
-#: Fields of :class:`~bidsapp.inference.RunAttribution` that :func:`region_table` already reads.
-_TABLED = ("recon_error", "recon_error_se", "occlusion", "eligible")
-
-
-@dataclass(frozen=True)
-class RoimaeModel:
-    """A pretrained model, checked against its atlas, ready to embed images.
-
-    Attributes
-    ----------
-    loaded : bidsapp.inference.LoadedModel
-        The network, its checkpoint metadata, path, hash, preset and region grid.
-    atlas : bidsapp.atlas.Atlas
-        The parcellation the model was pretrained with.
-    """
-
-    loaded: LoadedModel
-    atlas: Atlas
-
-    @property
-    def path(self) -> Path:
-        """The ``.safetensors`` weight file."""
-        return self.loaded.path
-
-    @property
-    def meta(self) -> dict[str, Any]:
-        """The checkpoint's JSON sidecar (:attr:`loaded` ``.meta`` holds it typed)."""
-        return self.loaded.meta.sidecar_dict()
-
-    @property
-    def card(self) -> dict[str, Any] | None:
-        """The model card (training data, loss curve, hardware...); ``None`` for older models."""
-        return self.loaded.meta.model_card
-
-    @property
-    def masking(self) -> str:
-        """The masking strategy the model was pretrained with."""
-        return self.loaded.masking
-
-    @property
-    def window_frames(self) -> int:
-        """Frames per window."""
-        return self.loaded.window_frames
-
-    @property
-    def target_tr(self) -> float | None:
-        """The repetition time the training runs were resampled to (``None``: not resampled)."""
-        return self.loaded.meta.target_tr
-
-    @property
-    def n_features(self) -> int:
-        """Size of an embedding."""
-        preset = self.loaded.preset
-        return int(preset.stage_dims()[-1] if preset.backbone == "swin4d" else preset.embed_dim)
-
-    @property
-    def feature_names(self) -> list[str]:
-        """Embedding column names, as in the participant level's TSV files (``e000``, ...)."""
-        return embedding_columns(self.n_features)
-
-
-def _model_file(path: Path) -> Path:
-    """A ``.safetensors`` file, or a folder holding ``model.safetensors`` (``models/desc-roi``)."""
-    path = Path(path)
-    if path.is_dir():
-        if (path / MODEL_WEIGHTS).is_file():
-            return path / MODEL_WEIGHTS
-        raise NoInputError(f"{path} holds no {MODEL_WEIGHTS}")
-    return path
 
 
 def load_model(path: str | Path, *, atlas: Atlas | str | Path | None = None,
@@ -157,114 +82,7 @@ def load_model(path: str | Path, *, atlas: Atlas | str | Path | None = None,
     if not isinstance(atlas, Atlas):
         atlas = load_atlas(None if atlas is None else Path(atlas),
                            None if atlas_labels is None else Path(atlas_labels))
-    # The participant level's checks compare the checkpoint with the command line; nothing is
-    # requested here, so only the checkpoint itself and the atlas are checked.
-    config = Config(bids_dir=Path("."), output_dir=Path("."), analysis_level="participant",
-                    work_dir=Path("."))
-    loaded = _load_checkpoint(_model_file(Path(path)), atlas, config, resolve_device(device))
-    return RoimaeModel(loaded, atlas)
-
-
-@dataclass
-class RunEmbedding:
-    """What roimae reads out of one image (R regions, C embedding dimensions, W windows).
-
-    Attributes
-    ----------
-    window_embeddings : pandas.DataFrame
-        One row per window: ``window``, ``onset`` (s), ``e000``... (the participant level's
-        ``_embedding.tsv``).
-    embedding : numpy.ndarray, shape (C,)
-        The run embedding, the mean of the window embeddings (``_stat-mean_embedding.tsv``).
-    regions : pandas.DataFrame or None
-        With attribution: one row per region, its identity, size and every per-region measure
-        of the result (``_attribution.tsv``; ``reconerror``, ``reconerror_se``, ``occlusion``,
-        and any per-region readout :func:`~bidsapp.inference.analyse_run` adds).
-    by_group : pandas.DataFrame or None
-        The measures by region group (``_stat-bygroup_attribution.tsv``), when the atlas has
-        groups.
-    occluded_embeddings : pandas.DataFrame or None
-        One row per region: the run embedding with the region hidden.
-    maps : dict of str to nibabel.Nifti1Image
-        Each per-region measure as a 3D map on the input image's grid (NaN: a region the model
-        cannot hide), e.g. ``maps["reconerror"]``, ``maps["occlusion"]``.
-    result : bidsapp.inference.RunAttribution
-        Everything :func:`~bidsapp.inference.analyse_run` computed; its fields are also readable
-        as attributes of this object (``run.eligible``, ``run.example``, ...).
-    repetition_time : float or None
-        Seconds between the frames the model saw.
-    """
-
-    window_embeddings: pd.DataFrame
-    embedding: np.ndarray
-    regions: pd.DataFrame | None
-    by_group: pd.DataFrame | None
-    occluded_embeddings: pd.DataFrame | None
-    maps: dict[str, nib.Nifti1Image]
-    result: RunAttribution = field(repr=False)
-    repetition_time: float | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        # Readouts of the result that have no attribute of their own here.
-        if name != "result" and "result" in self.__dict__:
-            with contextlib.suppress(AttributeError):
-                return getattr(self.__dict__["result"], name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-
-def _per_region(result: RunAttribution, n_regions: int) -> dict[str, np.ndarray]:
-    """The per-region 1D readouts of ``result`` that :func:`region_table` does not read."""
-    extra = {}
-    for f in dataclasses.fields(result):
-        value = getattr(result, f.name)
-        if (f.name not in _TABLED and isinstance(value, np.ndarray) and value.shape == (n_regions,)
-                and value.dtype.kind in "biuf"):
-            extra[f.name] = value
-    return extra
-
-
-def run_embedding(model: RoimaeModel, cached: CachedRun, result: RunAttribution,
-                  shape: Sequence[int], affine: np.ndarray) -> RunEmbedding:
-    """Tables and maps of one analysed run, as the participant level writes them.
-
-    Parameters
-    ----------
-    model : RoimaeModel
-    cached : bidsapp.preprocess.CachedRun
-        The preprocessed run.
-    result : bidsapp.inference.RunAttribution
-        :func:`~bidsapp.inference.analyse_run` of ``cached``.
-    shape, affine : sequence of int, numpy.ndarray
-        The grid of the input image, for the maps.
-
-    Returns
-    -------
-    RunEmbedding
-    """
-    atlas, loaded = model.atlas, model.loaded
-    tr = cached.repetition_time
-    windows = embedding_frame(result.window_embeddings)
-    frames = loaded.window_frames
-    windows.insert(0, "onset", np.arange(len(windows)) * frames * tr if tr is not None else np.nan)
-    windows.insert(0, "window", np.arange(len(windows)))
-    regions = by_group = occluded = None
-    maps: dict[str, nib.Nifti1Image] = {}
-    if result.recon_error is not None:
-        contiguous = atlas.contiguous(atlas.resample_to(tuple(shape[:3]), affine))
-        voxels = region_voxels(contiguous, len(atlas.regions))
-        regions = region_table(atlas, loaded, result, voxels)
-        for name, values in _per_region(result, len(atlas.regions)).items():
-            if name not in regions and name.replace("_", "") not in regions:
-                regions[name] = values
-        occluded = embedding_frame(result.occluded_embeddings)
-        occluded.insert(0, "name", regions["name"])
-        occluded.insert(0, "index", regions["index"])
-        measures = [c for c in regions.columns
-                    if c not in _IDENTITY and pd.api.types.is_numeric_dtype(regions[c])]
-        maps = {c: region_map(regions[c].to_numpy(), contiguous, affine) for c in measures}
-        if atlas.has_groups:
-            by_group = group_summary(regions, ("reconerror", "occlusion"))
-    return RunEmbedding(windows, result.embedding, regions, by_group, occluded, maps, result, tr)
+    return _load_checkpoint(Path(path), atlas, resolve_device(device))
 
 
 @contextlib.contextmanager
@@ -306,20 +124,10 @@ def _header(path: Path) -> nib.spatialimages.SpatialImage:
     return img
 
 
-@lru_cache(maxsize=8)
-def _template_mask(shape: tuple[int, ...], affine: tuple[float, ...]) -> np.ndarray:
-    """nilearn's MNI152 whole-brain mask on a grid, computed once per grid: (X, Y, Z) uint8."""
-    from nilearn.masking import compute_brain_mask
-
-    reference = nib.Nifti1Image(np.zeros(shape, dtype=np.uint8), np.reshape(affine, (4, 4)))
-    mask = compute_brain_mask(reference, mask_type="whole-brain")
-    return np.asarray(mask.dataobj, dtype=np.uint8)
-
-
 def _brain_mask(bold: Path, folder: Path) -> Path:
-    """nilearn's MNI152 whole-brain mask on the grid of ``bold``, for images given without one."""
+    """The MNI152 brain mask (:func:`bidsapp.grid.mni_brain_mask`) on the grid of ``bold``."""
     header = _header(bold)
-    data = _template_mask(tuple(header.shape[:3]), tuple(np.asarray(header.affine).ravel()))
+    data = mni_brain_mask(header.shape, header.affine).astype(np.uint8)
     path = folder / "mask.nii"
     nib.save(nib.Nifti1Image(data, header.affine), path)
     return path
@@ -339,8 +147,9 @@ def embed_img(model: RoimaeModel, img: NiimgLike, mask_img: NiimgLike | None = N
         A 4D BOLD series in MNI space, on any grid the command line accepts (the MNI 2 mm grid,
         fMRIPrep's ``res-2``, 1 or 3 mm: brought to the model grid as there).
     mask_img : str, Path or nibabel image, optional
-        Its brain mask, on the same grid. By default nilearn's MNI152 whole-brain mask
-        (:func:`nilearn.masking.compute_brain_mask`) resampled to the image's grid.
+        Its brain mask, on the same grid. By default nilearn's MNI152 brain mask
+        (:func:`nilearn.datasets.load_mni152_brain_mask`) on the image's grid
+        (:func:`bidsapp.grid.mni_brain_mask`).
     t_r : float, optional
         Repetition time in seconds; by default the NIfTI header's.
     target_tr : float, None or "model"
@@ -373,10 +182,7 @@ def embed_img(model: RoimaeModel, img: NiimgLike, mask_img: NiimgLike | None = N
     """
     if n_subsets < 2 or n_subsets % 2:
         raise UsageError(f"n_subsets must be even and at least 2, not {n_subsets}")
-    if target_tr == "model":
-        target_tr = model.target_tr
-    params = PreprocessParams(window_frames=model.window_frames, target_tr=target_tr,
-                              downsample=model.loaded.preset.downsample)
+    params = model.preprocess_params(target_tr)
     with _work_dir(cache_dir) as work, tempfile.TemporaryDirectory(prefix="roimae-in-") as tmp:
         bold = _as_file(img, Path(tmp), "bold")
         grid = _header(bold)
@@ -384,7 +190,7 @@ def embed_img(model: RoimaeModel, img: NiimgLike, mask_img: NiimgLike | None = N
                                                                               "mask")
         cached = prepare_run(bold, mask, work / "cache", params, t_r)
         seed_everything(seed)
-        result = analyse_run(model.loaded, cached, attribution=attribution, n_subsets=n_subsets,
+        result = analyse_run(model, cached, attribution=attribution, n_subsets=n_subsets,
                              seed=seed)
         return run_embedding(model, cached, result, grid.shape, grid.affine)
 
@@ -429,7 +235,7 @@ class RoimaeEmbedder(TransformerMixin, BaseEstimator):
     atlas, atlas_labels : str or Path, optional
         The atlas the model was pretrained with (default AAL3), as in :func:`load_model`.
     mask_img : niimg-like, optional
-        One brain mask for every image; by default nilearn's MNI152 whole-brain mask.
+        One brain mask for every image; by default nilearn's MNI152 brain mask.
     t_r : float, optional
         Repetition time of the images (default: each header's).
     device : {"cpu", "cuda", "auto"}
@@ -505,7 +311,7 @@ class RoimaeEmbedder(TransformerMixin, BaseEstimator):
             return [f"roimae_e{i:03d}" for i in range(self.model_.n_features)]
         regions = [region.name for region in self.model_.atlas.regions]
         if self.readout == "region":
-            width = self.model_.loaded.preset.embed_dim
+            width = self.model_.preset.embed_dim
             return [f"roimae_{name}_e{i:03d}" for name in regions for i in range(width)]
         first, second = edge_regions(len(regions))
         return [f"roimae_{regions[a]}__{regions[b]}" for a, b in zip(first, second, strict=True)]

@@ -26,21 +26,12 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from bidsapp.config import MASKING_DESC, BackboneName, MaskingName, PresetName
+from bidsapp.config import BackboneName, MaskingName, PresetName
 from bidsapp.errors import BadDataError, NoInputError, UsageError
 from bidsapp.io import atomic_path, ensure_dir, file_sha256, json_text
+from bidsapp.outputs import EPOCH_STEM, MODEL_SIDECAR, MODEL_WEIGHTS
 
 FORMAT = "roimae-checkpoint/1"
-#: The stem of an epoch checkpoint (``epoch-001``); newer epochs have larger numbers.
-EPOCH_STEM = re.compile(r"^epoch-(\d{3,})$")
-
-
-def masking_desc(masking: str) -> str:
-    """BIDS ``desc-`` label of a masking strategy.
-
-    BIDS labels are alphanumeric, so ``brain-random`` becomes ``brainrandom``.
-    """
-    return MASKING_DESC.get(masking, masking)
 
 
 def _bare_file_name(value: str) -> str:
@@ -361,8 +352,8 @@ def clear_model_dir(directory: Path) -> list[Path]:
     ``model.json`` and the checkpoint sidecars go first: once they are gone, nothing left (if this
     is killed part-way) looks like a complete model or a checkpoint to resume.
     """
-    first = [directory / "model.json", *directory.glob("epoch-*.json")]
-    rest = [directory / "model.safetensors", *directory.glob("epoch-*.safetensors"),
+    first = [directory / MODEL_SIDECAR, *directory.glob("epoch-*.json")]
+    rest = [directory / MODEL_WEIGHTS, *directory.glob("epoch-*.safetensors"),
             directory / "training_log.tsv", directory / "loss_curve.png"]
     removed = []
     for path in [*first, *rest]:

@@ -25,6 +25,16 @@ MASKING_NAMES: tuple[str, ...] = get_args(MaskingName)
 MASKING_DESC = {name: name.replace("-", "") for name in MASKING_NAMES}
 #: The ``desc`` labels that differ from the names, also accepted where a masking is named.
 MASKING_DESCS = tuple(desc for name, desc in MASKING_DESC.items() if desc != name)
+
+
+def masking_desc(masking: str) -> str:
+    """BIDS ``desc-`` label of a masking strategy.
+
+    BIDS labels are alphanumeric, so ``brain-random`` becomes ``brainrandom``.
+    """
+    return MASKING_DESC.get(masking, masking)
+
+
 PresetName = Literal["tiny", "small", "base"]
 BackboneName = Literal["swin4d", "vit4d"]
 Device = Literal["auto", "cpu", "cuda"]

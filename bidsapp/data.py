@@ -12,37 +12,30 @@ import torch
 
 from bidsapp.atlas import Atlas
 from bidsapp.bids.layout import BoldRun
+from bidsapp.cache import CachedRun, PreprocessParams, load_cached
 from bidsapp.config import Config
 from bidsapp.grid import cube_atlas
 from bidsapp.logs import get_logger
 from bidsapp.model.masking import RegionGrid, downsample_labels
 from bidsapp.model.presets import ModelPreset
-from bidsapp.preprocess import CachedRun, PreprocessParams, load_cached, prepare_run
+from bidsapp.preprocess import prepare_run
 
 log = get_logger("data")
-
-
-def preprocess_params(config: Config, window_frames: int, downsample: int = 1) -> PreprocessParams:
-    """The preprocessing settings of a run configuration (``window_frames`` already resolved).
-
-    ``downsample`` is the model preset's: the cache is stored at its working resolution.
-    """
-    return PreprocessParams(window_frames=window_frames, target_tr=config.preprocess.target_tr,
-                            downsample=downsample)
 
 
 def _prepare(run: BoldRun, cache_root: Path, params: PreprocessParams) -> Path:
     return prepare_run(run.bold, run.mask, cache_root, params, run.repetition_time).directory
 
 
-def prepare_runs(config: Config, runs: Sequence[BoldRun], window_frames: int,
-                 downsample: int = 1) -> list[CachedRun]:
+def prepare_runs(config: Config, runs: Sequence[BoldRun], params: PreprocessParams
+                 ) -> list[CachedRun]:
     """Bring every run to the model grid once (cached in the work directory), ``--nprocs`` at a time.
 
-    ``downsample``: the model preset's, so that runs are stored at its working resolution.
+    ``params``: the model's preprocessing (:meth:`bidsapp.inference.RoimaeModel.preprocess_params`,
+    or the pretrain level's from the command line), so that runs are stored at its working
+    resolution.
     """
     cache_root = config.work_dir / "cache"
-    params = preprocess_params(config, window_frames, downsample)
     if config.nprocs <= 1 or len(runs) <= 1:
         directories = [_prepare(run, cache_root, params) for run in runs]
     else:

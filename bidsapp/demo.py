@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage, sparse
 
-from bidsapp import __version__
+from bidsapp._version import __version__
 from bidsapp.atlas import Atlas, load_atlas
 from bidsapp.errors import UsageError
 from bidsapp.grid import MNI_2MM_AFFINE, MNI_2MM_SHAPE

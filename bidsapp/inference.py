@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from bidsapp.atlas import Atlas
-from bidsapp.checkpoint import CheckpointMeta, load_weights, masking_desc, read_metadata
-from bidsapp.config import Config
+from bidsapp.cache import CachedRun, PreprocessParams
+from bidsapp.checkpoint import CheckpointMeta, load_weights, read_metadata
+from bidsapp.config import masking_desc
 from bidsapp.data import build_region_grid
 from bidsapp.errors import BadDataError, NoInputError, UsageError
 from bidsapp.grid import cube_atlas
@@ -29,10 +31,9 @@ from bidsapp.model.masking import (
     RegionVoxelMasking,
 )
 from bidsapp.model.presets import BACKBONE_PRESETS, ModelPreset
-from bidsapp.outputs import MODELS_DIR
-from bidsapp.preprocess import CachedRun
+from bidsapp.outputs import MODEL_WEIGHTS, embedding_columns
 from bidsapp.readouts import RegionPooling, feature_correlation, region_embedding
-from bidsapp.training import step_generator
+from bidsapp.runtime import step_generator
 
 log = get_logger("inference")
 
@@ -70,9 +71,31 @@ also gives the region readouts (:mod:`bidsapp.readouts`).
 """
 
 
-@dataclass
-class LoadedModel:
-    """A pretrained model ready for inference, with what its checkpoint says about it."""
+@dataclass(frozen=True)
+class RoimaeModel:
+    """A pretrained model, checked against its atlas, ready to embed runs.
+
+    The one object for a loaded model: the participant level, the group level's feature
+    names and the Python API (:func:`bidsapp.api.load_model`) all use it.
+
+    Attributes
+    ----------
+    model : MaskedAutoencoder
+        The network, in evaluation mode on its device.
+    meta : bidsapp.checkpoint.CheckpointMeta
+        What the checkpoint's JSON sidecar says about it.
+    path : Path
+        The ``.safetensors`` weight file.
+    sha256 : str
+        The SHA-256 of the weight file.
+    preset : ModelPreset
+    region_grid : RegionGrid
+        The atlas on the preset's working and token grids, on the model's device.
+    pooling : RegionPooling
+        Token features -> region features.
+    atlas : bidsapp.atlas.Atlas
+        The parcellation the model was pretrained with.
+    """
 
     model: MaskedAutoencoder
     meta: CheckpointMeta
@@ -81,6 +104,7 @@ class LoadedModel:
     preset: ModelPreset
     region_grid: RegionGrid
     pooling: RegionPooling
+    atlas: Atlas
 
     @property
     def masking(self) -> str:
@@ -97,43 +121,85 @@ class LoadedModel:
         """Frames per window the model reads."""
         return self.meta.window_frames
 
+    @property
+    def target_tr(self) -> float | None:
+        """The repetition time the training runs were resampled to (``None``: not resampled)."""
+        return self.meta.target_tr
 
-def find_model(config: Config) -> Path:
-    """``--model``, else the model the pretrain level wrote in OUTPUT_DIR (``--model-desc`` picks one)."""
-    if config.participant.model is not None:
-        return config.participant.model
-    models = config.output_dir / MODELS_DIR
-    found = sorted(p for p in models.glob("desc-*/model.json")) if models.is_dir() else []
-    wanted = config.participant.model_desc
-    if wanted is not None:
-        wanted_desc = masking_desc(wanted)
-        found = [p for p in found if p.parent.name == f"desc-{wanted_desc}"]
-        if not found:
-            raise NoInputError(f"no model pretrained with masking {wanted!r} in {models} (run the "
-                               f"pretrain level with --masking {wanted}, or pass --model)")
-    if not found:
-        raise NoInputError(f"no pretrained model in {models}: run `roimae BIDS_DIR OUTPUT_DIR "
-                           "pretrain` first, or pass --model CHECKPOINT.safetensors")
-    if len(found) > 1:
-        descs = ", ".join(p.parent.name.removeprefix("desc-") for p in found)
-        raise UsageError(f"several pretrained models in {models} ({descs}); choose one with "
-                         "--model-desc")
-    return found[0].with_suffix(".safetensors")
+    @property
+    def card(self) -> dict[str, Any] | None:
+        """The model card (training data, loss curve, hardware...); ``None`` for older models."""
+        return self.meta.model_card
+
+    @property
+    def sidecar(self) -> dict[str, Any]:
+        """The checkpoint's JSON sidecar as plain values (:attr:`meta` holds it typed)."""
+        return self.meta.sidecar_dict()
+
+    @property
+    def n_features(self) -> int:
+        """Size of a window or run embedding."""
+        return self.preset.n_features
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Embedding column names, as in the participant level's TSV files (``e000``, ...)."""
+        return embedding_columns(self.n_features)
+
+    def preprocess_params(self, target_tr: float | str | None = "model") -> PreprocessParams:
+        """The preprocessing that gives this model its inputs: the one place that builds it.
+
+        Parameters
+        ----------
+        target_tr : float, None or "model"
+            Resample runs in time to this TR; ``"model"`` (default): as the training runs were.
+
+        Returns
+        -------
+        bidsapp.preprocess.PreprocessParams
+            The model's window length and working resolution, and the TR.
+        """
+        if target_tr == "model":
+            target_tr = self.target_tr
+        return PreprocessParams(window_frames=self.window_frames, target_tr=target_tr,
+                                downsample=self.preset.downsample)
 
 
-def load_model(path: Path, atlas: Atlas, config: Config, device: torch.device) -> LoadedModel:
-    """Load a checkpoint (safetensors + JSON only) and refuse one that does not fit the config."""
+def _weights_file(path: Path) -> Path:
+    """A ``.safetensors`` file, or a model folder holding one (``models/desc-roi``)."""
+    if path.is_dir():
+        if (path / MODEL_WEIGHTS).is_file():
+            return path / MODEL_WEIGHTS
+        raise NoInputError(f"{path} holds no {MODEL_WEIGHTS}")
+    return path
+
+
+def load_model(path: Path, atlas: Atlas, device: torch.device) -> RoimaeModel:
+    """Load a checkpoint (safetensors + JSON only) pretrained with ``atlas``.
+
+    Parameters
+    ----------
+    path : Path
+        ``model.safetensors`` (its JSON sidecar beside it), an epoch checkpoint, or the folder
+        of a model (``OUTPUT_DIR/models/desc-roi``).
+    atlas : bidsapp.atlas.Atlas
+        Must be the model's (by SHA-256).
+    device : torch.device
+
+    Returns
+    -------
+    RoimaeModel
+
+    Raises
+    ------
+    bidsapp.errors.RoimaeError
+        No such file, not a safetensors checkpoint, a hash that does not match its sidecar,
+        non-finite weights, weights that do not fit their preset (65, 66), or another atlas than
+        the model's (64).
+    """
+    path = _weights_file(Path(path))
     meta = read_metadata(path)   # its backbone and preset are known ones (the schema's check)
     backbone, preset_name = meta.backbone, meta.preset.name
-    if config.model.backbone not in (None, backbone):
-        raise UsageError(f"checkpoint {path} is a {backbone} model but --backbone "
-                         f"{config.model.backbone} was given")
-    if config.model.preset not in (None, preset_name):
-        raise UsageError(f"checkpoint {path} is a {preset_name!r} model but --preset "
-                         f"{config.model.preset} was given")
-    if config.preprocess.window_frames not in (None, meta.window_frames):
-        raise UsageError(f"checkpoint {path} was trained on {meta.window_frames}-frame "
-                         f"windows but --window-frames {config.preprocess.window_frames} was given")
     if meta.atlas.sha256 != atlas.sha256():
         raise UsageError(f"checkpoint {path} was trained with another atlas "
                          f"({meta.atlas.name}); pass the same --atlas")
@@ -152,10 +218,10 @@ def load_model(path: Path, atlas: Atlas, config: Config, device: torch.device) -
         raise BadDataError(f"checkpoint {path} does not fit the {backbone} {preset_name!r} model: "
                            f"{str(exc).splitlines()[0]}") from exc
     model.to(device).eval()
-    weights = Path(path).with_suffix(".safetensors")
+    weights = path.with_suffix(".safetensors")
     pooling = RegionPooling.from_atlas(cube_atlas(atlas), preset.patch_size * preset.downsample)
-    return LoadedModel(model, meta, weights, file_sha256(weights), preset,
-                       build_region_grid(atlas, preset).to(device), pooling.to(device))
+    return RoimaeModel(model, meta, weights, file_sha256(weights), preset,
+                       build_region_grid(atlas, preset).to(device), pooling.to(device), atlas)
 
 
 @dataclass
@@ -370,7 +436,7 @@ class AttributionSums:
 
 
 @torch.inference_mode()
-def analyse_run(loaded: LoadedModel, run: CachedRun, *, attribution: bool, n_subsets: int,
+def analyse_run(loaded: RoimaeModel, run: CachedRun, *, attribution: bool, n_subsets: int,
                 seed: int, batch_size: int | None = None) -> RunAttribution:
     """Embed every window of ``run`` and, optionally, attribute to AAL3 regions.
 

@@ -22,20 +22,13 @@ import pandas as pd
 import torch
 
 from bidsapp.bids.layout import InputDataset
+from bidsapp.cache import CachedRun
 from bidsapp.checkpoint import CheckpointMeta
 from bidsapp.io import atomic_write_text
-from bidsapp.preprocess import CachedRun
+from bidsapp.outputs import card_path
 
-__all__ = ["CARD_NAME", "build_card", "card_path", "cite", "hardware", "render_markdown", "training_data",
+__all__ = ["build_card", "cite", "hardware", "render_markdown", "training_data",
            "write_card"]
-
-#: File name of the card beside ``model.safetensors``.
-CARD_NAME = "model.md"
-
-
-def card_path(weights: Path) -> Path:
-    """The Markdown card of a checkpoint (``model.safetensors`` -> ``model.md``)."""
-    return Path(weights).with_suffix(".md")
 
 
 def _number(value: Any) -> float | None:

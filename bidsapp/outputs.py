@@ -21,7 +21,7 @@ and never import each other.
 Tables have one layout wherever they are written or read: embeddings in columns ``e000``,
 ``e001``... (:func:`embedding_frame`), region x region matrices with a ``Node`` column as XCP-D's
 ``relmat`` files (:func:`relmat_frame`), and the per-region attribution table of
-:func:`region_table`.
+:func:`bidsapp.results.region_table`.
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -40,15 +41,19 @@ import pandas as pd
 from bidsapp.atlas import Atlas
 from bidsapp.bids.derivatives import DerivativesWriter, parse_filename
 from bidsapp.bids.layout import BoldRun
-from bidsapp.errors import UsageError
-
-if TYPE_CHECKING:
-    from bidsapp.inference import LoadedModel, RunAttribution
+from bidsapp.config import masking_desc
+from bidsapp.errors import NoInputError, UsageError
 
 #: The pretrained models, one folder per masking (``models/desc-<m>/``).
 MODELS_DIR = "models"
-#: The final model's weights in its folder (its sidecar: ``model.json``).
+#: The final model's weights in its folder.
 MODEL_WEIGHTS = "model.safetensors"
+#: The final model's JSON sidecar (:class:`bidsapp.checkpoint.CheckpointMeta`).
+MODEL_SIDECAR = "model.json"
+#: The checkpoint of epoch N in a model folder: ``epoch-NNN`` + ``.safetensors``, ``.json`` and
+#: ``_optim.safetensors``; newer epochs have larger numbers.
+EPOCH_CHECKPOINT = "epoch-{epoch:03d}"
+EPOCH_STEM = re.compile(r"^epoch-(\d{3,})$")
 #: Each job's log file and configuration.
 LOGS_DIR = "logs"
 #: The group level's tables and maps.
@@ -100,6 +105,49 @@ def model_dir(output_dir: Path, desc: str) -> Path:
     Path
     """
     return output_dir / MODELS_DIR / f"desc-{desc}"
+
+
+def card_path(weights: Path) -> Path:
+    """The Markdown model card of a checkpoint (``model.safetensors`` -> ``model.md``)."""
+    return Path(weights).with_suffix(".md")
+
+
+def find_model(output_dir: Path, masking: str | None = None) -> Path:
+    """The weights of the model the pretrain level wrote in ``output_dir``.
+
+    Parameters
+    ----------
+    output_dir : Path
+    masking : str, optional
+        The masking (or its ``desc`` label) of the model to take; needed when there are several.
+
+    Returns
+    -------
+    Path
+        ``OUTPUT_DIR/models/desc-<m>/model.safetensors``.
+
+    Raises
+    ------
+    bidsapp.errors.NoInputError
+        No such model (66).
+    bidsapp.errors.UsageError
+        Several models and no ``masking`` (64).
+    """
+    models = output_dir / MODELS_DIR
+    found = sorted(models.glob(f"desc-*/{MODEL_SIDECAR}")) if models.is_dir() else []
+    if masking is not None:
+        found = [p for p in found if p.parent.name == f"desc-{masking_desc(masking)}"]
+        if not found:
+            raise NoInputError(f"no model pretrained with masking {masking!r} in {models} (run the "
+                               f"pretrain level with --masking {masking}, or pass --model)")
+    if not found:
+        raise NoInputError(f"no pretrained model in {models}: run `roimae BIDS_DIR OUTPUT_DIR "
+                           "pretrain` first, or pass --model CHECKPOINT.safetensors")
+    if len(found) > 1:
+        descs = ", ".join(p.parent.name.removeprefix("desc-") for p in found)
+        raise UsageError(f"several pretrained models in {models} ({descs}); choose one with "
+                         "--model-desc")
+    return found[0].parent / MODEL_WEIGHTS
 
 
 def atlas_label(atlas: Atlas) -> str:
@@ -192,41 +240,6 @@ def read_relmat(path: Path) -> np.ndarray:
     """
     frame = pd.read_csv(path, sep="\t", na_values="n/a", index_col=0)
     return frame.to_numpy(dtype=np.float64)
-
-
-def region_table(atlas: Atlas, loaded: LoadedModel, result: RunAttribution,
-                 voxels: np.ndarray) -> pd.DataFrame:
-    """The attribution table of one run: identity, size and each measure, one row per region.
-
-    Parameters
-    ----------
-    atlas : bidsapp.atlas.Atlas
-    loaded : bidsapp.inference.LoadedModel
-        The model, for the number of tokens each region owns on its grid.
-    result : bidsapp.inference.RunAttribution
-        The run's attribution (``recon_error`` not None).
-    voxels : ndarray of int, shape (R,)
-        Each region's voxels on the run's grid.
-
-    Returns
-    -------
-    pandas.DataFrame
-        The atlas table with ``voxels``, ``tokens``, ``reconerror``, ``reconerror_se``,
-        ``occlusion`` and ``note`` (:data:`NOTE_CANNOT_BE_HIDDEN`, :data:`NOTE_HIDDEN_BY_VOXEL`
-        or ``n/a``).
-    """
-    table = atlas.table().copy()
-    labels = loaded.region_grid.token_labels.flatten()
-    tokens = np.bincount(labels[labels >= 0].cpu().numpy(), minlength=len(atlas.regions))
-    table["voxels"] = voxels
-    table["tokens"] = tokens
-    table["reconerror"] = result.recon_error
-    table["reconerror_se"] = result.recon_error_se
-    table["occlusion"] = result.occlusion
-    table["note"] = np.select(
-        [~result.eligible, tokens == 0],
-        [NOTE_CANNOT_BE_HIDDEN, NOTE_HIDDEN_BY_VOXEL], "n/a")
-    return table
 
 
 def baseline_outputs(writer: DerivativesWriter, run: BoldRun | Mapping[str, str],
@@ -637,35 +650,3 @@ class GroupOutputs:
         for stem in map_stems:
             paths += sorted(self.dir.glob(f"{glob.escape(stem)}_*"))
         return list(dict.fromkeys(paths))
-
-
-@dataclass
-class SetResult:
-    """The cross-validated results of one feature set, from the group level to its report.
-
-    Attributes
-    ----------
-    folds : pandas.DataFrame
-        One row per repeat and fold: sizes, :data:`~bidsapp.group.METRICS`, the selected
-        regularisation (``<prefix>_<set>_folds.tsv``).
-    summary : pandas.DataFrame
-        Mean and sd of each metric, the permutation p-value (``..._metrics.tsv``).
-    predictions : pandas.DataFrame
-        Out-of-fold predictions and class probabilities (``..._predictions.tsv``).
-    confusion : ndarray of int, shape (n_classes, n_classes)
-        Summed over folds and repeats (true x predicted).
-    attribution : pandas.DataFrame
-        The group region table (``..._attribution.tsv``).
-    null : ndarray
-        The balanced accuracies of the label permutations (empty without permutations).
-    regions_note : str or None
-        Why region importance is missing, if it is.
-    """
-
-    folds: pd.DataFrame
-    summary: pd.DataFrame
-    predictions: pd.DataFrame
-    confusion: np.ndarray
-    attribution: pd.DataFrame
-    null: np.ndarray
-    regions_note: str | None = None

@@ -36,24 +36,23 @@ from collections import defaultdict
 
 import nibabel as nib
 import numpy as np
-import pandas as pd
 import torch
 
-from bidsapp import __version__, model_card
-from bidsapp.atlas import Atlas, group_summary, load_atlas, region_map, region_voxels
+from bidsapp import model_card
+from bidsapp._version import __version__
+from bidsapp.atlas import Atlas, load_atlas
 from bidsapp.bids.derivatives import DerivativesWriter
 from bidsapp.bids.layout import BoldRun, discover_runs
 from bidsapp.bids.validation import validate_input
+from bidsapp.cache import PreprocessParams
 from bidsapp.config import Config
 from bidsapp.data import prepare_runs
-from bidsapp.errors import BadDataError
-from bidsapp.grid import CubeAtlas, cube_atlas
+from bidsapp.errors import BadDataError, UsageError
 from bidsapp.inference import (
     ATTRIBUTION_METHOD,
-    LoadedModel,
+    RoimaeModel,
     RunAttribution,
     analyse_run,
-    find_model,
     load_model,
     window_spread,
 )
@@ -66,52 +65,44 @@ from bidsapp.outputs import (
     atlas_label,
     complete_runs,
     embedding_frame,
-    region_table,
-    relmat_frame,
+    find_model,
     run_stem,
 )
-from bidsapp.preprocess import CachedRun
-from bidsapp.readouts import correlation_matrix, region_timeseries
 from bidsapp.reports import report_lock, write_participant_report
+from bidsapp.results import RunEmbedding, run_embedding
 from bidsapp.runtime import seed_everything
 
 log = get_logger("participant")
 
 
-def write_readouts(writer: DerivativesWriter, out: RunOutputs, cached: CachedRun, cube: CubeAtlas,
-                   atlas: Atlas, result: RunAttribution, sources: list[str],
-                   model_info: dict) -> None:
+def write_readouts(writer: DerivativesWriter, out: RunOutputs, run: RunEmbedding, atlas: Atlas,
+                   sources: list[str], model_info: dict) -> None:
     """The region readouts of the model and the functional-connectivity baseline of one run."""
-    names = [region.name for region in atlas.regions]
-    regions = embedding_frame(result.region_embeddings)
-    regions.insert(0, "name", names)
-    regions.insert(0, "index", [region.index for region in atlas.regions])
-    writer.write_tsv(out.region_embedding, regions)
+    writer.write_tsv(out.region_embedding, run.region_embedding_table)
     writer.write_sidecar(out.region_embedding, {
         "Description": "Region embeddings: the encoder's finest-stage token features pooled per "
                        "region (weighted by the share of the region's voxels in each token) and "
                        "averaged over frames", "Atlas": atlas.name, "Sources": sources,
         "Model": model_info})
-    writer.write_tsv(out.connectivity, relmat_frame(result.feature_connectivity, names))
+    writer.write_tsv(out.connectivity, run.connectivity_table)
     writer.write_sidecar(out.connectivity, {
         "Description": "Connectivity in the model's feature space: for every channel, the Pearson "
                        "correlation of two regions' features over frames, averaged over channels",
         "Atlas": atlas.name, "Sources": sources, "Model": model_info})
-    timeseries = region_timeseries(cached, cube)
-    writer.write_tsv(out.timeseries, pd.DataFrame(timeseries, columns=names))
+    writer.write_tsv(out.timeseries, run.timeseries)
     writer.write_sidecar(out.timeseries, {
         "Description": "Functional-connectivity baseline: mean z-scored signal of each region's "
                        "voxels in the run's brain mask, every frame, from the cache on the "
                        "model's working grid (cells weighted by their voxels of the region)",
-        "Atlas": atlas.name, "Sources": sources, "RepetitionTime": cached.repetition_time})
-    writer.write_tsv(out.fc, relmat_frame(correlation_matrix(timeseries), names))
+        "Atlas": atlas.name, "Sources": sources, "RepetitionTime": run.repetition_time})
+    writer.write_tsv(out.fc, run.fc_table)
     writer.write_sidecar(out.fc, {
         "Description": "Functional-connectivity baseline: Pearson correlation of the region "
                        "time series (nilearn ConnectivityMeasure, empirical covariance)",
         "Atlas": atlas.name, "Sources": [*sources, writer.bids_uri(out.timeseries)]})
 
 
-def check_finite_embeddings(result: RunAttribution, run: BoldRun, loaded: LoadedModel) -> None:
+def check_finite_embeddings(result: RunAttribution, run: BoldRun, loaded: RoimaeModel) -> None:
     """Refuse (65) a run whose embeddings hold NaN or infinities, before anything is written.
 
     Finite input and finite weights can still overflow in a model whose training went astray;
@@ -122,44 +113,32 @@ def check_finite_embeddings(result: RunAttribution, run: BoldRun, loaded: Loaded
                            "unstable or diverged model); pretrain again with a lower --lr")
 
 
-def write_run(writer: DerivativesWriter, out: RunOutputs, run: BoldRun, cached: CachedRun,
-              atlas: Atlas, cube: CubeAtlas, loaded: LoadedModel, result: RunAttribution,
-              config: Config) -> None:
+def write_run(writer: DerivativesWriter, out: RunOutputs, bold: BoldRun, run: RunEmbedding,
+              model: RoimaeModel, config: Config) -> None:
     """Write one run's outputs (each atomically; the completion sidecar last)."""
-    tr = cached.repetition_time
-    model_info = {"Path": writer.bids_uri(loaded.path), "SHA256": loaded.sha256,
-                  "Preset": loaded.preset.name, "Masking": loaded.masking,
-                  "Backbone": loaded.meta.backbone, "Epoch": loaded.meta.epoch,
-                  **model_card.cite(loaded.path, writer.bids_uri)}
-    sources = [run.source_uri, writer.bids_uri(run.mask)]
-    frames = loaded.window_frames
-    windows = embedding_frame(result.window_embeddings)
-    windows.insert(0, "onset", np.arange(len(windows)) * frames * tr)
-    windows.insert(0, "window", np.arange(len(windows)))
-    writer.write_tsv(out.embedding, windows)
-    writer.write_tsv(out.mean_embedding, embedding_frame(result.embedding[None]))
+    atlas = model.atlas
+    model_info = {"Path": writer.bids_uri(model.path), "SHA256": model.sha256,
+                  "Preset": model.preset.name, "Masking": model.masking,
+                  "Backbone": model.meta.backbone, "Epoch": model.meta.epoch,
+                  **model_card.cite(model.path, writer.bids_uri)}
+    sources = [bold.source_uri, writer.bids_uri(bold.mask)]
+    writer.write_tsv(out.embedding, run.window_embeddings)
+    writer.write_tsv(out.mean_embedding, embedding_frame(run.embedding[None]))
     writer.write_sidecar(out.mean_embedding, {
         "Description": "Run embedding: mean of the window embeddings", "Sources": sources,
         "Model": model_info})
-    write_readouts(writer, out, cached, cube, atlas, result, sources, model_info)
+    write_readouts(writer, out, run, atlas, sources, model_info)
     meta: dict = {
         "Description": "Window embeddings of the pretrained roimae encoder (no masking)",
-        "Sources": sources, "Model": model_info, "RepetitionTime": tr,
-        "WindowFrames": frames, "NumberOfWindows": len(windows),
-        "FramesUsed": len(windows) * frames, "FramesInRun": cached.n_frames,
-        "WindowSpread": window_spread(result.window_embeddings),
+        "Sources": sources, "Model": model_info, "RepetitionTime": run.repetition_time,
+        "WindowFrames": model.window_frames, "NumberOfWindows": len(run.window_embeddings),
+        "FramesUsed": len(run.window_embeddings) * model.window_frames,
+        "FramesInRun": run.n_frames,
+        "WindowSpread": window_spread(run.result.window_embeddings),
         "SoftwareVersion": __version__, "Attribution": None,
     }
-    if result.recon_error is not None:
-        grid = nib.load(run.bold)
-        shape, affine = grid.shape[:3], grid.affine
-        contiguous = atlas.contiguous(atlas.resample_to(shape, affine))
-        voxels = region_voxels(contiguous, len(atlas.regions))
-        table = region_table(atlas, loaded, result, voxels)
-        occluded = embedding_frame(result.occluded_embeddings)
-        occluded.insert(0, "name", table["name"])
-        occluded.insert(0, "index", table["index"])
-        writer.write_tsv(out.occluded, occluded)
+    if run.regions is not None:
+        writer.write_tsv(out.occluded, run.occluded_embeddings)
         for path, column, text in (
             (out.recon_map, "reconerror", "Masked reconstruction error of each region (MSE of "
              "z-scored signal over its hidden brain voxels); lower = reconstructed better"),
@@ -167,29 +146,57 @@ def write_run(writer: DerivativesWriter, out: RunOutputs, run: BoldRun, cached: 
              "distance between the run embedding and the run embedding with the region hidden, "
              "in units of the RMS distance of the run's window embeddings from their mean"),
         ):
-            writer.write_nifti(path, region_map(table[column].to_numpy(), contiguous, affine))
+            writer.write_nifti(path, run.maps[column])
             writer.write_sidecar(path, {"Description": text, "Sources": sources,
                                         "Atlas": atlas.name, "Model": model_info,
                                         "NaNMeans": "the region has no brain voxel on the "
                                                     "model's working grid"})
-        writer.write_tsv(out.table, table)
+        writer.write_tsv(out.table, run.regions)
         if out.groups is not None:
-            writer.write_tsv(out.groups, group_summary(table, ("reconerror", "occlusion")))
+            writer.write_tsv(out.groups, run.by_group)
         meta["Attribution"] = {
             "Method": " ".join(ATTRIBUTION_METHOD.split()), "Subsets": config.participant.
             attribution_subsets, "Atlas": atlas.name, "Regions": len(atlas.regions),
-            "RegionsNotHidden": int((~result.eligible).sum()),
-            "RegionsHiddenByVoxel": int((table["note"] == NOTE_HIDDEN_BY_VOXEL).sum()),
+            "RegionsNotHidden": int((~run.result.eligible).sum()),
+            "RegionsHiddenByVoxel": int((run.regions["note"] == NOTE_HIDDEN_BY_VOXEL).sum()),
         }
     meta["Outputs"] = [path.name for path in out.data_files(meta["Attribution"] is not None)]
     writer.write_sidecar(out.embedding, meta)   # last: marks the run complete
 
 
+def check_command_line(model: RoimaeModel, config: Config) -> None:
+    """Refuse (64) a ``--backbone``, ``--preset`` or ``--window-frames`` the model was not trained with."""
+    meta, path = model.meta, model.path
+    if config.model.backbone not in (None, meta.backbone):
+        raise UsageError(f"checkpoint {path} is a {meta.backbone} model but --backbone "
+                         f"{config.model.backbone} was given")
+    if config.model.preset not in (None, meta.preset.name):
+        raise UsageError(f"checkpoint {path} is a {meta.preset.name!r} model but --preset "
+                         f"{config.model.preset} was given")
+    if config.preprocess.window_frames not in (None, meta.window_frames):
+        raise UsageError(f"checkpoint {path} was trained on {meta.window_frames}-frame "
+                         f"windows but --window-frames {config.preprocess.window_frames} was given")
+
+
+def model_inputs(model: RoimaeModel, config: Config) -> PreprocessParams:
+    """The preprocessing of the model's training runs; ``--target-tr`` overrides its TR (warned)."""
+    given = config.preprocess.target_tr
+    if given is None:
+        return model.preprocess_params()
+    if given != model.target_tr:
+        trained = "not resampled" if model.target_tr is None else f"{model.target_tr:g} s"
+        log.warning("--target-tr %g s overrides the model's %s: runs are not read as the model "
+                    "was trained", given, trained)
+    return model.preprocess_params(given)
+
+
 def run_participant(config: Config, device: torch.device) -> None:
     """Embed and attribute every selected run, one participant after the other."""
     atlas = load_atlas(config.atlas, config.atlas_labels)
-    model_path = find_model(config)
-    loaded = load_model(model_path, atlas, config, device)
+    model_path = config.participant.model or find_model(config.output_dir,
+                                                         config.participant.model_desc)
+    loaded = load_model(model_path, atlas, device)
+    check_command_line(loaded, config)
     log.info("model %s (%s preset, %s masking, epoch %s)", model_path, loaded.preset.name,
              loaded.masking, loaded.meta.epoch)
     dataset = discover_runs(config)
@@ -210,9 +217,7 @@ def run_participant(config: Config, device: torch.device) -> None:
                 for tmp in remove_temporaries(path):
                     log.info("%s: removed %s, left by an interrupted job", run.name, tmp.name)
             todo.append((run, out))
-    cached = prepare_runs(config, [run for run, _ in todo], loaded.window_frames,
-                          loaded.preset.downsample)
-    cube = cube_atlas(atlas)
+    cached = prepare_runs(config, [run for run, _ in todo], model_inputs(loaded, config))
     seed_everything(config.random_seed)
     by_subject: dict[str, list] = defaultdict(list)
     for i, ((run, out), cache) in enumerate(zip(todo, cached, strict=True), start=1):
@@ -224,7 +229,9 @@ def run_participant(config: Config, device: torch.device) -> None:
                              n_subsets=config.participant.attribution_subsets,
                              seed=config.random_seed)
         check_finite_embeddings(result, run, loaded)
-        write_run(writer, out, run, cache, atlas, cube, loaded, result, config)
+        grid = nib.load(run.bold)
+        write_run(writer, out, run, run_embedding(loaded, cache, result, grid.shape, grid.affine),
+                  loaded, config)
         log.info("[%d/%d] %s: %d windows%s in %.1f s", i, len(todo), run.name, cache.n_windows,
                  " + attribution" if attribution else "", time.perf_counter() - t0)
         by_subject[run.subject].append((run, out, result))

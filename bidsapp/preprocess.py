@@ -7,55 +7,21 @@ the 96^3 cube (:mod:`bidsapp.grid`), z-scored with one mean and standard deviati
 voxels and frames (as NeuroSTORM), and stored at the model's working resolution, on the cells
 that hold brain only.
 
-With ``downsample`` s (:class:`PreprocessParams`; the preset's, so that the model pools nothing)
-the working grid has (96 / s)^3 cells of s^3 cube voxels. The z-scored cube, background 0, is
-average-pooled over the cells in float32, chunk by chunk of frames, exactly as
-:meth:`bidsapp.model.mae.MaskedAutoencoder.prepare` would pool it (``F.avg_pool3d``), then stored.
-The *support* is the cells with at least one brain voxel; the stored columns are the support
-cells, in C order of the working grid::
-
-    <cache_root>/<key[:16]>/
-        data.npy        (n_frames, n_support) float16, read memory-mapped: each support cell's
-                        mean over its s^3 voxels, background counted as 0
-        voxels.npy      (96/s, 96/s, 96/s) uint8 (the smallest unsigned type holding s^3):
-                        brain voxels of the cube in each cell (1 or 0 at s = 1); the support
-                        is ``voxels > 0``
-        brain.npy       (96/s, 96/s, 96/s) bool: the model's brain mask, cells at least half
-                        brain (``voxels >= s^3 / 2``, as ``prepare``); at s = 1 the run's mask
-        manifest.json   sources and their sha256, parameters, frame count, TR, ...
-
-At s = 1 the support is the brain mask and ``data`` holds the brain voxels (a quarter of the cube).
-A cell's mean over its brain voxels is ``value * s^3 / voxels`` (what the functional-connectivity
-baseline reads, :func:`bidsapp.readouts.region_timeseries`).
-
-The key hashes the content of both files and the parameters, so an entry is reused whatever the
-path or time stamp of its inputs, and any change to them makes a new entry. An entry is built in a
-temporary directory and renamed into place when complete, under a file lock, so a crash leaves no
-half entry and two processes never build the same one. It is written with plain writes (not through a
-memory map, where a full disk raises SIGBUS), so a full disk or quota is one error (exit 74) and the
-temporary directory is removed.
-
-Trust: an entry is found by its key and read without re-checking its data against the sources, so
-anyone who can write to the cache directory can plant data that later runs use. A shared work
-directory must be writable only by users who trust each other.
+With ``downsample`` s (:class:`~bidsapp.cache.PreprocessParams`; the preset's, so that the model
+pools nothing) the working grid has (96 / s)^3 cells of s^3 cube voxels. The z-scored cube,
+background 0, is average-pooled over the cells in float32, chunk by chunk of frames, exactly as
+:meth:`bidsapp.model.mae.MaskedAutoencoder.prepare` would pool it (``F.avg_pool3d``), then stored
+in the layout of :mod:`bidsapp.cache` (the support: the cells with at least one brain voxel).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import itertools
-import json
-import math
-import os
-import shutil
-import uuid
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -66,195 +32,33 @@ import torch.nn.functional as F
 from nibabel.affines import apply_affine
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import SpatialImage
-from nilearn.datasets import load_mni152_brain_mask
 from nilearn.image import resample_img
 from nilearn.image.resampling import BoundingBoxError
 from scipy.interpolate import interp1d
 
-from bidsapp import __version__
+from bidsapp._version import __version__
+from bidsapp.cache import CACHE_FORMAT, CachedRun, PreprocessParams, cache_key, open_or_build, write_entry
 from bidsapp.errors import BadDataError, IOFailureError, NoInputError
-from bidsapp.grid import CUBE_SHAPE, MNI_2MM_AFFINE, MNI_2MM_SHAPE, from_cube, is_mni_2mm, to_cube
-from bidsapp.io import atomic_write_json, ensure_dir, file_lock, file_sha256, write_error
+from bidsapp.grid import (
+    CUBE_SHAPE,
+    MNI_2MM_AFFINE,
+    MNI_2MM_SHAPE,
+    from_cube,
+    is_mni_2mm,
+    mni_brain_mask,
+    to_cube,
+)
+from bidsapp.io import file_sha256, write_error
 from bidsapp.logs import get_logger
 
 log = get_logger("preprocess")
 
-#: Bumped whenever the content of an entry changes meaning; part of the key.
-CACHE_FORMAT = 2
 #: Frames processed at a time: bounds peak memory independently of the run length.
 CHUNK_FRAMES = 16
 #: A resampled run must keep this share of its mask and have this share inside the MNI brain.
 MIN_MNI_OVERLAP = 0.5
 #: What a truncated, corrupt or empty NIfTI raises while it is read.
 _READ_ERRORS = (ImageFileError, OSError, EOFError, zlib.error, ValueError)
-
-
-@dataclass(frozen=True)
-class PreprocessParams:
-    """Settings that change the content of a cache entry.
-
-    Parameters
-    ----------
-    window_frames : int
-        Frames per training window; windows do not overlap.
-    target_tr : float, optional
-        Resample every run to this repetition time (seconds), linearly in time.
-    dtype : str
-        Storage type of the z-scored values: ``"float16"`` or ``"float32"``.
-    downsample : int
-        Store the cube average-pooled over cells of ``downsample``^3 voxels: the working
-        resolution of the model preset that reads the entry (its ``downsample``).
-    """
-
-    window_frames: int = 20
-    target_tr: float | None = None
-    dtype: str = "float16"
-    downsample: int = 1
-
-    def __post_init__(self) -> None:
-        if self.window_frames < 1:
-            raise ValueError(f"window_frames must be >= 1, got {self.window_frames}")
-        if self.target_tr is not None and self.target_tr <= 0:
-            raise ValueError(f"target_tr must be > 0, got {self.target_tr}")
-        if self.dtype not in ("float16", "float32"):
-            raise ValueError(f"dtype must be float16 or float32, got {self.dtype!r}")
-        if self.downsample < 1 or any(n % self.downsample for n in CUBE_SHAPE):
-            raise ValueError(f"downsample must divide {CUBE_SHAPE[0]}, got {self.downsample}")
-
-    @property
-    def working_shape(self) -> tuple[int, int, int]:
-        """The grid of the stored values: the cube divided by ``downsample``."""
-        return tuple(n // self.downsample for n in CUBE_SHAPE)
-
-    def key(self) -> dict:
-        """The parameters as a JSON-serialisable dict (hashed into the cache key)."""
-        return dataclasses.asdict(self)
-
-
-@dataclass
-class CachedRun:
-    """One preprocessed run, its values memory-mapped, at the working resolution it was stored at.
-
-    An open run holds no array but the memory map of its values: its brain mask and support are
-    read from the entry when asked for (a few hundred microseconds per window, from the page cache),
-    so that pretraining on N runs needs the same memory for any N (an eager copy cost 0.35 MB per
-    run at ``tiny``: 340 MB at 1,000 runs), and one memory map per run (the kernel's default
-    limit is 65,530 per process).
-
-    Attributes
-    ----------
-    directory : Path
-        The cache entry.
-    manifest : dict
-        Sources and their sha256, parameters, ``n_frames``, ``repetition_time``, ``n_windows``,
-        normalisation, creation time and roimae version.
-    data : ndarray, shape (n_frames, n_support)
-        Z-scored values of the support cells (C order of the grid), memory-mapped read-only.
-    """
-
-    directory: Path
-    manifest: dict
-    data: np.ndarray
-
-    @property
-    def brain(self) -> np.ndarray:
-        """The run's brain mask on the stored grid: (D, H, W) bool, read from the entry.
-
-        The grid is ``96 / downsample`` per side; at downsample s > 1 the mask holds the cells at
-        least half brain, as the model pools it.
-        """
-        return np.load(self.directory / "brain.npy")
-
-    @property
-    def support_index(self) -> np.ndarray:
-        """Where the columns of ``data`` lie in the flattened grid: (n_support,) int64."""
-        return np.flatnonzero(self.cell_voxels())
-
-    def __reduce__(self) -> tuple:
-        # Pickling (spawned DataLoader workers) re-opens the entry instead of copying the data.
-        return load_cached, (self.directory,)
-
-    @property
-    def n_frames(self) -> int:
-        """Frames stored (after temporal resampling), leftovers beyond the last window included."""
-        return int(self.manifest["n_frames"])
-
-    @property
-    def n_windows(self) -> int:
-        """Number of non-overlapping windows of ``window_frames`` frames."""
-        return int(self.manifest["n_windows"])
-
-    @property
-    def window_frames(self) -> int:
-        """Frames per window."""
-        return int(self.manifest["params"]["window_frames"])
-
-    @property
-    def downsample(self) -> int:
-        """Cube voxels per side of a stored cell (1: the 2 mm cube itself)."""
-        return int(self.manifest["params"]["downsample"])
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """The stored grid ``(D, H, W)``."""
-        return tuple(n // self.downsample for n in CUBE_SHAPE)
-
-    @property
-    def repetition_time(self) -> float | None:
-        """Seconds between stored frames, ``None`` if the source did not say."""
-        return self.manifest["repetition_time"]
-
-    def cell_voxels(self) -> np.ndarray:
-        """Brain voxels of the cube in each stored cell: (D, H, W) unsigned, read from the entry."""
-        return np.load(self.directory / "voxels.npy")
-
-    def frames(self, start: int, stop: int) -> np.ndarray:
-        """Frames ``start:stop`` on the stored grid, 0 outside the support.
-
-        Returns
-        -------
-        ndarray, shape (stop - start, D, H, W), float32
-        """
-        if not 0 <= start <= stop <= self.n_frames:
-            raise IndexError(f"frames {start}:{stop} outside 0:{self.n_frames}")
-        grids = np.zeros((stop - start, math.prod(self.shape)), dtype=np.float32)
-        grids[:, self.support_index] = self.data[start:stop]
-        return grids.reshape((stop - start, *self.shape))
-
-    def window_slice(self, index: int) -> slice:
-        """The frames of window ``index``; :class:`IndexError` if there is no such window."""
-        if not 0 <= index < self.n_windows:
-            raise IndexError(f"window {index} outside 0..{self.n_windows - 1}")
-        return slice(index * self.window_frames, (index + 1) * self.window_frames)
-
-    def window(self, index: int) -> np.ndarray:
-        """Window ``index`` on the stored grid.
-
-        Returns
-        -------
-        ndarray, shape (window_frames, D, H, W), float32
-        """
-        frames = self.window_slice(index)
-        return self.frames(frames.start, frames.stop)
-
-
-def load_cached(directory: Path) -> CachedRun:
-    """Open a complete cache entry; :class:`IOFailureError` if it is incomplete or corrupt."""
-    directory = Path(directory)
-    try:
-        manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
-        brain = np.load(directory / "brain.npy")
-        support = np.load(directory / "voxels.npy", mmap_mode="r") > 0
-        data = np.load(directory / "data.npy", mmap_mode="r")
-    except (OSError, ValueError) as exc:
-        raise IOFailureError(f"cache entry {directory} is unreadable: {exc}") from exc
-    downsample = manifest.get("params", {}).get("downsample")
-    if (not isinstance(downsample, int) or downsample < 1
-            or brain.shape != tuple(n // downsample for n in CUBE_SHAPE)
-            or support.shape != brain.shape
-            or data.shape != (manifest.get("n_frames"), int(support.sum()))):
-        raise IOFailureError(f"cache entry {directory} is inconsistent; delete it and re-run")
-    return CachedRun(directory=directory, manifest=manifest, data=data)
 
 
 def prepare_run(bold: Path, mask: Path, cache_root: Path, params: PreprocessParams,
@@ -285,30 +89,12 @@ def prepare_run(bold: Path, mask: Path, cache_root: Path, params: PreprocessPara
     """
     bold, mask = Path(bold), Path(mask)
     bold_sha, mask_sha = _sha256(bold), _sha256(mask)
-    key = _cache_key(bold_sha, mask_sha, params, repetition_time)
+    key = cache_key(bold_sha, mask_sha, params, repetition_time)
     provenance = {"key": key, "format": CACHE_FORMAT,
                   "source": str(bold.absolute()), "source_sha256": bold_sha,
                   "mask": str(mask.absolute()), "mask_sha256": mask_sha}
-    cache_root = ensure_dir(Path(cache_root))
-    entry = cache_root / key[:16]
-    with file_lock(cache_root / f".{entry.name}.lock"):
-        cached = _existing_entry(entry, key)
-        if cached is not None:
-            log.info("reusing cache %s for %s", entry, bold.name)
-            return cached
-        # Under the lock nobody else builds this entry: what is left is from an older format
-        # or from a process that was killed mid-way.
-        for stale in [entry, *cache_root.glob(f".{entry.name}.*.tmp")]:
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = cache_root / f".{entry.name}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            ensure_dir(tmp)
-            _build_entry(tmp, bold, mask, params, repetition_time, provenance)
-            os.replace(tmp, entry)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return load_cached(entry)
+    return open_or_build(cache_root, key, lambda directory: _build_entry(
+        directory, bold, mask, params, repetition_time, provenance), bold.name)
 
 
 def _sha256(path: Path) -> str:
@@ -318,23 +104,6 @@ def _sha256(path: Path) -> str:
         return file_sha256(path)
     except OSError as exc:
         raise IOFailureError(f"cannot read {path}: {exc.strerror or exc}") from exc
-
-
-def _cache_key(bold_sha: str, mask_sha: str, params: PreprocessParams,
-               repetition_time: float | None) -> str:
-    payload = {"format": CACHE_FORMAT, "bold": bold_sha, "mask": mask_sha,
-               "params": params.key(), "repetition_time": repetition_time}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def _existing_entry(entry: Path, key: str) -> CachedRun | None:
-    if not entry.is_dir():
-        return None
-    try:
-        cached = load_cached(entry)
-    except IOFailureError:
-        return None
-    return cached if cached.manifest.get("key") == key else None
 
 
 @contextmanager
@@ -478,39 +247,6 @@ def pool_brain_values(values: np.ndarray, brain_index: np.ndarray, downsample: i
     return pooled.reshape(len(values), -1)[:, torch.from_numpy(support)].numpy()
 
 
-def write_entry(directory: Path, rows: Iterable[np.ndarray], shape: tuple[int, int], dtype: str,
-                brain: np.ndarray, voxels: np.ndarray, manifest: dict) -> None:
-    """Write the files of a cache entry (see the module docstring) into ``directory``.
-
-    Parameters
-    ----------
-    directory : Path
-        An existing, empty directory.
-    rows : iterable of ndarray, each (t, n_support)
-        The stored values, chunk by chunk of frames, ``shape[0]`` frames in all.
-    shape : (n_frames, n_support)
-    dtype : str
-        Storage type of the values.
-    brain, voxels : ndarray, shape (D, H, W)
-        The brain mask and the brain voxels per cell on the stored grid.
-    manifest : dict
-        Written last, atomically: an entry without it is incomplete.
-    """
-    # Plain writes, not a memory map: on a full disk or quota a write through a map raises
-    # SIGBUS and kills the process, while write() fails with ENOSPC / EDQUOT (exit 74).
-    with open(directory / "data.npy", "wb") as fh:
-        np.lib.format.write_array_header_1_0(fh, {
-            "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-            "fortran_order": False, "shape": tuple(shape)})
-        for chunk in rows:
-            fh.write(np.ascontiguousarray(chunk, dtype=dtype).data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    np.save(directory / "brain.npy", brain)
-    np.save(directory / "voxels.npy", voxels)
-    atomic_write_json(directory / "manifest.json", manifest)
-
-
 def _mask_on_grid(mask: Path, image: SpatialImage, bold: Path) -> np.ndarray:
     """The mask as a boolean volume, refused unless it is non-empty and on the BOLD's grid."""
     with _reading(mask):
@@ -585,15 +321,6 @@ def _check_size(image: SpatialImage, bold: Path) -> None:
         raise BadDataError(f"{bold}: its header claims {image.shape[3]} frames of "
                            f"{'x'.join(map(str, image.shape[:3]))} ({expected} bytes) but the file "
                            f"holds {actual} bytes (truncated file?)")
-
-
-@lru_cache(maxsize=1)
-def _template_brain() -> np.ndarray:
-    """MNI152 brain mask shipped with nilearn, on the MNI 2 mm grid: (91, 109, 91) bool."""
-    template = resample_img(load_mni152_brain_mask(resolution=2), target_affine=MNI_2MM_AFFINE,
-                            target_shape=MNI_2MM_SHAPE, interpolation="nearest",
-                            force_resample=True, copy_header=True)
-    return np.asanyarray(template.dataobj) > 0
 
 
 def _flat_voxels(voxels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -684,7 +411,7 @@ def _brain_on_mni_grid(inside: np.ndarray, affine: np.ndarray, bold: Path,
                            "the MNI grid") from exc
     source_mm3 = inside.sum() * abs(np.linalg.det(affine[:3, :3]))
     kept = brain.sum() * abs(np.linalg.det(MNI_2MM_AFFINE[:3, :3])) / source_mm3
-    in_template = (brain & _template_brain()).sum() / max(brain.sum(), 1)
+    in_template = (brain & mni_brain_mask(MNI_2MM_SHAPE, MNI_2MM_AFFINE)).sum() / max(brain.sum(), 1)
     if kept < MIN_MNI_OVERLAP or in_template < MIN_MNI_OVERLAP:
         raise BadDataError(
             f"{bold} is not in MNI space: on the MNI grid its mask {mask.name} keeps {kept:.0%} "
@@ -764,65 +491,3 @@ def _global_stats(values: np.ndarray) -> tuple[float, float]:
         centred = values[rows] - np.float32(mean)
         square += float(np.einsum("ij,ij->", centred, centred))
     return float(mean), float(np.sqrt(square / values.size))
-
-
-class WindowDataset(torch.utils.data.Dataset):
-    """Windows of cached runs as model inputs, kept compact until they are batched.
-
-    Parameters
-    ----------
-    runs : sequence of CachedRun
-        Stored at one resolution (one ``downsample``).
-    window_indices : sequence of (run index, window index), optional
-        The windows to serve; all windows of all runs by default.
-
-    Items are dicts: ``values`` (T, n_support) tensor of the stored values (the support cells,
-    float16 by default), ``support_index`` (n_support,) int64 flat indices of the support cells in
-    the run's grid, ``brain`` (D, H, W) bool tensor of the run's brain mask on that grid, ``run``
-    and ``window`` ints. :func:`collate_windows` turns a list of them into model inputs; a
-    DataLoader needs ``collate_fn=collate_windows``.
-    """
-
-    def __init__(self, runs: Sequence[CachedRun],
-                 window_indices: Sequence[tuple[int, int]] | None = None) -> None:
-        self.runs = list(runs)
-        if window_indices is None:
-            window_indices = [(r, w) for r, run in enumerate(self.runs)
-                              for w in range(run.n_windows)]
-        self.window_indices = [(int(r), int(w)) for r, w in window_indices]
-
-    def __len__(self) -> int:
-        return len(self.window_indices)
-
-    def __getitem__(self, i: int) -> dict:
-        run_index, window_index = self.window_indices[i]
-        run = self.runs[run_index]
-        frames = run.window_slice(window_index)
-        return {"values": torch.from_numpy(np.array(run.data[frames])),  # read from the memmap
-                "support_index": torch.from_numpy(run.support_index),
-                "brain": torch.from_numpy(run.brain),             # read from the entry
-                "run": run_index, "window": window_index}
-
-
-def collate_windows(items: Sequence[dict]) -> dict:
-    """Batch :class:`WindowDataset` items into model inputs, writing each grid once.
-
-    Returns
-    -------
-    dict
-        ``x`` float32 tensor (B, T, D, H, W) on the runs' stored grid (the 96^3 cube at
-        downsample 1), 0 outside the support; ``brain`` bool tensor (B, D, H, W); ``run`` and
-        ``window`` int64 tensors (B,).
-    """
-    shape = tuple(items[0]["brain"].shape)
-    if any(tuple(item["brain"].shape) != shape for item in items):
-        raise ValueError("cannot batch windows of runs cached at different resolutions: "
-                         f"{sorted({tuple(item['brain'].shape) for item in items})}")
-    n_frames = items[0]["values"].shape[0]
-    x = torch.zeros(len(items), n_frames, int(np.prod(shape)))
-    for row, item in enumerate(items):
-        x[row].index_copy_(1, item["support_index"], item["values"].float())
-    return {"x": x.view(len(items), n_frames, *shape),
-            "brain": torch.stack([item["brain"] for item in items]),
-            "run": torch.tensor([item["run"] for item in items]),
-            "window": torch.tensor([item["window"] for item in items])}

@@ -22,24 +22,25 @@ from typing import Any
 
 import torch
 
-from bidsapp import __version__, model_card
+from bidsapp import model_card
+from bidsapp._version import __version__
 from bidsapp.atlas import Atlas, load_atlas
 from bidsapp.bids.derivatives import DerivativesWriter
 from bidsapp.bids.layout import InputDataset, discover_runs
 from bidsapp.bids.validation import validate_input
+from bidsapp.cache import CachedRun, PreprocessParams
 from bidsapp.checkpoint import (
     FORMAT,
     CheckpointMeta,
     latest_checkpoint,
     load_optimizer_state,
     load_weights,
-    masking_desc,
     prepare_model_dir,
     prune_checkpoints,
     read_metadata,
     save_checkpoint,
 )
-from bidsapp.config import Config
+from bidsapp.config import Config, masking_desc
 from bidsapp.data import build_region_grid, prepare_runs, split_participants
 from bidsapp.distributed import DistributedContext
 from bidsapp.errors import BadDataError, TrainingDivergedError, UsageError
@@ -47,11 +48,17 @@ from bidsapp.logs import get_logger
 from bidsapp.model.factory import build_model, describe_model
 from bidsapp.model.masking import build_masking
 from bidsapp.model.presets import BACKBONE_PRESETS, ModelPreset
-from bidsapp.outputs import PRETRAIN_BIDSIGNORE, model_dir
-from bidsapp.preprocess import CachedRun, WindowDataset
+from bidsapp.outputs import (
+    EPOCH_CHECKPOINT,
+    MODEL_SIDECAR,
+    MODEL_WEIGHTS,
+    PRETRAIN_BIDSIGNORE,
+    model_dir,
+)
 from bidsapp.reports import plot_loss_curve
 from bidsapp.runtime import seed_everything
 from bidsapp.training import EpochMetrics, Trainer, TrainingHistory, TrainingSettings
+from bidsapp.windows import WindowDataset
 
 log = get_logger("pretrain")
 
@@ -134,7 +141,7 @@ def check_model_dir(config: Config, directory: Path) -> None:
                          "give one of them")
     if overwrite or not directory.is_dir():
         return
-    model = directory / "model.json"
+    model = directory / MODEL_SIDECAR
     checkpoint = latest_checkpoint(directory)
     if resume:
         if checkpoint is None and model.is_file():
@@ -181,7 +188,7 @@ def _pretrain(config: Config, ctx: DistributedContext) -> Path:
              _epoch_saver(config, trainer, out_dir, meta, history, title))
     else:
         log.info("all %d epochs are already done in %s", config.pretrain.epochs, out_dir)
-    final = out_dir / "model.safetensors"
+    final = out_dir / MODEL_WEIGHTS
     if ctx.is_main:
         _write_model(config, trainer, final, meta, history, data,
                      wall_seconds=time.perf_counter() - started)
@@ -225,7 +232,9 @@ def load_training_data(config: Config, ctx: DistributedContext,
     dataset: InputDataset = discover_runs(config)
     if ctx.is_main:
         validate_input(config, dataset)
-    runs = prepare_runs(config, dataset.runs, window_frames(config), preset.downsample)
+    runs = prepare_runs(config, dataset.runs, PreprocessParams(
+        window_frames=window_frames(config), target_tr=config.preprocess.target_tr,
+        downsample=preset.downsample))
     subjects = [run.subject for run in dataset.runs]
     train_subjects, val_subjects = split_participants(subjects, config.pretrain.val_fraction,
                                                       config.random_seed)
@@ -277,7 +286,7 @@ def _epoch_saver(config: Config, trainer: Trainer, out_dir: Path, meta: Checkpoi
         # The log before the checkpoint: --resume keeps the log's rows up to the checkpoint's
         # epoch, so a job killed in between must not lose that epoch's row.
         history.write(out_dir / "training_log.tsv")
-        save_checkpoint(out_dir / f"epoch-{metrics.epoch:03d}", trainer.model, epoch_meta,
+        save_checkpoint(out_dir / EPOCH_CHECKPOINT.format(epoch=metrics.epoch), trainer.model, epoch_meta,
                         trainer.optimizer)
         prune_checkpoints(out_dir, KEEP_CHECKPOINTS)
         plot_loss_curve(history.frame, out_dir / "loss_curve.png", title)

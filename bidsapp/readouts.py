@@ -31,9 +31,9 @@ from nilearn.connectome import ConnectivityMeasure
 from scipy import sparse
 from sklearn.covariance import EmpiricalCovariance
 
+from bidsapp.cache import CachedRun
 from bidsapp.grid import CubeAtlas
 from bidsapp.model.layers import blocks
-from bidsapp.preprocess import CachedRun
 
 #: Frames per chunk when region means are read from the cache (bounds float32 memory).
 _CHUNK_FRAMES = 64

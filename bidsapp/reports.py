@@ -24,8 +24,9 @@ import numpy as np
 import pandas as pd
 from filelock import FileLock, Timeout
 
-from bidsapp import __version__
+from bidsapp._version import __version__
 from bidsapp.atlas import Atlas, region_map
+from bidsapp.classification import SetResult
 from bidsapp.errors import CannotCreateOutputError
 from bidsapp.io import (
     atomic_path,
@@ -40,7 +41,6 @@ from bidsapp.outputs import (
     REPORT_LOCK,
     GroupOutputs,
     RunOutputs,
-    SetResult,
     participant_figures,
     participant_report,
     run_figure,
@@ -321,7 +321,7 @@ def write_group_report(outputs: GroupOutputs, classes: np.ndarray,
         The paths of the ``--target``'s outputs (the report and its figures).
     classes : ndarray
         The target's classes, sorted.
-    results : mapping of str to bidsapp.outputs.SetResult
+    results : mapping of str to bidsapp.classification.SetResult
         Each feature set's results, by set name, in the order of the report.
     comparison : pandas.DataFrame or None
         The pairwise comparison of the sets (None for a single set).

@@ -39,3 +39,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def step_generator(seed: int, *parts: int, device: torch.device) -> torch.Generator:
+    """A generator whose state depends only on ``seed`` and ``parts`` (epoch, step, rank)."""
+    value = seed
+    for part in parts:
+        value = (value * 1_000_003 + part) % (2**63 - 1)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(value)
+    return generator

@@ -26,7 +26,8 @@ from bidsapp.io import atomic_path
 from bidsapp.logs import get_logger
 from bidsapp.model.mae import MaskedAutoencoder
 from bidsapp.model.masking import MaskingStrategy
-from bidsapp.preprocess import collate_windows
+from bidsapp.runtime import step_generator
+from bidsapp.windows import collate_windows
 
 log = get_logger("training")
 
@@ -51,16 +52,6 @@ class Schedule:
         progress = min(1.0, (step - self.warmup_steps) / span)
         floor = self.peak_lr * self.final_fraction
         return floor + (self.peak_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def step_generator(seed: int, *parts: int, device: torch.device) -> torch.Generator:
-    """A generator whose state depends only on ``seed`` and ``parts`` (epoch, step, rank)."""
-    value = seed
-    for part in parts:
-        value = (value * 1_000_003 + part) % (2**63 - 1)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(value)
-    return generator
 
 
 @dataclass

@@ -173,7 +173,7 @@ def test_embedder_readouts_are_the_participant_level_readouts(pretrained_demo: P
     img = str(_run_files(pretrained_demo.bids, "01")[0])
     model = load_model(pretrained_demo.model)
     run = embed_imgs(model, [img], attribution=False, cache_dir=tmp_path / "cache")[0]
-    n_regions, width = len(model.atlas.regions), model.loaded.preset.embed_dim
+    n_regions, width = len(model.atlas.regions), model.preset.embed_dim
     for readout, expected in (("region", run.result.region_embeddings.ravel()),
                               ("connectivity", vectorize(run.result.feature_connectivity))):
         embedder = RoimaeEmbedder(str(pretrained_demo.model), readout=readout,
@@ -189,3 +189,34 @@ def test_embedder_readouts_are_the_participant_level_readouts(pretrained_demo: P
             assert names[0] == "roimae_Precentral_L__Precentral_R"
     with pytest.raises(UsageError, match="readout 'mean'"):
         RoimaeEmbedder(str(pretrained_demo.model), readout="mean").fit()
+
+
+def test_a_model_pretrained_at_a_target_tr_reads_runs_as_it_was_trained(
+        pretrained_demo: PretrainedDemo, tmp_path: Path) -> None:
+    """The participant level resamples to the model's --target-tr, as embed_img does."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    common = ["--participant-label", "01", "--nprocs", "1", "--omp-nthreads", "1", "-w", str(work)]
+    assert main([str(pretrained_demo.bids), str(out), "pretrain", "--epochs", "1",
+                 "--window-frames", "10", "--batch-size", "2", "--target-tr", "1.0",
+                 "--participant-label", "01", "02", "--nprocs", "1", "--omp-nthreads", "1",
+                 "-w", str(work)]) == 0
+    assert main([str(pretrained_demo.bids), str(out), "participant", "--no-reports",
+                 "--no-attribution", *common]) == 0
+    windows = _tsv(out / "sub-01" / "func" / f"sub-01_{ENTITIES}_res-2_desc-roi_embedding.tsv")
+    model = load_model(out / "models" / "desc-roi")
+    assert model.target_tr == 1.0
+    run = embed_img(model, *_run_files(pretrained_demo.bids, "01"), attribution=False,
+                    cache_dir=work)
+    # 20 frames at TR 2 s are 40 at TR 1 s: four 10-frame windows, 10 s apart.
+    assert len(windows) == len(run.window_embeddings) == 4
+    np.testing.assert_array_equal(windows["onset"], [0.0, 10.0, 20.0, 30.0])
+    np.testing.assert_array_equal(run.window_embeddings[model.feature_names].to_numpy(),
+                                  windows[model.feature_names].to_numpy().astype(np.float32))
+    # Another --target-tr on the command line wins, with a warning.
+    assert main([str(pretrained_demo.bids), str(tmp_path / "other"), "participant",
+                 "--model", str(model.path), "--target-tr", "2.0", "--no-reports",
+                 "--no-attribution", *common]) == 0
+    other = _tsv(tmp_path / "other" / "sub-01" / "func" / f"sub-01_{ENTITIES}_res-2_desc-roi_embedding.tsv")
+    assert len(other) == 2
+    logs = "".join(p.read_text() for p in (tmp_path / "other" / "logs").rglob("*.log"))
+    assert "--target-tr 2 s overrides the model's 1 s" in logs

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bidsapp import __version__
+from bidsapp._version import __version__
 from bidsapp.cli import build_parser, config_from_args, main
 from bidsapp.cli.demo import DEMO_MASKINGS, DEMO_READOUTS, demo_configs
 from bidsapp.cli.parser import FANOUT, config_field

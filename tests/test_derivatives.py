@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bidsapp import __version__
+from bidsapp._version import __version__
 from bidsapp.bids.derivatives import (
     BIDS_VERSION,
     ENTITY_ORDER,

@@ -22,21 +22,19 @@ from threadpoolctl import threadpool_limits
 from bidsapp.atlas import Atlas, load_atlas
 from bidsapp.bids.derivatives import DerivativesWriter
 from bidsapp.bids.layout import discover_runs, read_participants
-from bidsapp.cli import build_parser, config_from_args, main
-from bidsapp.config import Config
-from bidsapp.demo import make_demo_dataset
-from bidsapp.errors import BadDataError, ExitCode
-from bidsapp.group import (
-    EmbeddingSet,
+from bidsapp.classification import (
     corrected_ttest,
     effective_rank,
     evaluate,
     fold_metrics,
     make_splits,
     permutation_pvalue,
-    read_targets,
-    tangent_space,
 )
+from bidsapp.cli import build_parser, config_from_args, main
+from bidsapp.config import Config
+from bidsapp.demo import make_demo_dataset
+from bidsapp.errors import BadDataError, ExitCode
+from bidsapp.features import EmbeddingSet, read_targets, tangent_space
 from bidsapp.logs import get_logger
 from bidsapp.outputs import RunOutputs, atlas_label
 
@@ -722,7 +720,7 @@ def test_permutation_null_reuses_label_free_steps_exactly(tmp_path: Path) -> Non
     with threadpool_limits(limits=1):
         folds, _, _, _ = evaluate(es, splits, np.array(["adhd", "control"]), config)
         _, null = permutation_pvalue(es, splits, folds, config)
-    from bidsapp.group import build_classifier
+    from bidsapp.classification import build_classifier
 
     params = json.loads(folds["selected"].value_counts().index[0])
     base = build_classifier("logreg", 0, 2).estimator.set_params(
@@ -775,7 +773,7 @@ def test_four_participants_two_folds_runs_with_warnings_in_the_log(tmp_path: Pat
 
 
 def test_inner_cv_is_stratified_by_class(tmp_path: Path) -> None:
-    from bidsapp.group import inner_cv
+    from bidsapp.classification import inner_cv
 
     y = np.repeat(["adhd", "control"], [3, 9])
     groups = np.array([f"sub-{i:02d}" for i in range(12)])

@@ -16,9 +16,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from bidsapp.cache import PreprocessParams
 from bidsapp.cli import main
 from bidsapp.logs import get_logger
-from bidsapp.preprocess import PreprocessParams, prepare_run
+from bidsapp.preprocess import prepare_run
 
 ENTITIES = "task-rest_space-MNI152NLin6Asym_res-2"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from conftest import PretrainedDemo
 
 from bidsapp.cli import main
-from bidsapp.model_card import card_path
+from bidsapp.outputs import card_path
 
 
 def test_pretraining_writes_a_model_card(pretrained_demo: PretrainedDemo) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from bidsapp import __version__
+from bidsapp._version import __version__
 from bidsapp.cli import build_parser
 from bidsapp.errors import ExitCode
 

@@ -15,20 +15,14 @@ import torch.nn.functional as F
 from nibabel.affines import apply_affine
 from nibabel.processing import resample_from_to
 
+from bidsapp.cache import CachedRun, PreprocessParams, load_cached
 from bidsapp.errors import BadDataError
 from bidsapp.grid import CUBE_SHAPE, MNI_2MM_AFFINE, MNI_2MM_SHAPE, cube_affine
 from bidsapp.logs import get_logger
 from bidsapp.model.factory import build_model
 from bidsapp.model.presets import PRESETS
-from bidsapp.preprocess import (
-    CachedRun,
-    PreprocessParams,
-    VoxelSampler,
-    WindowDataset,
-    collate_windows,
-    load_cached,
-    prepare_run,
-)
+from bidsapp.preprocess import VoxelSampler, prepare_run
+from bidsapp.windows import WindowDataset, collate_windows
 
 PARAMS = PreprocessParams(window_frames=4)
 #: float16 keeps 11 significant bits: |z| < 6 is stored to within 3e-3.

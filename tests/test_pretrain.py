@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bidsapp.cache import load_cached
 from bidsapp.cli import main
 from bidsapp.demo import make_demo_dataset
 from bidsapp.io import json_text
-from bidsapp.preprocess import load_cached
 
 COMMON = ["--window-frames", "10", "--batch-size", "2", "--random-seed", "3", "--nprocs", "1"]
 

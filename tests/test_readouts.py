@@ -13,6 +13,7 @@ from nilearn.maskers import NiftiLabelsMasker
 from sklearn.covariance import EmpiricalCovariance
 
 from bidsapp.atlas import load_atlas
+from bidsapp.cache import PreprocessParams
 from bidsapp.grid import (
     MNI_2MM_AFFINE,
     MNI_2MM_SHAPE,
@@ -21,7 +22,7 @@ from bidsapp.grid import (
     cube_atlas,
     from_cube,
 )
-from bidsapp.preprocess import PreprocessParams, prepare_run
+from bidsapp.preprocess import prepare_run
 from bidsapp.readouts import (
     RegionPooling,
     correlation_matrix,

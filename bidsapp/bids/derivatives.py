@@ -21,7 +21,7 @@ import pandas as pd
 from bidsschematools.schema import load_schema
 from filelock import Timeout
 
-from bidsapp import __version__
+from bidsapp._version import __version__
 from bidsapp.errors import CannotCreateOutputError, UsageError
 from bidsapp.io import atomic_path, atomic_write_json, atomic_write_text, ensure_dir, file_lock
 from bidsapp.logs import get_logger

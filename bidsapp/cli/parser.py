@@ -19,7 +19,7 @@ from typing import Any, Literal, NoReturn, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
-from bidsapp import __version__
+from bidsapp._version import __version__
 from bidsapp.config import (
     DEFAULT_SPACES,
     LEVELS,

@@ -130,6 +130,11 @@ class ModelPreset:
         """Channels of each stage."""
         return tuple(self.embed_dim * 2**i for i in range(len(self.depths)))
 
+    @property
+    def n_features(self) -> int:
+        """Size of a window embedding: the channels of the last stage (vit4d has one stage)."""
+        return self.stage_dims()[-1]
+
     def stage_grids(self) -> tuple[tuple[int, int, int], ...]:
         """Token grid of each stage (space halved at every merge)."""
         return tuple(

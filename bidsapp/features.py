@@ -1,0 +1,362 @@
+"""Feature sets for the group level: each model's readouts, the baselines, covariates, targets.
+
+Each model (``desc``) is read through one or more readouts (``--features``): the feature-space
+connectivity of its regions (``connectivity``, the Fisher z of the upper triangle), its region
+embeddings (``region``) or the run embedding (``global``); see :mod:`bidsapp.readouts`. Three
+baselines are read for the same runs: ``fc``, the Fisher z of the Pearson correlations of the
+region mean signals of the same preprocessed runs; ``tangent``, their region time series, which
+the classifier's first step turns into the tangent-space parametrisation of their covariances
+(Varoquaux et al. 2010; the strongest FC readout for classification in Dadi et al. 2019); and
+``covariates``, the phenotype columns of ``--covariates`` alone (the "no imaging" floor).
+
+Only complete runs count (their completion sidecar, written last, lists every output), and every
+run of a model's set must come from the same model (by weight hash).
+"""
+
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from nilearn.connectome import ConnectivityMeasure
+
+from bidsapp.bids.derivatives import DerivativesWriter
+from bidsapp.config import BASELINES, Config, masking_desc
+from bidsapp.errors import BadDataError, NoInputError, UsageError
+from bidsapp.logs import get_logger
+from bidsapp.outputs import (
+    RunOutputs,
+    baseline_outputs,
+    model_descs,
+    read_embeddings,
+    read_relmat,
+    set_names,
+)
+from bidsapp.readouts import edge_regions, vectorize
+
+log = get_logger("group")
+
+
+@dataclass
+class EmbeddingSet:
+    """The features of one feature set, with each run's participant, label and group.
+
+    Attributes
+    ----------
+    name : str
+        How tables and the report name the set: ``<desc>-<readout>`` for a model, else the
+        baseline's name.
+    stem : str
+        Its part of file names: ``desc-<desc>_feature-<readout>`` or ``feature-<baseline>``.
+    desc : str or None
+        The model's masking description; None for a baseline.
+    readout : str
+        One of :data:`bidsapp.config.READOUTS` or :data:`BASELINES`.
+    runs : pandas.DataFrame
+        ``run, participant_id, target, cv_group, table, occluded``, one row per run.
+    X : ndarray, shape (n_runs, F) or (n_runs,)
+        The features; for ``tangent``, an object array of each run's region time series
+        (n_frames, R'), which the classifier's first step turns into features.
+    regions : list of ndarray or None
+        For each atlas region, the columns of ``X`` that involve it (None: no such mapping).
+    model_sha256 : str or None
+        The one model every run's features come from (None for a baseline).
+    """
+
+    name: str
+    stem: str
+    desc: str | None
+    readout: str
+    runs: pd.DataFrame
+    X: np.ndarray
+    regions: list[np.ndarray] | None = None
+    model_sha256: str | None = None
+
+    @property
+    def is_baseline(self) -> bool:
+        """A set that needs no model."""
+        return self.desc is None
+
+    @property
+    def from_time_series(self) -> bool:
+        """``X`` holds time series: the features are fit inside the folds (``tangent``)."""
+        return self.readout == "tangent"
+
+    @property
+    def n_features(self) -> int:
+        """The number of features the classifier sees."""
+        if self.from_time_series:
+            n_regions = self.X[0].shape[1]
+            return n_regions * (n_regions - 1) // 2
+        return self.X.shape[1]
+
+    def feature_matrix(self) -> np.ndarray:
+        """The features of every run, (n_runs, F).
+
+        For ``tangent``, with the reference fit on all runs: descriptive only (the effective
+        rank); the classifier fits its own on the training folds.
+        """
+        if self.from_time_series:
+            return tangent_space().fit_transform(list(self.X))
+        return self.X
+
+
+def tangent_space() -> ConnectivityMeasure:
+    """The tangent-space FC step: region time series (n_frames, R) -> R (R - 1) / 2 features.
+
+    nilearn's defaults otherwise: Ledoit-Wolf covariances of the standardised time series, the
+    geometric mean of the fitted runs' covariances as the reference.
+    """
+    return ConnectivityMeasure(kind="tangent", vectorize=True, discard_diagonal=True)
+
+
+def read_targets(participants: pd.DataFrame | None, column: str,
+                 target_map: dict[str, str]) -> pd.Series:
+    """The target of each participant (index: participant_id with ``sub-``), recoded and cleaned."""
+    if participants is None:
+        raise BadDataError("the group level needs a participants.tsv: fMRIPrep derivatives have "
+                           "none, so give the raw dataset as BIDS_DIR (with -d fmriprep=PATH)")
+    if column not in participants.columns:
+        available = ", ".join(c for c in participants.columns if c != "participant_id")
+        raise BadDataError(f"participants.tsv has no column {column!r} (columns: {available})")
+    values = participants.set_index("participant_id")[column]
+    if pd.api.types.is_float_dtype(values) and (values.dropna() % 1 == 0).all():
+        # Integer codes (e.g. ADHD-200 DX 0/1/2/3) read as float because of missing values:
+        # keep them "1", not "1.0", so that --target-map 1=adhd matches.
+        values = values.astype("Int64")
+    values = values.map(lambda v: None if pd.isna(v) else str(v).strip())
+    if target_map:
+        values = values.map(lambda v: target_map.get(v, v) if v is not None else None)
+    missing = values.isna() | values.isin(["", "n/a"])
+    if missing.any():
+        log.warning("%d participants have no %s value and are left out", int(missing.sum()), column)
+    return values[~missing]
+
+
+def read_features(readout: str, path: Path) -> np.ndarray | None:
+    """The feature vector of one run for a readout, None when its file is missing.
+
+    For ``tangent``, the run's region time series (n_frames, R).
+    """
+    if not path.is_file():
+        return None
+    if readout in ("connectivity", "fc"):
+        return vectorize(read_relmat(path))
+    if readout == "tangent":
+        return pd.read_csv(path, sep="\t", na_values="n/a").to_numpy(dtype=np.float64)
+    return read_embeddings(path).ravel()
+
+
+def time_series_set(vectors: list[np.ndarray], n_regions: int
+                     ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Time series of the regions with signal in every run, and each atlas region's features.
+
+    A covariance needs every region in every run: regions without voxels or constant in any run
+    are left out (this looks at the data only, never the labels). Returns the object array of
+    time series (n_runs,) and, per atlas region, its columns among the tangent features (none
+    for a region left out).
+    """
+    usable = np.ones(n_regions, dtype=bool)
+    for ts in vectors:
+        usable &= np.isfinite(ts).all(axis=0) & (np.nanstd(ts, axis=0) > 0)
+    kept = np.flatnonzero(usable)
+    if len(kept) < 2:
+        raise BadDataError("fewer than two regions have a signal in every run: the tangent "
+                           "baseline cannot be computed")
+    X = np.empty(len(vectors), dtype=object)
+    X[:] = [ts[:, kept] for ts in vectors]
+    by_kept = feature_regions("connectivity", len(kept), 0)
+    regions = [np.array([], dtype=np.int64)] * n_regions
+    for j, r in enumerate(kept):
+        regions[r] = by_kept[j]
+    return X, regions
+
+
+def feature_regions(readout: str, n_regions: int, n_features: int) -> list[np.ndarray] | None:
+    """For each region, the feature columns that involve it (None for the run embedding)."""
+    if readout in ("connectivity", "fc"):
+        first, second = edge_regions(n_regions)
+        return [np.flatnonzero((first == r) | (second == r)) for r in range(n_regions)]
+    if readout == "region":
+        width = n_features // n_regions
+        return [np.arange(r * width, (r + 1) * width) for r in range(n_regions)]
+    return None
+
+
+def load_feature_set(desc: str | None, readout: str, dataset, writer: DerivativesWriter,
+                        targets: pd.Series, cv_groups: pd.Series | None, atlas_label: str,
+                        n_regions: int, groups: bool = True) -> EmbeddingSet:
+    """The runs of one model (or the FC baseline, ``desc=None``) through one readout.
+
+    Only complete runs count (their completion sidecar, written last, lists every output), and
+    every run of a model's set must come from the same model (by weight hash).
+    """
+    rows, vectors, missing = [], [], 0
+    models: dict[str, list[str]] = {}
+    for run in dataset.runs:
+        pid = f"sub-{run.subject}"
+        if pid not in targets.index:
+            continue
+        out, attributed = None, False
+        if desc is None:
+            timeseries, relmat = baseline_outputs(writer, run, atlas_label)
+            path = timeseries if readout == "tangent" else relmat
+        else:
+            out = RunOutputs(writer, run, desc, atlas_label, groups=groups)
+            # A participant job killed part-way leaves files but no completion sidecar.
+            meta = out.completion()
+            if meta is None:
+                missing += 1
+                continue
+            models.setdefault(str(meta["Model"].get("SHA256")), []).append(run.name)
+            # The sidecar, not the files' presence, says whether attribution ran: files of an
+            # earlier run with attribution may remain beside a rerun with --no-attribution.
+            attributed = meta.get("Attribution") is not None
+            path = {"global": out.mean_embedding, "region": out.region_embedding,
+                    "connectivity": out.connectivity}[readout]
+        vec = read_features(readout, path)
+        if vec is None:
+            missing += 1
+            continue
+        # NaN is a missing feature (a region without signal; imputed in the folds), but a run
+        # embedding must be finite and nothing may be infinite.
+        if np.isinf(vec).any() or (readout == "global" and not np.isfinite(vec).all()):
+            raise BadDataError(f"{path.name} holds non-finite values; rerun the participant "
+                               "level for it (--overwrite) with a sound model")
+        occluded = None
+        if attributed and readout == "global":
+            occluded = read_embeddings(out.occluded)
+        vectors.append(vec)
+        rows.append({"run": run.name, "participant_id": pid, "target": targets[pid],
+                     "cv_group": pid if cv_groups is None else str(cv_groups.get(pid)),
+                     "table": out.table if attributed else None, "occluded": occluded})
+    name, stem = set_names(desc, readout)
+    if missing:
+        log.warning("%s: %d selected runs have no complete %s features (participant level not "
+                    "run for them, or its job was killed before the end); they are left out",
+                    name, missing, readout)
+    if not rows:
+        what = f"desc-{desc} {readout}" if desc else "functional-connectivity"
+        raise NoInputError(f"no {what} features found in the output directory: run the "
+                           "participant level first" + (f" with the desc-{desc} model" if desc
+                                                        else ""))
+    if desc is not None:
+        check_one_model(desc, models)
+    if len({v.shape[-1] if readout == "tangent" else len(v) for v in vectors}) > 1:
+        raise BadDataError(f"{name}: the runs' feature files have different sizes (outputs of "
+                           "different atlases under one name?)")
+    if readout == "tangent":
+        X, regions = time_series_set(vectors, n_regions)
+    else:
+        X = np.vstack(vectors)
+        regions = feature_regions(readout, n_regions, X.shape[1])
+    return EmbeddingSet(name, stem, desc, readout, pd.DataFrame(rows), X, regions,
+                        next(iter(models)) if models else None)
+
+
+def check_one_model(desc: str, models: dict[str, list[str]]) -> None:
+    """Refuse (65) embeddings of one desc that come from several models (by weight hash).
+
+    Two pretrainings of one masking (a rerun with --overwrite, a --model from elsewhere) give
+    embeddings in unrelated spaces, or of other widths: classifying them together is meaningless.
+    """
+    if len(models) <= 1:
+        return
+    listing = "; ".join(
+        f"model {sha[:12]}: {len(runs)} runs ({', '.join(runs[:2])}{', ...' if len(runs) > 2 else ''})"
+        for sha, runs in sorted(models.items(), key=lambda item: -len(item[1])))
+    raise BadDataError(f"the desc-{desc} embeddings come from {len(models)} different models "
+                       f"({listing}); rerun the participant level with one model for every "
+                       "run (--overwrite)")
+
+
+def covariate_set(participants: pd.DataFrame, columns: list[str], runs: pd.DataFrame
+                  ) -> EmbeddingSet:
+    """The ``covariates`` baseline: phenotype columns only, for the given runs.
+
+    Numeric columns enter as they are, other columns one-hot (categories from every participant,
+    which does not look at the target); missing values stay NaN and are imputed inside the
+    training folds.
+    """
+    table = participants.set_index("participant_id")
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise BadDataError(f"participants.tsv has no column {', '.join(map(repr, missing))} "
+                           "(--covariates)")
+    parts = []
+    for column in columns:
+        values = table[column].replace({"n/a": np.nan})
+        numeric = pd.to_numeric(values, errors="coerce")
+        if numeric.notna().sum() == values.notna().sum():
+            parts.append(numeric.rename(column).to_frame())
+        else:
+            dummies = pd.get_dummies(values.astype("string").str.strip(), prefix=column,
+                                     dtype=float)
+            dummies[values.isna()] = np.nan
+            parts.append(dummies)
+    features = pd.concat(parts, axis=1)
+    X = features.loc[runs["participant_id"]].to_numpy(dtype=np.float64)
+    return EmbeddingSet("covariates", "feature-covariates", None, "covariates",
+                        runs.assign(table=None, occluded=None).reset_index(drop=True), X)
+
+
+def wanted_sets(config: Config) -> list[tuple[str | None, str]]:
+    """``(desc, readout)`` of every feature set to score; ``desc`` None for a baseline.
+
+    Without ``--compare``: every model found (or ``--model-desc``), ``fc`` and, with
+    ``--covariates``, ``covariates``.
+    """
+    names = config.group.compare
+    if names is None:
+        if config.participant.model_desc:
+            names = [config.participant.model_desc]
+        else:
+            names = model_descs(config.output_dir)
+            if not names:
+                raise NoInputError(f"no embeddings in {config.output_dir}: run the participant "
+                                   "level first")
+        names = [*names, "fc", "tangent"] + (["covariates"] if config.group.covariates else [])
+    wanted: list[tuple[str | None, str]] = []
+    for name in names:
+        if name in BASELINES:
+            if name == "covariates" and not config.group.covariates:
+                raise UsageError("--compare covariates needs --covariates COLUMN [COLUMN ...]")
+            wanted.append((None, name))
+        else:
+            wanted += [(masking_desc(name), readout) for readout in config.group.features]
+    return list(dict.fromkeys(wanted))
+
+
+def check_classes(es: EmbeddingSet, folds: int) -> np.ndarray:
+    """The target's classes among the set's participants; 65 unless each fills every fold."""
+    per_participant = es.runs.drop_duplicates("participant_id")["target"].value_counts()
+    if len(per_participant) < 2:
+        raise BadDataError(f"the target has a single class ({per_participant.index[0]!r}) among "
+                           "the participants with embeddings; classification needs two or more")
+    if per_participant.min() < folds:
+        raise BadDataError(
+            f"too few participants for {folds}-fold cross-validation: class "
+            f"{per_participant.idxmin()!r} has {per_participant.min()} participants (lower "
+            "--cv-folds or add participants)")
+    return np.array(sorted(per_participant.index))
+
+
+def regions_note(es: EmbeddingSet) -> str | None:
+    """Why region importance cannot be computed for ``es`` (runs without attribution), if so.
+
+    Only the run embedding needs the participant level's attribution (its occluded embeddings);
+    region and connectivity features are hidden from the classifier directly.
+    """
+    if es.readout != "global":
+        return None
+    without = int(sum(o is None for o in es.runs["occluded"]))
+    if without == 0:
+        return None
+    runs = ("no run has" if without == len(es.runs)
+            else f"{without} of {len(es.runs)} runs have no")
+    return (f"region importance not computed for {es.name}: {runs} region attribution "
+            "(the participant level ran with --no-attribution); rerun it without "
+            "--no-attribution (and with --overwrite) for the region maps")
