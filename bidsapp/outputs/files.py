@@ -1,42 +1,12 @@
-"""The output contract: the name and layout of every file roimae writes and reads back.
-
-One module names the derivatives of every level, as fMRIPrep's and XCP-D's ``outputs`` modules
-do; the levels (:mod:`bidsapp.pretrain`, :mod:`bidsapp.participant`, :mod:`bidsapp.group`), the
-reports (:mod:`bidsapp.reports`) and the Python API (:mod:`bidsapp.api`) build their paths here
-and never import each other.
-
-``OUTPUT_DIR`` holds:
-
-- ``models/desc-<m>/``: the pretrained models (:data:`MODELS_DIR`, pretrain level);
-- ``sub-<label>/[ses-<label>/]func/``: each run's derivatives (:class:`RunOutputs`, participant
-  level; the connectivity baseline of :func:`baseline_outputs` has no ``desc``);
-- ``sub-<label>.html`` and ``sub-<label>/figures/``: the participant reports
-  (:func:`participant_report`, :func:`participant_figures`);
-- ``group/``, ``group/figures/`` and ``group_target-<label>.html``: the group level's tables,
-  maps and report (one report per ``--target``)
-  (:class:`GroupOutputs`), ``target-<label>_...`` for each ``--target``;
-- ``logs/``: each job's log and configuration (:data:`LOGS_DIR`);
-- ``.bidsignore``: the patterns of :data:`BIDSIGNORE` (files the BIDS validator does not know).
-
-Tables have one layout wherever they are written or read: embeddings in columns ``e000``,
-``e001``... (:func:`embedding_frame`), region x region matrices with a ``Node`` column as XCP-D's
-``relmat`` files (:func:`relmat_frame`), and the per-region attribution table of
-:func:`bidsapp.results.region_table`.
-"""
+"""The names of the files roimae writes: models, runs, reports (the group level's: :mod:`.group`)."""
 
 from __future__ import annotations
 
-import glob
-import hashlib
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import pandas as pd
 
 from bidsapp.atlas import Atlas
 from bidsapp.bids.derivatives import DerivativesWriter, parse_filename
@@ -83,9 +53,6 @@ BIDSIGNORE = ["*_embedding.tsv", "*_embedding.json", "*_boldmap.nii.gz", "*_bold
 
 #: What the pretrain level adds to ``.bidsignore``.
 PRETRAIN_BIDSIGNORE = [MODELS_DIR, LOGS_DIR]
-
-#: The embedding columns of a table (``e000``, ``e001``...), as a regular expression.
-EMBEDDING_COLUMNS = r"^e\d+$"
 
 #: Where the run embeddings of every model lie: their ``desc`` names the models found.
 _RUN_EMBEDDINGS = "sub-*/**/*_stat-mean_embedding.tsv"
@@ -163,83 +130,6 @@ def atlas_label(atlas: Atlas) -> str:
         E.g. ``AAL3v1``.
     """
     return "".join(ch for ch in atlas.name if ch.isalnum())
-
-
-def embedding_columns(n_features: int) -> list[str]:
-    """The names of ``n_features`` embedding columns: ``e000``, ``e001``...
-
-    Parameters
-    ----------
-    n_features : int
-
-    Returns
-    -------
-    list of str
-    """
-    return [f"e{i:03d}" for i in range(n_features)]
-
-
-def embedding_frame(rows: np.ndarray) -> pd.DataFrame:
-    """Embeddings as a table, one row each, in the columns of :func:`embedding_columns`.
-
-    Parameters
-    ----------
-    rows : ndarray, shape (n, F)
-
-    Returns
-    -------
-    pandas.DataFrame
-    """
-    return pd.DataFrame(rows, columns=embedding_columns(rows.shape[1]))
-
-
-def read_embeddings(path: Path) -> np.ndarray:
-    """The embedding columns of a TSV file (other columns left out), ``n/a`` as NaN.
-
-    Parameters
-    ----------
-    path : Path
-        A file written with :func:`embedding_frame` columns.
-
-    Returns
-    -------
-    ndarray of float64, shape (rows, F)
-    """
-    frame = pd.read_csv(path, sep="\t", na_values="n/a")
-    return frame.filter(regex=EMBEDDING_COLUMNS).to_numpy(dtype=np.float64)
-
-
-def relmat_frame(matrix: np.ndarray, names: list[str]) -> pd.DataFrame:
-    """A square region x region table with a ``Node`` column (as XCP-D's relmat files).
-
-    Parameters
-    ----------
-    matrix : ndarray, shape (R, R)
-    names : list of str
-        The region names, for the ``Node`` column and the column names.
-
-    Returns
-    -------
-    pandas.DataFrame
-    """
-    frame = pd.DataFrame(matrix, columns=names)
-    frame.insert(0, "Node", names)
-    return frame
-
-
-def read_relmat(path: Path) -> np.ndarray:
-    """A ``relmat.tsv`` (:func:`relmat_frame`) as an (R, R) array.
-
-    Parameters
-    ----------
-    path : Path
-
-    Returns
-    -------
-    ndarray of float64, shape (R, R)
-    """
-    frame = pd.read_csv(path, sep="\t", na_values="n/a", index_col=0)
-    return frame.to_numpy(dtype=np.float64)
 
 
 def baseline_outputs(writer: DerivativesWriter, run: BoldRun | Mapping[str, str],
@@ -511,142 +401,3 @@ def run_figure(figures: Path, stem: str, key: str) -> Path:
     Path
     """
     return figures / f"{stem}_{key}.png"
-
-
-def target_label(target: str) -> str:
-    """The BIDS label of ``--target`` in file names: its ASCII letters and digits.
-
-    A name with none (``診断``) gets the first 8 hex digits of its SHA-256 instead; the settings
-    file and the report keep the name itself.
-
-    Parameters
-    ----------
-    target : str
-        The participants.tsv column.
-
-    Returns
-    -------
-    str
-    """
-    label = "".join(c for c in target if c.isascii() and c.isalnum())
-    return label or hashlib.sha256(target.encode("utf-8")).hexdigest()[:8]
-
-
-def set_names(desc: str | None, readout: str) -> tuple[str, str]:
-    """How tables and the report name a feature set, and its part of file names.
-
-    Parameters
-    ----------
-    desc : str or None
-        The model's masking; None for a baseline.
-    readout : str
-        The readout, or the baseline's name.
-
-    Returns
-    -------
-    name, stem : str
-        ``<desc>-<readout>`` and ``desc-<desc>_feature-<readout>`` for a model, else the
-        baseline's name and ``feature-<baseline>``.
-    """
-    if desc is None:
-        return readout, f"feature-{readout}"
-    return f"{desc}-{readout}", f"desc-{desc}_feature-{readout}"
-
-
-@dataclass(frozen=True)
-class GroupOutputs:
-    """The paths the group level writes for one ``--target``.
-
-    In ``OUTPUT_DIR/group/``, ``<prefix>`` being ``target-<label>`` and ``<set>`` a feature set's
-    stem (:func:`set_names`):
-
-    - ``<prefix>_<set>_{folds,predictions,metrics,confusion}.tsv`` (:meth:`set_table`);
-    - ``<prefix>_comparison.tsv``, ``<prefix>_scores.tsv`` and ``<prefix>_settings.json``, the
-      last written and the completion marker;
-    - ``<prefix>_atlas-<a>_<set>_attribution.tsv`` and ``..._stat-bygroup_attribution.tsv``;
-    - ``[<prefix>_]atlas-<a>_<set>_stat-<measure>_boldmap.nii.gz`` (:meth:`group_map`);
-    - figures in ``group/figures/`` and the report ``OUTPUT_DIR/group_<prefix>.html`` (one per
-      target: a group run for another target never replaces it).
-
-    Parameters
-    ----------
-    output_dir : Path
-        OUTPUT_DIR.
-    target : str
-        The ``--target`` column.
-    """
-
-    output_dir: Path
-    target: str
-
-    @property
-    def dir(self) -> Path:
-        """``OUTPUT_DIR/group``."""
-        return self.output_dir / GROUP_DIR
-
-    @property
-    def figures(self) -> Path:
-        """``OUTPUT_DIR/group/figures``."""
-        return self.dir / FIGURES_DIR
-
-    @property
-    def report(self) -> Path:
-        """``OUTPUT_DIR/group_<prefix>.html``."""
-        return self.output_dir / GROUP_REPORT.format(prefix=self.prefix)
-
-    @property
-    def prefix(self) -> str:
-        """``target-<label>`` (:func:`target_label`)."""
-        return f"target-{target_label(self.target)}"
-
-    def set_table(self, set_stem: str, kind: str) -> Path:
-        """``<prefix>_<set>_<kind>.tsv``, ``kind`` being folds, predictions, metrics or confusion."""
-        return self.dir / f"{self.prefix}_{set_stem}_{kind}.tsv"
-
-    @property
-    def comparison(self) -> Path:
-        """The pairwise comparison of the feature sets."""
-        return self.dir / f"{self.prefix}_comparison.tsv"
-
-    @property
-    def scores(self) -> Path:
-        """One row per feature set, beside the best baseline."""
-        return self.dir / f"{self.prefix}_scores.tsv"
-
-    @property
-    def settings(self) -> Path:
-        """The settings of the run, written last: the completion marker of the prefix."""
-        return self.dir / f"{self.prefix}_settings.json"
-
-    @staticmethod
-    def map_stem(atlas_label: str, set_stem: str) -> str:
-        """``atlas-<a>_<set>``: the stem of a feature set's region maps and tables."""
-        return f"atlas-{atlas_label}_{set_stem}"
-
-    def group_map(self, map_stem: str, measure: str) -> Path:
-        """The region map of a measure; only ``importance`` depends on the target (has ``<prefix>``)."""
-        name = f"{self.prefix}_{map_stem}" if measure == "importance" else map_stem
-        return self.dir / f"{name}_stat-{measure}_boldmap.nii.gz"
-
-    def attribution(self, map_stem: str) -> Path:
-        """The group region table of a feature set."""
-        return self.dir / f"{self.prefix}_{map_stem}_attribution.tsv"
-
-    def attribution_by_group(self, map_stem: str) -> Path:
-        """The group region table averaged by region group."""
-        return self.dir / f"{self.prefix}_{map_stem}_stat-bygroup_attribution.tsv"
-
-    def figure(self, name: str) -> Path:
-        """``group/figures/<prefix>_<name>.png``, e.g. ``roc`` or ``<set name>_confusion``."""
-        return self.figures / f"{self.prefix}_{name}.png"
-
-    def written(self, map_stems: list[str]) -> list[Path]:
-        """The files an earlier group run with this prefix left (and the maps of ``map_stems``).
-
-        The completion marker comes first.
-        """
-        paths = [self.settings, self.report, *sorted(self.dir.glob(f"{self.prefix}_*")),
-                 *sorted(self.figures.glob(f"{self.prefix}_*"))]
-        for stem in map_stems:
-            paths += sorted(self.dir.glob(f"{glob.escape(stem)}_*"))
-        return list(dict.fromkeys(paths))
