@@ -16,8 +16,8 @@ from bidsapp.cache import CachedRun, PreprocessParams, load_cached
 from bidsapp.config import Config
 from bidsapp.grid import cube_atlas
 from bidsapp.logs import get_logger
-from bidsapp.model.masking import RegionGrid, downsample_labels
 from bidsapp.model.presets import ModelPreset
+from bidsapp.model.regions import RegionGrid, downsample_labels
 from bidsapp.preprocess import prepare_run
 
 log = get_logger("data")

@@ -12,8 +12,8 @@ Hence cube voxel ``(i, j, k)`` is MNI-grid voxel ``(i - 3, j + 6, k - 3)``, and 
 maps both to the same millimetres, so the atlas and the data register voxel for voxel.
 
 The atlas is then summarised per block (working voxel, token) by majority vote
-(:func:`bidsapp.model.masking.block_majority`, through ``downsample_labels`` and
-:meth:`~bidsapp.model.masking.RegionGrid.from_labels`), which is what region-guided masking hides
+(:func:`bidsapp.model.regions.block_majority`, through ``downsample_labels`` and
+:meth:`~bidsapp.model.regions.RegionGrid.from_labels`), which is what region-guided masking hides
 or keeps.
 """
 

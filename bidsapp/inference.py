@@ -24,13 +24,9 @@ from bidsapp.io import file_sha256
 from bidsapp.logs import get_logger
 from bidsapp.model.factory import build_model
 from bidsapp.model.mae import MaskedAutoencoder
-from bidsapp.model.masking import (
-    Mask,
-    RegionGrid,
-    RegionTokenOrVoxelMasking,
-    RegionVoxelMasking,
-)
+from bidsapp.model.masking import Mask, RegionTokenOrVoxelMasking, RegionVoxelMasking
 from bidsapp.model.presets import BACKBONE_PRESETS, ModelPreset
+from bidsapp.model.regions import RegionGrid
 from bidsapp.outputs import MODEL_WEIGHTS, embedding_columns
 from bidsapp.readouts import RegionPooling, feature_correlation, region_embedding
 from bidsapp.runtime import step_generator

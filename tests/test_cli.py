@@ -23,7 +23,8 @@ from bidsapp.cli.parser import FANOUT, config_field
 from bidsapp.config import MASKING_NAMES
 from bidsapp.demo import make_demo_dataset
 from bidsapp.errors import UsageError
-from bidsapp.model.masking import RegionGrid, build_masking
+from bidsapp.model.masking import build_masking
+from bidsapp.model.regions import RegionGrid
 
 #: A console log record (``HH:MM:SS [LEVEL] message``), as bidsapp.logs formats them.
 LOG_RECORD = re.compile(r"^\d\d:\d\d:\d\d \[(DEBUG|INFO|WARNING|ERROR)\] ")

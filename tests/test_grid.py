@@ -22,7 +22,7 @@ from bidsapp.grid import (
     is_mni_2mm,
     to_cube,
 )
-from bidsapp.model.masking import RegionGrid, downsample_labels
+from bidsapp.model.regions import RegionGrid, downsample_labels
 
 
 @pytest.fixture(scope="module")

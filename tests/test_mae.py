@@ -11,8 +11,9 @@ import torch
 from bidsapp.model import presets
 from bidsapp.model.factory import build_model, count_parameters, describe_model
 from bidsapp.model.mae import MaskedAutoencoder, masked_mse, normalize_patches
-from bidsapp.model.masking import Mask, RegionGrid, build_masking
+from bidsapp.model.masking import Mask, build_masking
 from bidsapp.model.presets import PRESETS
+from bidsapp.model.regions import RegionGrid
 
 TINY = PRESETS["tiny"]  # 96^3 input -> 48^3 working grid, 4^3-voxel tokens, 12^3 tokens
 

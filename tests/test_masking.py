@@ -10,12 +10,12 @@ from bidsapp.errors import UsageError
 from bidsapp.model.masking import (
     BrainRandomMasking,
     RandomMasking,
-    RegionGrid,
     RegionMasking,
     RegionTokenOrVoxelMasking,
     RegionVoxelMasking,
     build_masking,
 )
+from bidsapp.model.regions import RegionGrid
 
 P = 4  # token edge: a 24^3 grid has 6^3 tokens
 N_REGIONS = 6

@@ -28,7 +28,8 @@ from bidsapp.bids.derivatives import (
     parse_filename,
 )
 from bidsapp.errors import BadDataError, UsageError
-from bidsapp.model.masking import RegionGrid, build_masking
+from bidsapp.model.masking import build_masking
+from bidsapp.model.regions import RegionGrid
 
 SETTINGS = settings(max_examples=80, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])

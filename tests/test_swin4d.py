@@ -10,8 +10,9 @@ import torch
 
 from bidsapp.model.factory import build_model
 from bidsapp.model.layers import brain_tokens, depth_to_space, space_to_depth
-from bidsapp.model.masking import RegionGrid, build_masking
+from bidsapp.model.masking import build_masking
 from bidsapp.model.presets import PRESETS
+from bidsapp.model.regions import RegionGrid
 from bidsapp.model.swin4d import (
     Swin4DEncoder,
     SwinBlock4D,

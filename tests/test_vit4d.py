@@ -15,8 +15,9 @@ from bidsapp.model import presets
 from bidsapp.model.factory import build_model, count_parameters
 from bidsapp.model.layers import sincos_embedding_4d
 from bidsapp.model.mae import masked_mse
-from bidsapp.model.masking import Mask, RegionGrid, build_masking
+from bidsapp.model.masking import Mask, build_masking
 from bidsapp.model.presets import VIT4D_PRESETS, ModelPreset
+from bidsapp.model.regions import RegionGrid
 from bidsapp.model.vit4d import (
     ViTMaskedAutoencoder,
     pack,
