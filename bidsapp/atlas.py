@@ -28,10 +28,11 @@ import numpy as np
 import pandas as pd
 from nibabel.processing import resample_from_to
 
+from bidsapp.aal_names import group_for_region, hemisphere_of
 from bidsapp.errors import BadDataError, NoInputError
 from bidsapp.logs import get_logger
 
-__all__ = ["Atlas", "Region", "atlas_name", "group_for_region", "load_atlas"]
+__all__ = ["Atlas", "Region", "atlas_name", "load_atlas"]
 
 log = get_logger("atlas")
 
@@ -40,58 +41,6 @@ DEFAULT_LABELS = "AAL3v1_labels.tsv"
 TABLE_COLUMNS = ("index", "name", "hemisphere", "group")
 NILEARN_VERSION = "3v2"
 _MAX_LABEL = np.iinfo(np.int16).max
-
-# AAL name stem (the name without its ``_L``/``_R`` suffix, or a ``STEM_...`` prefix of it) ->
-# lobe-level group, as in the AAL3v1 table. Older AAL spellings (Cingulum_*, Thalamus) are kept
-# so AAL1/AAL2 tables get groups too.
-_GROUP_OF_STEM = {
-    "Precentral": "central",
-    "Rolandic_Oper": "central",
-    "Paracentral_Lobule": "central",
-    "Frontal": "frontal",
-    "Supp_Motor_Area": "frontal",
-    "Olfactory": "frontal",
-    "Rectus": "frontal",
-    "OFCmed": "frontal",
-    "OFCant": "frontal",
-    "OFCpost": "frontal",
-    "OFClat": "frontal",
-    "Insula": "insula",
-    "Cingulate": "limbic",
-    "Cingulum": "limbic",
-    "Hippocampus": "limbic",
-    "ParaHippocampal": "limbic",
-    "Amygdala": "limbic",
-    "Temporal_Pole": "limbic",
-    "ACC": "limbic",
-    "Calcarine": "occipital",
-    "Cuneus": "occipital",
-    "Lingual": "occipital",
-    "Occipital": "occipital",
-    "Fusiform": "occipital",
-    "Postcentral": "parietal",
-    "Parietal": "parietal",
-    "SupraMarginal": "parietal",
-    "Angular": "parietal",
-    "Precuneus": "parietal",
-    "Caudate": "subcortical",
-    "Putamen": "subcortical",
-    "Pallidum": "subcortical",
-    "Thalamus": "subcortical",
-    "Thal": "subcortical",
-    "N_Acc": "subcortical",
-    "Heschl": "temporal",
-    "Temporal": "temporal",
-    "Cerebelum": "cerebellum",
-    "Cerebellum": "cerebellum",
-    "Vermis": "cerebellum",
-    "VTA": "brainstem",
-    "SN": "brainstem",
-    "Red_N": "brainstem",
-    "LC": "brainstem",
-    "Raphe": "brainstem",
-}
-
 
 @dataclass(frozen=True)
 class Region:
@@ -225,36 +174,6 @@ class Atlas:
         digest.update(np.ascontiguousarray(self._labels, dtype="<i2").tobytes())
         digest.update(self.table().to_csv(sep="\t", index=False, lineterminator="\n").encode())
         return digest.hexdigest()
-
-
-def group_for_region(name: str) -> str:
-    """Lobe-level group of an AAL region name.
-
-    Parameters
-    ----------
-    name : str
-        AAL (1, 2 or 3) region name, e.g. ``"Temporal_Pole_Sup_L"``.
-
-    Returns
-    -------
-    str
-        One of central, frontal, temporal, parietal, occipital, insula, limbic, subcortical,
-        cerebellum, brainstem; ``"n/a"`` for names outside the AAL scheme.
-
-    Examples
-    --------
-    >>> group_for_region("Temporal_Pole_Sup_L"), group_for_region("Temporal_Sup_L")
-    ('limbic', 'temporal')
-    """
-    stem = re.sub(r"_[LR]$", "", name)
-    # The longest matching stem wins, so Temporal_Pole_* is limbic while Temporal_* is temporal.
-    matches = [s for s in _GROUP_OF_STEM if stem == s or stem.startswith(f"{s}_")]
-    return _GROUP_OF_STEM[max(matches, key=len)] if matches else "n/a"
-
-
-def _hemisphere(name: str) -> str:
-    match = re.search(r"_([LR])$", name)
-    return match.group(1) if match else "n/a"
 
 
 def load_atlas(image: Path | None = None, labels: Path | None = None) -> Atlas:
@@ -416,7 +335,7 @@ def _build_atlas(name: str, img: nib.Nifti1Image, table: pd.DataFrame, source: s
     if in_table - in_image:
         log.debug("atlas %s: table labels without voxels: %s", source,
                   sorted(in_table - in_image))
-    hemispheres = table["hemisphere"] if "hemisphere" in table else table["name"].map(_hemisphere)
+    hemispheres = table["hemisphere"] if "hemisphere" in table else table["name"].map(hemisphere_of)
     groups = table["group"] if "group" in table else table["name"].map(group_for_region)
     regions = tuple(
         Region(index=int(i), name=str(n), hemisphere=str(h) or "n/a", group=str(g) or "n/a")

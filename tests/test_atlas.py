@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bidsapp.atlas import Atlas, Region, group_for_region, group_summary, load_atlas
+from bidsapp.aal_names import group_for_region
+from bidsapp.atlas import Atlas, Region, group_summary, load_atlas
 from bidsapp.errors import BadDataError, ExitCode, NoInputError
 
 AAL_IMAGE = "AAL3v1_2mm.nii.gz"

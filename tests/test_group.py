@@ -21,7 +21,8 @@ from threadpoolctl import threadpool_limits
 
 from bidsapp.atlas import Atlas, load_atlas
 from bidsapp.bids.derivatives import DerivativesWriter
-from bidsapp.bids.layout import discover_runs, read_participants
+from bidsapp.bids.layout import discover_runs
+from bidsapp.bids.participants import read_participants
 from bidsapp.classification import (
     corrected_ttest,
     effective_rank,

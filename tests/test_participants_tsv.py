@@ -8,7 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bidsapp.bids.layout import discover_runs, read_participants, runs_without_row
+from bidsapp.bids.layout import discover_runs, runs_without_row
+from bidsapp.bids.participants import read_participants
 from bidsapp.cli import build_parser, config_from_args, main
 from bidsapp.errors import BadDataError
 

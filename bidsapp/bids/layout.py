@@ -7,9 +7,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import io
 import json
 import math
 import re
@@ -30,6 +28,7 @@ from bidsapp.bids.derivatives import (
     parse_filename,
     relative_path,
 )
+from bidsapp.bids.participants import listing, read_participants
 from bidsapp.config import DEFAULT_SPACES, Config, SelectionConfig
 from bidsapp.errors import (
     BadDataError,
@@ -57,7 +56,6 @@ _IGNORE = [
     re.compile(r"/(anat|fmap|dwi|perf|beh|figures|log|logs)(/|$)"),
     re.compile(r"\.(html|svg|gii|h5|txt|csv|toml|tsv|tsv\.gz)$"),
 ]
-_MAX_LISTED = 5
 
 log = get_logger("bids")
 
@@ -289,11 +287,6 @@ def _run_entities(bids_file: BIDSFile) -> dict[str, str]:
     return {key: entities[key] for key in RUN_ENTITIES if key in entities}
 
 
-def _listing(values: list[str]) -> str:
-    shown = ", ".join(values[:_MAX_LISTED])
-    return shown + (f" and {len(values) - _MAX_LISTED} more" if len(values) > _MAX_LISTED else "")
-
-
 def _choose_space(requested: str | None, spaces: set[str], where: str) -> str:
     if requested is not None:
         if requested not in MNI_SPACES:
@@ -361,56 +354,6 @@ def _uri(path: Path, roots: Mapping[str, Path]) -> str:
     raise AssertionError(f"{path} was indexed but is in none of {list(roots.values())}")
 
 
-def read_participants(path: Path) -> pd.DataFrame | None:
-    """Load ``participants.tsv`` (``None`` if absent); ids stay strings, ``n/a`` is missing.
-
-    Column names and ids are stripped of surrounding blanks and ids get their ``sub-`` prefix
-    when it is missing (``01`` and ``sub-01 `` are ``sub-01``), so that every row matches its
-    runs; rows without an id are left out with a warning.
-
-    Raises
-    ------
-    BadDataError
-        An empty (0-byte) or unparsable file, text that is not UTF-8, no ``participant_id``
-        column, or an id on several rows (all listed).
-    """
-    if not path.is_file():
-        return None
-    try:
-        data = path.read_bytes()
-        text = data.decode("utf-8")
-        table = pd.read_csv(io.StringIO(text), sep="\t", dtype=str, na_values=["n/a", ""],
-                            keep_default_na=False)
-    except pd.errors.EmptyDataError as exc:
-        raise BadDataError(f"{path} is empty: it needs at least a participant_id header") from exc
-    except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        raise BadDataError(f"cannot read {path}: it is not UTF-8 text (byte "
-                           f"0x{data[exc.start]:02x} on line {line}); save it as UTF-8") from exc
-    except (OSError, pd.errors.ParserError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise BadDataError(f"cannot read {path}: {reason}") from exc
-    table.columns = [str(column).strip() for column in table.columns]
-    if "participant_id" not in table.columns:
-        raise BadDataError(f"{path} has no participant_id column")
-    ids = table["participant_id"].str.strip()
-    if ids.isna().any():
-        log.warning("%s: %d row(s) without participant_id are left out", path,
-                    int(ids.isna().sum()))
-        table, ids = table[ids.notna()], ids[ids.notna()]
-    ids = ids.where(ids.str.startswith("sub-"), "sub-" + ids)
-    duplicated = sorted(set(ids[ids.duplicated()]))
-    if duplicated:
-        raise BadDataError(f"{path} lists participant(s) {_listing(duplicated)} on more than one "
-                           "row; keep one row per participant")
-    table = table.assign(participant_id=ids).reset_index(drop=True)
-    # Numbers as numbers (as pandas reads them by default), ids and labels as text.
-    for column in table.columns.drop("participant_id"):
-        with contextlib.suppress(ValueError, TypeError):
-            table[column] = pd.to_numeric(table[column])
-    return table
-
-
 def runs_without_row(runs: list[BoldRun], participants: pd.DataFrame | None) -> list[str]:
     """The names of the runs whose participant has no row in ``participants``."""
     listed = set() if participants is None else set(participants["participant_id"])
@@ -445,8 +388,8 @@ def _select_bold(layout: BIDSLayout, selection: SelectionConfig, labels: dict[st
         # A reused database does not see participants added since it was built.
         stale = (f"; the pybids database in {database_dir} may predate them: delete it to "
                  "re-index" if database_dir is not None else "")
-        raise NothingSelectedError(f"participant label(s) {_listing(unknown)} not found in "
-                                   f"{where} (available: {_listing(sorted(known))}){stale}")
+        raise NothingSelectedError(f"participant label(s) {listing(unknown)} not found in "
+                                   f"{where} (available: {listing(sorted(known))}){stale}")
     bold_filters = _pybids_filters(selection.bids_filters.get("bold", {}))
     selected = [f for f in _get(layout, {**_BOLD_QUERY, **bold_filters, **labels}, "bold")
                 if f.entities.get("space") in MNI_SPACES]
@@ -481,7 +424,7 @@ def _pair_runs(bold_files: list[BIDSFile], masks: Mapping[tuple, Path],
         runs[run.name] = run
     if missing:
         raise BadDataError(f"no brain mask (desc-brain_mask) for preprocessed BOLD run(s) "
-                           f"{_listing(sorted(missing))} in {where}")
+                           f"{listing(sorted(missing))} in {where}")
     return sorted(runs.values(), key=lambda run: run.name)
 
 
