@@ -35,11 +35,11 @@ from sklearn.utils.validation import check_is_fitted
 from bidsapp.atlas import Atlas, load_atlas
 from bidsapp.config import READOUTS
 from bidsapp.errors import BadDataError, NoInputError, UsageError
+from bidsapp.features import feature_names, run_features
 from bidsapp.grid import mni_brain_mask
 from bidsapp.inference import RoimaeModel, analyse_run
 from bidsapp.inference import load_model as _load_checkpoint
 from bidsapp.preprocess import prepare_run
-from bidsapp.readouts import edge_regions, vectorize
 from bidsapp.results import RunEmbedding, run_embedding
 from bidsapp.runtime import resolve_device, seed_everything
 
@@ -307,14 +307,10 @@ class RoimaeEmbedder(TransformerMixin, BaseEstimator):
         return self
 
     def _names(self) -> list[str]:
-        if self.readout == "global":
-            return [f"roimae_e{i:03d}" for i in range(self.model_.n_features)]
-        regions = [region.name for region in self.model_.atlas.regions]
-        if self.readout == "region":
-            width = self.model_.preset.embed_dim
-            return [f"roimae_{name}_e{i:03d}" for name in regions for i in range(width)]
-        first, second = edge_regions(len(regions))
-        return [f"roimae_{regions[a]}__{regions[b]}" for a, b in zip(first, second, strict=True)]
+        model = self.model_
+        width = {"global": model.n_features, "region": len(model.atlas.regions) * model.preset.embed_dim,
+                 "connectivity": 0}[self.readout]
+        return feature_names(self.readout, [region.name for region in model.atlas.regions], width)
 
     def transform(self, X: Sequence[NiimgLike]) -> np.ndarray:
         """The run embedding of each image.
@@ -336,9 +332,7 @@ class RoimaeEmbedder(TransformerMixin, BaseEstimator):
                                      device=self.device)
         runs = embed_imgs(self.model_, list(X), self.mask_img, t_r=self.t_r, attribution=False,
                           seed=self.seed, cache_dir=self.memory)
-        rows = [run.embedding if self.readout == "global"
-                else run.result.region_embeddings.ravel() if self.readout == "region"
-                else vectorize(run.result.feature_connectivity) for run in runs]
+        rows = [run_features(self.readout, run) for run in runs]
         return np.vstack(rows).astype(np.float32, copy=False)
 
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:

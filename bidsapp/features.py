@@ -36,6 +36,7 @@ from bidsapp.outputs import (
     set_names,
 )
 from bidsapp.readouts import edge_regions, vectorize
+from bidsapp.results import RunEmbedding
 
 log = get_logger("group")
 
@@ -136,6 +137,50 @@ def read_targets(participants: pd.DataFrame | None, column: str,
     return values[~missing]
 
 
+# --- The readouts: one place maps a readout name to its features --------------------------------
+
+def run_features(readout: str, run: RunEmbedding) -> np.ndarray:
+    """The features of one analysed run for a model readout, as :func:`read_features` reads them.
+
+    Parameters
+    ----------
+    readout : {"global", "region", "connectivity"}
+    run : bidsapp.results.RunEmbedding
+
+    Returns
+    -------
+    numpy.ndarray, shape (F,)
+        The run embedding; the region embeddings, region by region; or the Fisher z of the upper
+        triangle of the feature-space connectivity.
+    """
+    if readout == "global":
+        return run.embedding
+    if readout == "region":
+        return run.result.region_embeddings.ravel()
+    return vectorize(run.result.feature_connectivity)
+
+
+def readout_file(out: RunOutputs, readout: str) -> Path:
+    """The participant-level file that holds a model readout of one run."""
+    return {"global": out.mean_embedding, "region": out.region_embedding,
+            "connectivity": out.connectivity}[readout]
+
+
+def feature_names(readout: str, region_names: list[str], n_features: int) -> list[str]:
+    """Names of the features of a model readout (``roimae_`` prefix, as scikit-learn expects).
+
+    ``roimae_e000``... (global), ``roimae_<region>_e000``... (region),
+    ``roimae_<region>__<region>`` (connectivity); ``n_features`` is the readout's width.
+    """
+    if readout == "global":
+        return [f"roimae_e{i:03d}" for i in range(n_features)]
+    if readout == "region":
+        width = n_features // len(region_names)
+        return [f"roimae_{name}_e{i:03d}" for name in region_names for i in range(width)]
+    first, second = edge_regions(len(region_names))
+    return [f"roimae_{region_names[a]}__{region_names[b]}" for a, b in zip(first, second, strict=True)]
+
+
 def read_features(readout: str, path: Path) -> np.ndarray | None:
     """The feature vector of one run for a readout, None when its file is missing.
 
@@ -215,8 +260,7 @@ def load_feature_set(desc: str | None, readout: str, dataset, writer: Derivative
             # The sidecar, not the files' presence, says whether attribution ran: files of an
             # earlier run with attribution may remain beside a rerun with --no-attribution.
             attributed = meta.get("Attribution") is not None
-            path = {"global": out.mean_embedding, "region": out.region_embedding,
-                    "connectivity": out.connectivity}[readout]
+            path = readout_file(out, readout)
         vec = read_features(readout, path)
         if vec is None:
             missing += 1
