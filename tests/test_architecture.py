@@ -1,5 +1,6 @@
-"""The package's import graph: no circle (imports inside functions count), levels reached only by
-the dispatcher."""
+"""The package's shape: no import circle (imports inside functions and under TYPE_CHECKING count),
+no import of the package front from inside, levels reached only by the dispatcher, no module over
+500 lines."""
 
 from __future__ import annotations
 
@@ -28,28 +29,25 @@ def _resolve(name: str, modules: set[str]) -> str | None:
     return None
 
 
-def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
-    """Every node, at any depth, except those under ``if TYPE_CHECKING:`` (never imported)."""
-    nodes, stack = [], [tree]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            stack.extend(node.orelse)
-            continue
-        nodes.append(node)
-        stack.extend(ast.iter_child_nodes(node))
-    return nodes
+#: The most lines a module of the package may have: past that it holds more than one idea.
+MAX_LINES = 500
+#: The package front, which re-exports the Python API: nothing inside the package imports it.
+FRONT = "bidsapp"
 
 
 def import_graph() -> nx.DiGraph:
-    """Module -> imported package module, from every import statement, at any depth."""
+    """Module -> imported package module, from every import statement, at any depth.
+
+    Imports under ``if TYPE_CHECKING:`` count too: a circle of type hints is still a circle of
+    ideas, and breaks as soon as one of them is needed at run time.
+    """
     files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
     modules = set(files)
     graph = nx.DiGraph()
     graph.add_nodes_from(modules)
     for module, path in files.items():
         package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-        for node in _runtime_nodes(ast.parse(path.read_text(encoding="utf-8"))):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -83,3 +81,15 @@ def test_only_the_dispatcher_imports_a_level() -> None:
     graph = import_graph()
     importers = {source for level in LEVELS for source in graph.predecessors(level)}
     assert importers <= {DISPATCHER}, importers
+
+
+def test_nothing_inside_the_package_imports_its_front() -> None:
+    graph = import_graph()
+    importers = set(graph.predecessors(FRONT))
+    assert importers == set(), importers
+
+
+def test_no_module_is_over_500_lines() -> None:
+    sizes = {path.relative_to(REPO_ROOT).as_posix(): len(path.read_text(encoding="utf-8").splitlines())
+             for path in PACKAGE.rglob("*.py")}
+    assert {name: n for name, n in sizes.items() if n > MAX_LINES} == {}
