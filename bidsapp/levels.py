@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bidsapp import group, participant, pretrain
+from bidsapp.caches import prepare_caches
 from bidsapp.config import Config, check_paths
 from bidsapp.distributed import env_rank
 from bidsapp.errors import interruption_in, interruption_message
@@ -45,10 +46,14 @@ def run(config: Config) -> int:
     check_paths(config)
     device = resolve_device(config.device)
     start_run(config)
+    moved = prepare_caches(config.work_dir)   # again: for callers other than the CLI
     set_threads(config.omp_nthreads)
     log = get_logger()
     log.info("roimae %s level on %s (device %s, %d threads)", config.analysis_level,
              config.bids_dir, device, config.omp_nthreads)
+    if moved:
+        log.info("%s in %s: their default directories are not writable or not this user's",
+                 ", ".join(moved), next(iter(moved.values())).parent)
     try:
         try:
             # Looked up at call time (module.function), so a test can replace a level.
