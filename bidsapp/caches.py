@@ -39,7 +39,7 @@ TMPDIR = "TMPDIR"
 
 def fallback_root(work_dir: Path) -> Path:
     """The private folder of this user's caches in ``work_dir``: ``caches-uid<UID>``."""
-    return Path(work_dir) / f"caches-uid{os.getuid()}"
+    return Path(work_dir).absolute() / f"caches-uid{os.getuid()}"
 
 
 def _under(base: Path | None, *parts: str) -> Path | None:
