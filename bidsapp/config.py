@@ -12,6 +12,7 @@ from typing import ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from bidsapp.errors import NoInputError, UsageError
 from bidsapp.io import json_text
 
 #: The analysis levels, in the order they run.
@@ -231,3 +232,27 @@ class Config(_Section):
     def to_json(self) -> str:
         """Serialise to JSON (paths as strings), as saved under ``OUTPUT_DIR/logs/``."""
         return json_text(self.model_dump(mode="json"), indent=2, sort_keys=True)
+
+
+def _is_within(path: Path, parent: Path) -> bool:
+    path, parent = path.resolve(), parent.resolve()
+    return path == parent or parent in path.parents
+
+
+def check_paths(config: Config) -> None:
+    """Refuse a missing input, and an output or work directory that would write into an input.
+
+    The inputs are BIDS_DIR and every ``-d NAME=PATH`` root: OUTPUT_DIR gets a
+    ``dataset_description.json`` and the work directory a cache, and either would turn a valid
+    input dataset (raw BIDS, fMRIPrep's derivatives) into an invalid one.
+    """
+    if not config.bids_dir.is_dir():
+        raise NoInputError(f"BIDS_DIR {config.bids_dir} does not exist or is not a directory")
+    inputs = {"BIDS_DIR": config.bids_dir,
+              **{f"-d {name}": Path(root) for name, root in config.selection.derivatives.items()}}
+    for what, root in inputs.items():
+        for option, path in (("OUTPUT_DIR", config.output_dir), ("the work directory (-w)",
+                                                                  config.work_dir)):
+            if _is_within(path, root):
+                raise UsageError(f"{option} {path} is {what} or inside it ({root}); choose a "
+                                 "directory outside the input datasets")

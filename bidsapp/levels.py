@@ -12,37 +12,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bidsapp import group, participant, pretrain
-from bidsapp.config import Config
+from bidsapp.caches import prepare_caches
+from bidsapp.config import Config, check_paths
 from bidsapp.distributed import env_rank
-from bidsapp.errors import NoInputError, UsageError, interruption_in, interruption_message
+from bidsapp.errors import interruption_in, interruption_message
 from bidsapp.io import atomic_write_text, ensure_dir
 from bidsapp.logs import FILE_ONLY, get_logger, setup_logging
 from bidsapp.outputs import LOGS_DIR
 from bidsapp.runtime import resolve_device, set_threads
-
-
-def _is_within(path: Path, parent: Path) -> bool:
-    path, parent = path.resolve(), parent.resolve()
-    return path == parent or parent in path.parents
-
-
-def check_paths(config: Config) -> None:
-    """Refuse a missing input, and an output or work directory that would write into an input.
-
-    The inputs are BIDS_DIR and every ``-d NAME=PATH`` root: OUTPUT_DIR gets a
-    ``dataset_description.json`` and the work directory a cache, and either would turn a valid
-    input dataset (raw BIDS, fMRIPrep's derivatives) into an invalid one.
-    """
-    if not config.bids_dir.is_dir():
-        raise NoInputError(f"BIDS_DIR {config.bids_dir} does not exist or is not a directory")
-    inputs = {"BIDS_DIR": config.bids_dir,
-              **{f"-d {name}": Path(root) for name, root in config.selection.derivatives.items()}}
-    for what, root in inputs.items():
-        for option, path in (("OUTPUT_DIR", config.output_dir), ("the work directory (-w)",
-                                                                  config.work_dir)):
-            if _is_within(path, root):
-                raise UsageError(f"{option} {path} is {what} or inside it ({root}); choose a "
-                                 "directory outside the input datasets")
 
 
 def start_run(config: Config) -> Path | None:
@@ -69,10 +46,14 @@ def run(config: Config) -> int:
     check_paths(config)
     device = resolve_device(config.device)
     start_run(config)
+    moved = prepare_caches(config.work_dir)   # again: for callers other than the CLI
     set_threads(config.omp_nthreads)
     log = get_logger()
     log.info("roimae %s level on %s (device %s, %d threads)", config.analysis_level,
              config.bids_dir, device, config.omp_nthreads)
+    if moved:
+        log.info("%s in %s: their default directories are not writable or not this user's",
+                 ", ".join(moved), next(iter(moved.values())).parent)
     try:
         try:
             # Looked up at call time (module.function), so a test can replace a level.

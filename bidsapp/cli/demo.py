@@ -11,11 +11,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bidsapp.caches import prepare_caches
 from bidsapp.cli.parser import default_omp_nthreads, default_work_dir
 from bidsapp.config import BASELINES, READOUTS, Config
 from bidsapp.demo import make_demo_dataset
 from bidsapp.errors import UsageError
-from bidsapp.levels import run
 from bidsapp.logs import get_logger, setup_logging
 from bidsapp.outputs import GroupOutputs
 
@@ -78,6 +78,9 @@ def run_demo_chain(bids_dir: Path, out_dir: Path, *, verbosity: int = 0, nprocs:
     ``overwrite`` replaces models an earlier chain left in ``out_dir`` (else pretraining refuses
     to run over them). Returns the group report.
     """
+    # Imported here, after run_demo's prepare_caches: bidsapp.levels imports matplotlib.
+    from bidsapp.levels import run
+
     for config in demo_configs(bids_dir, out_dir, verbosity=verbosity, nprocs=nprocs,
                                n_permutations=n_permutations, overwrite=overwrite):
         run(config)
@@ -96,6 +99,7 @@ def run_demo(args: argparse.Namespace) -> int:
                       seed=args.seed)
     get_logger().info("demo dataset written to %s", bids_dir)
     if args.run:
+        prepare_caches(default_work_dir(out_dir / "derivatives"))
         report = run_demo_chain(bids_dir, out_dir / "derivatives", verbosity=args.verbosity,
                                 nprocs=min(2, os.cpu_count() or 1), overwrite=args.overwrite)
         print(f"Reports: {report} and {out_dir / 'derivatives'}/sub-*.html")
