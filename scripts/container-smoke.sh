@@ -103,7 +103,7 @@ if [[ -z ${SMOKE_USER:-} ]]; then
 fi
 uid=${SMOKE_USER%%:*}
 APPTAINER=${APPTAINER:-$(command -v apptainer || command -v singularity || true)}
-version=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' "$repo/bidsapp/__init__.py")
+version=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' "$repo/bidsapp/_version.py")
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/roimae-smoke.XXXXXX")
 server_pid=
