@@ -129,12 +129,17 @@ def read_targets(participants: pd.DataFrame | None, column: str,
         # keep them "1", not "1.0", so that --target-map 1=adhd matches.
         values = values.astype("Int64")
     values = values.map(lambda v: None if pd.isna(v) else str(v).strip())
-    if target_map:
-        values = values.map(lambda v: target_map.get(v, v) if v is not None else None)
-    missing = values.isna() | values.isin(["", "n/a"])
+    # BIDS writes a missing value as n/a; a "NaN" written by a spreadsheet is no class either.
+    missing = values.map(lambda v: v is None or v.lower() in ("", "n/a", "nan", "na")).astype(bool)
     if missing.any():
         log.warning("%d participants have no %s value and are left out", int(missing.sum()), column)
-    return values[~missing]
+    values = values[~missing]
+    unmatched = sorted(set(target_map) - set(values))
+    if unmatched:
+        raise UsageError(f"--target-map {', '.join(map(repr, unmatched))}: no participant has "
+                         f"{'this' if len(unmatched) == 1 else 'these'} {column} value(s) (values: "
+                         f"{', '.join(sorted(set(values))[:10])})")
+    return values.map(lambda v: target_map.get(v, v))
 
 
 # --- The readouts: one place maps a readout name to its features --------------------------------
@@ -333,6 +338,9 @@ def covariate_set(participants: pd.DataFrame, columns: list[str], runs: pd.DataF
     parts = []
     for column in columns:
         values = table[column].replace({"n/a": np.nan})
+        if values.loc[runs["participant_id"].unique()].isna().all():
+            raise BadDataError(f"participants.tsv column {column!r} has no value for any scored "
+                               "participant (--covariates): leave it out")
         numeric = pd.to_numeric(values, errors="coerce")
         if numeric.notna().sum() == values.notna().sum():
             parts.append(numeric.rename(column).to_frame())
@@ -345,6 +353,27 @@ def covariate_set(participants: pd.DataFrame, columns: list[str], runs: pd.DataF
     X = features.loc[runs["participant_id"]].to_numpy(dtype=np.float64)
     return EmbeddingSet("covariates", "feature-covariates", None, "covariates",
                         runs.assign(table=None, occluded=None).reset_index(drop=True), X)
+
+
+def check_no_leakage(participants: pd.DataFrame, target: str, covariates: list[str]) -> None:
+    """Refuse (64) a covariate that is the target, or a function of it (constant per class).
+
+    Such a covariate scores the target perfectly and says nothing about the images; it is
+    checked on the participants with both values, before anything is scored.
+    """
+    table = participants.set_index("participant_id")
+    for column in covariates:
+        if column == target:
+            raise UsageError(f"--covariates {column} is the --target itself: the covariates "
+                             "baseline would score it perfectly; leave it out")
+        both = table[[target, column]].replace({"n/a": np.nan}).dropna()
+        if both[target].nunique() < 2:
+            continue
+        per_class = both.groupby(target)[column].nunique()
+        if (per_class == 1).all() and both.drop_duplicates(target)[column].nunique() == len(per_class):
+            raise UsageError(f"--covariates {column} is a function of the target {target} (one "
+                             f"{column} value per class): the covariates baseline would score it "
+                             "perfectly; leave it out")
 
 
 def wanted_sets(config: Config) -> list[tuple[str | None, str]]:

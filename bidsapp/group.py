@@ -20,7 +20,7 @@ from threadpoolctl import threadpool_limits
 
 from bidsapp.atlas import Atlas, group_summary, load_atlas, region_map, region_voxels
 from bidsapp.bids.derivatives import DerivativesWriter
-from bidsapp.bids.layout import discover_runs, runs_without_row
+from bidsapp.bids.layout import InputDataset, discover_runs, runs_without_row
 from bidsapp.classification import (
     GROUP_METHOD,
     SetResult,
@@ -37,6 +37,7 @@ from bidsapp.errors import BadDataError, NoInputError, UsageError
 from bidsapp.features import (
     EmbeddingSet,
     check_classes,
+    check_no_leakage,
     covariate_set,
     load_feature_set,
     read_targets,
@@ -97,85 +98,15 @@ def _run_group(config: Config) -> None:
     atlas = load_atlas(config.atlas, config.atlas_labels)
     dataset = discover_runs(config)
     writer = DerivativesWriter(config.output_dir, source_datasets=dataset.datasets)
-    writer.ensure_dataset_description()
-    writer.ensure_bidsignore(BIDSIGNORE)
-    targets = read_targets(dataset.participants, config.group.target, config.group.target_map)
-    no_row = runs_without_row(dataset.runs, dataset.participants)
-    if no_row:
-        if len(no_row) == len(dataset.runs):
-            raise BadDataError(f"none of the {len(no_row)} selected runs has a row in "
-                               f"{dataset.participants_file} (e.g. {no_row[0]}): its "
-                               "participant_id column must name their participants")
-        log.warning("runs left out, without a row in participants.tsv: %d (%s)", len(no_row),
-                    ", ".join(no_row[:5]) + (" ..." if len(no_row) > 5 else ""))
-    cv_groups = None
-    if config.group.cv_groups:
-        if config.group.cv_groups not in dataset.participants.columns:
-            raise BadDataError(f"participants.tsv has no column {config.group.cv_groups!r} "
-                               "(--cv-groups)")
-        cv_groups = dataset.participants.set_index("participant_id")[config.group.cv_groups]
-    label = atlas_label(atlas)
-    wanted = wanted_sets(config)
-    sets = []
-    for desc, readout in wanted:
-        if readout == "covariates":
-            continue
-        try:
-            sets.append(load_feature_set(desc, readout, dataset, writer, targets, cv_groups,
-                                            label, len(atlas.regions)))
-        except NoInputError:
-            if readout not in ("fc", "tangent") or config.group.compare is not None:
-                raise
-            # Outputs of an older participant level: the baseline is left out, not the models.
-            log.warning("no functional-connectivity baseline files (rerun the participant "
-                        "level to write them): the %s baseline is left out", readout)
-    if not sets:
-        raise UsageError("the covariates baseline alone has no runs to score: compare it with a "
-                         "model or fc")
-    # The same runs for every set, so that folds and comparisons are paired.
-    common = set.intersection(*(set(es.runs["run"]) for es in sets))
-    for es in sets:
-        keep = es.runs["run"].isin(common).to_numpy()
-        es.runs, es.X = es.runs[keep].reset_index(drop=True), es.X[keep]
-    if any(readout == "covariates" for _, readout in wanted):
-        runs = sets[0].runs[["run", "participant_id", "target", "cv_group"]]
-        sets.append(covariate_set(dataset.participants, config.group.covariates, runs))
+    sets = _feature_sets(config, dataset, writer, atlas)
     classes = check_classes(sets[0], config.group.cv_folds)
     splits = check_splits(sets, config)
-    outputs = GroupOutputs(config.output_dir, config.group.target)
-    ensure_dir(outputs.dir)
-    # A group job killed while writing left temporary files; this job rewrites every output.
-    for tmp in [*remove_stale_temporaries(outputs.dir),
-                *remove_stale_temporaries(outputs.figures),
-                *remove_temporaries(outputs.report)]:
-        log.info("removed %s, left by an interrupted job", tmp.name)
-    for old in clear_group_outputs(outputs, [outputs.map_stem(label, es.stem) for es in sets]):
-        log.info("removed %s of an earlier group run", old.name)
-    results: dict[str, SetResult] = {}
-    for es in sets:
-        folds_table, predictions, models, confusion = evaluate(es, splits, classes, config)
-        p_value, null = permutation_pvalue(es, splits, folds_table, config)
-        summary = summarize(folds_table, p_value)
-        writer.write_tsv(outputs.set_table(es.stem, "folds"), folds_table)
-        writer.write_tsv(outputs.set_table(es.stem, "predictions"), predictions)
-        writer.write_tsv(outputs.set_table(es.stem, "metrics"), summary)
-        writer.write_tsv(outputs.set_table(es.stem, "confusion"),
-                         pd.DataFrame(confusion, index=classes, columns=classes)
-                         .rename_axis("true").reset_index())
-        attribution = group_attribution(es, models, atlas)
-        note = regions_note(es)
-        if note is not None:
-            log.warning("%s", note)
-        if es.readout != "covariates":
-            write_group_maps(writer, outputs, outputs.map_stem(label, es.stem), attribution,
-                             atlas)
-        bal = summary.set_index("metric").loc["balanced_accuracy"]
-        log.info("%s: balanced accuracy %.3f +- %.3f (permutation p = %.4f, %d runs, "
-                 "%d participants, %d features)", es.name, bal["mean"], bal["sd"], p_value,
-                 len(es.runs), es.runs["participant_id"].nunique(), es.n_features)
-        results[es.name] = SetResult(folds=folds_table, summary=summary,
-                                     predictions=predictions, confusion=confusion,
-                                     attribution=attribution, null=null, regions_note=note)
+    # Every check passed: only now does the output's provenance name this run's inputs.
+    writer.ensure_dataset_description()
+    writer.ensure_bidsignore(BIDSIGNORE)
+    outputs = _fresh_outputs(config, sets, atlas_label(atlas))
+    results = {es.name: _score_set(es, splits, classes, config, writer, outputs, atlas)
+               for es in sets}
     n_runs = len(sets[0].runs)
     comparison = compare_sets(results, splits, n_runs)
     if comparison is not None:
@@ -196,6 +127,100 @@ def _run_group(config: Config) -> None:
         "method": GROUP_METHOD,
     })
     log.info("group report: %s", report)
+
+
+def _targets(config: Config, dataset: InputDataset) -> tuple[pd.Series, pd.Series | None]:
+    """Each participant's target and cross-validation group, checked against the runs."""
+    targets = read_targets(dataset.participants, config.group.target, config.group.target_map)
+    if config.group.covariates:
+        check_no_leakage(dataset.participants, config.group.target, config.group.covariates)
+    no_row = runs_without_row(dataset.runs, dataset.participants)
+    if no_row:
+        if len(no_row) == len(dataset.runs):
+            raise BadDataError(f"none of the {len(no_row)} selected runs has a row in "
+                               f"{dataset.participants_file} (e.g. {no_row[0]}): its "
+                               "participant_id column must name their participants")
+        log.warning("runs left out, without a row in participants.tsv: %d (%s)", len(no_row),
+                    ", ".join(no_row[:5]) + (" ..." if len(no_row) > 5 else ""))
+    if not config.group.cv_groups:
+        return targets, None
+    if config.group.cv_groups not in dataset.participants.columns:
+        raise BadDataError(f"participants.tsv has no column {config.group.cv_groups!r} "
+                           "(--cv-groups)")
+    return targets, dataset.participants.set_index("participant_id")[config.group.cv_groups]
+
+
+def _feature_sets(config: Config, dataset: InputDataset, writer: DerivativesWriter,
+                  atlas: Atlas) -> list[EmbeddingSet]:
+    """Every feature set to score, on the same runs (reads; writes nothing)."""
+    targets, cv_groups = _targets(config, dataset)
+    wanted = wanted_sets(config)
+    sets = []
+    for desc, readout in wanted:
+        if readout == "covariates":
+            continue
+        try:
+            sets.append(load_feature_set(desc, readout, dataset, writer, targets, cv_groups,
+                                         atlas_label(atlas), len(atlas.regions)))
+        except NoInputError:
+            if readout not in ("fc", "tangent") or config.group.compare is not None:
+                raise
+            # Outputs of an older participant level: the baseline is left out, not the models.
+            log.warning("no functional-connectivity baseline files (rerun the participant "
+                        "level to write them): the %s baseline is left out", readout)
+    if not sets:
+        raise UsageError("the covariates baseline alone has no runs to score: compare it with a "
+                         "model or fc")
+    # The same runs for every set, so that folds and comparisons are paired.
+    common = set.intersection(*(set(es.runs["run"]) for es in sets))
+    for es in sets:
+        keep = es.runs["run"].isin(common).to_numpy()
+        es.runs, es.X = es.runs[keep].reset_index(drop=True), es.X[keep]
+    if any(readout == "covariates" for _, readout in wanted):
+        runs = sets[0].runs[["run", "participant_id", "target", "cv_group"]]
+        sets.append(covariate_set(dataset.participants, config.group.covariates, runs))
+    return sets
+
+
+def _fresh_outputs(config: Config, sets: list[EmbeddingSet], label: str) -> GroupOutputs:
+    """The paths of this ``--target``, cleared of an earlier or interrupted group run's files."""
+    outputs = GroupOutputs(config.output_dir, config.group.target)
+    ensure_dir(outputs.dir)
+    # A group job killed while writing left temporary files; this job rewrites every output.
+    for tmp in [*remove_stale_temporaries(outputs.dir),
+                *remove_stale_temporaries(outputs.figures),
+                *remove_temporaries(outputs.report)]:
+        log.info("removed %s, left by an interrupted job", tmp.name)
+    for old in clear_group_outputs(outputs, [outputs.map_stem(label, es.stem) for es in sets]):
+        log.info("removed %s of an earlier group run", old.name)
+    return outputs
+
+
+def _score_set(es: EmbeddingSet, splits: list, classes: np.ndarray, config: Config,
+               writer: DerivativesWriter, outputs: GroupOutputs, atlas: Atlas) -> SetResult:
+    """Cross-validate one set, write its tables and maps, and log its score."""
+    folds_table, predictions, models, confusion = evaluate(es, splits, classes, config)
+    p_value, null = permutation_pvalue(es, splits, folds_table, config)
+    summary = summarize(folds_table, p_value)
+    writer.write_tsv(outputs.set_table(es.stem, "folds"), folds_table)
+    writer.write_tsv(outputs.set_table(es.stem, "predictions"), predictions)
+    writer.write_tsv(outputs.set_table(es.stem, "metrics"), summary)
+    writer.write_tsv(outputs.set_table(es.stem, "confusion"),
+                     pd.DataFrame(confusion, index=classes, columns=classes)
+                     .rename_axis("true").reset_index())
+    attribution = group_attribution(es, models, atlas)
+    note = regions_note(es)
+    if note is not None:
+        log.warning("%s", note)
+    if es.readout != "covariates":
+        write_group_maps(writer, outputs, outputs.map_stem(atlas_label(atlas), es.stem),
+                         attribution, atlas)
+    bal = summary.set_index("metric").loc["balanced_accuracy"]
+    log.info("%s: balanced accuracy %.3f +- %.3f (permutation p = %.4f, %d runs, "
+             "%d participants, %d features)", es.name, bal["mean"], bal["sd"], p_value,
+             len(es.runs), es.runs["participant_id"].nunique(), es.n_features)
+    return SetResult(folds=folds_table, summary=summary, predictions=predictions,
+                     confusion=confusion, attribution=attribution, null=null, regions_note=note)
 
 
 def clear_group_outputs(outputs: GroupOutputs, map_stems: list[str]) -> list[Path]:

@@ -519,6 +519,35 @@ def participants_latin1(ctx: Ctx) -> list:
     return _participants_tsv(ctx, table.encode("latin-1"))
 
 
+def _group_with(ctx: Ctx, column: str, values: list, *extra: str) -> list:
+    """The group level with a participants.tsv column added (fake embeddings of one model)."""
+    bids = ctx.demo_copy()
+    table = pd.read_csv(bids / "participants.tsv", sep="\t")
+    table[column] = values
+    table.to_csv(bids / "participants.tsv", sep="\t", index=False, na_rep="n/a")
+    _fake_embeddings(ctx, bids)
+    return [bids, ctx.out, "group", "--target", "diagnosis", "--cv-folds", "2",
+            "--features", "global", *extra]
+
+
+def covariate_all_na(ctx: Ctx) -> list:
+    return _group_with(ctx, "site", [None] * 4, "--covariates", "site")
+
+
+def covariate_is_target(ctx: Ctx) -> list:
+    return _group_with(ctx, "site", ["a"] * 4, "--covariates", "diagnosis")
+
+
+def covariate_of_target(ctx: Ctx) -> list:
+    table = pd.read_csv(ctx.demo / "participants.tsv", sep="\t")
+    arm = table["diagnosis"].map({"adhd": "drug", "control": "placebo"}).tolist()
+    return _group_with(ctx, "arm", arm, "--covariates", "arm")
+
+
+def target_map_unmatched(ctx: Ctx) -> list:
+    return _group_with(ctx, "site", ["a"] * 4, "--target-map", "ADHD=adhd")
+
+
 def group_mixed_models(ctx: Ctx) -> list:
     """desc-roi embeddings of two pretrainings (e.g. one job rerun after pretrain --overwrite)."""
     _fake_embeddings(ctx, ctx.demo, models={"03": "b" * 64, "04": "b" * 64})
@@ -861,28 +890,31 @@ CASES = {
     ".bidsignore not UTF-8": Case(bidsignore_not_utf8, 73, ".bidsignore is not UTF-8 text",
                                   late=True),
     "lock file a symbolic link": Case(lock_is_a_symlink, 73, ".roimae.lock is a symbolic link"),
-    # 65: group-level input
+    # 65: group-level input; refused before the output's provenance names this run
     "participants.tsv without the target": Case(group_no_target_column, 65,
-                                                 "participants.tsv has no column 'diagnosis'",
-                                                 late=True),
+                                                 "participants.tsv has no column 'diagnosis'"),
     "participants.tsv with one class": Case(group_one_class, 65,
-                                            "the target has a single class ('control')",
-                                            late=True),
+                                            "the target has a single class ('control')"),
     "participants.tsv with a header only": Case(participants_header_only, 65,
-                                                "none of the 4 selected runs has a row in",
-                                                late=True),
+                                                "none of the 4 selected runs has a row in"),
     "participants.tsv of 0 bytes": Case(participants_empty, 65,
-                                        "is empty: it needs at least a participant_id header",
-                                        late=True),
+                                        "is empty: it needs at least a participant_id header"),
     "participants.tsv with duplicate ids": Case(participants_duplicates, 65,
                                                 "lists participant(s) sub-01, sub-03 on more than "
-                                                "one row", late=True),
+                                                "one row"),
     "participants.tsv in Latin-1": Case(participants_latin1, 65,
-                                        "is not UTF-8 text (byte 0xfc on line 2)", late=True),
+                                        "is not UTF-8 text (byte 0xfc on line 2)"),
     "group: embeddings of two models under one desc": Case(
         group_mixed_models, 65, ("the desc-roi embeddings come from 2 different models",
-                                 "model 000000000000: 2 runs (sub-01", "model bbbbbbbbbbbb: 2 runs"),
-        late=True),
+                                 "model 000000000000: 2 runs (sub-01", "model bbbbbbbbbbbb: 2 runs")),
+    "covariate column without a value": Case(covariate_all_na, 65,
+                                             "column 'site' has no value for any scored participant"),
+    # 64: group-level usage
+    "covariate is the target": Case(covariate_is_target, 64, "--covariates diagnosis is the --target"),
+    "covariate is a function of the target": Case(covariate_of_target, 64,
+                                                  "--covariates arm is a function of the target"),
+    "--target-map key matches no value": Case(target_map_unmatched, 64,
+                                              "--target-map 'ADHD': no participant has"),
     # checkpoints: never unpickled; refused unless they fit
     "checkpoint is a pickle": Case(checkpoint_pickle, 65, "is not a valid safetensors file"),
     "checkpoint is a .pt pickle": Case(checkpoint_pickle_pt, 64,
