@@ -1,0 +1,155 @@
+"""SwiFT and NeuroSTORM as roimae rewrites them, against upstream's own code.
+
+Upstream's files live in ``../shared/reference`` (never copied into the repository); they are
+loaded by path, with ``torch.cuda.nvtx`` made a no-op, an empty ``selective_scan_cuda`` module and
+``Mamba`` run by ``selective_scan_ref`` (the pure-PyTorch reference of the CUDA kernel). Every
+parameter of the upstream nets gets random values (norms, embeddings, mask tokens, A_log, D and
+dt_proj included), and outputs must agree to ``1e-4`` of their RMS.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import math
+import sys
+import types
+import warnings
+
+import pytest
+import torch
+from conftest import SHARED_DIR
+
+from bidsapp.model.mamba import Mamba, selective_scan
+
+REFERENCE = SHARED_DIR / "reference"
+TOLERANCE = 1e-4  # of the RMS of the output
+#: Modules the tests add while upstream's code is loaded (and remove afterwards).
+STAND_INS = ("selective_scan_cuda", "mamba_ssm", "ref_swift", "ref_released", "ref_head")
+
+
+def assert_close(mine: torch.Tensor, ref: torch.Tensor, what: str = "") -> float:
+    """Max abs difference <= TOLERANCE * RMS(ref); returns the relative error."""
+    assert mine.shape == ref.shape, (what, mine.shape, ref.shape)
+    error = float((mine - ref).abs().max() / ref.pow(2).mean().sqrt())
+    assert error <= TOLERANCE, f"{what}: max |diff| = {error:.2e} x RMS"
+    return error
+
+
+def _package(name: str, path) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.__path__ = [str(path)] if path else []
+    return module
+
+
+def _load_file(name: str, path) -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def ref():
+    """Upstream's modules: ``swift``, ``released`` and ``head`` NeuroSTORM, ``mamba``, ``scan``."""
+    if not REFERENCE.is_dir():
+        pytest.skip(f"upstream reference code not found at {REFERENCE}")
+    for name in ("monai", "einops"):
+        if importlib.util.find_spec(name) is None:
+            pytest.skip(f"{name} is not installed (upstream's code needs it; pip install -e .[test])")
+    if any(name.split(".")[0] in STAND_INS for name in sys.modules):
+        pytest.fail("a module named like the upstream stand-ins is already imported")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda.nvtx, "range_push", lambda *a, **k: None)
+        mp.setattr(torch.cuda.nvtx, "range_pop", lambda *a, **k: None)
+        try:
+            yield _load_reference()
+        finally:  # nothing of upstream's stays importable for other tests
+            for name in [n for n in sys.modules if n.split(".")[0] in STAND_INS]:
+                del sys.modules[name]
+
+
+def _load_reference() -> types.SimpleNamespace:
+    mamba_ssm = _package("mamba_ssm", None)
+    sys.modules.update({
+        "selective_scan_cuda": types.ModuleType("selective_scan_cuda"),
+        "mamba_ssm": mamba_ssm,
+        "mamba_ssm.ops": _package("mamba_ssm.ops", None),
+        "ref_swift": _package("ref_swift", REFERENCE / "swift"),
+        "ref_released": _package("ref_released", REFERENCE / "neurostorm" / "released"),
+        "ref_head": _package("ref_head", REFERENCE / "neurostorm" / "head"),
+    })
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.cuda.amp.custom_fwd in mamba_ssm 2.2.2
+        scan = _load_file("mamba_ssm.ops.selective_scan_interface",
+                          REFERENCE / "mamba_ssm" / "selective_scan_interface.py")
+    mamba = _load_file("mamba_ssm.mamba_simple", REFERENCE / "mamba_ssm" / "mamba_simple.py")
+    mamba.selective_scan_fn = scan.selective_scan_ref  # upstream's layer, run by its reference scan
+    mamba_ssm.Mamba = functools.partial(mamba.Mamba, use_fast_path=False)
+    mamba_ssm.Mamba2 = None
+    return types.SimpleNamespace(
+        scan=scan, mamba=mamba,
+        swift=importlib.import_module("ref_swift.swin4d_transformer_ver7"),
+        released=importlib.import_module("ref_released.neurostorm"),
+        head=importlib.import_module("ref_head.neurostorm"),
+    )
+
+
+@torch.no_grad()
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random values on every parameter, the network kept well conditioned (gain 0.5)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=g)
+        if name.endswith("A_log"):
+            p.copy_(torch.log(1 + 15 * torch.rand(p.shape, generator=g)))  # A in [-16, -1]
+        elif name.endswith("dt_proj.bias"):
+            p.copy_(noise - 1)  # softplus: steps of 0.05 to 2
+        elif name.endswith(".D"):
+            p.copy_(noise)
+        elif p.ndim >= 2 and not name.endswith(("embed", "mask_token", "prompt")):
+            p.copy_(noise * 0.5 / math.sqrt(p[0].numel()))
+        elif "norm" in name and name.endswith("weight"):
+            p.copy_(1 + 0.2 * noise)
+        else:  # biases, positional and time embeddings, mask tokens, prompts
+            p.copy_(0.2 * noise)
+    return model.eval()
+
+
+# -- the selective scan and the Mamba mixer ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("length", "chunk"), [(37, 16), (64, 16), (5, 16), (23, 1), (40, 7)])
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
+def test_selective_scan_matches_reference(ref, length, chunk, grad):
+    g = torch.Generator().manual_seed(length)
+    b, d, n = 3, 6, 4
+    u, dt, z = (torch.randn(b, d, length, generator=g) for _ in range(3))
+    B, C = (torch.randn(b, n, length, generator=g) for _ in range(2))
+    A = -(1 + 15 * torch.rand(d, n, generator=g))
+    D, bias = torch.randn(d, generator=g), torch.randn(d, generator=g) - 1
+    expected = ref.scan.selective_scan_ref(u, dt, A, B, C, D, z=z, delta_bias=bias, delta_softplus=True)
+    t = lambda v: v.transpose(1, 2).clone().requires_grad_(grad)  # noqa: E731 - (b, f, L) -> (b, L, f)
+    inputs = [t(u), t(dt), A, t(B), t(C), D, t(z)]
+    with torch.set_grad_enabled(grad):
+        out = selective_scan(*inputs, delta_bias=bias, delta_softplus=True, chunk_size=chunk)
+    assert_close(out.transpose(1, 2).detach(), expected, "scan")
+    if grad:
+        out.square().sum().backward()
+        u_ref = u.clone().requires_grad_(True)
+        ref.scan.selective_scan_ref(u_ref, dt, A, B, C, D, z=z, delta_bias=bias,
+                                    delta_softplus=True).square().sum().backward()
+        assert_close(inputs[0].grad.transpose(1, 2), u_ref.grad, "d scan / d u")
+
+
+def test_mamba_matches_upstream(ref):
+    torch.manual_seed(0)
+    upstream = randomize(ref.mamba.Mamba(d_model=12, d_state=8, d_conv=4, expand=2, use_fast_path=False))
+    mine = Mamba(12, d_state=8, d_conv=4, expand=2).eval()
+    mine.load_state_dict(upstream.state_dict(), strict=True)
+    assert [k for k, _ in mine.named_parameters()] == [k for k, _ in upstream.named_parameters()]
+    x = torch.randn(5, 43, 12)
+    with torch.no_grad():
+        assert_close(mine(x), upstream(x), "Mamba")
