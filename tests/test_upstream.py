@@ -153,3 +153,46 @@ def test_mamba_matches_upstream(ref):
     x = torch.randn(5, 43, 12)
     with torch.no_grad():
         assert_close(mine(x), upstream(x), "Mamba")
+
+
+# -- SwiFT -----------------------------------------------------------------------------------------
+
+#: Small SwiFT configurations: 8^3 tokens of 3^3 voxels. A: stage-0 windows padded (8 -> 9, 6 -> 8
+#: frames) and shifted, full attention in the last stage. B: c_multiplier 3, windows padded in
+#: the shifted stage 1 (4 -> 6, 5 -> 8 frames), clamped to the grid in stage 2, 5 of 6 frames.
+SWIFT_SMALL = {
+    "A": (dict(img_size=(24, 24, 24, 6), embed_dim=12, window_size=(2, 2, 2, 3),
+               first_window_size=(3, 3, 3, 4), patch_size=(3, 3, 3, 1), depths=(2, 2, 2),
+               num_heads=(3, 3, 6), c_multiplier=2, last_layer_full_MSA=True), 6),
+    "B": (dict(img_size=(24, 24, 24, 6), embed_dim=12, window_size=(3, 3, 3, 4),
+               first_window_size=(4, 4, 4, 2), patch_size=(3, 3, 3, 1), depths=(1, 3, 2),
+               num_heads=(2, 3, 3), c_multiplier=3, last_layer_full_MSA=False), 5),
+}
+
+
+def upstream_stages(net, x: torch.Tensor) -> list[torch.Tensor]:
+    """The output of every ``layers[i]`` of an upstream encoder (its forward, stage by stage)."""
+    h = net.pos_drop(net.patch_embed(x.float()))
+    out = []
+    for pos, layer in zip(net.pos_embeds, net.layers, strict=True):
+        h = layer(pos(h).contiguous())
+        out.append(h)
+    return out
+
+
+@pytest.mark.parametrize("name", SWIFT_SMALL)
+def test_swift_matches_upstream(ref, name):
+    from bidsapp.model.upstream import UpstreamConfig, build_upstream
+
+    sizes, frames = SWIFT_SMALL[name]
+    upstream = randomize(ref.swift.SwinTransformer4D(in_chans=1, **sizes), seed=1)
+    mine = build_upstream(UpstreamConfig(family="swift", **sizes)).eval()
+    weights = {k: v for k, v in upstream.state_dict().items() if not k.startswith(("norm.", "head."))}
+    mine.load_state_dict(weights, strict=True)
+    x = torch.randn(2, 1, *sizes["img_size"][:3], frames, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = upstream_stages(upstream, x)
+        got = mine.encode(x)
+        assert_close(got[-1], upstream(x), "forward")
+    for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+        assert_close(a, b, f"stage {i}")
