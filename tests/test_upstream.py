@@ -61,12 +61,15 @@ def ref():
             pytest.skip(f"{name} is not installed (upstream's code needs it; pip install -e .[test])")
     if any(name.split(".")[0] in STAND_INS for name in sys.modules):
         pytest.fail("a module named like the upstream stand-ins is already imported")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small tensors: one thread is fastest, and steady on a busy machine
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.cuda.nvtx, "range_push", lambda *a, **k: None)
         mp.setattr(torch.cuda.nvtx, "range_pop", lambda *a, **k: None)
         try:
             yield _load_reference()
         finally:  # nothing of upstream's stays importable for other tests
+            torch.set_num_threads(threads)
             for name in [n for n in sys.modules if n.split(".")[0] in STAND_INS]:
                 del sys.modules[name]
 
@@ -196,3 +199,69 @@ def test_swift_matches_upstream(ref, name):
         assert_close(got[-1], upstream(x), "forward")
     for i, (a, b) in enumerate(zip(got, expected, strict=True)):
         assert_close(a, b, f"stage {i}")
+
+
+# -- NeuroSTORM ------------------------------------------------------------------------------------
+
+#: A small NeuroSTORM MAE (the decoder needs 4 stages): 8^3 tokens x 6 frames; stage-0 windows
+#: padded and shifted, windows 2x2x2x3 that tile every grid (window masking), full last stage.
+NEUROSTORM_SMALL = dict(img_size=(24, 24, 24, 6), embed_dim=8, window_size=(2, 2, 2, 3),
+                        first_window_size=(3, 3, 3, 4), patch_size=(3, 3, 3, 1), depths=(2, 2, 2, 2),
+                        num_heads=(1, 1, 1, 1), c_multiplier=2, last_layer_full_MSA=True)
+
+
+def window_mask_to_tokens(mask: torch.Tensor, grid, window) -> torch.Tensor:
+    """NeuroSTORM's window mask ``(B, windows)`` as hidden tokens ``(B, D, H, W, T)``."""
+    hidden = mask.view(mask.shape[0], *(g // w for g, w in zip(grid, window, strict=True)))
+    for axis, w in enumerate(window, start=1):
+        hidden = hidden.repeat_interleave(w, axis)
+    return hidden
+
+
+@pytest.mark.parametrize("layout", ["released", "latest"])
+def test_neurostorm_mae_matches_upstream(ref, layout, monkeypatch):
+    import numpy as np
+
+    from bidsapp.model.upstream import UpstreamConfig, build_upstream
+
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)  # released: mask.cuda()
+    source = ref.released if layout == "released" else ref.head
+    upstream = randomize(source.NeuroSTORMMAE(in_chans=1, spatial_mask="window", time_mask="random",
+                                              mask_ratio=0.5, **NEUROSTORM_SMALL), seed=3)
+    mine = build_upstream(UpstreamConfig(family="neurostorm", mae=True, mask_token_layout=layout,
+                                         **NEUROSTORM_SMALL)).eval()
+    mine.load_state_dict(upstream.state_dict(), strict=True)
+    x = torch.randn(2, 1, 24, 24, 24, 6, generator=torch.Generator().manual_seed(4))
+    grid = (8, 8, 8, 6)
+    with torch.no_grad():
+        for i, (a, b) in enumerate(zip(mine.encode(x), upstream_stages(upstream, x), strict=True)):
+            assert_close(a, b, f"stage {i}")
+        np.random.seed(0)  # noqa: NPY002 - upstream draws its masks from the global state
+        latent, mask = upstream.forward_encoder(x)  # window masking, half the windows
+        hidden = window_mask_to_tokens(mask, grid, NEUROSTORM_SMALL["window_size"])
+        assert 0 < hidden.float().mean() < 1
+        assert_close(mine.encode(x, hidden, "window")[-1], latent, "window-masked encoder")
+        assert_close(mine.decode(latent), upstream.forward_decoder(latent), "decoder")
+        if layout == "latest":  # random token masking with the single mask token
+            upstream.spatial_mask = "random"
+            latent, mask = upstream.forward_encoder(x)
+            assert_close(mine.encode(x, mask.view(2, *grid), "token")[-1], latent, "token-masked encoder")
+        else:
+            with pytest.raises(ValueError, match="only window mask tokens"):
+                mine.encode(x, hidden, "token")
+
+
+def test_neurostorm_prompts_match_upstream(ref):
+    """NeuroSTORM's latest fine-tuning network with prompt tuning (2 tokens per window)."""
+    from bidsapp.model.upstream import UpstreamConfig, build_upstream
+
+    sizes = dict(NEUROSTORM_SMALL, depths=(2, 1), num_heads=(1, 1), first_window_size=(4, 4, 4, 2))
+    upstream = randomize(ref.head.NeuroSTORM(in_chans=1, prompt_len=2, **sizes), seed=5)
+    mine = build_upstream(UpstreamConfig(family="neurostorm", prompt_len=2, **sizes)).eval()
+    mine.load_state_dict(upstream.state_dict(), strict=True)
+    x = torch.randn(1, 1, 24, 24, 24, 5, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        got = mine.encode(x)
+        assert_close(got[-1], upstream(x), "forward")
+        for i, (a, b) in enumerate(zip(got, upstream_stages(upstream, x), strict=True)):
+            assert_close(a, b, f"stage {i}")
