@@ -158,6 +158,37 @@ def test_mamba_matches_upstream(ref):
         assert_close(mine(x), upstream(x), "Mamba")
 
 
+# -- Lightning checkpoints as upstream writes them ----------------------------------------------------
+
+
+def hyper_parameters(model: str, sizes: dict, **more) -> dict:
+    """argparse values as SwiFT's and NeuroSTORM's ``save_hyperparameters(kwargs)`` store them."""
+    hp = {"model": model, "in_chans": 1, "precision": 16, "attn_drop_rate": 0.0, "seed": 1,
+          "learning_rate": 5e-5, "downstream_task": "sex", "pretraining": False, "use_contrastive": False,
+          "image_path": "./data/HCP1200_MNI_to_TRs_minmax", "sequence_length": sizes["img_size"][3]}
+    hp.update({k: list(v) if isinstance(v, tuple) else v for k, v in sizes.items()})
+    return {**hp, **more}
+
+
+def save_lightning(path, net: torch.nn.Module, hparams: dict, heads: dict | None = None):
+    """A PyTorch Lightning ``.ckpt``: ``model.`` weights, task heads, optimizer and loop state."""
+    state = {f"model.{k}": v for k, v in net.state_dict().items()}
+    state.update({f"output_head.{k}": v for k, v in (heads or {}).items()})
+    torch.save({
+        "epoch": 9, "global_step": 1234, "pytorch-lightning_version": "1.9.4",
+        "state_dict": state,
+        "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"ready": 10}}}},
+        "callbacks": {"ModelCheckpoint{'monitor': 'valid_loss', 'mode': 'min'}": {
+            "best_model_score": torch.tensor(0.25), "best_model_path": "output/checkpt-epoch=09.ckpt",
+            "dirpath": "output", "best_k_models": {"output/checkpt-epoch=09.ckpt": torch.tensor(0.25)}}},
+        "optimizer_states": [{"state": {0: {"step": torch.tensor(3.0)}},
+                              "param_groups": [{"lr": 5e-5, "weight_decay": 0.01, "params": [0]}]}],
+        "lr_schedulers": [], "native_amp_scaling_state": {"scale": 65536.0, "growth_tracker": 3},
+        "hparams_name": "kwargs", "hyper_parameters": hparams,
+    }, path)
+    return path
+
+
 # -- SwiFT -----------------------------------------------------------------------------------------
 
 #: Small SwiFT configurations: 8^3 tokens of 3^3 voxels. A: stage-0 windows padded (8 -> 9, 6 -> 8
@@ -184,14 +215,18 @@ def upstream_stages(net, x: torch.Tensor) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", SWIFT_SMALL)
-def test_swift_matches_upstream(ref, name):
-    from bidsapp.model.upstream import UpstreamConfig, build_upstream
+def test_swift_matches_upstream(ref, name, tmp_path):
+    from bidsapp.model.upstream import read_lightning_checkpoint
 
     sizes, frames = SWIFT_SMALL[name]
     upstream = randomize(ref.swift.SwinTransformer4D(in_chans=1, **sizes), seed=1)
-    mine = build_upstream(UpstreamConfig(family="swift", **sizes)).eval()
-    weights = {k: v for k, v in upstream.state_dict().items() if not k.startswith(("norm.", "head."))}
-    mine.load_state_dict(weights, strict=True)
+    head = {"fc.weight": torch.randn(8, upstream.num_features), "fc.bias": torch.zeros(8)}
+    ckpt = save_lightning(tmp_path / "swift.ckpt", upstream, hyper_parameters("swin4d_ver7", sizes), head)
+    imported = read_lightning_checkpoint(ckpt, "swift")
+    mine = imported.model
+    assert sorted(imported.dropped) == ["model.head.bias", "model.head.weight", "model.norm.bias",
+                                        "model.norm.weight", "output_head.fc.bias", "output_head.fc.weight"]
+    assert imported.config.c_multiplier == sizes["c_multiplier"] and not mine.training
     x = torch.randn(2, 1, *sizes["img_size"][:3], frames, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = upstream_stages(upstream, x)
@@ -219,18 +254,21 @@ def window_mask_to_tokens(mask: torch.Tensor, grid, window) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("layout", ["released", "latest"])
-def test_neurostorm_mae_matches_upstream(ref, layout, monkeypatch):
+def test_neurostorm_mae_matches_upstream(ref, layout, monkeypatch, tmp_path):
     import numpy as np
 
-    from bidsapp.model.upstream import UpstreamConfig, build_upstream
+    from bidsapp.model.upstream import read_lightning_checkpoint
 
     monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)  # released: mask.cuda()
     source = ref.released if layout == "released" else ref.head
     upstream = randomize(source.NeuroSTORMMAE(in_chans=1, spatial_mask="window", time_mask="random",
                                               mask_ratio=0.5, **NEUROSTORM_SMALL), seed=3)
-    mine = build_upstream(UpstreamConfig(family="neurostorm", mae=True, mask_token_layout=layout,
-                                         **NEUROSTORM_SMALL)).eval()
-    mine.load_state_dict(upstream.state_dict(), strict=True)
+    hparams = hyper_parameters("neurostorm", NEUROSTORM_SMALL, pretraining=True, use_mae=True,
+                               spatial_mask="window", time_mask="random", mask_ratio=0.5)
+    imported = read_lightning_checkpoint(save_lightning(tmp_path / "mae.ckpt", upstream, hparams))
+    mine = imported.model
+    assert imported.config.family == "neurostorm" and imported.config.mae and not imported.dropped
+    assert imported.config.mask_token_layout == layout
     x = torch.randn(2, 1, 24, 24, 24, 6, generator=torch.Generator().manual_seed(4))
     grid = (8, 8, 8, 6)
     with torch.no_grad():
@@ -251,17 +289,124 @@ def test_neurostorm_mae_matches_upstream(ref, layout, monkeypatch):
                 mine.encode(x, hidden, "token")
 
 
-def test_neurostorm_prompts_match_upstream(ref):
+def test_neurostorm_prompts_match_upstream(ref, tmp_path):
     """NeuroSTORM's latest fine-tuning network with prompt tuning (2 tokens per window)."""
-    from bidsapp.model.upstream import UpstreamConfig, build_upstream
+    from bidsapp.model.upstream import read_lightning_checkpoint
 
     sizes = dict(NEUROSTORM_SMALL, depths=(2, 1), num_heads=(1, 1), first_window_size=(4, 4, 4, 2))
     upstream = randomize(ref.head.NeuroSTORM(in_chans=1, prompt_len=2, **sizes), seed=5)
-    mine = build_upstream(UpstreamConfig(family="neurostorm", prompt_len=2, **sizes)).eval()
-    mine.load_state_dict(upstream.state_dict(), strict=True)
+    hparams = hyper_parameters("neurostorm", sizes, use_prompt_tuning=True, prompt_len=2,
+                               downstream_task_type="classification")
+    head = {"head.weight": torch.randn(2, 16), "head.bias": torch.zeros(2)}
+    imported = read_lightning_checkpoint(save_lightning(tmp_path / "ft.ckpt", upstream, hparams, head))
+    mine = imported.model
+    assert imported.config.prompt_len == 2 and not imported.config.mae
+    assert imported.dropped == ["output_head.head.weight", "output_head.head.bias"]
     x = torch.randn(1, 1, 24, 24, 24, 5, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         got = mine.encode(x)
         assert_close(got[-1], upstream(x), "forward")
         for i, (a, b) in enumerate(zip(got, upstream_stages(upstream, x), strict=True)):
             assert_close(a, b, f"stage {i}")
+
+
+# -- the checkpoint reader refuses what it cannot import -------------------------------------------
+
+
+class Payload:
+    """Unpickling this would create ``target`` (as any code a malicious checkpoint could run)."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+TINY_SWIFT = dict(img_size=(12, 12, 12, 4), embed_dim=6, window_size=(2, 2, 2, 2),
+                  first_window_size=(2, 2, 2, 2), patch_size=(3, 3, 3, 1), depths=(1, 1),
+                  num_heads=(1, 2), c_multiplier=2, last_layer_full_MSA=True)
+
+
+def _tiny_swift():
+    from bidsapp.model.upstream import UpstreamConfig, build_upstream
+
+    return build_upstream(UpstreamConfig(family="swift", **TINY_SWIFT))
+
+
+def _refusal(path, family=None):
+    from bidsapp.errors import ExitCode
+    from bidsapp.model.upstream import UpstreamCheckpointError, read_lightning_checkpoint
+
+    with pytest.raises(UpstreamCheckpointError) as caught:
+        read_lightning_checkpoint(path, family)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(str(path))
+    assert caught.value.exit_code == ExitCode.BAD_DATA and isinstance(caught.value, ValueError)
+    return message
+
+
+def test_reader_refuses_pickled_code_without_running_it(tmp_path):
+    target = tmp_path / "pwned"
+    ckpt = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": _tiny_swift().state_dict(), "hyper_parameters": Payload(target)}, ckpt)
+    message = _refusal(ckpt)
+    assert not target.exists()
+    assert "io.open" in message and "could run code" in message
+    torch.load(ckpt, weights_only=False)  # what the refusal prevents: the payload runs
+    assert target.exists()
+
+
+@pytest.mark.parametrize("as_namespace", [False, True], ids=["dict", "Namespace"])
+def test_reader_imports_a_small_swift(tmp_path, as_namespace):
+    import argparse
+
+    from bidsapp.model.upstream import read_lightning_checkpoint
+
+    net = randomize(_tiny_swift())
+    hparams = hyper_parameters("swift", TINY_SWIFT)
+    if as_namespace:  # as an argparse result saved as it is
+        hparams = argparse.Namespace(**hparams)
+    ckpt = save_lightning(tmp_path / "ok.ckpt", net, hparams)
+    imported = read_lightning_checkpoint(ckpt)
+    x = torch.randn(1, 1, 12, 12, 12, 4)
+    with torch.no_grad():
+        assert torch.equal(imported.model(x), net(x))
+    assert imported.config.family == "swift" and imported.hyper_parameters["precision"] == 16
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    ("unknown model key", "unexpected weight 'model.extra'"),
+    ("unknown prefix", "unknown key(s) in state_dict, e.g. 'ema.weight'"),
+    ("missing key", "missing weight 'model.patch_embed.fc.bias'"),
+    ("shape", "'model.patch_embed.fc.weight' has shape [6, 27] in the checkpoint but [8, 27]"),
+    ("family", "asked for neurostorm but hyper_parameters['model'] say(s) swift"),
+    ("no state_dict", "not a Lightning checkpoint (no 'state_dict')"),
+    ("not a checkpoint", "not a readable plain-data PyTorch checkpoint (Unsupported operand"),
+    ("bad hyper_parameters", "hyper_parameters do not describe a swift network"),
+])
+def test_reader_refuses_with_one_line(tmp_path, case, expected):
+    net = _tiny_swift()
+    hparams = hyper_parameters("swift", TINY_SWIFT)
+    state = {f"model.{k}": v for k, v in net.state_dict().items()}
+    family = None
+    if case == "unknown model key":
+        state["model.extra"] = torch.zeros(1)
+    elif case == "unknown prefix":
+        state["ema.weight"] = torch.zeros(1)
+    elif case == "missing key":
+        del state["model.patch_embed.fc.bias"]
+    elif case == "shape":
+        hparams["embed_dim"] = 8
+    elif case == "family":
+        family = "neurostorm"
+    elif case == "bad hyper_parameters":
+        hparams["patch_size"] = [5, 5, 5, 1]
+    path = tmp_path / "bad.ckpt"
+    if case == "no state_dict":
+        torch.save(net.state_dict(), path)
+    elif case == "not a checkpoint":
+        path.write_bytes(b"not a zip file at all")
+    else:
+        torch.save({"state_dict": state, "hyper_parameters": hparams}, path)
+    assert expected in _refusal(path, family)
