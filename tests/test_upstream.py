@@ -410,3 +410,53 @@ def test_reader_refuses_with_one_line(tmp_path, case, expected):
     else:
         torch.save({"state_dict": state, "hyper_parameters": hparams}, path)
     assert expected in _refusal(path, family)
+
+
+# -- the released configurations -------------------------------------------------------------------
+
+#: Parameters at the released configuration (96^3 x 20 frames), built on the meta device.
+RELEASED_COUNTS = {"swift": 4_314_636, "neurostorm-encoder": 5_173_020,
+                   "neurostorm-mae-released": 7_712_892, "neurostorm-mae-latest": 7_712_964}
+
+
+def _released(name: str):
+    from dataclasses import replace
+
+    from bidsapp.model.upstream import NEUROSTORM_RELEASED, SWIFT_RELEASED
+
+    return {"swift": SWIFT_RELEASED, "neurostorm-encoder": replace(NEUROSTORM_RELEASED, mae=False),
+            "neurostorm-mae-released": NEUROSTORM_RELEASED,
+            "neurostorm-mae-latest": replace(NEUROSTORM_RELEASED, mask_token_layout="latest")}[name]
+
+
+def _count(net: torch.nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+@pytest.mark.parametrize("name", RELEASED_COUNTS)
+def test_parameter_counts_at_released_configuration(name):
+    from bidsapp.model.upstream import build_upstream
+
+    with torch.device("meta"):
+        assert _count(build_upstream(_released(name))) == RELEASED_COUNTS[name]
+
+
+def test_parameter_counts_match_upstream(ref, monkeypatch):
+    from bidsapp.model.upstream import NEUROSTORM_RELEASED
+
+    linspace = torch.linspace  # upstream reads drop-path rates with .item(): not on meta
+    monkeypatch.setattr(torch, "linspace", lambda *a, **k: linspace(*a, **{**k, "device": "cpu"}))
+    c = NEUROSTORM_RELEASED
+    sizes = dict(img_size=c.img_size, in_chans=1, embed_dim=c.embed_dim, window_size=c.window_size,
+                 first_window_size=c.first_window_size, patch_size=c.patch_size, depths=c.depths,
+                 num_heads=c.num_heads, c_multiplier=c.c_multiplier, last_layer_full_MSA=True)
+    with torch.device("meta"):
+        swift = ref.swift.SwinTransformer4D(**sizes)
+        counts = {
+            "swift": _count(swift) - _count(swift.norm) - _count(swift.head),
+            "neurostorm-encoder": _count(ref.released.NeuroSTORM(**sizes)),
+            "neurostorm-mae-released": _count(ref.released.NeuroSTORMMAE(**sizes)),
+            "neurostorm-mae-latest": _count(ref.head.NeuroSTORMMAE(**sizes)),
+        }
+    assert counts == RELEASED_COUNTS
+    assert (_count(swift.norm), _count(swift.head)) == (576, 289)  # in the released file, unused
