@@ -118,11 +118,14 @@ class WindowAttention4D(nn.Module):
         heads = self.num_heads
         qkv = self.qkv(x).view(bw, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B*nW, heads, N, c/heads)
-        if mask is not None:  # windows of each sample in a row, as the mask's
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:  # window-major, (nW, B*heads, N, c/heads): 4D, which keeps the CPU's fused kernel
             nw = mask.shape[0]
-            q, k, v = (t.reshape(bw // nw, nw, heads, n, -1) for t in (q, k, v))
-            mask = mask[:, None].to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            q, k, v = (t.reshape(bw // nw, nw, heads, n, -1).transpose(0, 1).reshape(nw, -1, n, c // heads)
+                       for t in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None].to(q.dtype))
+            out = out.reshape(nw, bw // nw, heads, n, -1).transpose(0, 1)
         return self.proj(out.reshape(bw, heads, n, -1).transpose(1, 2).reshape(bw, n, c))
 
 
