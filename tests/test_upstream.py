@@ -460,3 +460,103 @@ def test_parameter_counts_match_upstream(ref, monkeypatch):
         }
     assert counts == RELEASED_COUNTS
     assert (_count(swift.norm), _count(swift.head)) == (576, 289)  # in the released file, unused
+
+
+# -- the MaskedAutoencoder adapters ----------------------------------------------------------------
+
+
+def _small_preset(backbone: str):
+    from bidsapp.model.presets import ModelPreset
+
+    return ModelPreset(name="small-test", backbone=backbone, downsample=1, patch_size=6, embed_dim=8,
+                       depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), window_size=(4, 4, 4, 2))
+
+
+def _ball(batch: int = 1) -> torch.Tensor:
+    """A brain ``(B, 96, 96, 96)``: a ball that reaches every 48^3 octant."""
+    axis = torch.arange(96) - 47.5
+    radius = (axis[:, None, None] ** 2 + axis[None, :, None] ** 2 + axis[None, None, :] ** 2).sqrt()
+    return (radius < 30).expand(batch, -1, -1, -1)
+
+
+def test_neurostorm_adapter_reconstructs_as_upstream(ref, tmp_path, monkeypatch):
+    """NeuroSTORM's MAE imported into roimae: forward(x, brain, mask) is upstream's masked MAE."""
+    import numpy as np
+
+    from bidsapp.model.layers import depth_to_space
+    from bidsapp.model.masking import Mask
+    from bidsapp.model.upstream_mae import NeuroSTORMAutoencoder
+
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
+    sizes = dict(img_size=(96, 96, 96, 4), embed_dim=8, window_size=(4, 4, 4, 2),
+                 first_window_size=(4, 4, 4, 2), patch_size=(6, 6, 6, 1), depths=(1, 1, 1, 1),
+                 num_heads=(1, 1, 1, 1), c_multiplier=2, last_layer_full_MSA=True)
+    upstream = randomize(ref.released.NeuroSTORMMAE(in_chans=1, spatial_mask="window", time_mask="random",
+                                                    mask_ratio=0.5, **sizes), seed=7)
+    hparams = hyper_parameters("neurostorm", sizes, pretraining=True, use_mae=True)
+    model = NeuroSTORMAutoencoder.from_lightning(save_lightning(tmp_path / "mae.ckpt", upstream, hparams),
+                                                 background="zero")
+    assert model.preset.backbone == "neurostorm" and not model.training
+    brain = _ball()
+    x = torch.randn(1, 2, 96, 96, 96, generator=torch.Generator().manual_seed(8)) * brain[:, None]
+    x_up = x.permute(0, 2, 3, 4, 1)[:, None]  # upstream's (B, 1, D, H, W, T)
+    with torch.no_grad():
+        np.random.seed(1)  # noqa: NPY002 - upstream draws its masks from the global state
+        latent, windows = upstream.forward_encoder(x_up)
+        expected = upstream.forward_decoder(latent)[:, 0].permute(0, 4, 1, 2, 3)  # (B, T, D, H, W)
+        hidden = window_mask_to_tokens(windows, (16, 16, 16, 2), (4, 4, 4, 2)).permute(0, 4, 1, 2, 3)
+        voxels = depth_to_space(hidden[..., None].expand(*hidden.shape, 216), 6)[..., 0]
+        out = model(x, brain, Mask(hidden, voxels))
+        assert_close(out.pred, expected, "reconstruction")
+        assert out.embedding.shape == (1, 64) and torch.isfinite(out.loss)
+        assert_close(out.embedding, latent.mean((2, 3, 4, 5)), "embedding")  # every token holds brain
+        embedding, tokens, valid = model.encode_tokens(x, brain)
+        first = upstream.layers[0].blocks[0](upstream.pos_embeds[0](upstream.patch_embed(x_up)).permute(
+            0, 2, 3, 4, 5, 1).contiguous(), None)  # stage 0 = one block, before its merging
+        assert_close(tokens, first.permute(0, 4, 1, 2, 3, 5), "token features")
+        assert valid.shape == (1, 16, 16, 16) and bool(valid.all()) and embedding.shape == (1, 64)
+
+
+def test_upstream_adapters_train_and_embed():
+    from bidsapp.errors import UsageError
+    from bidsapp.model.factory import build_model
+    from bidsapp.model.layers import depth_to_space
+    from bidsapp.model.masking import Mask
+
+    brain = _ball(2)
+    x = torch.randn(2, 2, 96, 96, 96) * brain[:, None]
+    tokens = torch.rand(2, 1, 16, 16, 16) < 0.5
+    mask = Mask(tokens, depth_to_space(tokens[..., None].expand(*tokens.shape, 216), 6)[..., 0])
+    model = build_model(_small_preset("neurostorm"))
+    assert model.net.config.mae and model.background == "min"
+    out = model(x, brain, mask)
+    out.loss.backward()  # the differentiable scan
+    assert all(p.grad is not None for p in model.net.layers[0].blocks[0].mamba.parameters())
+    swift = build_model(_small_preset("swift")).eval()
+    with torch.no_grad():
+        embedding, features, _ = swift.encode_tokens(x, brain)
+        assert embedding.shape == (2, 64) and features.shape == (2, 2, 16, 16, 16, 8)
+        assert torch.allclose(swift.encode(x, brain), embedding, atol=1e-6)
+        assert swift.encode(x, brain, mask).shape == (2, 64)  # hidden voxels zeroed (occlusion)
+        with pytest.raises(UsageError, match="swift has no decoder"):
+            swift(x, brain, mask)
+
+
+def test_upstream_adapters_fill_the_background_with_the_smallest_brain_value():
+    from bidsapp.model.factory import build_model
+
+    model = build_model(_small_preset("swift"))
+    brain = _ball()
+    x = torch.randn(1, 2, 96, 96, 96) * brain[:, None]
+    up = model._input(x, brain, None)[:, 0]  # (B, D, H, W, T)
+    assert torch.equal(up[brain], x.permute(0, 2, 3, 4, 1)[brain])
+    assert torch.all(up[~brain] == x.permute(0, 2, 3, 4, 1)[brain].min())
+
+
+def test_upstream_presets_and_existing_backbones():
+    from bidsapp.model.factory import count_parameters
+    from bidsapp.model.presets import BACKBONE_PRESETS, UPSTREAM_PRESETS
+
+    assert set(BACKBONE_PRESETS) == {"swin4d", "vit4d"}  # the command line's choices, unchanged
+    assert count_parameters(UPSTREAM_PRESETS["swift"]) == RELEASED_COUNTS["swift"]
+    assert count_parameters(UPSTREAM_PRESETS["neurostorm"]) == RELEASED_COUNTS["neurostorm-mae-released"]

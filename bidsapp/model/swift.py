@@ -333,12 +333,16 @@ class SwinEncoder4D(nn.Module):
 
     def run_layers(self, tokens: torch.Tensor) -> list[torch.Tensor]:
         """Stages on embedded ``tokens``: the output of every ``layers[i]``, channels last."""
-        outputs = []
-        x = tokens
-        for pos, layer in zip(self.pos_embeds, self.layers, strict=True):
-            x = layer(pos(x))
-            outputs.append(x)
-        return outputs
+        return self.features(tokens)[1]
+
+    def features(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage-0 blocks' output on the token grid (before its merging) and every ``layers[i]``'s."""
+        first = self.layers[0].run_blocks(self.pos_embeds[0](tokens))
+        merge = self.layers[0].downsample
+        outputs = [first if merge is None else merge(first)]
+        for pos, layer in zip(self.pos_embeds[1:], self.layers[1:], strict=True):
+            outputs.append(layer(pos(outputs[-1])))
+        return first, outputs
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The output of every ``layers[i]`` in SwiFT's layout ``(B, C_i, d_i, h_i, w_i, T)``.
