@@ -13,17 +13,18 @@ The selective scan (:func:`selective_scan`) computes, for every channel ``d`` an
 
 without a Python loop over the tokens. The sequence is cut into chunks of ``K`` tokens:
 
-1. the state each chunk would end with if it started from zero is a sum over its tokens of
-   ``exp(A * (delta summed over the later tokens of the chunk)) * delta_s B_s u_s`` (exponents
-   never positive: no overflow), all chunks at once;
+1. the state each chunk would end with if it started from zero: with gradients in closed form,
+   a sum over its tokens of ``exp(A * (delta summed over the later tokens of the chunk)) *
+   delta_s B_s u_s`` (exponents never positive: no overflow); without, by the recurrence over the
+   ``K`` positions, all chunks at once, reusing one ``exp(delta A)`` per token for step 3;
 2. a loop over the chunks carries the states across them (``h <- exp(A sum(delta)) h + local``);
 3. a loop over the ``K`` positions of a chunk, all chunks at once, runs the recurrence from each
    chunk's true initial state and reads ``y``.
 
-That is ``L/K + K`` small loop steps instead of ``L`` (48 instead of 256 for NeuroSTORM's
-4x4x4x4 windows), each on every window of the batch at once, and the same arithmetic as the
-token-by-token recurrence (float32 tolerance). On CUDA with ``mamba_ssm`` installed, its fused
-kernel is used instead (optional; nothing depends on it).
+That is at most ``2K + L/K`` loop steps instead of ``L`` (48 instead of 256 for NeuroSTORM's
+4x4x4x4 windows), each on every window of the batch at once (in groups of 16 MB without
+gradients), and the same arithmetic as the token-by-token recurrence (float32 tolerance). On CUDA
+with ``mamba_ssm`` installed, its fused kernel is used instead (optional; nothing depends on it).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: Tokens per chunk of :func:`selective_scan` (``L/K + K`` loop steps are fewest at ``K = sqrt(L)``).
+#: Tokens per chunk of :func:`selective_scan` (``2K + L/K`` loop steps: few at 256 tokens).
 CHUNK_SIZE = 16
 #: Most state values (sequences x tokens x channels x states) scanned at once without gradients:
 #: 16 MB of float32, which the allocator reuses (larger blocks are mapped and faulted in anew).
