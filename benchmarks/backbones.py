@@ -15,6 +15,15 @@ median (the ratio to swin4d is of medians). CUDA with bf16 autocast when availab
 on CUDA a row also gives TFLOP/s and the fraction of the card's bf16 peak. Under torchrun every
 rank measures in its own process and rank 0 prints the rows (``world_size``; samples/s counts
 every rank's batch).
+
+    python benchmarks/backbones.py --forward [--frames 20] [--steps 2] [--threads 1]
+
+``--forward`` instead times one forward pass without gradients of one 96^3 window (batch 1) at the
+base size, each in a fresh process: roimae's ``swin4d`` ``base`` encoder (``encode``, background
+skipping on) and masked autoencoder (``roi`` masking at 50%), beside the released SwiFT encoder and
+the released NeuroSTORM encoder and MAE (window masking at 50%, then its decoder), rewritten in
+plain PyTorch (:mod:`bidsapp.model.upstream`). ``ratio_to_swin4d`` compares an encoder with
+swin4d's encoder and an autoencoder with swin4d's.
 """
 
 from __future__ import annotations
@@ -73,6 +82,78 @@ def measure(backbone: str, preset_name: str, batch: int, frames: int, steps: int
             **bf16_peak_fraction(network, masking, {"x": x, "brain": brain}, device, seconds)}
 
 
+#: The forward passes of ``--forward``: (row name, encoder or autoencoder).
+FORWARD_MODELS = {"swin4d": "encoder", "swin4d-mae": "autoencoder", "swift": "encoder",
+                  "neurostorm": "encoder", "neurostorm-mae": "autoencoder"}
+
+
+def measure_forward(name: str, frames: int, steps: int, threads: int | None = None) -> dict:
+    """Median seconds of ``steps`` forward passes (after one untimed) of one window, no gradients."""
+    import time
+
+    if threads:
+        torch.set_num_threads(threads)
+    from dataclasses import replace
+
+    from bidsapp.atlas import load_atlas
+    from bidsapp.data import build_region_grid
+    from bidsapp.grid import cube_atlas
+    from bidsapp.model.factory import build_model, count_parameters
+    from bidsapp.model.masking import build_masking
+    from bidsapp.model.presets import PRESETS
+    from bidsapp.model.upstream import NEUROSTORM_RELEASED, SWIFT_RELEASED, build_upstream
+
+    torch.manual_seed(0)
+    atlas = load_atlas()
+    brain = torch.from_numpy(cube_atlas(atlas).brain)[None]  # (1, 96, 96, 96)
+    x = torch.randn(1, frames, 96, 96, 96) * brain[:, None]
+    if name.startswith("swin4d"):
+        preset = PRESETS["base"]
+        model = build_model(preset).eval()
+        n_parameters = count_parameters(preset)
+        if name == "swin4d":
+            run = lambda: model.encode(x, brain)  # noqa: E731
+        else:
+            masking = build_masking("roi", build_region_grid(atlas, preset), 0.5)
+            run = lambda: model(x, brain, masking(1, frames)).pred  # noqa: E731
+    else:
+        config = SWIFT_RELEASED if name == "swift" else replace(NEUROSTORM_RELEASED, mae=name.endswith("mae"))
+        model = build_upstream(config).eval()
+        n_parameters = sum(p.numel() for p in model.parameters())
+        upstream_x = x.permute(0, 2, 3, 4, 1)[:, None]  # (1, 1, 96, 96, 96, T), as upstream reads it
+        if name == "neurostorm-mae":  # half of the windows hidden, then the decoder
+            grid = (*config.grid_shape(), frames)
+            windows = [g // w for g, w in zip(grid, config.window_size, strict=True)]
+            hidden = torch.rand(1, *windows) < 0.5
+            for axis, w in enumerate(config.window_size, start=1):
+                hidden = hidden.repeat_interleave(w, axis)
+            run = lambda: model.decode(model.encode(upstream_x, hidden)[-1])  # noqa: E731
+        else:
+            run = lambda: model.encode(upstream_x)[-1]  # noqa: E731
+    times = []
+    with torch.no_grad():
+        for i in range(steps + 1):
+            start = time.perf_counter()
+            run()
+            if i:
+                times.append(time.perf_counter() - start)
+    return {"benchmark": "backbone-forward", "backbone": name, "part": FORWARD_MODELS[name],
+            "preset": "base" if name.startswith("swin4d") else "released", "device": "cpu",
+            "batch": 1, "frames": frames, "seconds_per_forward": statistics.median(times),
+            "seconds_per_forward_runs": times, "n_parameters": n_parameters, "steps": steps,
+            "threads": torch.get_num_threads()}
+
+
+def forward_rows(frames: int, steps: int, threads: int | None) -> None:
+    """``--forward``: every model of :data:`FORWARD_MODELS` in its own process, then the rows."""
+    rows = {name: in_child(measure_forward, name, frames, steps, threads) for name in FORWARD_MODELS}
+    reference = {"encoder": rows["swin4d"], "autoencoder": rows["swin4d-mae"]}
+    for row in rows.values():
+        row["ratio_to_swin4d"] = row["seconds_per_forward"] / reference[row["part"]]["seconds_per_forward"]
+        del row["seconds"]
+        emit(row)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,7 +168,14 @@ def main() -> None:
                         help="measure every backbone this many times, interleaved; report medians")
     parser.add_argument("--compile", action="store_true",
                         help="compile the forward pass, as pretrain --torch-compile does")
+    parser.add_argument("--forward", action="store_true",
+                        help="time forward passes of swin4d base, SwiFT and NeuroSTORM instead")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="--forward: PyTorch threads (default: PyTorch's; 1 on a shared machine)")
     args = parser.parse_args()
+    if args.forward:
+        forward_rows(args.frames, args.steps, args.threads)
+        return
     measured = (args.batch_size, args.frames, args.steps, args.warmup, args.compile)
     if env_world_size() > 1:  # under torchrun: every rank is already its own fresh process
         if len(args.presets) * len(args.backbones) > 1:

@@ -7,12 +7,16 @@ import torch
 from bidsapp.model.mae import MaskedAutoencoder
 from bidsapp.model.presets import ModelPreset
 from bidsapp.model.swin4d import SwinMaskedAutoencoder
+from bidsapp.model.upstream_mae import NeuroSTORMAutoencoder, SwiFTEncoder
 from bidsapp.model.vit4d import ViTMaskedAutoencoder
 
-#: The masked autoencoder class of each backbone (``ModelPreset.backbone``).
+#: The masked autoencoder class of each backbone (``ModelPreset.backbone``); swift and neurostorm
+#: are the upstream networks (presets in :data:`~bidsapp.model.presets.UPSTREAM_PRESETS`).
 BACKBONES: dict[str, type[MaskedAutoencoder]] = {
     "swin4d": SwinMaskedAutoencoder,
     "vit4d": ViTMaskedAutoencoder,
+    "swift": SwiFTEncoder,
+    "neurostorm": NeuroSTORMAutoencoder,
 }
 
 
@@ -30,9 +34,9 @@ def build_model(preset: ModelPreset, *, norm_pix_loss: bool = False) -> MaskedAu
     Returns
     -------
     MaskedAutoencoder
-        A :class:`~bidsapp.model.swin4d.SwinMaskedAutoencoder` or a
-        :class:`~bidsapp.model.vit4d.ViTMaskedAutoencoder`, in training mode on the current
-        default device.
+        A :class:`~bidsapp.model.swin4d.SwinMaskedAutoencoder`, a
+        :class:`~bidsapp.model.vit4d.ViTMaskedAutoencoder` or an upstream network
+        (:mod:`bidsapp.model.upstream_mae`), in training mode on the current default device.
 
     Raises
     ------

@@ -39,6 +39,10 @@ Tubelets of 5 frames (10 s at TR 2 s; the default 20-frame windows hold 4) keep 
 roi masking the encoder sees about 20% of the cube's tokens, some 1,500 per window for
 ``vit4d-tiny`` and 3,300 for ``small`` and ``base`` (2-frame tubelets, as mae_st, would make
 attention 6 times as costly).
+
+The released SwiFT and NeuroSTORM networks (:mod:`bidsapp.model.upstream_mae`) have presets of
+their own, :data:`UPSTREAM_PRESETS`, outside ``BACKBONE_PRESETS`` (the command line does not offer
+them yet): ``base``'s sizes on the 96^3 cube, which is what their checkpoints hold.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from typing import Literal
 
 from bidsapp.grid import CUBE_SHAPE
 
-Backbone = Literal["swin4d", "vit4d"]
+Backbone = Literal["swin4d", "vit4d", "swift", "neurostorm"]
 
 
 @dataclass(frozen=True)
@@ -72,8 +76,9 @@ class ModelPreset:
         None for vit4d (global attention).
     mlp_ratio : float
         Hidden width of the block MLPs relative to the channels.
-    backbone : {"swin4d", "vit4d"}
-        The encoder architecture.
+    backbone : {"swin4d", "vit4d", "swift", "neurostorm"}
+        The encoder architecture (swift and neurostorm: the upstream networks,
+        :mod:`bidsapp.model.upstream_mae`).
     tubelet : int
         Frames per token (vit4d; 1 for swin4d).
     decoder_dim, decoder_depth, decoder_heads : int
@@ -115,6 +120,12 @@ class ModelPreset:
                     or self.embed_dim % 8 or self.decoder_dim % 8):
                 raise ValueError(f"preset {self.name}: vit4d needs one stage, no window, a "
                                  "decoder and dims divisible by 8")
+        elif self.backbone in ("swift", "neurostorm"):
+            # The upstream networks read the 96^3 cube itself, one frame per token.
+            if (self.window_size is None or self.tubelet != 1 or any(decoder)
+                    or self.downsample != 1):
+                raise ValueError(f"preset {self.name}: {self.backbone} needs a window, tubelet 1, "
+                                 "downsample 1 and no transformer decoder")
         else:
             raise ValueError(f"preset {self.name}: unknown backbone {self.backbone!r}")
 
@@ -196,3 +207,13 @@ VIT4D_PRESETS: dict[str, ModelPreset] = {
 
 #: Every preset: ``BACKBONE_PRESETS[backbone][size]``.
 BACKBONE_PRESETS: dict[str, dict[str, ModelPreset]] = {"swin4d": PRESETS, "vit4d": VIT4D_PRESETS}
+
+#: The released upstream networks (:mod:`bidsapp.model.upstream_mae`), by backbone: 96^3 cube,
+#: patches 6^3, base's widths, depths and 4x4x4x4 windows (heads unused by NeuroSTORM).
+UPSTREAM_PRESETS: dict[str, ModelPreset] = {
+    backbone: ModelPreset(
+        name="released", backbone=backbone, downsample=1, patch_size=6, embed_dim=36,
+        depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=(4, 4, 4, 4),
+    )
+    for backbone in ("swift", "neurostorm")
+}
