@@ -250,6 +250,8 @@ class RoimaeEmbedder(TransformerMixin, BaseEstimator):
     ----------
     model_ : RoimaeModel
         The loaded model (after :meth:`fit`).
+    model_sha256_ : str
+        The SHA-256 of its weights: an unpickled embedder refuses a file that changed since.
     n_features_out_ : int
         Number of features of the readout.
 
@@ -303,8 +305,21 @@ class RoimaeEmbedder(TransformerMixin, BaseEstimator):
             raise UsageError(f"readout {self.readout!r}: choose one of {', '.join(READOUTS)}")
         self.model_ = load_model(self.model, atlas=self.atlas, atlas_labels=self.atlas_labels,
                                  device=self.device)
+        self.model_sha256_ = self.model_.sha256
         self.n_features_out_ = len(self._names())
         return self
+
+    def _fitted_model(self) -> RoimaeModel:
+        """The model of :meth:`fit`, reloaded after unpickling; refused if its file changed."""
+        if getattr(self, "model_", None) is None:
+            model = load_model(self.model, atlas=self.atlas, atlas_labels=self.atlas_labels,
+                               device=self.device)
+            if model.sha256 != self.model_sha256_:
+                raise UsageError(f"{model.path} is not the model this embedder was fitted with "
+                                 f"(SHA-256 {model.sha256[:12]}..., fitted with "
+                                 f"{self.model_sha256_[:12]}...): fit it again")
+            self.model_ = model
+        return self.model_
 
     def _names(self) -> list[str]:
         model = self.model_
@@ -327,10 +342,7 @@ class RoimaeEmbedder(TransformerMixin, BaseEstimator):
         check_is_fitted(self, "n_features_out_")
         if isinstance(X, str | Path | nib.spatialimages.SpatialImage):
             raise UsageError("X must be a list of images, not a single image")
-        if getattr(self, "model_", None) is None:
-            self.model_ = load_model(self.model, atlas=self.atlas, atlas_labels=self.atlas_labels,
-                                     device=self.device)
-        runs = embed_imgs(self.model_, list(X), self.mask_img, t_r=self.t_r, attribution=False,
+        runs = embed_imgs(self._fitted_model(), list(X), self.mask_img, t_r=self.t_r, attribution=False,
                           seed=self.seed, cache_dir=self.memory)
         rows = [run_features(self.readout, run) for run in runs]
         return np.vstack(rows).astype(np.float32, copy=False)
@@ -346,13 +358,12 @@ class RoimaeEmbedder(TransformerMixin, BaseEstimator):
         numpy.ndarray of str
         """
         check_is_fitted(self, "n_features_out_")
-        if getattr(self, "model_", None) is None:
-            self.model_ = load_model(self.model, atlas=self.atlas, atlas_labels=self.atlas_labels,
-                                     device=self.device)
+        self._fitted_model()
         return np.asarray(self._names(), dtype=object)
 
     def __getstate__(self) -> dict[str, Any]:
-        # The network is not pickled: a fitted embedder reloads it from ``model``.
-        state = super().__getstate__()
+        # The network is not pickled: a fitted embedder reloads it from ``model`` (and checks its
+        # hash). A copy: pickling must not drop the live estimator's network.
+        state = dict(super().__getstate__())
         state["model_"] = None
         return state

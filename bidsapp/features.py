@@ -24,13 +24,16 @@ import pandas as pd
 from nilearn.connectome import ConnectivityMeasure
 
 from bidsapp.bids.derivatives import DerivativesWriter
+from bidsapp.checkpoint import read_metadata
 from bidsapp.config import BASELINES, Config, masking_desc
-from bidsapp.errors import BadDataError, NoInputError, UsageError
+from bidsapp.errors import BadDataError, NoInputError, RoimaeError, UsageError
 from bidsapp.logs import get_logger
 from bidsapp.outputs import (
+    MODEL_SIDECAR,
     RunOutputs,
     baseline_outputs,
     model_descs,
+    model_dir,
     read_embeddings,
     read_relmat,
     set_names,
@@ -244,8 +247,9 @@ def load_feature_set(desc: str | None, readout: str, dataset, writer: Derivative
     Only complete runs count (their completion sidecar, written last, lists every output), and
     every run of a model's set must come from the same model (by weight hash).
     """
-    rows, vectors, missing = [], [], 0
+    rows, vectors, missing, stale = [], [], 0, 0
     models: dict[str, list[str]] = {}
+    current = None if desc is None else current_model(writer.output_dir, desc)
     for run in dataset.runs:
         pid = f"sub-{run.subject}"
         if pid not in targets.index:
@@ -260,6 +264,9 @@ def load_feature_set(desc: str | None, readout: str, dataset, writer: Derivative
             meta = out.completion()
             if meta is None:
                 missing += 1
+                continue
+            if current is not None and meta["Model"].get("SHA256") != current:
+                stale += 1
                 continue
             models.setdefault(str(meta["Model"].get("SHA256")), []).append(run.name)
             # The sidecar, not the files' presence, says whether attribution ran: files of an
@@ -287,6 +294,15 @@ def load_feature_set(desc: str | None, readout: str, dataset, writer: Derivative
         log.warning("%s: %d selected runs have no complete %s features (participant level not "
                     "run for them, or its job was killed before the end); they are left out",
                     name, missing, readout)
+    if stale:
+        log.warning("%s: %d runs hold the features of an earlier desc-%s model, not of "
+                    "models/desc-%s (%s...; pretrained again with --overwrite?); they are left "
+                    "out: rerun the participant level for them", name, stale, desc, desc,
+                    current[:12])
+    if not rows and stale:
+        raise NoInputError(f"every desc-{desc} run holds the features of a model that "
+                           f"models/desc-{desc} no longer holds ({current[:12]}...): rerun the "
+                           "participant level with it (--overwrite)")
     if not rows:
         what = f"desc-{desc} {readout}" if desc else "functional-connectivity"
         raise NoInputError(f"no {what} features found in the output directory: run the "
@@ -304,6 +320,21 @@ def load_feature_set(desc: str | None, readout: str, dataset, writer: Derivative
         regions = feature_regions(readout, n_regions, X.shape[1])
     return EmbeddingSet(name, stem, desc, readout, pd.DataFrame(rows), X, regions,
                         next(iter(models)) if models else None)
+
+
+def current_model(output_dir: Path, desc: str) -> str | None:
+    """The weight hash of ``OUTPUT_DIR/models/desc-<desc>``, None when there is no such model.
+
+    Runs whose features came from another model of that masking (one since replaced by
+    ``pretrain --overwrite``) are not this model's features.
+    """
+    sidecar = model_dir(output_dir, desc) / MODEL_SIDECAR
+    if not sidecar.is_file():
+        return None
+    try:
+        return read_metadata(sidecar).weights_sha256
+    except RoimaeError:
+        return None
 
 
 def check_one_model(desc: str, models: dict[str, list[str]]) -> None:

@@ -115,7 +115,13 @@ def check_finite_embeddings(result: RunAttribution, run: BoldRun, loaded: Roimae
 
 def write_run(writer: DerivativesWriter, out: RunOutputs, bold: BoldRun, run: RunEmbedding,
               model: RoimaeModel, config: Config) -> None:
-    """Write one run's outputs (each atomically; the completion sidecar last)."""
+    """Write one run's outputs (each atomically; the completion sidecar last).
+
+    The completion sidecar of an earlier job goes first: until this job writes it again, the
+    run is incomplete, so a job stopped half-way never leaves one model's files under another
+    model's completion (the group level and the reports leave incomplete runs out).
+    """
+    out.done.unlink(missing_ok=True)
     atlas = model.atlas
     model_info = {"Path": writer.bids_uri(model.path), "SHA256": model.sha256,
                   "Preset": model.preset.name, "Masking": model.masking,
@@ -164,6 +170,22 @@ def write_run(writer: DerivativesWriter, out: RunOutputs, bold: BoldRun, run: Ru
     writer.write_sidecar(out.embedding, meta)   # last: marks the run complete
 
 
+def check_no_other_model(outputs: list[tuple[BoldRun, RunOutputs]], model: RoimaeModel) -> None:
+    """Refuse (64) to replace runs another model (of the same masking) completed, unless told.
+
+    Two models of one masking write under one ``desc``: without ``--overwrite`` the complete
+    outputs of the other one are kept, never silently replaced.
+    """
+    others = [run.name for run, out in outputs
+              if (meta := out.completion()) is not None
+              and meta["Model"].get("SHA256") not in (None, model.sha256)]
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise UsageError(f"{len(others)} run(s) have complete desc-{model.desc} outputs of another "
+                         f"model ({shown}); pass --overwrite to replace them with {model.path.name}"
+                         f" ({model.sha256[:12]}), or write to another OUTPUT_DIR")
+
+
 def check_command_line(model: RoimaeModel, config: Config) -> None:
     """Refuse (64) a ``--backbone``, ``--preset`` or ``--window-frames`` the model was not trained with."""
     meta, path = model.meta, model.path
@@ -202,13 +224,16 @@ def run_participant(config: Config, device: torch.device) -> None:
     dataset = discover_runs(config)
     validate_input(config, dataset)
     writer = DerivativesWriter(config.output_dir, source_datasets=dataset.datasets)
-    writer.ensure_dataset_description()
-    writer.ensure_bidsignore(BIDSIGNORE)
     attribution = config.participant.attribution
     label = atlas_label(atlas)
     todo: list[tuple[BoldRun, RunOutputs]] = []
-    for run in dataset.runs:
-        out = RunOutputs(writer, run, loaded.desc, label, groups=atlas.has_groups)
+    outputs = [(run, RunOutputs(writer, run, loaded.desc, label, groups=atlas.has_groups))
+               for run in dataset.runs]
+    if not config.participant.overwrite:
+        check_no_other_model(outputs, loaded)
+    writer.ensure_dataset_description()
+    writer.ensure_bidsignore(BIDSIGNORE)
+    for run, out in outputs:
         if not config.participant.overwrite and out.is_complete(attribution, loaded.sha256):
             log.info("%s: complete, skipped (use --overwrite to redo)", run.name)
         else:
