@@ -191,7 +191,7 @@ def _fresh_outputs(config: Config, sets: list[EmbeddingSet], label: str) -> Grou
                 *remove_stale_temporaries(outputs.figures),
                 *remove_temporaries(outputs.report)]:
         log.info("removed %s, left by an interrupted job", tmp.name)
-    for old in clear_group_outputs(outputs, [outputs.map_stem(label, es.stem) for es in sets]):
+    for old in clear_group_outputs(outputs):
         log.info("removed %s of an earlier group run", old.name)
     return outputs
 
@@ -223,8 +223,8 @@ def _score_set(es: EmbeddingSet, splits: list, classes: np.ndarray, config: Conf
                      confusion=confusion, attribution=attribution, null=null, regions_note=note)
 
 
-def clear_group_outputs(outputs: GroupOutputs, map_stems: list[str]) -> list[Path]:
-    """Remove the outputs of an earlier group run with the same prefix (and maps of ``map_stems``).
+def clear_group_outputs(outputs: GroupOutputs) -> list[Path]:
+    """Remove the outputs of an earlier group run with the same prefix.
 
     The completion marker (``<prefix>_settings.json``) goes first: from then on, until this run
     writes it again last, the folder says that its prefix's outputs are incomplete.
@@ -233,8 +233,6 @@ def clear_group_outputs(outputs: GroupOutputs, map_stems: list[str]) -> list[Pat
     ----------
     outputs : bidsapp.outputs.GroupOutputs
         The paths of this ``--target``.
-    map_stems : list of str
-        ``atlas-<a>_<set>`` of every set this run scores: their target-free maps go too.
 
     Returns
     -------
@@ -242,7 +240,7 @@ def clear_group_outputs(outputs: GroupOutputs, map_stems: list[str]) -> list[Pat
         The files removed.
     """
     removed = []
-    for path in outputs.written(map_stems):
+    for path in outputs.written():
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
             removed.append(path)
@@ -276,6 +274,15 @@ def group_attribution(es: EmbeddingSet, models: list, atlas: Atlas) -> pd.DataFr
     return table
 
 
+#: What each group map holds (its sidecar's ``Description``).
+GROUP_MAPS = {
+    "reconerror": "Mean over the scored runs of each region's masked reconstruction error",
+    "occlusion": "Mean over the scored runs of each region's representation sensitivity",
+    "importance": "Drop in the cross-validated decision margin toward the true class when the "
+                  "region is hidden from the classifier, mean over participants",
+}
+
+
 def write_group_maps(writer: DerivativesWriter, outputs: GroupOutputs, map_stem: str,
                      table: pd.DataFrame, atlas: Atlas) -> None:
     """Group NIfTI maps on the atlas grid, the region table and the summary by region group.
@@ -294,9 +301,14 @@ def write_group_maps(writer: DerivativesWriter, outputs: GroupOutputs, map_stem:
     contiguous = atlas.contiguous(np.asarray(atlas.image.dataobj))
     for column in ("reconerror", "occlusion", "importance"):
         if table[column].notna().any():
-            writer.write_nifti(outputs.group_map(map_stem, column),
-                               region_map(table[column].to_numpy(), contiguous,
-                                          atlas.image.affine))
+            path = outputs.group_map(map_stem, column)
+            writer.write_nifti(path, region_map(table[column].to_numpy(), contiguous,
+                                                atlas.image.affine))
+            writer.write_sidecar(path, {"Description": GROUP_MAPS[column], "Atlas": atlas.name,
+                                        "Target": outputs.target,
+                                        "RunsWithAttribution": int(table["runs"].iloc[0]),
+                                        "NaNMeans": "no value for the region (not hidden, or no "
+                                                    "run with a value)"})
     writer.write_tsv(outputs.attribution(map_stem), table)
     measures = tuple(c for c in ("importance", "reconerror", "occlusion") if table[c].notna().any())
     if measures and atlas.has_groups:

@@ -79,8 +79,9 @@ def test_aal116_runs_the_whole_chain(demo: Path, aal116: tuple[Path, Path], tmp_
     stems = ["desc-roi_feature-connectivity", "feature-fc", "feature-tangent"]
     assert names == sorted(f"target-diagnosis_atlas-AAL116parcel_{stem}{stat}_attribution.tsv"
                            for stem in stems for stat in ("", "_stat-bygroup"))
-    assert (group / "atlas-AAL116parcel_desc-roi_feature-connectivity_stat-reconerror_boldmap"
-                    ".nii.gz").is_file()
+    reconerror = (group / "target-diagnosis_atlas-AAL116parcel_desc-roi_feature-connectivity_"
+                          "stat-reconerror_boldmap.nii.gz")
+    assert reconerror.is_file() and reconerror.with_suffix("").with_suffix(".json").is_file()
     assert (out / "group_target-diagnosis.html").is_file()
 
 

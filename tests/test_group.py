@@ -331,7 +331,8 @@ def test_group_level_without_occluded_embeddings_has_no_importance(demo: Path, t
     # another target: the first one's outputs go, the second one's stay.
     stale = [out / "group/target-diagnosis_desc-random_metrics.tsv",
              out / "group/target-diagnosis_atlas-AAL3v1_desc-roi_stat-importance_boldmap.nii.gz",
-             out / "group/atlas-AAL3v1_desc-roi_feature-global_stat-reconerror_boldmap.nii.gz",
+             out / "group/target-diagnosis_atlas-AAL3v1_desc-roi_feature-global_stat-reconerror_"
+                   "boldmap.nii.gz",
              out / "group/figures/target-diagnosis_desc-random_confusion.png"]
     other = out / "group/target-site_desc-roi_metrics.tsv"
     other_report = out / "group_target-site.html"
@@ -813,3 +814,25 @@ def test_non_ascii_target_names_stay_out_of_file_names(demo_copy: Path, tmp_path
     assert names and all(name.isascii() for name in names), names
     settings = next((out / "group").glob("target-*_settings.json"))
     assert json.loads(settings.read_text())["target"] == "診断"
+
+
+def test_each_target_keeps_its_own_maps(demo: Path, tmp_path: Path, atlas: Atlas, capsys) -> None:
+    """Group maps carry the target's prefix and a sidecar: another target never replaces them."""
+    out = tmp_path / "out"
+    write_fake_outputs(demo, out, atlas, occluded=True)
+    rng = np.random.default_rng(3)
+    for table in out.rglob("*_desc-roi_attribution.tsv"):
+        regions = pd.read_csv(table, sep="\t", na_values="n/a")
+        regions.assign(reconerror=rng.uniform(size=len(regions))).to_csv(
+            table, sep="\t", index=False, na_rep="n/a")
+    for target in ("diagnosis", "sex"):
+        code, err = run_group([demo, out, "group", "--target", target, "--n-permutations", "0",
+                               "--cv-repeats", "1", "--cv-folds", "2", "--features", "global",
+                               "--compare", "roi"], capsys)
+        assert code == 0, err
+    for target in ("diagnosis", "sex"):
+        path = _group_file(out, f"target-{target}_atlas-AAL3v1_desc-roi_feature-global_"
+                                "stat-reconerror_boldmap.nii.gz")
+        sidecar = json.loads(path.with_suffix("").with_suffix(".json").read_text())
+        assert sidecar["Target"] == target and "reconstruction error" in sidecar["Description"]
+    assert not list((out / "group").glob("atlas-*_boldmap.nii.gz"))

@@ -61,7 +61,8 @@ class GroupOutputs:
     - ``<prefix>_comparison.tsv``, ``<prefix>_scores.tsv`` and ``<prefix>_settings.json``, the
       last written and the completion marker;
     - ``<prefix>_atlas-<a>_<set>_attribution.tsv`` and ``..._stat-bygroup_attribution.tsv``;
-    - ``[<prefix>_]atlas-<a>_<set>_stat-<measure>_boldmap.nii.gz`` (:meth:`group_map`);
+    - ``<prefix>_atlas-<a>_<set>_stat-<measure>_boldmap.nii.gz`` and its JSON sidecar
+      (:meth:`group_map`);
     - figures in ``group/figures/`` and the report ``OUTPUT_DIR/group_<prefix>.html`` (one per
       target: a group run for another target never replaces it).
 
@@ -121,9 +122,12 @@ class GroupOutputs:
         return f"atlas-{atlas_label}_{set_stem}"
 
     def group_map(self, map_stem: str, measure: str) -> Path:
-        """The region map of a measure; only ``importance`` depends on the target (has ``<prefix>``)."""
-        name = f"{self.prefix}_{map_stem}" if measure == "importance" else map_stem
-        return self.dir / f"{name}_stat-{measure}_boldmap.nii.gz"
+        """The region map of a measure, under this target's ``<prefix>``.
+
+        Every map depends on the target: importance through the classifier, reconstruction
+        error and sensitivity through the runs that have a target value.
+        """
+        return self.dir / f"{self.prefix}_{map_stem}_stat-{measure}_boldmap.nii.gz"
 
     def attribution(self, map_stem: str) -> Path:
         """The group region table of a feature set."""
@@ -137,13 +141,8 @@ class GroupOutputs:
         """``group/figures/<prefix>_<name>.png``, e.g. ``roc`` or ``<set name>_confusion``."""
         return self.figures / f"{self.prefix}_{name}.png"
 
-    def written(self, map_stems: list[str]) -> list[Path]:
-        """The files an earlier group run with this prefix left (and the maps of ``map_stems``).
-
-        The completion marker comes first.
-        """
-        paths = [self.settings, self.report, *sorted(self.dir.glob(f"{self.prefix}_*")),
-                 *sorted(self.figures.glob(f"{self.prefix}_*"))]
-        for stem in map_stems:
-            paths += sorted(self.dir.glob(f"{glob.escape(stem)}_*"))
+    def written(self) -> list[Path]:
+        """The files an earlier group run with this prefix left; the completion marker first."""
+        paths = [self.settings, self.report, *sorted(self.dir.glob(f"{glob.escape(self.prefix)}_*")),
+                 *sorted(self.figures.glob(f"{glob.escape(self.prefix)}_*"))]
         return list(dict.fromkeys(paths))
