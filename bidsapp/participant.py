@@ -155,8 +155,7 @@ def write_run(writer: DerivativesWriter, out: RunOutputs, bold: BoldRun, run: Ru
             writer.write_nifti(path, run.maps[column])
             writer.write_sidecar(path, {"Description": text, "Sources": sources,
                                         "Atlas": atlas.name, "Model": model_info,
-                                        "NaNMeans": "the region has no brain voxel on the "
-                                                    "model's working grid"})
+                                        "NaNMeans": nan_means(column, len(run.window_embeddings))})
         writer.write_tsv(out.table, run.regions)
         if out.groups is not None:
             writer.write_tsv(out.groups, run.by_group)
@@ -168,6 +167,34 @@ def write_run(writer: DerivativesWriter, out: RunOutputs, bold: BoldRun, run: Ru
         }
     meta["Outputs"] = [path.name for path in out.data_files(meta["Attribution"] is not None)]
     writer.write_sidecar(out.embedding, meta)   # last: marks the run complete
+
+
+#: Why a region of a participant map is NaN.
+NO_BRAIN_VOXEL = "the region has no brain voxel on the model's working grid"
+ONE_WINDOW = ("the run has one window: representation sensitivity is measured in units of the "
+              "spread between the run's windows, which one window does not have (every region "
+              "is NaN); give runs of two windows or more")
+
+
+#: Bytes per cell of a relmat TSV: a float written in full (e.g. ``-0.123456789012345``) and a tab.
+RELMAT_CELL_BYTES = 19
+#: Above this size of a run's two connectivity files, the participant level warns before it runs.
+RELMAT_WARN_BYTES = 100 * 2**20
+
+
+def warn_connectivity_cost(n_regions: int, n_runs: int) -> None:
+    """Warn when an atlas makes each run's region x region files large (5,000 parcels: ~0.9 GB)."""
+    per_run = 2 * n_regions**2 * RELMAT_CELL_BYTES
+    if per_run > RELMAT_WARN_BYTES and n_runs:
+        log.warning("%d atlas regions: each run's two region x region connectivity files take "
+                    "about %.0f MB (%.1f GB for %d runs), and their correlations time and memory "
+                    "in proportion; an atlas of a few hundred regions keeps them small",
+                    n_regions, per_run / 2**20, per_run * n_runs / 2**30, n_runs)
+
+
+def nan_means(measure: str, n_windows: int) -> str:
+    """The ``NaNMeans`` of a participant map (``reconerror`` or ``occlusion``)."""
+    return ONE_WINDOW if measure == "occlusion" and n_windows < 2 else NO_BRAIN_VOXEL
 
 
 def check_no_other_model(outputs: list[tuple[BoldRun, RunOutputs]], model: RoimaeModel) -> None:
@@ -233,6 +260,7 @@ def run_participant(config: Config, device: torch.device) -> None:
         check_no_other_model(outputs, loaded)
     writer.ensure_dataset_description()
     writer.ensure_bidsignore(BIDSIGNORE)
+    warn_connectivity_cost(len(atlas.regions), len(dataset.runs))
     for run, out in outputs:
         if not config.participant.overwrite and out.is_complete(attribution, loaded.sha256):
             log.info("%s: complete, skipped (use --overwrite to redo)", run.name)
@@ -254,6 +282,10 @@ def run_participant(config: Config, device: torch.device) -> None:
                              n_subsets=config.participant.attribution_subsets,
                              seed=config.random_seed)
         check_finite_embeddings(result, run, loaded)
+        if attribution and cache.n_windows < 2:
+            log.warning("%s: one %d-frame window: no representation sensitivity (it is measured "
+                        "in units of the spread between windows); reconstruction errors are "
+                        "computed", run.name, loaded.window_frames)
         grid = nib.load(run.bold)
         write_run(writer, out, run, run_embedding(loaded, cache, result, grid.shape, grid.affine),
                   loaded, config)

@@ -116,3 +116,35 @@ def test_the_embedder_refuses_a_model_file_that_changed(
     _other_model(pretrained_demo.out / "models/desc-roi", folder)
     with pytest.raises(UsageError, match="is not the model this embedder was fitted with"):
         pickle.loads(pickled).get_feature_names_out()
+
+
+def test_a_run_of_one_window_says_why_it_has_no_sensitivity(
+        pretrained_demo: PretrainedDemo, tmp_path: Path) -> None:
+    import nibabel as nib
+
+    bids, out = tmp_path / "bids", tmp_path / "out"
+    shutil.copytree(pretrained_demo.bids, bids)
+    bold = bids / f"sub-01/func/sub-01_{PREFIX}_desc-preproc_bold.nii.gz"
+    img = nib.load(bold)
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj)[..., :10], img.affine, img.header), bold)
+    shutil.copytree(pretrained_demo.out / "models", out / "models")
+    assert main([str(bids), str(out), "participant", "--participant-label", "01", "--no-reports",
+                 "--nprocs", "1", "--omp-nthreads", "1", "--skip-bids-validation",
+                 "-w", str(tmp_path / "work")]) == 0
+    func = out / "sub-01/func"
+    sidecar = json.loads(next(func.glob("*_stat-occlusion_boldmap.json")).read_text())
+    assert sidecar["NaNMeans"].startswith("the run has one window")
+    recon = json.loads(next(func.glob("*_stat-reconerror_boldmap.json")).read_text())
+    assert "no brain voxel" in recon["NaNMeans"]
+    log = "".join(p.read_text() for p in (out / "logs").rglob("*.log"))
+    assert "one 10-frame window: no representation sensitivity" in log
+
+
+def test_a_large_atlas_is_warned_about_before_the_run(caplog: pytest.LogCaptureFixture) -> None:
+    from bidsapp.participant import warn_connectivity_cost
+
+    with caplog.at_level("WARNING"):
+        warn_connectivity_cost(166, 100)             # AAL3: 1 MB a run, no warning
+        assert not caplog.records
+        warn_connectivity_cost(5000, 10)
+    assert "5000 atlas regions" in caplog.text and "about 906 MB" in caplog.text
