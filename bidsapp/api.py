@@ -182,6 +182,8 @@ def embed_img(model: RoimaeModel, img: NiimgLike, mask_img: NiimgLike | None = N
     """
     if n_subsets < 2 or n_subsets % 2:
         raise UsageError(f"n_subsets must be even and at least 2, not {n_subsets}")
+    if t_r is not None and not (np.isfinite(t_r) and t_r > 0):
+        raise UsageError(f"t_r must be a positive number of seconds, not {t_r}")
     params = model.preprocess_params(target_tr)
     with _work_dir(cache_dir) as work, tempfile.TemporaryDirectory(prefix="roimae-in-") as tmp:
         bold = _as_file(img, Path(tmp), "bold")

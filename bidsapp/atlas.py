@@ -333,8 +333,9 @@ def _build_atlas(name: str, img: nib.Nifti1Image, table: pd.DataFrame, source: s
         raise BadDataError(f"atlas {source}: {len(not_in_table)} image label(s) missing from "
                            f"the label table: {shown}")
     if in_table - in_image:
-        log.debug("atlas %s: table labels without voxels: %s", source,
-                  sorted(in_table - in_image))
+        log.warning("atlas %s: %d label(s) of its table have no voxel in its image and get no "
+                    "value in any output: %s", source, len(in_table - in_image),
+                    sorted(in_table - in_image)[:10])
     hemispheres = table["hemisphere"] if "hemisphere" in table else table["name"].map(hemisphere_of)
     groups = table["group"] if "group" in table else table["name"].map(group_for_region)
     regions = tuple(

@@ -187,6 +187,14 @@ class GroupConfig(_Section):
     features: list[Readout] = Field(default_factory=lambda: [READOUTS[0]], min_length=1)
     covariates: list[str] | None = None
 
+    @field_validator("covariates")
+    @classmethod
+    def _covariates(cls, v: list[str] | None) -> list[str] | None:
+        if v and "participant_id" in v:
+            raise ValueError("--covariates participant_id: the id names each participant, it is "
+                             "no covariate")
+        return list(dict.fromkeys(v)) if v else v   # --covariates age age: one feature
+
     @field_validator("compare")
     @classmethod
     def _compare(cls, v: list[str] | None) -> list[str] | None:

@@ -139,6 +139,10 @@ def test_bad_models_and_images_are_refused_in_one_line(pretrained_demo: Pretrain
         embed_img(model, corrupt, mask)
     with pytest.raises(UsageError, match="n_subsets"):
         embed_img(model, mask, n_subsets=3)
+    bold, _ = _run_files(pretrained_demo.bids, "01")
+    for t_r in (0, -2, float("nan")):
+        with pytest.raises(UsageError, match="t_r must be a positive number of seconds"):
+            embed_img(model, bold, mask, t_r=t_r)
 
 
 def test_embedder_in_a_cross_validated_pipeline(pretrained_demo: PretrainedDemo,

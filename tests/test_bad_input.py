@@ -544,6 +544,10 @@ def covariate_of_target(ctx: Ctx) -> list:
     return _group_with(ctx, "arm", arm, "--covariates", "arm")
 
 
+def covariate_participant_id(ctx: Ctx) -> list:
+    return _group_with(ctx, "site", ["a"] * 4, "--covariates", "participant_id")
+
+
 def target_map_unmatched(ctx: Ctx) -> list:
     return _group_with(ctx, "site", ["a"] * 4, "--target-map", "ADHD=adhd")
 
@@ -913,6 +917,8 @@ CASES = {
     "covariate is the target": Case(covariate_is_target, 64, "--covariates diagnosis is the --target"),
     "covariate is a function of the target": Case(covariate_of_target, 64,
                                                   "--covariates arm is a function of the target"),
+    "covariate participant_id": Case(covariate_participant_id, 64,
+                                     "--covariates participant_id: the id names each participant"),
     "--target-map key matches no value": Case(target_map_unmatched, 64,
                                               "--target-map 'ADHD': no participant has"),
     # checkpoints: never unpickled; refused unless they fit

@@ -369,3 +369,9 @@ def test_pretrain_run_saves_its_config_and_log(demo: Path, tmp_path: Path, capsy
     log = logs[0].read_text()
     assert "roimae pretrain level finished" in log
     assert "selected 4 BOLD run(s) of 4 participant(s)" in log
+
+
+def test_a_covariate_named_twice_is_one_feature(tmp_path: Path) -> None:
+    args = build_parser().parse_args([str(tmp_path), str(tmp_path / "out"), "group", "--target",
+                                      "diagnosis", "--covariates", "age", "sex", "age"])
+    assert config_from_args(args).group.covariates == ["age", "sex"]
