@@ -133,7 +133,8 @@ def read_targets(participants: pd.DataFrame | None, column: str,
         values = values.astype("Int64")
     values = values.map(lambda v: None if pd.isna(v) else str(v).strip())
     # BIDS writes a missing value as n/a; a "NaN" written by a spreadsheet is no class either.
-    missing = values.map(lambda v: v is None or v.lower() in ("", "n/a", "nan", "na")).astype(bool)
+    missing = values.map(lambda v: not isinstance(v, str)
+                         or v.lower() in ("", "n/a", "nan", "na")).astype(bool)
     if missing.any():
         log.warning("%d participants have no %s value and are left out", int(missing.sum()), column)
     values = values[~missing]
@@ -146,6 +147,23 @@ def read_targets(participants: pd.DataFrame | None, column: str,
 
 
 # --- The readouts: one place maps a readout name to its features --------------------------------
+
+#: What kind of group difference each feature set can see, and what it is blind to (the group
+#: report shows it beside the scores, so that "fc wins" is not read as more than it is).
+WHAT_IT_SEES: dict[str, tuple[str, str]] = {
+    "global": ("first-order: a shift of the whole window embedding (mean over tokens and frames)",
+               "differences between regions and frames, and covariance, average out"),
+    "region": ("first-order, per region: each region's mean token features over frames",
+               "covariance between regions or frames"),
+    "connectivity": ("between-region covariance, in the model's feature space",
+                     "a first-order shift that leaves correlations unchanged"),
+    "fc": ("between-region covariance of region mean signals (Pearson)",
+           "anything inside a region that leaves its mean signal unchanged; first-order shifts"),
+    "tangent": ("between-region covariance of region mean signals (tangent space)",
+                "anything inside a region that leaves its mean signal unchanged; first-order shifts"),
+    "covariates": ("the phenotype columns alone: the no-imaging floor", "the images"),
+}
+
 
 def run_features(readout: str, run: RunEmbedding) -> np.ndarray:
     """The features of one analysed run for a model readout, as :func:`read_features` reads them.
@@ -397,6 +415,8 @@ def check_no_leakage(participants: pd.DataFrame, target: str, covariates: list[s
         if column == target:
             raise UsageError(f"--covariates {column} is the --target itself: the covariates "
                              "baseline would score it perfectly; leave it out")
+        if column not in table.columns:
+            continue   # refused by covariate_set, with the columns there are
         both = table[[target, column]].replace({"n/a": np.nan}).dropna()
         if both[target].nunique() < 2:
             continue

@@ -113,7 +113,14 @@ def _run_group(config: Config) -> None:
         writer.write_tsv(outputs.comparison, comparison)
     scores = score_table(sets, results, splits, n_runs)
     writer.write_tsv(outputs.scores, scores)
-    report = write_group_report(outputs, classes, results, comparison, scores, atlas)
+    setup = {"atlas": f"{atlas.name} ({len(atlas.regions)} regions, {atlas.sha256()[:12]})",
+             "runs": n_runs, "participants": sets[0].runs["participant_id"].nunique(),
+             "cross-validation": f"{config.group.cv_repeats} x {config.group.cv_folds}-fold, "
+                                 f"groups: {config.group.cv_groups or 'participant_id'}",
+             "permutations": config.group.n_permutations, "classifier": config.group.classifier,
+             "covariates": ", ".join(config.group.covariates or []) or "none",
+             **{f"model {es.desc}": es.model_sha256 for es in sets if es.model_sha256}}
+    report = write_group_report(outputs, classes, results, comparison, scores, atlas, setup)
     # Last: the completion marker of this prefix's outputs (see clear_group_outputs).
     atomic_write_json(outputs.settings, {
         "target": config.group.target, "target_map": config.group.target_map,

@@ -28,6 +28,7 @@ from bidsapp._version import __version__
 from bidsapp.atlas import Atlas, region_map
 from bidsapp.classification import SetResult
 from bidsapp.errors import CannotCreateOutputError
+from bidsapp.features import WHAT_IT_SEES
 from bidsapp.io import (
     atomic_path,
     atomic_write_text,
@@ -312,7 +313,7 @@ def plot_confusion(confusion: np.ndarray, classes: np.ndarray, path: Path, title
 
 def write_group_report(outputs: GroupOutputs, classes: np.ndarray,
                        results: Mapping[str, SetResult], comparison: pd.DataFrame | None,
-                       scores: pd.DataFrame, atlas: Atlas) -> Path:
+                       scores: pd.DataFrame, atlas: Atlas, setup: Mapping[str, object]) -> Path:
     """``OUTPUT_DIR/group_target-<label>.html``: scores beside the baselines, metrics, ROC, regions.
 
     Parameters
@@ -329,6 +330,9 @@ def write_group_report(outputs: GroupOutputs, classes: np.ndarray,
         One row per set, beside the best baseline.
     atlas : bidsapp.atlas.Atlas
         For the region maps.
+    setup : mapping
+        What was scored and how (atlas, runs, participants, folds, permutations, covariates,
+        models), shown as a table.
 
     Returns
     -------
@@ -351,7 +355,15 @@ def write_group_report(outputs: GroupOutputs, classes: np.ndarray,
              "compare each set with the best baseline (corrected resampled t-test, Nadeau &amp; "
              "Bengio 2003). <code>effective_rank</code>: how many directions the features of "
              "different runs use (a near-constant embedding has a rank near 1).</p>",
-             _table_html(scores)]
+             _table_html(scores),
+             "<h3>What each feature set can see</h3>",
+             _table_html(pd.DataFrame(
+                 [{"readout": readout, "sees": sees, "blind to": blind}
+                  for readout, (sees, blind) in WHAT_IT_SEES.items()
+                  if readout in set(scores["readout"])])),
+             "<h3>Setup</h3>",
+             _table_html(pd.DataFrame({"setting": list(setup),
+                                       "value": [str(v) for v in setup.values()]}))]
     body.append("<h2>Classification</h2>")
     for name, res in results.items():
         body += [f"<h3>{html.escape(name)}</h3>", _table_html(res.summary)]
