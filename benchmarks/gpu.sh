@@ -11,7 +11,12 @@
 #   3. the real loader against the in-memory step (pretrain_step.py), with pinned memory;
 #   4. one participant run: embeddings, then attribution (participant.py);
 #   5. a 2-process DDP step under torchrun (on 2 GPUs; with fewer, the same step on the CPU with
-#      gloo, and the row says "device": "cpu").
+#      gloo, and the row says "device": "cpu");
+#   6. the paper's question at a GPU's compute (real_signal.py): roi vs random masking pretrained
+#      on all 155 real-signal participants of ../shared/realdata (the `small` preset, 20 epochs
+#      each), every readout beside fc, tangent and covariates on the same folds, with the
+#      corrected resampled t-test; skipped, with a line, where the data are not there (the device
+#      machine gets only the checkout: copy realdata into it and set ROIMAE_SHARED_DIR).
 # --quick runs the same steps at the smallest sizes on whatever device there is; the tests run it
 # on the CPU. OUT_DIR/rows.jsonl is never overwritten: give a new OUT_DIR for a new run.
 set -euo pipefail
@@ -41,11 +46,14 @@ if [[ $quick -eq 1 ]]; then
     step=(--batch-size 1 --frames 10 --steps 1 --warmup 1)
     loader=(--presets tiny --maskings roi --batch-size 1 --window-frames 5 --steps 1 --rounds 1)
     participant=(--frames 40 --presets tiny --subsets 2 --repeats 1)
+    real_signal=(--per-class 2 --preset tiny --epochs 1 --window-frames 10 --cv-folds 2
+                 --cv-repeats 1 --n-permutations 0 --features global)
 else
     presets=(tiny small base)
     step=(--batch-size 2 --frames 20 --steps 10 --warmup 2)
     loader=(--presets tiny small base --maskings roi --steps 10 --rounds 3)
     participant=(--frames 176 --presets tiny small base --repeats 2)
+    real_signal=(--preset small --epochs 20 --n-permutations 100)
 fi
 default_preset=tiny
 
@@ -79,5 +87,12 @@ else
     CUDA_VISIBLE_DEVICES="" measure "ddp" python -m torch.distributed.run --standalone \
         --nproc-per-node 2 "$here/backbones.py" --presets "$default_preset" \
         --backbones swin4d --batch-size 1 --frames 10 --steps 1 --warmup 1
+fi
+realdata="${ROIMAE_SHARED_DIR:-$here/../../shared}/realdata/development_fmri"
+if [[ -f "$realdata/timeseries_aal116.npz" ]]; then
+    measure "roi vs random" python "$here/real_signal.py" "$out/real-signal" \
+        --realdata "$realdata" "${real_signal[@]}"
+else
+    echo "gpu.sh: no $realdata: the roi vs random row is skipped" >&2
 fi
 echo "gpu.sh: $(wc -l < "$rows") rows in $rows, $((SECONDS - start)) s in all" >&2
