@@ -8,7 +8,7 @@ z-scores on the brain of the atlas template, at the preset's working resolution 
 to store another one, 1 for the full 2 mm cube): preprocessing N NIfTI files would take longer than
 the epochs. A fresh spawned process then opens the N entries (as the pretrain level does), splits
 participants (``--val-fraction``) and builds the :class:`bidsapp.training.Trainer` over
-:class:`bidsapp.preprocess.WindowDataset` with its real sampler and DataLoader. So that every size
+:class:`bidsapp.windows.WindowDataset` with its real sampler and DataLoader. So that every size
 costs the same time, the epoch covers ``--steps`` batches: that many training windows drawn at
 random (seeded) among all training runs' windows, and held-out windows in the same proportion as
 the runs. One untimed epoch warms up, then ``--rounds`` timed epochs (training pass and held-out

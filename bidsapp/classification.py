@@ -95,7 +95,7 @@ class SetResult:
     Attributes
     ----------
     folds : pandas.DataFrame
-        One row per repeat and fold: sizes, :data:`~bidsapp.group.METRICS`, the selected
+        One row per repeat and fold: sizes, :data:`METRICS`, the selected
         regularisation (``<prefix>_<set>_folds.tsv``).
     summary : pandas.DataFrame
         Mean and sd of each metric, the permutation p-value (``..._metrics.tsv``).

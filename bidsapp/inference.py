@@ -152,7 +152,7 @@ class RoimaeModel:
 
         Returns
         -------
-        bidsapp.preprocess.PreprocessParams
+        bidsapp.cache.PreprocessParams
             The model's window length and working resolution, and the TR.
         """
         if target_tr == "model":

@@ -135,7 +135,7 @@ def run_embedding(model: RoimaeModel, cached: CachedRun, result: RunAttribution,
     Parameters
     ----------
     model : bidsapp.inference.RoimaeModel
-    cached : bidsapp.preprocess.CachedRun
+    cached : bidsapp.cache.CachedRun
         The preprocessed run.
     result : bidsapp.inference.RunAttribution
         :func:`~bidsapp.inference.analyse_run` of ``cached``.
