@@ -148,3 +148,32 @@ def test_a_large_atlas_is_warned_about_before_the_run(caplog: pytest.LogCaptureF
         assert not caplog.records
         warn_connectivity_cost(5000, 10)
     assert "5000 atlas regions" in caplog.text and "about 906 MB" in caplog.text
+
+
+def test_reports_read_each_run_under_its_own_atlas_label(
+        pretrained_demo: PretrainedDemo, tmp_path: Path) -> None:
+    """Runs of another model under another atlas label: listed, and the report does not fail."""
+    from bidsapp.outputs import complete_runs
+
+    out = tmp_path / "out"
+    shutil.copytree(pretrained_demo.out / "models", out / "models")
+    assert _participant(pretrained_demo, out) == 0
+    func = out / "sub-01/func"
+    # The same run as another model (desc-random) with another atlas (atlas-Other) wrote it.
+    for path in func.glob("*desc-roi*"):
+        name = path.name.replace("desc-roi", "desc-random").replace("atlas-AAL3v1", "atlas-Other")
+        shutil.copy(path, func / name)
+    for path in func.glob("*atlas-AAL3v1_res-2_stat-*"):    # the model-free baseline files
+        shutil.copy(path, func / path.name.replace("atlas-AAL3v1", "atlas-Other"))
+    done = func / f"sub-01_{PREFIX}_desc-random_embedding.json"
+    meta = json.loads(done.read_text())
+    meta["Outputs"] = [n.replace("desc-roi", "desc-random").replace("atlas-AAL3v1", "atlas-Other")
+                       for n in meta["Outputs"]]
+    done.write_text(json.dumps(meta))
+    runs = complete_runs(DerivativesWriter(out), "01", "AAL3v1")
+    assert [(desc, o.region_embedding.name.split("_atlas-")[1].split("_")[0])
+            for _, desc, o, _ in runs] == [("random", "Other"), ("roi", "AAL3v1")]
+    assert main([str(pretrained_demo.bids), str(out), "participant", "--participant-label", "01",
+                 "--nprocs", "1", "--omp-nthreads", "1", "--no-attribution",
+                 "-w", str(tmp_path / "work")]) == 0
+    assert "desc-random" in (out / "sub-01.html").read_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Mapping
@@ -312,12 +313,36 @@ def complete_runs(writer: DerivativesWriter, subject: str, atlas_label: str,
         desc = entities.pop("desc", None)
         if desc is None or "stat" in entities or "atlas" in entities:
             continue   # not a completion sidecar (the run embedding's own sidecar, say)
-        out = RunOutputs(writer, entities, desc, atlas_label, groups=groups)
+        # Each run under the atlas label its own outputs carry (another model of this output
+        # folder may have used another atlas).
+        label, has_groups = _run_atlas(done, atlas_label, groups)
+        out = RunOutputs(writer, entities, desc, label, groups=has_groups)
         meta = out.completion() if out.done == done else None
         if meta is not None:
             name = "_".join(f"{key}-{value}" for key, value in entities.items())
             found.append((name, desc, out, meta))
     return sorted(found, key=lambda item: (item[1], item[0]))
+
+
+def _run_atlas(done: Path, atlas_label: str, groups: bool) -> tuple[str, bool]:
+    """The ``atlas-`` label of a run's listed outputs, and whether they have a by-group table.
+
+    ``atlas_label`` and ``groups`` when the completion sidecar does not tell (roimae 0.1).
+    """
+    try:
+        listed = json.loads(done.read_text(encoding="utf-8")).get("Outputs")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        listed = None
+    names = [n for n in listed if isinstance(n, str)] if isinstance(listed, list) else []
+    labels = set()
+    for name in names:
+        with contextlib.suppress(UsageError):
+            labels.add(parse_filename(name)[0].get("atlas"))
+    labels.discard(None)
+    if len(labels) != 1:
+        return atlas_label, groups
+    attributed = any(name.endswith("_attribution.tsv") for name in names)
+    return labels.pop(), any("_stat-bygroup_" in n for n in names) if attributed else groups
 
 
 def model_descs(output_dir: Path) -> list[str]:
