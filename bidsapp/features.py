@@ -16,6 +16,7 @@ run of a model's set must come from the same model (by weight hash).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -258,8 +259,9 @@ def feature_regions(readout: str, n_regions: int, n_features: int) -> list[np.nd
 
 
 def load_feature_set(desc: str | None, readout: str, dataset, writer: DerivativesWriter,
-                        targets: pd.Series, cv_groups: pd.Series | None, atlas_label: str,
-                        n_regions: int, groups: bool = True) -> EmbeddingSet:
+                     targets: pd.Series, cv_groups: pd.Series | None, atlas_label: str,
+                     n_regions: int, groups: bool = True,
+                     atlas_sha256: str | None = None) -> EmbeddingSet:
     """The runs of one model (or the FC baseline, ``desc=None``) through one readout.
 
     Only complete runs count (their completion sidecar, written last, lists every output), and
@@ -295,6 +297,7 @@ def load_feature_set(desc: str | None, readout: str, dataset, writer: Derivative
         if vec is None:
             missing += 1
             continue
+        check_atlas(meta if desc is not None else path.with_suffix(".json"), atlas_sha256, path)
         # NaN is a missing feature (a region without signal; imputed in the folds), but a run
         # embedding must be finite and nothing may be infinite.
         if np.isinf(vec).any() or (readout == "global" and not np.isfinite(vec).all()):
@@ -338,6 +341,26 @@ def load_feature_set(desc: str | None, readout: str, dataset, writer: Derivative
         regions = feature_regions(readout, n_regions, X.shape[1])
     return EmbeddingSet(name, stem, desc, readout, pd.DataFrame(rows), X, regions,
                         next(iter(models)) if models else None)
+
+
+def check_atlas(sidecar: dict | Path, atlas_sha256: str | None, path: Path) -> None:
+    """Refuse (65) features written with another atlas than the group level's (same label).
+
+    ``sidecar``: the run's completion sidecar, or the path of a baseline file's sidecar.
+    Outputs of roimae 0.1, whose sidecars name no atlas hash, are taken as they are.
+    """
+    if atlas_sha256 is None:
+        return
+    if isinstance(sidecar, Path):
+        try:
+            sidecar = json.loads(sidecar.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return
+    found = sidecar.get("AtlasSHA256") if isinstance(sidecar, dict) else None
+    if found not in (None, atlas_sha256):
+        raise BadDataError(f"{path.name} was written with another atlas ({str(found)[:12]}...) "
+                           f"than this one ({atlas_sha256[:12]}...) of the same label: pass the "
+                           "atlas the participant level used (--atlas)")
 
 
 def current_model(output_dir: Path, desc: str) -> str | None:

@@ -168,7 +168,8 @@ def _feature_sets(config: Config, dataset: InputDataset, writer: DerivativesWrit
             continue
         try:
             sets.append(load_feature_set(desc, readout, dataset, writer, targets, cv_groups,
-                                         atlas_label(atlas), len(atlas.regions)))
+                                         atlas_label(atlas), len(atlas.regions),
+                                         atlas.has_groups, atlas.sha256()))
         except NoInputError:
             if readout not in ("fc", "tangent") or config.group.compare is not None:
                 raise

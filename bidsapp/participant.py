@@ -31,6 +31,7 @@ exists with all its outputs is complete and skipped (unless ``--overwrite``); an
 
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 
@@ -94,12 +95,14 @@ def write_readouts(writer: DerivativesWriter, out: RunOutputs, run: RunEmbedding
         "Description": "Functional-connectivity baseline: mean z-scored signal of each region's "
                        "voxels in the run's brain mask, every frame, from the cache on the "
                        "model's working grid (cells weighted by their voxels of the region)",
-        "Atlas": atlas.name, "Sources": sources, "RepetitionTime": run.repetition_time})
+        "Atlas": atlas.name, "AtlasSHA256": atlas.sha256(), "Sources": sources,
+        "RepetitionTime": run.repetition_time})
     writer.write_tsv(out.fc, run.fc_table)
     writer.write_sidecar(out.fc, {
         "Description": "Functional-connectivity baseline: Pearson correlation of the region "
                        "time series (nilearn ConnectivityMeasure, empirical covariance)",
-        "Atlas": atlas.name, "Sources": [*sources, writer.bids_uri(out.timeseries)]})
+        "Atlas": atlas.name, "AtlasSHA256": atlas.sha256(),
+        "Sources": [*sources, writer.bids_uri(out.timeseries)]})
 
 
 def check_finite_embeddings(result: RunAttribution, run: BoldRun, loaded: RoimaeModel) -> None:
@@ -141,7 +144,7 @@ def write_run(writer: DerivativesWriter, out: RunOutputs, bold: BoldRun, run: Ru
         "FramesUsed": len(run.window_embeddings) * model.window_frames,
         "FramesInRun": run.n_frames,
         "WindowSpread": window_spread(run.result.window_embeddings),
-        "SoftwareVersion": __version__, "Attribution": None,
+        "SoftwareVersion": __version__, "Attribution": None, "AtlasSHA256": atlas.sha256(),
     }
     if run.regions is not None:
         writer.write_tsv(out.occluded, run.occluded_embeddings)
@@ -213,6 +216,26 @@ def check_no_other_model(outputs: list[tuple[BoldRun, RunOutputs]], model: Roima
                          f" ({model.sha256[:12]}), or write to another OUTPUT_DIR")
 
 
+def check_one_atlas(outputs: list[tuple[BoldRun, RunOutputs]], atlas: Atlas) -> None:
+    """Refuse (64) to write ``atlas-<label>`` files where another atlas of that label wrote some.
+
+    The label comes from the atlas's file name (Schaefer 100 and 400 parcels are both
+    ``Schaefer2018``): two atlases of one label would overwrite each other's model-free files.
+    """
+    sha = atlas.sha256()
+    for _, out in outputs:
+        try:
+            found = json.loads(out.timeseries.with_suffix(".json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        other = found.get("AtlasSHA256") if isinstance(found, dict) else None
+        if other not in (None, sha):
+            raise UsageError(f"{out.timeseries.name} was written with another atlas of the label "
+                             f"atlas-{atlas_label(atlas)} ({str(other)[:12]}..., this one "
+                             f"{sha[:12]}...): give this atlas file another name, or write to "
+                             "another OUTPUT_DIR")
+
+
 def check_command_line(model: RoimaeModel, config: Config) -> None:
     """Refuse (64) a ``--backbone``, ``--preset`` or ``--window-frames`` the model was not trained with."""
     meta, path = model.meta, model.path
@@ -256,6 +279,7 @@ def run_participant(config: Config, device: torch.device) -> None:
     todo: list[tuple[BoldRun, RunOutputs]] = []
     outputs = [(run, RunOutputs(writer, run, loaded.desc, label, groups=atlas.has_groups))
                for run in dataset.runs]
+    check_one_atlas(outputs, atlas)
     if not config.participant.overwrite:
         check_no_other_model(outputs, loaded)
     writer.ensure_dataset_description()

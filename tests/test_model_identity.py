@@ -177,3 +177,37 @@ def test_reports_read_each_run_under_its_own_atlas_label(
                  "--nprocs", "1", "--omp-nthreads", "1", "--no-attribution",
                  "-w", str(tmp_path / "work")]) == 0
     assert "desc-random" in (out / "sub-01.html").read_text()
+
+
+def test_two_atlases_of_one_label_never_share_an_output_folder(
+        pretrained_demo: PretrainedDemo, tmp_path: Path, atlas_dir: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    import pandas as pd
+
+    out = tmp_path / "out"
+    shutil.copytree(pretrained_demo.out / "models", out / "models")
+    assert _participant(pretrained_demo, out) == 0
+    # AAL3 with another label table: another atlas (hash), the same file name (atlas-AAL3v1).
+    other = tmp_path / "aal3-renamed"
+    other.mkdir()
+    shutil.copy(atlas_dir / "AAL3v1_2mm.nii.gz", other)
+    table = pd.read_csv(atlas_dir / "AAL3v1_labels.tsv", sep="\t", dtype=str, keep_default_na=False)
+    table.loc[0, "name"] = "Renamed_L"
+    table.to_csv(other / "AAL3v1_labels.tsv", sep="\t", index=False)
+    atlas = ["--atlas", str(other / "AAL3v1_2mm.nii.gz"), "--atlas-labels",
+             str(other / "AAL3v1_labels.tsv")]
+    assert main([str(pretrained_demo.bids), str(out), "pretrain", "--masking", "random",
+                 "--epochs", "1", "--window-frames", "10", "--batch-size", "2", "--nprocs", "1",
+                 "--omp-nthreads", "1", "--participant-label", "01", "02", *atlas,
+                 "-w", str(tmp_path / "work")]) == 0
+    timeseries = next((out / "sub-01/func").glob("*_atlas-AAL3v1_res-2_stat-mean_timeseries.tsv"))
+    before = timeseries.read_bytes()
+    capsys.readouterr()
+    assert _participant(pretrained_demo, out, "--model-desc", "random", *atlas) == 64
+    assert "was written with another atlas of the label atlas-AAL3v1" in capsys.readouterr().err
+    assert timeseries.read_bytes() == before
+    # The group level refuses features of another atlas of its label.
+    assert main([str(pretrained_demo.bids), str(out), "group", "--target", "diagnosis",
+                 "--features", "global", "--compare", "roi", "fc", "--cv-folds", "2",
+                 "--n-permutations", "0", *atlas]) == 65
+    assert "was written with another atlas" in capsys.readouterr().err
