@@ -41,6 +41,7 @@ import torch
 from bidsapp import model_card
 from bidsapp._version import __version__
 from bidsapp.atlas import Atlas, load_atlas
+from bidsapp.attribution import ATTRIBUTION_METHOD, window_spread
 from bidsapp.bids.derivatives import DerivativesWriter
 from bidsapp.bids.layout import BoldRun, discover_runs
 from bidsapp.bids.validation import validate_input
@@ -48,14 +49,7 @@ from bidsapp.cache import PreprocessParams
 from bidsapp.config import Config
 from bidsapp.data import prepare_runs
 from bidsapp.errors import BadDataError, UsageError
-from bidsapp.inference import (
-    ATTRIBUTION_METHOD,
-    RoimaeModel,
-    RunAttribution,
-    analyse_run,
-    load_model,
-    window_spread,
-)
+from bidsapp.inference import RoimaeModel, RunAttribution, analyse_run, load_model
 from bidsapp.io import remove_temporaries
 from bidsapp.logs import get_logger
 from bidsapp.outputs import (
