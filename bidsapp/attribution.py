@@ -46,6 +46,9 @@ case, inside tokens that stay visible (``RegionTokenOrVoxelMasking``): its value
 finer occlusion than the token-owning regions' and are marked so in the region table. Only a region
 without a brain voxel on the model's working grid cannot be hidden.
 
+A model without a decoder (an imported SwiFT encoder) gets the occlusion effect alone: its passes
+embed the masked input, and its reconstruction errors are n/a (the run's sidecar says why).
+
 Cost: ``K + 1`` encoder passes per window instead of ``R + 1`` (166 + 1 for AAL3). The unmasked pass
 also gives the region readouts (:mod:`bidsapp.readouts`).
 """
@@ -140,7 +143,8 @@ class RegionPasses:
         -------
         embeddings : torch.Tensor, shape (K, C)
         errors, counts : torch.Tensor, shape (K, R)
-            :func:`_region_errors` of each pass.
+            :func:`_region_errors` of each pass (zero for a model without a decoder, whose
+            passes only embed).
         shown : dict of numpy.ndarray
             ``input``, ``hidden`` and ``reconstruction`` slices, or empty.
         """
@@ -150,7 +154,13 @@ class RegionPasses:
             chunk = regions[start:start + self.batch_size]
             k = chunk.shape[0]
             mask = self.masking.from_regions(chunk)
-            out = self.model(x.expand(k, -1, -1, -1, -1), brain.expand(k, -1, -1, -1), mask)
+            xs, brains = x.expand(k, -1, -1, -1, -1), brain.expand(k, -1, -1, -1)
+            if not self.model.has_decoder:   # occlusion alone: no error is counted
+                embs.append(self.model.encode(xs, brains, mask))
+                errs.append(torch.zeros(k, self.n_regions, device=x.device, dtype=x.dtype))
+                counts.append(torch.zeros(k, self.n_regions, device=x.device, dtype=x.dtype))
+                continue
+            out = self.model(xs, brains, mask)
             embs.append(out.embedding)                                  # (k, C)
             error, hidden = _region_errors(out.pred, out.target, mask, self.labelled,
                                            self.labelled_regions, self.n_regions)  # (k, R) each

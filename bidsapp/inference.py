@@ -23,7 +23,7 @@ from bidsapp.data import build_region_grid
 from bidsapp.errors import BadDataError, NoInputError, UsageError
 from bidsapp.grid import cube_atlas
 from bidsapp.io import file_sha256
-from bidsapp.model.factory import build_model
+from bidsapp.model.factory import build_model, build_upstream_model
 from bidsapp.model.mae import MaskedAutoencoder
 from bidsapp.model.masking import RegionTokenOrVoxelMasking, RegionVoxelMasking
 from bidsapp.model.presets import BACKBONE_PRESETS, ModelPreset
@@ -69,14 +69,14 @@ class RoimaeModel:
     atlas: Atlas
 
     @property
-    def masking(self) -> str:
-        """The masking strategy the model was pretrained with."""
-        return self.meta.masking.masking
+    def masking(self) -> str | None:
+        """The masking strategy roimae pretrained it with (``None``: an imported upstream model)."""
+        return None if self.meta.masking is None else self.meta.masking.masking
 
     @property
     def desc(self) -> str:
-        """The ``desc-`` label of its outputs."""
-        return masking_desc(self.masking)
+        """The ``desc-`` label of its outputs: its masking's, or an imported model's own."""
+        return self.meta.desc or masking_desc(self.masking)
 
     @property
     def window_frames(self) -> int:
@@ -126,6 +126,50 @@ class RoimaeModel:
         return PreprocessParams(window_frames=self.window_frames, target_tr=target_tr,
                                 downsample=self.preset.downsample)
 
+    def _upstream(self, what: str) -> torch.nn.Module:
+        net = getattr(self.model, "net", None)
+        if net is None:
+            raise UsageError(f"{what} is the upstream networks' (swift, neurostorm); a "
+                             f"{self.meta.backbone} model embeds with model.model.encode(x, brain)")
+        return net
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The upstream network's stage outputs, as upstream's encoder computes them.
+
+        Parameters
+        ----------
+        x : torch.Tensor, shape (B, 1, 96, 96, 96, T)
+            Laid out as upstream's ``forward`` takes it, already in the model's input convention
+            (z-scored over the run's brain, background at the run's smallest value; no masking).
+
+        Returns
+        -------
+        list of torch.Tensor
+            The output of each of upstream's ``layers[i]`` (which ends with that stage's patch
+            merging), ``(B, C_i, d_i, h_i, w_i, T)``; the last is what upstream's encoder
+            returns. Gradients flow unless called under :func:`torch.no_grad`.
+
+        Raises
+        ------
+        bidsapp.errors.UsageError
+            For roimae's own backbones (swin4d, vit4d).
+        """
+        net = self._upstream("encode(x)")
+        return net.encode(x.to(self.region_grid.device))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """NeuroSTORM's ``forward_decoder``: the last stage output -> ``(B, 1, 96, 96, 96, T)``.
+
+        Raises
+        ------
+        bidsapp.errors.UsageError
+            For a model without a decoder (swift) or one of roimae's own backbones.
+        """
+        net = self._upstream("decode(z)")
+        if not self.model.has_decoder:
+            raise UsageError(f"decode(z): {self.model.no_decoder_reason}")
+        return net.decode(z.to(self.region_grid.device))
+
 
 def _weights_file(path: Path) -> Path:
     """A ``.safetensors`` file, or a model folder holding one (``models/desc-roi``)."""
@@ -134,6 +178,29 @@ def _weights_file(path: Path) -> Path:
             return path / MODEL_WEIGHTS
         raise NoInputError(f"{path} holds no {MODEL_WEIGHTS}")
     return path
+
+
+def build_network(meta: CheckpointMeta) -> MaskedAutoencoder:
+    """The network a sidecar describes, freshly initialised on the current default device.
+
+    An upstream model (``meta.upstream``) is rebuilt from its exact configuration, any other from
+    its backbone's preset.
+    """
+    if meta.upstream is not None:
+        return build_upstream_model(meta.upstream.network_config(), norm_pix_loss=meta.norm_pix_loss,
+                                    background=meta.upstream.background)
+    return build_model(BACKBONE_PRESETS[meta.backbone][meta.preset.name],
+                       norm_pix_loss=meta.norm_pix_loss)
+
+
+def check_finite_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse (65) weights that hold NaN or infinities: a diverged training."""
+    diverged = [name for name, value in state.items()
+                if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if diverged:
+        raise BadDataError(f"checkpoint {path} holds non-finite weights ({len(diverged)} tensors, "
+                           f"e.g. {diverged[0]}): its training diverged; pretrain again with a "
+                           "lower --lr")
 
 
 def load_model(path: Path, atlas: Atlas, device: torch.device) -> RoimaeModel:
@@ -165,15 +232,10 @@ def load_model(path: Path, atlas: Atlas, device: torch.device) -> RoimaeModel:
     if meta.atlas.sha256 != atlas.sha256():
         raise UsageError(f"checkpoint {path} was trained with another atlas "
                          f"({meta.atlas.name}); pass the same --atlas")
-    preset = BACKBONE_PRESETS[backbone][preset_name]
-    model = build_model(preset, norm_pix_loss=meta.norm_pix_loss)
+    model = build_network(meta)
+    preset = model.preset
     state = load_weights(path, meta)
-    diverged = [name for name, value in state.items()
-                if value.is_floating_point() and not bool(torch.isfinite(value).all())]
-    if diverged:
-        raise BadDataError(f"checkpoint {path} holds non-finite weights ({len(diverged)} tensors, "
-                           f"e.g. {diverged[0]}): its training diverged; pretrain again with a "
-                           "lower --lr")
+    check_finite_weights(state, path)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -200,6 +262,8 @@ class RunAttribution:
     occlusion: np.ndarray | None      # (R,) |occluded - embedding| / window spread
     eligible: np.ndarray              # (R,) bool: the region can be hidden at this model's grid
     example: dict[str, np.ndarray]    # one window's middle frame: input, masked, reconstruction
+    #: Why ``recon_error`` is all NaN: the model has no decoder (swift); ``None`` otherwise.
+    recon_missing: str | None = None
 
 
 @torch.inference_mode()
@@ -241,4 +305,7 @@ def analyse_run(loaded: RoimaeModel, run: CachedRun, *, attribution: bool, n_sub
         found = sums.result(window_embeddings, result.eligible)
         result.recon_error, result.recon_error_se = found.recon_error, found.recon_error_se
         result.occluded_embeddings, result.occlusion = found.occluded_embeddings, found.occlusion
+        result.recon_missing = loaded.model.no_decoder_reason if not loaded.model.has_decoder else None
     return result
+
+
