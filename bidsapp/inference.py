@@ -171,12 +171,20 @@ class RoimaeModel:
         return net.decode(z.to(self.region_grid.device))
 
 
-def _weights_file(path: Path) -> Path:
-    """A ``.safetensors`` file, or a model folder holding one (``models/desc-roi``)."""
+def weights_file(path: Path) -> Path:
+    """A ``.safetensors`` file, or a model folder holding one (``models/desc-roi``).
+
+    Raises
+    ------
+    NoInputError
+        A folder without ``model.safetensors``, or no such folder (66).
+    """
     if path.is_dir():
         if (path / MODEL_WEIGHTS).is_file():
             return path / MODEL_WEIGHTS
         raise NoInputError(f"{path} holds no {MODEL_WEIGHTS}")
+    if not path.exists() and path.suffix not in (".safetensors", ".json"):
+        raise NoInputError(f"model {path} does not exist")
     return path
 
 
@@ -226,7 +234,7 @@ def load_model(path: Path, atlas: Atlas, device: torch.device) -> RoimaeModel:
         non-finite weights, weights that do not fit their preset (65, 66), or another atlas than
         the model's (64).
     """
-    path = _weights_file(Path(path))
+    path = weights_file(Path(path))
     meta = read_metadata(path)   # its backbone and preset are known ones (the schema's check)
     backbone, preset_name = meta.backbone, meta.preset.name
     if meta.atlas.sha256 != atlas.sha256():
