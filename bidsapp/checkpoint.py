@@ -198,8 +198,6 @@ class CheckpointMeta(_Part):
     def _fits_the_backbone(self) -> CheckpointMeta:
         from bidsapp.model.presets import BACKBONE_PRESETS, UPSTREAM_BACKBONES
 
-        if self.masking is None and self.upstream is None:
-            raise ValueError("masking: Field required (only an imported upstream model has none)")
         if self.preset.name not in BACKBONE_PRESETS[self.backbone]:
             raise ValueError(f"preset: {self.backbone} has no preset {self.preset.name!r}")
         if self.backbone in UPSTREAM_BACKBONES:
@@ -212,6 +210,8 @@ class CheckpointMeta(_Part):
                                  f"of the {self.backbone} network's time embeddings")
         elif self.upstream is not None:
             raise ValueError(f"upstream: a {self.backbone} model has no upstream network")
+        if self.masking is None and self.upstream is None:
+            raise ValueError("masking: Field required (only an imported upstream model has none)")
         tubelet = BACKBONE_PRESETS[self.backbone][self.preset.name].tubelet
         if self.window_frames % tubelet:
             raise ValueError(f"window_frames {self.window_frames} is not a multiple of the "
