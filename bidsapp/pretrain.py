@@ -214,6 +214,9 @@ def _pretrain(config: Config, ctx: DistributedContext) -> Path:
     frames = window_frames(config, origin)
     _check_frames(preset, frames, fresh=origin is None)
     out_dir = model_dir(config.output_dir, masking_desc(config.masking.masking))
+    if origin is not None and origin.weights.parent.resolve() == out_dir.resolve():
+        raise UsageError(f"--init-from {origin.weights} is in {out_dir}, the folder this run writes "
+                         "(and clears); copy the model elsewhere or choose another OUTPUT_DIR")
     check_model_dir(config, out_dir)
     atlas = load_atlas(config.atlas, config.atlas_labels)
     data = load_training_data(config, ctx, PreprocessParams(

@@ -282,16 +282,22 @@ def test_continued_pretraining_and_group_comparison(imported, demo, tmp_path, ca
     (["--init-from", "{neurostorm}", "--preset", "base"], "is a model of --preset released"),
     (["--init-from", "{neurostorm}", "--window-frames", "10"], "is a model of --window-frames 4"),
     (["--init-from", "{missing}"], "does not exist"),
+    (["--init-from", "{roi}", "--overwrite"], "the folder this run writes"),
 ])
 def test_pretrain_refuses_what_cannot_be_pretrained(imported, demo, tmp_path, capsys, options,
                                                      expected):
+    out = tmp_path / "out"
     paths = {"swift": imported / "models/desc-swift", "neurostorm": imported / "models/desc-neurostorm",
-             "missing": tmp_path / "models/desc-none"}
-    argv = [demo, tmp_path / "out", "pretrain", *[o.format(**paths) for o in options], *THREADS]
+             "missing": tmp_path / "models/desc-none", "roi": out / "models/desc-roi"}
+    if "{roi}" in options:   # a model in the very folder a roi pretraining writes
+        import shutil
+
+        shutil.copytree(paths["neurostorm"], paths["roi"])
+    argv = [demo, out, "pretrain", *[o.format(**paths) for o in options], *THREADS]
     code, err = run(argv, capsys)
     assert code == (66 if "missing" in options[-1] else 64)
     assert expected in one_line(err)
-    assert not (tmp_path / "out" / "models").exists()
+    assert sorted(p.name for p in (out / "models").glob("*")) == (["desc-roi"] if "{roi}" in options else [])
 
 
 def test_sidecar_schema_of_upstream_models(imported):
