@@ -92,7 +92,11 @@ def test_gpu_suite_runs_quick_on_the_cpu(tmp_path: Path) -> None:
              if r["benchmark"] == "backbone-step"}
     assert steps == {("swin4d", False, 1), ("vit4d", False, 1), ("swin4d", True, 1),
                      ("vit4d", True, 1), ("swin4d", False, 2)}
-    assert {r["benchmark"] for r in rows} == {"backbone-step", "pretrain-step", "participant"}
+    assert {r["benchmark"] for r in rows} == {"backbone-step", "pretrain-step", "participant",
+                                              "backbone-forward"}
+    forward = {r["backbone"]: r for r in rows if r["benchmark"] == "backbone-forward"}
+    assert set(forward) == {"swin4d", "swin4d-mae", "swift", "neurostorm", "neurostorm-mae"}
+    assert forward["neurostorm"]["n_parameters"] == 5_173_020 and forward["swin4d"]["ratio_to_swin4d"] == 1
     ddp = next(r for r in rows if r.get("world_size") == 2)
     assert ddp["device"] == "cpu" and ddp["samples_per_second"] > 0
     # A second run never overwrites the first one's rows.
