@@ -3,7 +3,8 @@
 Option names follow fMRIPrep / XCP-D (nipreps), including the underscore spellings
 (``--participant_label``). ``roimae demo OUT_DIR`` writes the synthetic demo dataset;
 ``roimae import-model CKPT OUTPUT_DIR --from {neurostorm,swift}`` imports an upstream checkpoint
-(:mod:`bidsapp.importer`). Errors are one line on standard error with a BEP027 exit code; ``-vv`` adds the traceback.
+(:mod:`bidsapp.importer`). Errors are one line on standard error with a BEP027 exit code; ``-vv``
+adds the traceback.
 
 :mod:`bidsapp.cli.parser` turns the arguments into a :class:`~bidsapp.config.Config`,
 :mod:`bidsapp.levels` runs its level, and :mod:`bidsapp.cli.demo` is the ``roimae demo`` command.
