@@ -8,7 +8,9 @@ A step is what the pretrain level does per batch (mask draw, forward, backward, 
 of noise in the AAL3 brain (0 outside, as the cache gives), with ``roi`` masking at 50% of the
 regions, through the module the pretrain level trains (:func:`bidsapp.training.training_network`:
 compiled with ``--compile`` as ``--torch-compile`` does, in DistributedDataParallel under
-torchrun). ``swin4d-plain`` is swin4d without background skipping. The visible-token fraction is
+torchrun). ``swin4d-plain`` is swin4d without background skipping; ``neurostorm`` is NeuroSTORM's
+MAE at its released size (its one preset, ``released``, stands in for ``base`` and vice versa, so
+``--presets base --backbones swin4d neurostorm`` compares the two). The visible-token fraction is
 the share of the cube's tokens (all frames) that the encoder processes. Every measurement runs in
 a fresh process; with ``--repeats`` the backbones are measured in turn and each row gives the
 median (the ratio to swin4d is of medians). CUDA with bf16 autocast when available, else the CPU;
@@ -19,11 +21,12 @@ every rank's batch).
     python benchmarks/backbones.py --forward [--frames 20] [--steps 2] [--threads 1]
 
 ``--forward`` instead times one forward pass without gradients of one 96^3 window (batch 1) at the
-base size, each in a fresh process: roimae's ``swin4d`` ``base`` encoder (``encode``, background
-skipping on) and masked autoencoder (``roi`` masking at 50%), beside the released SwiFT encoder and
-the released NeuroSTORM encoder and MAE (window masking at 50%, then its decoder), rewritten in
-plain PyTorch (:mod:`bidsapp.model.upstream`). ``ratio_to_swin4d`` compares an encoder with
-swin4d's encoder and an autoencoder with swin4d's.
+base size, each in a fresh process (on CUDA with bf16 autocast when there is a GPU, else the CPU):
+roimae's ``swin4d`` ``base`` encoder (``encode``, background skipping on) and masked autoencoder
+(``roi`` masking at 50%), beside the released SwiFT encoder and the released NeuroSTORM encoder and
+MAE (window masking at 50%, then its decoder), rewritten in plain PyTorch
+(:mod:`bidsapp.model.upstream`). ``ratio_to_swin4d`` compares an encoder with swin4d's encoder and
+an autoencoder with swin4d's.
 """
 
 from __future__ import annotations
