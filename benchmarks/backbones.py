@@ -8,7 +8,9 @@ A step is what the pretrain level does per batch (mask draw, forward, backward, 
 of noise in the AAL3 brain (0 outside, as the cache gives), with ``roi`` masking at 50% of the
 regions, through the module the pretrain level trains (:func:`bidsapp.training.training_network`:
 compiled with ``--compile`` as ``--torch-compile`` does, in DistributedDataParallel under
-torchrun). ``swin4d-plain`` is swin4d without background skipping. The visible-token fraction is
+torchrun). ``swin4d-plain`` is swin4d without background skipping; ``neurostorm`` is NeuroSTORM's
+MAE at its released size (its one preset, ``released``, stands in for ``base`` and vice versa, so
+``--presets base --backbones swin4d neurostorm`` compares the two). The visible-token fraction is
 the share of the cube's tokens (all frames) that the encoder processes. Every measurement runs in
 a fresh process; with ``--repeats`` the backbones are measured in turn and each row gives the
 median (the ratio to swin4d is of medians). CUDA with bf16 autocast when available, else the CPU;
@@ -19,11 +21,12 @@ every rank's batch).
     python benchmarks/backbones.py --forward [--frames 20] [--steps 2] [--threads 1]
 
 ``--forward`` instead times one forward pass without gradients of one 96^3 window (batch 1) at the
-base size, each in a fresh process: roimae's ``swin4d`` ``base`` encoder (``encode``, background
-skipping on) and masked autoencoder (``roi`` masking at 50%), beside the released SwiFT encoder and
-the released NeuroSTORM encoder and MAE (window masking at 50%, then its decoder), rewritten in
-plain PyTorch (:mod:`bidsapp.model.upstream`). ``ratio_to_swin4d`` compares an encoder with
-swin4d's encoder and an autoencoder with swin4d's.
+base size, each in a fresh process (on CUDA with bf16 autocast when there is a GPU, else the CPU):
+roimae's ``swin4d`` ``base`` encoder (``encode``, background skipping on) and masked autoencoder
+(``roi`` masking at 50%), beside the released SwiFT encoder and the released NeuroSTORM encoder and
+MAE (window masking at 50%, then its decoder), rewritten in plain PyTorch
+(:mod:`bidsapp.model.upstream`). ``ratio_to_swin4d`` compares an encoder with swin4d's encoder and
+an autoencoder with swin4d's.
 """
 
 from __future__ import annotations
@@ -46,12 +49,11 @@ def measure(backbone: str, preset_name: str, batch: int, frames: int, steps: int
     from bidsapp.grid import cube_atlas
     from bidsapp.model.factory import build_model, count_parameters
     from bidsapp.model.masking import build_masking
-    from bidsapp.model.presets import BACKBONE_PRESETS
     from bidsapp.training import training_network
 
     ctx = DistributedContext.setup(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     device = ctx.device
-    preset = BACKBONE_PRESETS[backbone.removesuffix("-plain")][preset_name]
+    preset = backbone_preset(backbone, preset_name)
     atlas = load_atlas()
     torch.manual_seed(ctx.rank)
     brain = torch.from_numpy(cube_atlas(atlas).brain).to(device).expand(batch, -1, -1, -1)
@@ -72,7 +74,7 @@ def measure(backbone: str, preset_name: str, batch: int, frames: int, steps: int
     seconds = step_seconds(network, masking, optimizer, batches, device, steps, warmup)
     world = ctx.world_size
     ctx.shutdown()
-    return {"benchmark": "backbone-step", "backbone": backbone, "preset": preset_name,
+    return {"benchmark": "backbone-step", "backbone": backbone, "preset": preset.name,
             "device": device.type, "batch": batch, "frames": frames,
             "compile": compile_model, "world_size": world,
             "seconds_per_step": seconds, "samples_per_second": batch * world / seconds,
@@ -82,17 +84,31 @@ def measure(backbone: str, preset_name: str, batch: int, frames: int, steps: int
             **bf16_peak_fraction(network, masking, {"x": x, "brain": brain}, device, seconds)}
 
 
+def backbone_preset(backbone: str, preset_name: str):
+    """The preset of ``backbone`` at ``preset_name``; ``base`` and ``released`` (the upstream
+    backbones' one size, base's widths) stand for each other, so one run can compare them."""
+    from bidsapp.model.presets import BACKBONE_PRESETS
+
+    presets = BACKBONE_PRESETS[backbone.removesuffix("-plain")]
+    twin = {"base": "released", "released": "base"}.get(preset_name)
+    return presets[preset_name] if preset_name in presets or twin not in presets else presets[twin]
+
+
 #: The forward passes of ``--forward``: (row name, encoder or autoencoder).
 FORWARD_MODELS = {"swin4d": "encoder", "swin4d-mae": "autoencoder", "swift": "encoder",
                   "neurostorm": "encoder", "neurostorm-mae": "autoencoder"}
 
 
 def measure_forward(name: str, frames: int, steps: int, threads: int | None = None) -> dict:
-    """Median seconds of ``steps`` forward passes (after one untimed) of one window, no gradients."""
+    """Median seconds of ``steps`` forward passes (after one untimed) of one window, no gradients.
+
+    On CUDA (bf16 autocast, as the pretrain level) when there is a GPU, else on the CPU.
+    """
     import time
 
     if threads:
         torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     from dataclasses import replace
 
     from bidsapp.atlas import load_atlas
@@ -105,40 +121,46 @@ def measure_forward(name: str, frames: int, steps: int, threads: int | None = No
 
     torch.manual_seed(0)
     atlas = load_atlas()
-    brain = torch.from_numpy(cube_atlas(atlas).brain)[None]  # (1, 96, 96, 96)
-    x = torch.randn(1, frames, 96, 96, 96) * brain[:, None]
+    brain = torch.from_numpy(cube_atlas(atlas).brain)[None].to(device)  # (1, 96, 96, 96)
+    x = torch.randn(1, frames, 96, 96, 96, device=device) * brain[:, None]
     if name.startswith("swin4d"):
         preset = PRESETS["base"]
-        model = build_model(preset).eval()
+        model = build_model(preset).to(device).eval()
         n_parameters = count_parameters(preset)
         if name == "swin4d":
             run = lambda: model.encode(x, brain)  # noqa: E731
         else:
-            masking = build_masking("roi", build_region_grid(atlas, preset), 0.5)
+            masking = build_masking("roi", build_region_grid(atlas, preset).to(device), 0.5)
             run = lambda: model(x, brain, masking(1, frames)).pred  # noqa: E731
     else:
         config = SWIFT_RELEASED if name == "swift" else replace(NEUROSTORM_RELEASED, mae=name.endswith("mae"))
-        model = build_upstream(config).eval()
+        model = build_upstream(config).to(device).eval()
         n_parameters = sum(p.numel() for p in model.parameters())
         upstream_x = x.permute(0, 2, 3, 4, 1)[:, None]  # (1, 1, 96, 96, 96, T), as upstream reads it
         if name == "neurostorm-mae":  # half of the windows hidden, then the decoder
             grid = (*config.grid_shape(), frames)
-            windows = [g // w for g, w in zip(grid, config.window_size, strict=True)]
-            hidden = torch.rand(1, *windows) < 0.5
+            windows = [-(-g // w) for g, w in zip(grid, config.window_size, strict=True)]
+            hidden = torch.rand(1, *windows, device=device) < 0.5
             for axis, w in enumerate(config.window_size, start=1):
                 hidden = hidden.repeat_interleave(w, axis)
+            hidden = hidden[:, :grid[0], :grid[1], :grid[2], :grid[3]]
             run = lambda: model.decode(model.encode(upstream_x, hidden)[-1])  # noqa: E731
         else:
             run = lambda: model.encode(upstream_x)[-1]  # noqa: E731
     times = []
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                         enabled=device.type == "cuda"):
         for i in range(steps + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             start = time.perf_counter()
             run()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             if i:
                 times.append(time.perf_counter() - start)
     return {"benchmark": "backbone-forward", "backbone": name, "part": FORWARD_MODELS[name],
-            "preset": "base" if name.startswith("swin4d") else "released", "device": "cpu",
+            "preset": "base" if name.startswith("swin4d") else "released", "device": device.type,
             "batch": 1, "frames": frames, "seconds_per_forward": statistics.median(times),
             "seconds_per_forward_runs": times, "n_parameters": n_parameters, "steps": steps,
             "threads": torch.get_num_threads()}
@@ -159,7 +181,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
     parser.add_argument("--backbones", nargs="+", default=["swin4d", "swin4d-plain", "vit4d"],
-                        choices=["swin4d", "swin4d-plain", "vit4d"])
+                        choices=["swin4d", "swin4d-plain", "vit4d", "neurostorm"])
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--frames", type=int, default=20)
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up")

@@ -4,7 +4,8 @@
 
 Reads the 155 participants' AAL116 region signals of ``timeseries_aal116.npz`` directly (no
 pseudo-volumes, no model) and scores child vs adult from each baseline with the group level's own
-folds (:func:`bidsapp.classification.make_splits`) and pipeline (:func:`bidsapp.classification.build_classifier`):
+folds (:func:`bidsapp.classification.make_splits`) and pipeline
+(:func:`bidsapp.classification.build_classifier`):
 ``fc`` (Fisher z of Pearson correlations) and ``tangent`` (tangent space, reference fit in the
 training folds). One JSON row per baseline, then one with their fold-wise difference (corrected
 resampled t-test).

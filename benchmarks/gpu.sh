@@ -8,6 +8,9 @@
 #      the fraction of the card's bf16 peak;
 #   2. the same with the forward compiled, as `pretrain --torch-compile` does, at the default
 #      preset (compiling the larger presets would take most of the 8 minutes);
+#   2b. the upstream networks: the pretrain step of NeuroSTORM's MAE (released size) beside swin4d
+#      base, and one forward pass of a 96^3 x 20 window of swin4d base, SwiFT and NeuroSTORM
+#      (backbones.py --forward; each row's ratio_to_swin4d);
 #   3. the real loader against the in-memory step (pretrain_step.py), with pinned memory;
 #   4. one participant run: embeddings, then attribution (participant.py);
 #   5. a 2-process DDP step under torchrun (on 2 GPUs; with fewer, the same step on the CPU with
@@ -17,8 +20,8 @@
 #      each), every readout beside fc, tangent and covariates on the same folds, with the
 #      corrected resampled t-test; skipped, with a line, where the data are not there (the device
 #      machine gets only the checkout: copy realdata into it and set ROIMAE_SHARED_DIR).
-# --quick runs the same steps at the smallest sizes on whatever device there is; the tests run it
-# on the CPU. OUT_DIR/rows.jsonl is never overwritten: give a new OUT_DIR for a new run.
+# --quick runs the same steps at the smallest sizes on whatever device there is (the forward rows
+# on 4 frames, without the NeuroSTORM step); the tests run it on the CPU. OUT_DIR/rows.jsonl is never overwritten: give a new OUT_DIR for a new run.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -48,12 +51,16 @@ if [[ $quick -eq 1 ]]; then
     participant=(--frames 40 --presets tiny --subsets 2 --repeats 1)
     real_signal=(--per-class 2 --preset tiny --epochs 1 --window-frames 10 --cv-folds 2
                  --cv-repeats 1 --n-permutations 0 --features global)
+    upstream_step=()   # NeuroSTORM's released MAE takes minutes per step on a CPU: not in --quick
+    forward=(--frames 4 --steps 1)
 else
     presets=(tiny small base)
     step=(--batch-size 2 --frames 20 --steps 10 --warmup 2)
     loader=(--presets tiny small base --maskings roi --steps 10 --rounds 3)
     participant=(--frames 176 --presets tiny small base --repeats 2)
     real_signal=(--preset small --epochs 20 --n-permutations 100)
+    upstream_step=(--batch-size 2 --frames 20 --steps 5 --warmup 2)
+    forward=(--frames 20 --steps 5)
 fi
 default_preset=tiny
 
@@ -77,6 +84,11 @@ measure "step" python "$here/backbones.py" --presets "${presets[@]}" \
     --backbones swin4d vit4d "${step[@]}"
 measure "compiled step" python "$here/backbones.py" --presets "$default_preset" \
     --backbones swin4d vit4d "${step[@]}" --compile
+if [[ ${#upstream_step[@]} -gt 0 ]]; then
+    measure "upstream step" python "$here/backbones.py" --presets base \
+        --backbones swin4d neurostorm "${upstream_step[@]}"
+fi
+measure "forward" python "$here/backbones.py" --forward "${forward[@]}"
 measure "loader" python "$here/pretrain_step.py" "${loader[@]}"
 measure "participant" python "$here/participant.py" "${participant[@]}"
 if [[ "$n_gpus" -ge 2 ]]; then

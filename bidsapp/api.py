@@ -15,6 +15,9 @@ Examples
 ...                 mask_img="sub-01_..._desc-brain_mask.nii.gz")
 >>> run.embedding.shape, run.regions[["name", "reconerror"]].head()             # doctest: +SKIP
 >>> run.maps["occlusion"].to_filename("occlusion.nii.gz")                       # doctest: +SKIP
+>>> neurostorm = load_model("out/models/desc-neurostorm")   # roimae import-model  # doctest: +SKIP
+>>> stages = neurostorm.encode(x)   # x: (B, 1, 96, 96, 96, 20), upstream's layout  # doctest: +SKIP
+>>> reconstruction = neurostorm.decode(stages[-1])                              # doctest: +SKIP
 
 :class:`RoimaeEmbedder` wraps this as a scikit-learn transformer (images -> run embeddings).
 """
@@ -58,7 +61,8 @@ def load_model(path: str | Path, *, atlas: Atlas | str | Path | None = None,
     ----------
     path : str or Path
         ``model.safetensors`` (with its ``model.json`` sidecar beside it), or the folder holding
-        them (e.g. ``OUTPUT_DIR/models/desc-roi``). Pickled checkpoints are refused.
+        them (e.g. ``OUTPUT_DIR/models/desc-roi``, or ``models/desc-neurostorm`` written by
+        ``roimae import-model``). Pickled checkpoints are refused.
     atlas : Atlas, str or Path, optional
         The atlas the model was pretrained with: an :class:`~bidsapp.atlas.Atlas`, or a label
         image given with ``atlas_labels``. By default AAL3, found as the command line finds it
@@ -71,6 +75,9 @@ def load_model(path: str | Path, *, atlas: Atlas | str | Path | None = None,
     Returns
     -------
     RoimaeModel
+        For an imported SwiFT or NeuroSTORM model, ``model.encode(x)`` gives upstream's stage
+        outputs for ``x (B, 1, 96, 96, 96, T)`` and ``model.decode(z)`` NeuroSTORM's
+        reconstruction (:meth:`~bidsapp.inference.RoimaeModel.encode`).
 
     Raises
     ------

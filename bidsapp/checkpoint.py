@@ -26,9 +26,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from bidsapp.config import BackboneName, MaskingName, PresetName
+from bidsapp.config import LABEL_PATTERN, BackboneName, MaskingName, PresetName, UpstreamFamily
 from bidsapp.errors import BadDataError, NoInputError, UsageError
 from bidsapp.io import atomic_path, ensure_dir, file_sha256, json_text
+from bidsapp.model.upstream import UpstreamConfig
 from bidsapp.outputs import EPOCH_STEM, MODEL_SIDECAR, MODEL_WEIGHTS
 
 FORMAT = "roimae-checkpoint/1"
@@ -80,6 +81,58 @@ class AtlasInfo(_Part):
     n_regions: int = Field(ge=1)
 
 
+class UpstreamInfo(_Part):
+    """``upstream`` of a sidecar: the SwiFT or NeuroSTORM network of the model, and where it came from.
+
+    ``config`` (:class:`~bidsapp.model.upstream.UpstreamConfig` as plain values) is what the
+    network is rebuilt from; the rest is provenance, set by ``roimae import-model``
+    (:mod:`bidsapp.importer`) and kept by every pretraining continued from it (``None`` for a
+    network roimae pretrained from fresh weights).
+    """
+
+    family: UpstreamFamily
+    config: dict[str, Any]
+    #: How voxels outside the brain are filled (:mod:`bidsapp.model.upstream_mae`).
+    background: Literal["min", "zero"] = "min"
+    source: str | None = None
+    source_sha256: Sha256 | None = None
+    dropped: list[str] = Field(default_factory=list)
+    repository: str | None = None
+    code_commit: str | None = None
+    weights_url: str | None = None
+    license: str | None = None
+    pretrained_on: str | None = None
+
+    @model_validator(mode="after")
+    def _builds(self) -> UpstreamInfo:
+        config = self.network_config()   # a ValueError names what does not fit
+        if config.family != self.family:
+            raise ValueError(f"upstream config of family {config.family!r} under {self.family!r}")
+        if config.img_size[:3] != (96, 96, 96):
+            raise ValueError(f"upstream config img_size {list(config.img_size)} does not read "
+                             "roimae's 96^3 cube")
+        return self
+
+    def network_config(self) -> UpstreamConfig:
+        """The :class:`~bidsapp.model.upstream.UpstreamConfig` of :attr:`config`."""
+        try:
+            return UpstreamConfig(**{**self.config, "family": self.family})
+        except TypeError as exc:   # an unknown key, or a value of the wrong kind
+            raise ValueError(f"upstream config: {exc}") from None
+
+
+class InitInfo(_Part):
+    """``init_from`` of a sidecar: the model a pretraining continued from (``--init-from``)."""
+
+    path: str
+    weights_sha256: Sha256
+    backbone: BackboneName
+    preset: str
+    desc: str | None = None
+    epoch: int = Field(0, ge=0)
+    masking: str | None = None
+
+
 class OptimizerInfo(_Part):
     """``optimizer`` of a training checkpoint: its state file and the non-tensor state."""
 
@@ -116,7 +169,8 @@ class CheckpointMeta(_Part):
     weights_sha256: Sha256 | None = None
     backbone: BackboneName
     preset: PresetInfo
-    masking: MaskingInfo
+    #: How roimae pretrained it; ``None`` only for an imported upstream model (``upstream``).
+    masking: MaskingInfo | None = None
     atlas: AtlasInfo
     window_frames: int = Field(ge=1, le=1024)
     target_tr: Annotated[float | None, AfterValidator(_finite)] = Field(None, gt=0)
@@ -133,11 +187,31 @@ class CheckpointMeta(_Part):
     split: dict[str, list[str]] | None = None
     epochs_planned: int | None = None
     model_card: dict[str, Any] | None = None
+    #: The ``desc-`` label of the model's outputs when it is not its masking's (an imported model).
+    desc: Annotated[str, Field(pattern=LABEL_PATTERN.pattern)] | None = None
+    #: The SwiFT or NeuroSTORM network (backbones ``swift`` and ``neurostorm``), and its origin.
+    upstream: UpstreamInfo | None = None
+    #: The model this one was pretrained from (``--init-from``).
+    init_from: InitInfo | None = None
 
     @model_validator(mode="after")
     def _fits_the_backbone(self) -> CheckpointMeta:
-        from bidsapp.model.presets import BACKBONE_PRESETS
+        from bidsapp.model.presets import BACKBONE_PRESETS, UPSTREAM_BACKBONES
 
+        if self.preset.name not in BACKBONE_PRESETS[self.backbone]:
+            raise ValueError(f"preset: {self.backbone} has no preset {self.preset.name!r}")
+        if self.backbone in UPSTREAM_BACKBONES:
+            if self.upstream is None or self.upstream.family != self.backbone:
+                raise ValueError(f"upstream: a {self.backbone} model needs its {self.backbone} "
+                                 "network configuration")
+            frames = self.upstream.network_config().img_size[3]
+            if self.window_frames != frames:
+                raise ValueError(f"window_frames {self.window_frames} is not the {frames} frames "
+                                 f"of the {self.backbone} network's time embeddings")
+        elif self.upstream is not None:
+            raise ValueError(f"upstream: a {self.backbone} model has no upstream network")
+        if self.masking is None and self.upstream is None:
+            raise ValueError("masking: Field required (only an imported upstream model has none)")
         tubelet = BACKBONE_PRESETS[self.backbone][self.preset.name].tubelet
         if self.window_frames % tubelet:
             raise ValueError(f"window_frames {self.window_frames} is not a multiple of the "

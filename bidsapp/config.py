@@ -36,8 +36,12 @@ def masking_desc(masking: str) -> str:
     return MASKING_DESC.get(masking, masking)
 
 
-PresetName = Literal["tiny", "small", "base"]
-BackboneName = Literal["swin4d", "vit4d"]
+#: Model sizes; ``released`` is the one size of the upstream backbones (swift, neurostorm).
+PresetName = Literal["tiny", "small", "base", "released"]
+BackboneName = Literal["swin4d", "vit4d", "swift", "neurostorm"]
+#: The upstream networks ``roimae import-model`` reads (:mod:`bidsapp.model.upstream`).
+UpstreamFamily = Literal["neurostorm", "swift"]
+UPSTREAM_FAMILIES: tuple[str, ...] = get_args(UpstreamFamily)
 Device = Literal["auto", "cpu", "cuda"]
 #: Readouts of a model's outputs for the group level, the default first (docs/science.md).
 READOUTS = ("connectivity", "region", "global")
@@ -49,6 +53,22 @@ Readout = Literal[READOUTS]
 LABEL_PATTERN = re.compile(r"^[A-Za-z0-9]+$")
 #: Default output spaces, in order of preference, when ``--space`` is not given.
 DEFAULT_SPACES = ("MNI152NLin2009cAsym", "MNI152NLin6Asym")
+
+
+def check_model_desc(name: str) -> str:
+    """The ``desc`` label of an imported model: a BIDS label, not a masking or baseline name.
+
+    Raises
+    ------
+    UsageError
+        Not alphanumeric, or a name the group level's ``--compare`` reads otherwise (exit 64).
+    """
+    if not LABEL_PATTERN.fullmatch(name):
+        raise UsageError(f"--desc {name!r}: a BIDS label holds only letters and digits")
+    if name in (*MASKING_NAMES, *MASKING_DESCS, *BASELINES):
+        raise UsageError(f"--desc {name!r} is reserved (the maskings roimae pretrains with and the "
+                         f"baselines {', '.join(BASELINES)}); choose another name")
+    return name
 
 
 def _strip_prefix(value: str, prefix: str) -> str:
@@ -152,6 +172,8 @@ class PretrainConfig(_Section):
     resume: bool = False
     overwrite: bool = False
     torch_compile: bool = False
+    #: A model to continue pretraining from (its folder or weights; :mod:`bidsapp.origin`).
+    init_from: Path | None = None
 
 
 class ParticipantConfig(_Section):
@@ -198,11 +220,11 @@ class GroupConfig(_Section):
     @field_validator("compare")
     @classmethod
     def _compare(cls, v: list[str] | None) -> list[str] | None:
-        allowed = (*MASKING_NAMES, *MASKING_DESCS, *BASELINES)
         for name in v or []:
-            if name not in allowed:
-                raise ValueError(f"--compare {name!r}: give model maskings "
-                                 f"({', '.join(MASKING_NAMES)}) and the baselines "
+            if name not in MASKING_NAMES and not LABEL_PATTERN.fullmatch(name):
+                raise ValueError(f"--compare {name!r}: give models by masking "
+                                 f"({', '.join(MASKING_NAMES)}) or desc label (an imported "
+                                 f"model's, e.g. neurostorm) and the baselines "
                                  f"{', '.join(BASELINES)}")
         return v
 

@@ -124,6 +124,7 @@ def build_card(meta: CheckpointMeta, history: pd.DataFrame, *, data: dict[str, A
         "backbone": meta.backbone,
         "preset": meta.preset.name,
         "masking": meta.masking.model_dump(exclude_unset=True),
+        "initialised_from": _initialised_from(meta),
         "window_frames": meta.window_frames,
         "atlas": meta.atlas.model_dump(exclude_unset=True),
         "training_data": data,
@@ -135,6 +136,15 @@ def build_card(meta: CheckpointMeta, history: pd.DataFrame, *, data: dict[str, A
         "training_seconds": _number(seconds.sum()) if len(seconds) else None,
         "wall_seconds": _number(wall_seconds),
     }
+
+
+def _initialised_from(meta: CheckpointMeta) -> dict[str, Any] | None:
+    """The model a continued pretraining started from, with its upstream origin if imported."""
+    if meta.init_from is None:
+        return None
+    up = meta.upstream
+    return {**meta.init_from.model_dump(),
+            "upstream": None if up is None or up.source is None else up.model_dump(exclude={"config"})}
 
 
 def _fmt(value: Any) -> str:
@@ -164,6 +174,8 @@ def render_markdown(card: dict[str, Any], weights: Path | None = None,
     -------
     str
     """
+    if card.get("kind") == "imported":
+        return render_imported(card, weights, weights_sha256)
     masking = card.get("masking") or {}
     atlas = card.get("atlas") or {}
     data = card.get("training_data") or {}
@@ -194,6 +206,7 @@ def render_markdown(card: dict[str, Any], weights: Path | None = None,
     lines += [
         f"| created | {_fmt(card.get('created'))} |",
         "",
+        *_origin_lines(card.get("initialised_from")),
         "## Training data",
         "",
         "| | |",
@@ -232,6 +245,93 @@ def render_markdown(card: dict[str, Any], weights: Path | None = None,
         f"{_fmt(hw.get('platform'))}",
         f"- training time: {_fmt(card.get('training_seconds'))} s over all epochs; wall time of the "
         f"job that wrote the model: {_fmt(card.get('wall_seconds'))} s",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _origin_lines(init: dict[str, Any] | None) -> list[str]:
+    """The card's section on the model a pretraining continued from (none for a fresh start)."""
+    if not init:
+        return []
+    lines = [
+        "## Initialised from",
+        "",
+        f"Pretraining continued from `{init.get('path')}` (sha256 `{_fmt(init.get('weights_sha256'))}`): "
+        f"{_fmt(init.get('backbone'))} {_fmt(init.get('preset'))}, "
+        + (f"imported as desc-{init['desc']}" if init.get("desc") else
+           f"{_fmt(init.get('masking'))} masking, epoch {_fmt(init.get('epoch'))}") + ".",
+        "",
+    ]
+    up = init.get("upstream")
+    if up:
+        lines += [
+            f"Its weights came from upstream: `{_fmt(up.get('source'))}` (sha256 "
+            f"`{_fmt(up.get('source_sha256'))}`), {_fmt(up.get('repository'))} (code commit "
+            f"{_fmt(up.get('code_commit'))}). Licence: {_fmt(up.get('license'))}. Pretrained on: "
+            f"{_fmt(up.get('pretrained_on'))}; the data-use terms of those datasets may apply to "
+            "this model too.",
+            "",
+        ]
+    return lines
+
+
+def render_imported(card: dict[str, Any], weights: Path | None = None,
+                    weights_sha256: str | None = None) -> str:
+    """The card of a model imported from SwiFT or NeuroSTORM (``roimae import-model``), as Markdown."""
+    source = card.get("source") or {}
+    network = card.get("network") or {}
+    atlas = card.get("atlas") or {}
+    lines = [
+        f"# roimae model: {card.get('upstream')} ({card.get('backbone')}), imported",
+        "",
+        f"{card.get('upstream')}'s pretrained network, imported unchanged by `roimae import-model` "
+        f"(roimae {_fmt(card.get('roimae_version'))}, {_fmt(card.get('created'))}); roimae did not "
+        "train it. The same facts are in the JSON sidecar under `model_card` and `upstream`.",
+        "",
+        "## Where the weights come from",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| upstream | {_fmt(card.get('upstream'))}: {_fmt(source.get('repository'))} |",
+        f"| code | commit {_fmt(source.get('code_commit'))} (the network roimae reproduces) |",
+        f"| weights published at | {_fmt(source.get('weights_url'))} |",
+        f"| source file | `{_fmt(source.get('source'))}` |",
+        f"| source SHA-256 | `{_fmt(source.get('source_sha256'))}` |",
+        f"| not imported | {_fmt(source.get('dropped')) if source.get('dropped') else 'nothing'} "
+        "(task heads and weights upstream's forward pass never uses) |",
+        f"| licence | {_fmt(source.get('license'))} |",
+        f"| pretrained on | {_fmt(source.get('pretrained_on'))} |",
+        f"| cite | {_fmt(card.get('citation'))} |",
+        "",
+        f"Data use: {_fmt(card.get('data_use'))}.",
+        "",
+        "## Network",
+        "",
+        f"{_fmt(card.get('backbone'))}: input {_fmt(network.get('img_size'))} (voxels and frames), "
+        f"patches {_fmt(network.get('patch_size'))}, embedding {_fmt(network.get('embed_dim'))}, "
+        f"depths {_fmt(network.get('depths'))}, windows {_fmt(network.get('window_size'))} (stage 0: "
+        f"{_fmt(network.get('first_window_size'))}), {_fmt(card.get('n_parameters'))} parameters"
+        + ("" if card.get("has_decoder") else f". Note: {_fmt(card.get('no_decoder_reason'))}")
+        + ".",
+        "",
+    ]
+    if weights is not None:
+        lines += [f"Weights: `{Path(weights).name}`, sha256 `{_fmt(weights_sha256)}`.", ""]
+    lines += [
+        "## Inputs",
+        "",
+        f"Windows of {_fmt(card.get('window_frames'))} frames, "
+        + ("runs not resampled in time" if card.get("target_tr") is None
+           else f"runs resampled to TR {_fmt(card.get('target_tr'))} s") + ". The atlas recorded, "
+        f"{_fmt(atlas.get('name'))} ({_fmt(atlas.get('n_regions'))} regions, sha256 "
+        f"`{_fmt(atlas.get('sha256'))}`), is the one roimae's region readouts and attribution use; "
+        "the network itself knows no atlas.",
+        "",
+        "| step | upstream's preprocessing | roimae |",
+        "|---|---|---|",
+        *(f"| {c.get('step')} | {c.get('upstream')} | {c.get('roimae')} |"
+          for c in card.get("input_convention", [])),
         "",
     ]
     return "\n".join(lines)

@@ -42,6 +42,7 @@ import torch
 from bidsapp import model_card
 from bidsapp._version import __version__
 from bidsapp.atlas import Atlas, load_atlas
+from bidsapp.attribution import ATTRIBUTION_METHOD, window_spread
 from bidsapp.bids.derivatives import DerivativesWriter
 from bidsapp.bids.layout import BoldRun, discover_runs
 from bidsapp.bids.validation import validate_input
@@ -49,14 +50,7 @@ from bidsapp.cache import PreprocessParams
 from bidsapp.config import Config
 from bidsapp.data import prepare_runs
 from bidsapp.errors import BadDataError, UsageError
-from bidsapp.inference import (
-    ATTRIBUTION_METHOD,
-    RoimaeModel,
-    RunAttribution,
-    analyse_run,
-    load_model,
-    window_spread,
-)
+from bidsapp.inference import RoimaeModel, RunAttribution, analyse_run, load_model
 from bidsapp.io import remove_temporaries
 from bidsapp.logs import get_logger
 from bidsapp.outputs import (
@@ -129,7 +123,7 @@ def write_run(writer: DerivativesWriter, out: RunOutputs, bold: BoldRun, run: Ru
     model_info = {"Path": writer.bids_uri(model.path), "SHA256": model.sha256,
                   "Preset": model.preset.name, "Masking": model.masking,
                   "Backbone": model.meta.backbone, "Epoch": model.meta.epoch,
-                  **model_card.cite(model.path, writer.bids_uri)}
+                  **model_card.cite(model.path, writer.bids_uri), **upstream_origin(model)}
     sources = [bold.source_uri, writer.bids_uri(bold.mask)]
     writer.write_tsv(out.embedding, run.window_embeddings)
     writer.write_tsv(out.mean_embedding, embedding_frame(run.embedding[None]))
@@ -148,6 +142,7 @@ def write_run(writer: DerivativesWriter, out: RunOutputs, bold: BoldRun, run: Ru
     }
     if run.regions is not None:
         writer.write_tsv(out.occluded, run.occluded_embeddings)
+        missing = run.result.recon_missing
         for path, column, text in (
             (out.recon_map, "reconerror", "Masked reconstruction error of each region (MSE of "
              "z-scored signal over its hidden brain voxels); lower = reconstructed better"),
@@ -155,11 +150,14 @@ def write_run(writer: DerivativesWriter, out: RunOutputs, bold: BoldRun, run: Ru
              "distance between the run embedding and the run embedding with the region hidden, "
              "in units of the RMS distance of the run's window embeddings from their mean"),
         ):
+            if column == "reconerror" and missing:
+                text = f"n/a in every region: {missing}"
             writer.write_nifti(path, run.maps[column])
             writer.write_sidecar(path, {"Description": text, "Sources": sources,
                                         "Atlas": atlas.name, "Model": model_info,
                                         "NaNMeans": nan_means(column, len(run.window_embeddings))})
         writer.write_tsv(out.table, run.regions)
+        writer.write_sidecar(out.table, attribution_columns(missing))
         if out.groups is not None:
             writer.write_tsv(out.groups, run.by_group)
         meta["Attribution"] = {
@@ -167,6 +165,7 @@ def write_run(writer: DerivativesWriter, out: RunOutputs, bold: BoldRun, run: Ru
             attribution_subsets, "Atlas": atlas.name, "Regions": len(atlas.regions),
             "RegionsNotHidden": int((~run.result.eligible).sum()),
             "RegionsHiddenByVoxel": int((run.regions["note"] == NOTE_HIDDEN_BY_VOXEL).sum()),
+            "ReconstructionErrorMissing": missing,
         }
     meta["Outputs"] = [path.name for path in out.data_files(meta["Attribution"] is not None)]
     writer.write_sidecar(out.embedding, meta)   # last: marks the run complete
@@ -236,6 +235,32 @@ def check_one_atlas(outputs: list[tuple[BoldRun, RunOutputs]], atlas: Atlas) -> 
                              "another OUTPUT_DIR")
 
 
+def attribution_columns(recon_missing: str | None) -> dict:
+    """The attribution table's sidecar: what its measure columns hold (and why one is n/a)."""
+    recon = ("Masked reconstruction error: mean squared error of the z-scored signal over the "
+             "region's hidden brain voxels, in the passes that hid it")
+    if recon_missing:
+        recon = f"n/a in every region: {recon_missing}"
+    return {
+        "reconerror": {"Description": recon},
+        "reconerror_se": {"Description": "Standard error of reconerror over passes and windows"
+                          if not recon_missing else f"n/a in every region: {recon_missing}"},
+        "occlusion": {"Description": "Representation sensitivity: the distance the run embedding "
+                      "moves when the region is hidden, in units of the RMS distance of the "
+                      "run's window embeddings from their mean"},
+        "note": {"Description": "Why a region's values are n/a or measured differently"},
+    }
+
+
+def upstream_origin(model: RoimaeModel) -> dict:
+    """Where an imported model's weights come from (its sidecar's ``upstream``), for output sidecars."""
+    up = model.meta.upstream
+    if up is None or up.source is None:
+        return {}
+    return {"Upstream": {"Family": up.family, "Source": up.source, "SourceSHA256": up.source_sha256,
+                         "Repository": up.repository, "License": up.license}}
+
+
 def check_command_line(model: RoimaeModel, config: Config) -> None:
     """Refuse (64) a ``--backbone``, ``--preset`` or ``--window-frames`` the model was not trained with."""
     meta, path = model.meta, model.path
@@ -269,8 +294,9 @@ def run_participant(config: Config, device: torch.device) -> None:
                                                          config.participant.model_desc)
     loaded = load_model(model_path, atlas, device)
     check_command_line(loaded, config)
-    log.info("model %s (%s preset, %s masking, epoch %s)", model_path, loaded.preset.name,
-             loaded.masking, loaded.meta.epoch)
+    log.info("model %s (%s %s, %s, epoch %s)", model_path, loaded.meta.backbone,
+             loaded.preset.name, f"{loaded.masking} masking" if loaded.masking else "imported",
+             loaded.meta.epoch)
     dataset = discover_runs(config)
     validate_input(config, dataset)
     writer = DerivativesWriter(config.output_dir, source_datasets=dataset.datasets)

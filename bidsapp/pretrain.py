@@ -46,8 +46,11 @@ from bidsapp.distributed import DistributedContext
 from bidsapp.errors import BadDataError, TrainingDivergedError, UsageError
 from bidsapp.logs import get_logger
 from bidsapp.model.factory import build_model, describe_model
+from bidsapp.model.mae import MaskedAutoencoder
 from bidsapp.model.masking import build_masking
-from bidsapp.model.presets import BACKBONE_PRESETS, ModelPreset
+from bidsapp.model.presets import BACKBONE_PRESETS, UPSTREAM_BACKBONES, ModelPreset
+from bidsapp.model.upstream import NEUROSTORM_RELEASED
+from bidsapp.origin import Origin, read_origin
 from bidsapp.outputs import (
     EPOCH_CHECKPOINT,
     MODEL_SIDECAR,
@@ -69,45 +72,83 @@ RESUME_MUST_MATCH = {"preset": "preset", "masking": "masking", "atlas": "atlas",
                      "window_frames": "window_frames", "backbone": "backbone",
                      "random_seed": "--random-seed",
                      "split": "split of participants into training and held-out sets",
-                     "data": "set of input runs (another selection, or changed files)"}
+                     "data": "set of input runs (another selection, or changed files)",
+                     "init_from": "--init-from model"}
 
 
-def pretrain_preset(config: Config) -> ModelPreset:
-    """The preset of ``--backbone`` and ``--preset``, or of their defaults for pretraining."""
+def pretrain_preset(config: Config, origin: Origin | None = None) -> ModelPreset:
+    """The preset of ``--backbone`` and ``--preset`` (or their defaults), or the ``--init-from`` model's.
+
+    Raises
+    ------
+    UsageError
+        A preset the backbone does not have, or swift, which has no decoder to pretrain (64).
+    """
+    if origin is not None:
+        return origin.preset
     backbone = config.model.backbone or config.model.DEFAULT_BACKBONE
-    return BACKBONE_PRESETS[backbone][config.model.preset or config.model.DEFAULT_PRESET]
+    presets = BACKBONE_PRESETS[backbone]
+    default = config.model.DEFAULT_PRESET if config.model.DEFAULT_PRESET in presets else next(iter(presets))
+    name = config.model.preset or default
+    if name not in presets:
+        raise UsageError(f"--preset {name}: the {backbone} backbone has the preset(s) "
+                         f"{', '.join(presets)}")
+    if backbone == "swift":
+        raise UsageError("--backbone swift: SwiFT's encoder has no decoder and cannot be pretrained "
+                         "by masked reconstruction; import its checkpoint (roimae import-model) and "
+                         "use it at the participant level")
+    return presets[name]
 
 
-def window_frames(config: Config) -> int:
-    """``--window-frames``, or the default for pretraining."""
+def window_frames(config: Config, origin: Origin | None = None) -> int:
+    """``--window-frames``, the ``--init-from`` model's, or the default for pretraining."""
+    if origin is not None:
+        return origin.meta.window_frames
     return config.preprocess.window_frames or config.preprocess.DEFAULT_WINDOW_FRAMES
 
 
+def target_tr(config: Config, origin: Origin | None = None) -> float | None:
+    """``--target-tr``, else the ``--init-from`` model's TR (``None``: runs keep their own)."""
+    return config.preprocess.target_tr if origin is None else origin.target_tr(config)
+
+
 def model_metadata(config: Config, atlas: Atlas, runs: list[CachedRun],
-                   split: dict[str, list[str]]) -> CheckpointMeta:
+                   split: dict[str, list[str]], model: MaskedAutoencoder,
+                   origin: Origin | None = None) -> CheckpointMeta:
     """What a checkpoint says about itself: enough to refuse a mismatched config later.
 
     Its ``epoch`` is 0; each checkpoint saved is a copy with its own epoch and metrics.
     """
-    preset = pretrain_preset(config)
+    preset = model.preset
+    extra: dict[str, Any] = {}
+    if preset.backbone in UPSTREAM_BACKBONES:   # the exact network, and an import's provenance
+        upstream = origin.meta.upstream if origin is not None else None
+        extra["upstream"] = (upstream.model_dump() if upstream is not None else
+                             {"family": preset.backbone, "config": model.net.config.describe()})
+    if origin is not None:
+        extra["init_from"] = origin.info()
+    described = (describe_model(preset) if origin is None else
+                 {**preset.describe(), "n_parameters": sum(p.numel() for p in model.parameters())})
     return CheckpointMeta.model_validate({
         "format": FORMAT,
         "epoch": 0,
         "roimae_version": __version__,
         "backbone": preset.backbone,
-        "preset": describe_model(preset),
+        "preset": described,
         "masking": config.masking.model_dump(),
         "norm_pix_loss": config.pretrain.norm_pix_loss,
         "atlas": {"name": atlas.name, "sha256": atlas.sha256(), "n_regions": len(atlas.regions)},
         "grid": {"cube_shape": [96, 96, 96], "space": "MNI152 2 mm (91x109x91) crop/pad to 96^3",
                  "downsample": preset.downsample, "patch_size": preset.patch_size},
-        "window_frames": window_frames(config),
-        "target_tr": config.preprocess.target_tr,
+        "window_frames": window_frames(config, origin),
+        "target_tr": target_tr(config, origin),
         "random_seed": config.random_seed,
-        "training": config.pretrain.model_dump(exclude={"resume", "overwrite", "torch_compile"}),
+        "training": config.pretrain.model_dump(exclude={"resume", "overwrite", "torch_compile",
+                                                          "init_from"}),
         "data": [{"source": r.manifest["source"], "sha256": r.manifest["source_sha256"],
                   "n_windows": r.n_windows} for r in runs],
         "split": split,
+        **extra,
     })
 
 
@@ -167,22 +208,31 @@ def run_pretrain(config: Config, device: torch.device) -> Path:
 
 def _pretrain(config: Config, ctx: DistributedContext) -> Path:
     started = time.perf_counter()
-    preset = pretrain_preset(config)
-    if window_frames(config) % preset.tubelet:
-        raise UsageError(f"the {preset.backbone} {preset.name} preset reads tokens of {preset.tubelet} "
-                         f"frames: --window-frames {window_frames(config)} is not a multiple of it")
+    origin = None if config.pretrain.init_from is None else read_origin(config.pretrain.init_from,
+                                                                          config)
+    preset = pretrain_preset(config, origin)
+    frames = window_frames(config, origin)
+    _check_frames(preset, frames, fresh=origin is None)
     out_dir = model_dir(config.output_dir, masking_desc(config.masking.masking))
+    if origin is not None and origin.weights.parent.resolve() == out_dir.resolve():
+        raise UsageError(f"--init-from {origin.weights} is in {out_dir}, the folder this run writes "
+                         "(and clears); copy the model elsewhere or choose another OUTPUT_DIR")
     check_model_dir(config, out_dir)
     atlas = load_atlas(config.atlas, config.atlas_labels)
-    data = load_training_data(config, ctx, preset)
-    trainer = _build_trainer(config, ctx, preset, atlas, data)
-    meta = model_metadata(config, atlas, data.runs, data.split)
+    data = load_training_data(config, ctx, PreprocessParams(
+        window_frames=frames, target_tr=target_tr(config, origin), downsample=preset.downsample))
+    trainer = _build_trainer(config, ctx, preset, atlas, data, origin)
+    meta = model_metadata(config, atlas, data.runs, data.split, trainer.model, origin)
     start_epoch, history = 1, TrainingHistory()
     if config.pretrain.resume:
         start_epoch, history = _resume(out_dir, trainer, meta)
     if ctx.is_main:
         _prepare_outputs(config, out_dir, data.dataset, fresh=start_epoch == 1)
     title = f"{config.masking.masking} masking, {preset.backbone} {preset.name} preset"
+    if origin is not None:
+        title += f", from {origin.meta.desc or origin.weights.parent.name}"
+        log.info("continuing from %s (%s %s)", origin.weights, origin.meta.backbone,
+                 origin.preset.name)
     if start_epoch <= config.pretrain.epochs:
         _fit(config, trainer, start_epoch, out_dir,
              _epoch_saver(config, trainer, out_dir, meta, history, title))
@@ -218,11 +268,27 @@ class TrainingData:
     val_windows: list[tuple[int, int]]
 
 
+def _check_frames(preset: ModelPreset, frames: int, fresh: bool) -> None:
+    """Refuse (64) windows the backbone cannot read.
+
+    Not whole tubelets, or not the frames of a fresh upstream network's time embeddings (an
+    ``--init-from`` model's are its sidecar's, checked by its schema).
+    """
+    if frames % preset.tubelet:
+        raise UsageError(f"the {preset.backbone} {preset.name} preset reads tokens of {preset.tubelet} "
+                         f"frames: --window-frames {frames} is not a multiple of it")
+    if fresh and preset.backbone in UPSTREAM_BACKBONES:
+        released = NEUROSTORM_RELEASED.img_size[3]
+        if frames != released:
+            raise UsageError(f"the {preset.backbone} network reads {released}-frame windows (its "
+                             f"time embeddings): --window-frames {frames} was given")
+
+
 def load_training_data(config: Config, ctx: DistributedContext,
-                       preset: ModelPreset) -> TrainingData:
+                       params: PreprocessParams) -> TrainingData:
     """Find, validate and preprocess the input runs; split them by participant.
 
-    Runs are cached at ``preset``'s working resolution.
+    Runs are cached as ``params`` say (the model's window, TR and working resolution).
 
     Raises
     ------
@@ -232,9 +298,7 @@ def load_training_data(config: Config, ctx: DistributedContext,
     dataset: InputDataset = discover_runs(config)
     if ctx.is_main:
         validate_input(config, dataset)
-    runs = prepare_runs(config, dataset.runs, PreprocessParams(
-        window_frames=window_frames(config), target_tr=config.preprocess.target_tr,
-        downsample=preset.downsample))
+    runs = prepare_runs(config, dataset.runs, params)
     subjects = [run.subject for run in dataset.runs]
     train_subjects, val_subjects = split_participants(subjects, config.pretrain.val_fraction,
                                                       config.random_seed)
@@ -242,7 +306,7 @@ def load_training_data(config: Config, ctx: DistributedContext,
     val_idx = _windows(runs, subjects, set(val_subjects))
     if not train_idx:
         raise BadDataError("no training windows: every run is shorter than --window-frames "
-                           f"{window_frames(config)}")
+                           f"{params.window_frames}")
     log.info("%d runs, %d training windows (%d participants), %d held-out windows (%d)",
              len(runs), len(train_idx), len(train_subjects), len(val_idx), len(val_subjects))
     return TrainingData(dataset, runs, {"train": train_subjects, "val": val_subjects},
@@ -250,15 +314,18 @@ def load_training_data(config: Config, ctx: DistributedContext,
 
 
 def _build_trainer(config: Config, ctx: DistributedContext, preset: ModelPreset, atlas: Atlas,
-                   data: TrainingData) -> Trainer:
-    """A fresh model and its trainer (the model is ``trainer.model``)."""
+                   data: TrainingData, origin: Origin | None = None) -> Trainer:
+    """A fresh model (or the ``--init-from`` model) and its trainer (the model is ``trainer.model``)."""
     region_grid = build_region_grid(atlas, preset)
     masking = build_masking(config.masking.masking, region_grid.to(ctx.device),
                             config.masking.mask_ratio, unit=config.masking.mask_ratio_unit,
                             time=config.masking.mask_time)
     # Seeded just before the model: its initial weights depend on the seed alone.
     seed_everything(config.random_seed)
-    model = build_model(preset, norm_pix_loss=config.pretrain.norm_pix_loss)
+    if origin is None:
+        model = build_model(preset, norm_pix_loss=config.pretrain.norm_pix_loss)
+    else:
+        model = origin.network(norm_pix_loss=config.pretrain.norm_pix_loss)
     val_set = WindowDataset(data.runs, data.val_windows) if data.val_windows else None
     return Trainer(model, masking, WindowDataset(data.runs, data.train_windows), val_set,
                    ctx=ctx, settings=training_settings(config))
@@ -316,8 +383,7 @@ def _write_model(config: Config, trainer: Trainer, final: Path, meta: Checkpoint
     last = history.last()
     card = model_card.build_card(
         meta, history.frame, machine=model_card.hardware(ctx.device, ctx.world_size),
-        data=model_card.training_data(data.dataset, data.runs, data.split,
-                                      config.preprocess.target_tr),
+        data=model_card.training_data(data.dataset, data.runs, data.split, meta.target_tr),
         wall_seconds=wall_seconds)
     save_checkpoint(final.with_suffix(""), trainer.model,
                     meta.model_copy(update={"epoch": int(last.get("epoch", 0)), "metrics": last,
@@ -353,8 +419,10 @@ def _resume(out_dir: Path, trainer: Trainer,
     # Compared as the sidecars hold them (a field an older sidecar lacks is None, unlike any
     # value); the saved one's keys sorted as in its file, for the message.
     ours, theirs = meta.sidecar_dict(), _sorted_keys(saved.sidecar_dict())
+    for sidecar in (ours, theirs):   # the model started from, by its weights (not its path)
+        sidecar["init_from"] = (sidecar.get("init_from") or {}).get("weights_sha256")
     for key, what in RESUME_MUST_MATCH.items():
-        if json.dumps(theirs.get(key), sort_keys=True) != json.dumps(ours[key], sort_keys=True):
+        if json.dumps(theirs.get(key), sort_keys=True) != json.dumps(ours.get(key), sort_keys=True):
             # The options disagree with the checkpoint: a usage error, as for --preset at the
             # participant level.
             value = repr(theirs.get(key))

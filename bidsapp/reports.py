@@ -184,6 +184,8 @@ def _run_figures(out: RunOutputs, table: pd.DataFrame, figures: Path, stem: str)
                                                 "best reconstructed regions", ascending=True,
                                                 error="reconerror_se"),
     }
+    if table["reconerror"].isna().all():   # a model without a decoder: nothing to draw
+        draws = {k: v for k, v in draws.items() if k not in ("reconerror", "bestrecon")}
     drawn = {}
     for key, draw in draws.items():
         figure = run_figure(figures, stem, key)
@@ -250,10 +252,14 @@ def write_participant_report(output_dir: Path, subject: str,
         if meta.get("Attribution") is not None:
             table = pd.read_csv(out.table, sep="\t", na_values="n/a")
             drawn = _run_figures(out, table, figures, stem)
-            body += ["<h4>Reconstruction fidelity</h4>",
-                     _img(drawn["reconerror"], output_dir, "recon map"),
-                     _img(drawn["bestrecon"], output_dir, "best reconstructed"),
-                     "<h4>Representation sensitivity</h4>",
+            body.append("<h4>Reconstruction fidelity</h4>")
+            if "reconerror" in drawn:
+                body += [_img(drawn["reconerror"], output_dir, "recon map"),
+                         _img(drawn["bestrecon"], output_dir, "best reconstructed")]
+            else:
+                why = meta["Attribution"].get("ReconstructionErrorMissing") or "not measured"
+                body.append(f"<p class='note'>No reconstruction error: {html.escape(why)}.</p>")
+            body += ["<h4>Representation sensitivity</h4>",
                      _img(drawn["occlusion"], output_dir, "occlusion"),
                      _img(drawn["topregions"], output_dir, "top regions")]
             if out.groups is not None:

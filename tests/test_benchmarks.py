@@ -93,7 +93,11 @@ def test_gpu_suite_runs_quick_on_the_cpu(tmp_path: Path) -> None:
     assert steps == {("swin4d", False, 1), ("vit4d", False, 1), ("swin4d", True, 1),
                      ("vit4d", True, 1), ("swin4d", False, 2)}
     assert {r["benchmark"] for r in rows} == {"backbone-step", "pretrain-step", "participant",
-                                              "real_signal", "real_signal_timings"}
+                                              "backbone-forward", "real_signal",
+                                              "real_signal_timings"}
+    forward = {r["backbone"]: r for r in rows if r["benchmark"] == "backbone-forward"}
+    assert set(forward) == {"swin4d", "swin4d-mae", "swift", "neurostorm", "neurostorm-mae"}
+    assert forward["neurostorm"]["n_parameters"] == 5_173_020 and forward["swin4d"]["ratio_to_swin4d"] == 1
     # roi vs random on the real signals, beside the baselines, on the same folds.
     scored = {r["set"] for r in rows if r["benchmark"] == "real_signal"}
     assert {"roi-global", "random-global", "fc", "tangent", "covariates"} <= scored

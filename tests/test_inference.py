@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from bidsapp.inference import _region_errors
+from bidsapp.attribution import _region_errors
 from bidsapp.model.masking import Mask
 
 

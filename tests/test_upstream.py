@@ -557,6 +557,7 @@ def test_upstream_presets_and_existing_backbones():
     from bidsapp.model.factory import count_parameters
     from bidsapp.model.presets import BACKBONE_PRESETS, UPSTREAM_PRESETS
 
-    assert set(BACKBONE_PRESETS) == {"swin4d", "vit4d"}  # the command line's choices, unchanged
+    assert set(BACKBONE_PRESETS) == {"swin4d", "vit4d", "swift", "neurostorm"}
+    assert all(BACKBONE_PRESETS[b] == {"released": UPSTREAM_PRESETS[b]} for b in UPSTREAM_PRESETS)
     assert count_parameters(UPSTREAM_PRESETS["swift"]) == RELEASED_COUNTS["swift"]
     assert count_parameters(UPSTREAM_PRESETS["neurostorm"]) == RELEASED_COUNTS["neurostorm-mae-released"]

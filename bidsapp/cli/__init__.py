@@ -1,8 +1,10 @@
 """Command-line interface: ``roimae BIDS_DIR OUTPUT_DIR {pretrain,participant,group} [options]``.
 
 Option names follow fMRIPrep / XCP-D (nipreps), including the underscore spellings
-(``--participant_label``). ``roimae demo OUT_DIR`` writes the synthetic demo dataset.
-Errors are one line on standard error with a BEP027 exit code; ``-vv`` adds the traceback.
+(``--participant_label``). ``roimae demo OUT_DIR`` writes the synthetic demo dataset;
+``roimae import-model CKPT OUTPUT_DIR --from {neurostorm,swift}`` imports an upstream checkpoint
+(:mod:`bidsapp.importer`). Errors are one line on standard error with a BEP027 exit code; ``-vv``
+adds the traceback.
 
 :mod:`bidsapp.cli.parser` turns the arguments into a :class:`~bidsapp.config.Config`,
 :mod:`bidsapp.levels` runs its level, and :mod:`bidsapp.cli.demo` is the ``roimae demo`` command.
@@ -10,6 +12,7 @@ Errors are one line on standard error with a BEP027 exit code; ``-vv`` adds the 
 
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 import traceback
@@ -17,17 +20,24 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from bidsapp.caches import prepare_caches
-from bidsapp.cli.parser import LEVELS, build_demo_parser, build_parser, config_from_args
+from bidsapp.cli.parser import (
+    LEVELS,
+    build_demo_parser,
+    build_import_parser,
+    build_parser,
+    config_from_args,
+)
 from bidsapp.config import check_paths
 from bidsapp.errors import (
     ExitCode,
     RoimaeError,
     Terminated,
+    UsageError,
     interruption_in,
     interruption_message,
 )
 
-__all__ = ["build_demo_parser", "build_parser", "config_from_args", "main"]
+__all__ = ["build_demo_parser", "build_import_parser", "build_parser", "config_from_args", "main"]
 
 
 def _raise_terminated(signum: int, frame: object) -> NoReturn:
@@ -59,6 +69,22 @@ def _interrupted(exc: KeyboardInterrupt) -> int:
     return int(code)
 
 
+def _import_model(args: argparse.Namespace) -> int:
+    """``roimae import-model``: the upstream checkpoint -> ``OUTPUT_DIR/models/desc-NAME``."""
+    if (args.atlas is None) != (args.atlas_labels is None):
+        raise UsageError("--atlas and --atlas-labels must be given together")
+    # Imported here, after parsing, as the demo's: torch and nibabel.
+    from bidsapp.atlas import load_atlas
+    from bidsapp.importer import import_model
+    from bidsapp.logs import setup_logging
+
+    setup_logging(args.verbosity)
+    atlas = load_atlas(args.atlas, args.atlas_labels)
+    import_model(args.checkpoint, args.output_dir.expanduser().absolute(), args.family, atlas=atlas,
+                 desc=args.desc, overwrite=args.overwrite)
+    return 0
+
+
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbosity = sum(a.count("v") for a in argv if a.startswith("-") and set(a[1:]) == {"v"})
@@ -72,6 +98,8 @@ def _main(argv: Sequence[str] | None) -> int:
             from bidsapp.cli.demo import run_demo
 
             return run_demo(args)
+        if argv and argv[0] == "import-model" and not (len(argv) >= 3 and argv[2] in LEVELS):
+            return _import_model(build_import_parser().parse_args(argv[1:]))
         config = config_from_args(build_parser().parse_args(argv))
         # Before bidsapp.levels imports matplotlib: a cache directory that is not writable (a
         # read-only /tmp) or another user's moves into the work directory, which must not be

@@ -24,13 +24,14 @@ from bidsapp.config import (
     DEFAULT_SPACES,
     LEVELS,
     MASKING_NAMES,
+    UPSTREAM_FAMILIES,
     Config,
     ModelConfig,
     PreprocessConfig,
 )
 from bidsapp.errors import ExitCode, UnknownLevelError, UsageError
 
-__all__ = ["LEVELS", "build_demo_parser", "build_parser", "config_from_args",
+__all__ = ["LEVELS", "build_demo_parser", "build_import_parser", "build_parser", "config_from_args",
            "default_omp_nthreads", "default_work_dir"]
 
 #: The work directory's name in OUTPUT_DIR when ``-w`` is not given.
@@ -140,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="roimae",
         description="roimae: ROI-guided masked autoencoder pretraining, embeddings and region "
-        "attribution for MNI-space fMRI (a BIDS-App). Use `roimae demo OUT_DIR` for a demo dataset.",
+        "attribution for MNI-space fMRI (a BIDS-App). Use `roimae demo OUT_DIR` for a demo dataset "
+        "and `roimae import-model CKPT OUTPUT_DIR --from neurostorm` to start from NeuroSTORM or "
+        "SwiFT.",
         formatter_class=_HelpFormatter,
     )
     parser.add_argument("bids_dir", type=Path, help="fMRIPrep derivatives, or a raw BIDS dataset "
@@ -196,11 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     mod = parser.add_argument_group("Model and masking")
     _option(mod, "model.backbone", "--backbone",
             help="encoder: swin4d (NeuroSTORM's shifted windows) or vit4d (plain ViT on the "
-            f"visible brain tokens, as MAE; default: {ModelConfig.DEFAULT_BACKBONE} for pretrain, "
-            "the model's backbone for participant)")
+            "visible brain tokens, as MAE); neurostorm and swift: the upstream networks, exactly "
+            f"(preset released; default: {ModelConfig.DEFAULT_BACKBONE} for pretrain, the model's "
+            "backbone for participant and with --init-from)")
     _option(mod, "model.preset", "--preset",
-            help=f"model size (base = NeuroSTORM; default: {ModelConfig.DEFAULT_PRESET} for "
-            "pretrain, the model's preset for participant)")
+            help=f"model size (base = NeuroSTORM's sizes; default: {ModelConfig.DEFAULT_PRESET} "
+            "for pretrain, the model's preset for participant and with --init-from)")
     _option(mod, "masking.masking", "--masking", help="masking strategy for pretraining")
     _option(mod, "masking.mask_ratio", *_both("mask-ratio"),
             help="fraction of regions (or tokens, see --mask-ratio-unit) to hide")
@@ -224,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     _option(tr, "pretrain.resume", "--resume", action="store_true",
             help="continue from the last checkpoint (refused for another seed, split of "
             "participants or set of input runs)")
+    _option(tr, "pretrain.init_from", *_both("init-from"), metavar="MODEL",
+            help="continue pretraining from this model (its folder, e.g. "
+            "OUTPUT_DIR/models/desc-neurostorm from `roimae import-model`, or its .safetensors): "
+            "its backbone, sizes, window length and TR, with this run's --masking")
     _option(tr, "pretrain.torch_compile", *_both("torch-compile"), action="store_true",
             help="compile the training step with torch.compile (pays off on CUDA over long runs; "
             "the first steps are slower while it compiles)")
@@ -233,8 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
             help="checkpoint (.safetensors with its .json sidecar); default: the one the "
             "pretrain level wrote in OUTPUT_DIR")
     _option(par, "participant.model_desc", *_both("model-desc"),
-            help="which pretrained model in OUTPUT_DIR (its masking, e.g. "
-            f"{', '.join(MASKING_NAMES[:2])})")
+            help="which model in OUTPUT_DIR (its masking, e.g. "
+            f"{', '.join(MASKING_NAMES[:2])}, or an imported model's desc, e.g. neurostorm)")
     _option(par, "participant.attribution", *_both("no-attribution"), action="store_false",
             help="embeddings only")
     _option(par, "participant.attribution_subsets", *_both("attribution-subsets"),
@@ -262,8 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     _option(grp, "group.n_permutations", *_both("n-permutations"),
             help="label permutations for the p-value (0: no p-value)")
     _option(grp, "group.compare", "--compare", nargs="+", metavar="SET",
-            help="score these feature sets on identical folds: model maskings (e.g. "
-            f"{' '.join(MASKING_NAMES[:2])}) and the baselines fc (functional connectivity), "
+            help="score these feature sets on identical folds: models by masking (e.g. "
+            f"{' '.join(MASKING_NAMES[:2])}) or desc (e.g. neurostorm, imported) and the "
+            "baselines fc (functional connectivity), "
             "tangent (tangent-space FC) and covariates (default: every model found, fc, "
             "tangent, and covariates when --covariates is given)")
     _option(grp, "group.features", "--features", nargs="+",
@@ -288,6 +297,32 @@ def build_demo_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="write into a non-empty OUT_DIR: files of the same names (the demo "
                         "dataset, an earlier demo's models and outputs) are replaced")
+    parser.add_argument("-v", "--verbose", dest="verbosity", action="count", default=0,
+                        help="more output (-vv also prints tracebacks)")
+    return parser
+
+
+def build_import_parser() -> argparse.ArgumentParser:
+    """Parser of ``roimae import-model CKPT OUTPUT_DIR --from {neurostorm,swift}``."""
+    parser = _Parser(prog="roimae import-model", description="Import a pretrained NeuroSTORM or "
+                     "SwiFT checkpoint (PyTorch Lightning .ckpt, read as plain data: nothing in it "
+                     "runs) as the roimae model OUTPUT_DIR/models/desc-NAME, which every level "
+                     "takes with --model-desc NAME.", formatter_class=_HelpFormatter)
+    parser.add_argument("checkpoint", type=Path, metavar="CKPT",
+                        help="the upstream checkpoint, e.g. pt_fmrifound_mae_ratio0.5.ckpt")
+    parser.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR",
+                        help="the roimae output directory the model goes into")
+    parser.add_argument("--from", dest="family", required=True, choices=UPSTREAM_FAMILIES,
+                        help="what the checkpoint holds")
+    parser.add_argument("--desc", metavar="NAME", default=None,
+                        help="the model's desc label (letters and digits; default: the family)")
+    parser.add_argument("--atlas", type=Path, default=None,
+                        help="parcellation image (MNI) for the model's region readouts and "
+                        "attribution, with --atlas-labels (default: AAL3)")
+    parser.add_argument("--atlas-labels", "--atlas_labels", dest="atlas_labels", type=Path,
+                        default=None, help="label table of --atlas")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a model folder of that name")
     parser.add_argument("-v", "--verbose", dest="verbosity", action="count", default=0,
                         help="more output (-vv also prints tracebacks)")
     return parser

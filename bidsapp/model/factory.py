@@ -7,7 +7,8 @@ import torch
 from bidsapp.model.mae import MaskedAutoencoder
 from bidsapp.model.presets import ModelPreset
 from bidsapp.model.swin4d import SwinMaskedAutoencoder
-from bidsapp.model.upstream_mae import NeuroSTORMAutoencoder, SwiFTEncoder
+from bidsapp.model.upstream import UpstreamConfig
+from bidsapp.model.upstream_mae import Background, NeuroSTORMAutoencoder, SwiFTEncoder, preset_for
 from bidsapp.model.vit4d import ViTMaskedAutoencoder
 
 #: The masked autoencoder class of each backbone (``ModelPreset.backbone``); swift and neurostorm
@@ -56,6 +57,28 @@ def build_model(preset: ModelPreset, *, norm_pix_loss: bool = False) -> MaskedAu
         raise ValueError(f"unknown backbone {preset.backbone!r}; choose one of "
                          f"{', '.join(BACKBONES)}") from None
     return cls(preset, norm_pix_loss=norm_pix_loss)
+
+
+def build_upstream_model(config: UpstreamConfig, *, norm_pix_loss: bool = False,
+                         background: Background = "min") -> MaskedAutoencoder:
+    """The masked autoencoder of an exact upstream network (an imported checkpoint's), fresh weights.
+
+    Parameters
+    ----------
+    config : UpstreamConfig
+        The SwiFT or NeuroSTORM network, on roimae's 96^3 cube.
+    norm_pix_loss : bool, default False
+        As :func:`build_model`.
+    background : {"min", "zero"}
+        The value of voxels outside the brain (:mod:`bidsapp.model.upstream_mae`).
+
+    Raises
+    ------
+    ValueError
+        If the network does not read the 96^3 cube (:func:`~.upstream_mae.preset_for`).
+    """
+    cls = BACKBONES[config.family]
+    return cls(preset_for(config), norm_pix_loss=norm_pix_loss, upstream=config, background=background)
 
 
 def count_parameters(preset: ModelPreset) -> int:

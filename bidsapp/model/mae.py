@@ -109,6 +109,11 @@ class MaskedAutoencoder(nn.Module, ABC):
         Reconstruct every token of every frame standardised over its brain voxels.
     """
 
+    #: Whether :meth:`forward` reconstructs hidden voxels (an encoder-only network cannot: it
+    #: embeds, and attribution measures occlusion alone; :attr:`no_decoder_reason` says why).
+    has_decoder: bool = True
+    no_decoder_reason: str | None = None
+
     def __init__(self, preset: ModelPreset, *, norm_pix_loss: bool = False):
         super().__init__()
         self.preset = preset

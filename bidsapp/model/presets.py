@@ -40,9 +40,11 @@ roi masking the encoder sees about 20% of the cube's tokens, some 1,500 per wind
 ``vit4d-tiny`` and 3,300 for ``small`` and ``base`` (2-frame tubelets, as mae_st, would make
 attention 6 times as costly).
 
-The released SwiFT and NeuroSTORM networks (:mod:`bidsapp.model.upstream_mae`) have presets of
-their own, :data:`UPSTREAM_PRESETS`, outside ``BACKBONE_PRESETS`` (the command line does not offer
-them yet): ``base``'s sizes on the 96^3 cube, which is what their checkpoints hold.
+The released SwiFT and NeuroSTORM networks (:mod:`bidsapp.model.upstream_mae`) have one preset
+each, ``released`` (:data:`UPSTREAM_PRESETS`, also in ``BACKBONE_PRESETS``): ``base``'s sizes on
+the 96^3 cube, which is what their checkpoints hold. A model imported with ``roimae import-model``
+is named ``released`` too, but its network is the one its checkpoint's ``hyper_parameters``
+describe (the sidecar's ``upstream.config``), whatever its sizes.
 """
 
 from __future__ import annotations
@@ -205,8 +207,9 @@ VIT4D_PRESETS: dict[str, ModelPreset] = {
     )
 }
 
-#: Every preset: ``BACKBONE_PRESETS[backbone][size]``.
-BACKBONE_PRESETS: dict[str, dict[str, ModelPreset]] = {"swin4d": PRESETS, "vit4d": VIT4D_PRESETS}
+#: The backbones of the upstream networks (their checkpoints are imported, not pretrained from
+#: nothing by default).
+UPSTREAM_BACKBONES = ("swift", "neurostorm")
 
 #: The released upstream networks (:mod:`bidsapp.model.upstream_mae`), by backbone: 96^3 cube,
 #: patches 6^3, base's widths, depths and 4x4x4x4 windows (heads unused by NeuroSTORM).
@@ -215,5 +218,11 @@ UPSTREAM_PRESETS: dict[str, ModelPreset] = {
         name="released", backbone=backbone, downsample=1, patch_size=6, embed_dim=36,
         depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=(4, 4, 4, 4),
     )
-    for backbone in ("swift", "neurostorm")
+    for backbone in UPSTREAM_BACKBONES
+}
+
+#: Every preset: ``BACKBONE_PRESETS[backbone][size]`` (the upstream backbones: ``released``).
+BACKBONE_PRESETS: dict[str, dict[str, ModelPreset]] = {
+    "swin4d": PRESETS, "vit4d": VIT4D_PRESETS,
+    **{backbone: {"released": preset} for backbone, preset in UPSTREAM_PRESETS.items()},
 }

@@ -214,6 +214,9 @@ class SwiFTEncoder(UpstreamAutoencoder):
     """SwiFT's encoder as a roimae model: embeddings only (see the module docstring)."""
 
     family = "swift"
+    has_decoder = False
+    no_decoder_reason = ("the swift model is SwiFT's encoder, which has no decoder: it cannot "
+                         "reconstruct hidden voxels, so no reconstruction error is measured")
 
     def _network(self, config: UpstreamConfig) -> SwiFT:
         return SwiFT(config)

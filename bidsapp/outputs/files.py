@@ -87,7 +87,8 @@ def find_model(output_dir: Path, masking: str | None = None) -> Path:
     ----------
     output_dir : Path
     masking : str, optional
-        The masking (or its ``desc`` label) of the model to take; needed when there are several.
+        The masking (or its ``desc`` label, or an imported model's ``desc``) of the model to take;
+        needed when there are several.
 
     Returns
     -------
@@ -106,8 +107,9 @@ def find_model(output_dir: Path, masking: str | None = None) -> Path:
     if masking is not None:
         found = [p for p in found if p.parent.name == f"desc-{masking_desc(masking)}"]
         if not found:
-            raise NoInputError(f"no model pretrained with masking {masking!r} in {models} (run the "
-                               f"pretrain level with --masking {masking}, or pass --model)")
+            raise NoInputError(f"no model desc-{masking_desc(masking)} in {models} (run the pretrain "
+                               f"level with --masking {masking}, import one with roimae "
+                               "import-model --desc, or pass --model)")
     if not found:
         raise NoInputError(f"no pretrained model in {models}: run `roimae BIDS_DIR OUTPUT_DIR "
                            "pretrain` first, or pass --model CHECKPOINT.safetensors")
