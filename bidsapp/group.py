@@ -37,10 +37,7 @@ from bidsapp.errors import BadDataError, NoInputError, UsageError
 from bidsapp.features import (
     EmbeddingSet,
     check_classes,
-    check_no_leakage,
-    covariate_set,
     load_feature_set,
-    read_targets,
     regions_note,
     wanted_sets,
 )
@@ -56,6 +53,7 @@ from bidsapp.outputs import (
     GroupOutputs,
     atlas_label,
 )
+from bidsapp.phenotypes import check_no_leakage, covariate_set, read_targets
 from bidsapp.reports import write_group_report
 
 log = get_logger("group")

@@ -35,9 +35,10 @@ from bidsapp.cli import build_parser, config_from_args, main
 from bidsapp.config import Config
 from bidsapp.demo import make_demo_dataset
 from bidsapp.errors import BadDataError, ExitCode
-from bidsapp.features import EmbeddingSet, read_targets, tangent_space
+from bidsapp.features import EmbeddingSet, tangent_space
 from bidsapp.logs import get_logger
 from bidsapp.outputs import RunOutputs, atlas_label
+from bidsapp.phenotypes import read_targets
 
 N_DIMS = 8
 N_PARTICIPANTS = 20
