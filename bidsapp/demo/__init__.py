@@ -4,8 +4,8 @@
 of ``AAL3v1_2mm.nii.gz``) that roimae can process and the BIDS validator accepts, and a truth record
 (``roimae_demo_truth.json``, listed in ``.bidsignore``) of everything planted.
 
-The signal model is :data:`SIGNAL_MODEL` (a constant, not this docstring, so that the truth
-record holds it under ``python -OO`` too).
+The signal model is :data:`~bidsapp.demo.signal.SIGNAL_MODEL` (:mod:`bidsapp.demo.signal`, with
+the constants and random courses it names); this module lays it out on the grid and writes it.
 """
 
 from __future__ import annotations
@@ -22,6 +22,33 @@ from scipy import ndimage, sparse
 
 from bidsapp._version import __version__
 from bidsapp.atlas import Atlas, load_atlas
+from bidsapp.demo.signal import (
+    ADHD_AMPLITUDE,
+    ADHD_REGIONS,
+    ADHD_SHIFT,
+    BASELINE,
+    COUPLED_REGIONS,
+    COUPLING,
+    COUPLING_WEIGHT,
+    COURSE_TAU_S,
+    DRIFT_SD,
+    FLUCTUATION,
+    LATTICE_VOXELS,
+    NETWORK_WEIGHT,
+    NETWORKS,
+    NOISE_ONLY,
+    NOISE_TAU_S,
+    OTHER_WEIGHT,
+    PROFILE_SD,
+    SCL_SLOPE,
+    SIGNAL_MODEL,
+    SITES,
+    ar1,
+    coupled_courses,
+    draw_coupling,
+    draw_participants,
+    lattice_upsampler,
+)
 from bidsapp.errors import UsageError
 from bidsapp.grid import MNI_2MM_AFFINE, MNI_2MM_SHAPE
 from bidsapp.io import atomic_path, atomic_write_text, ensure_dir, json_text
@@ -32,115 +59,10 @@ __all__ = ["ADHD_AMPLITUDE", "ADHD_REGIONS", "ADHD_SHIFT", "COUPLED_REGIONS", "C
 
 log = get_logger("demo")
 
-#: The signal model of the demo, written into the truth record as ``signal_model``.
-SIGNAL_MODEL = """\
-All randomness comes from one ``numpy.random.Generator(seed)``, except that of the coupling effect
-(below), which comes from a second one, ``Generator([seed, 1])``: adding it left every other label
-and voxel as it was. The brain mask is AAL3 > 0, closed and dilated by one voxel, holes filled
-(``scipy.ndimage``). Inside it, voxel ``v`` of a participant at frame ``t`` is::
-
-    y[v, t] = gain * scale[site] * b[v] * (1 + shift[v] + a[v] * f[v, t] + d[v] * r[t])
-              + sigma[site] * BASELINE * e[v, t]
-
-* ``b``: baseline, ``BASELINE`` (1000) times a smooth spatial profile (``1 + 0.01 * s``, shared by
-  all participants like anatomy, and weak so that the fluctuations dominate the z-scored signal);
-* ``f``: unit-variance fluctuation, ``sqrt(w) * c[source(v), t] + sqrt(1 - w) * n[v, t]``, where
-  ``c`` holds one time course per source and participant and ``n`` is smooth noise;
-
-  - the :data:`NETWORKS` (six sets of bilateral homologous AAL3 regions) each share one course
-    with ``w = 0.8``: a masked network region is predictable from its visible partners;
-  - :data:`NOISE_ONLY` regions have ``w = 0`` (independent smooth noise of the same variance:
-    unpredictable);
-  - each of the :data:`COUPLED_REGIONS` (five bilateral cortical pairs, ten regions) follows a
-    course of its own with ``w = 0.8``, which depends on the participant's ``coupling`` label
-    (the coupling effect below);
-  - every other voxel (other regions, in-mask background) follows a global course with ``w = 0.3``;
-
-* temporal structure: courses and lattice noise are AR(1) processes with coefficients
-  ``exp(-TR / 6 s)`` (courses) and ``exp(-TR / 3 s)`` (noise), not white, each standardized over
-  the run (mean 0, SD 1): a voxel's run mean is exactly ``b * (1 + shift)`` and amplitudes exact;
-* spatial structure: ``n`` and ``s`` are white noise on a 6 mm lattice interpolated trilinearly
-  (a triangle kernel, FWHM 6 mm) and rescaled to unit variance at every voxel;
-* ``a``: fluctuation amplitude, 2 % of baseline; ``d * r``: a slow linear drift (``r`` runs from
-  -0.5 to 0.5 over the run, ``d`` a smooth field with SD 0.5 %);
-* ADHD effect: in the :data:`ADHD_REGIONS` of participants with diagnosis ``adhd`` the amplitude
-  ``a`` is multiplied by :data:`ADHD_AMPLITUDE` (1.5) and the baseline shifted by
-  ``shift = ADHD_SHIFT`` (+1 %); ``shift = 0`` elsewhere and in controls;
-* coupling effect, a covariance-only group difference: each participant has a second label,
-  ``coupling`` (``coupled`` or ``uncoupled``), balanced within every diagnosis x site cell (as far
-  as the cell sizes allow), hence independent of both by design. In ``uncoupled`` participants the
-  courses of the ten :data:`COUPLED_REGIONS` are independent of each other and of every other
-  course; in ``coupled`` participants each is ``sqrt(COUPLING) * g + sqrt(1 - COUPLING) * own``,
-  standardized again, where ``g`` is the participant's global course (the one the background
-  follows). Any two of the ten courses then correlate by :data:`COUPLING` (0.7) in expectation
-  (their region means by about as much), and each correlates with the background's course by
-  ``sqrt(COUPLING)``: the effect reaches the ten regions' connectivity with each other and with
-  the ~90 background regions, so whole-brain connectivity shows it. Every voxel keeps its mean and
-  its fluctuation amplitude (each course has run mean 0 and SD 1 in both groups): only covariance
-  differs, which a mean over tokens and frames cannot see;
-* site and participant: a global ``scale`` per site (1.0, 1.15), a thermal white noise ``e`` of SD
-  ``sigma`` (0.3 %, 0.6 % of ``BASELINE``) per site, and a participant ``gain`` ~ N(1, 0.03).
-
-Values are stored as int16 with ``scl_slope`` 0.5 (as fMRIPrep's int16 outputs carry a slope);
-voxels outside the mask are 0.
-"""
-
 TASK = "rest"
 SPACE = "MNI152NLin6Asym"
 RES = "2"
 TRUTH_FILE = "roimae_demo_truth.json"
-
-BASELINE = 1000.0
-PROFILE_SD = 0.01
-FLUCTUATION = 0.02
-DRIFT_SD = 0.005
-NETWORK_WEIGHT = 0.8
-OTHER_WEIGHT = 0.3
-COURSE_TAU_S = 6.0
-NOISE_TAU_S = 3.0
-LATTICE_VOXELS = 3  # 6 mm lattice for smooth fields
-GAIN_SD = 0.03
-SITES = {"siteA": {"scale": 1.0, "thermal_noise": 0.003},
-         "siteB": {"scale": 1.15, "thermal_noise": 0.006}}
-DIAGNOSES = ("control", "adhd")
-SCL_SLOPE = 0.5
-
-ADHD_AMPLITUDE = 1.5
-ADHD_SHIFT = 0.01
-COUPLINGS = ("uncoupled", "coupled")
-#: In ``coupled`` participants: the variance share of the global course in a coupled region's
-#: course, hence the expected correlation between the courses of two coupled regions.
-COUPLING = 0.7
-#: Variance share of a coupled region's course (the networks' share: region means follow it).
-COUPLING_WEIGHT = NETWORK_WEIGHT
-
-
-def _bilateral(*stems: str) -> tuple[str, ...]:
-    return tuple(f"{stem}_{side}" for stem in stems for side in ("L", "R"))
-
-
-#: Regions sharing one strong time course per participant.
-NETWORKS: dict[str, tuple[str, ...]] = {
-    "default_mode": _bilateral("Cingulate_Post", "Precuneus", "Angular", "Frontal_Sup_Medial"),
-    "visual": _bilateral("Calcarine", "Cuneus", "Lingual", "Occipital_Sup"),
-    "sensorimotor": _bilateral("Precentral", "Postcentral", "Supp_Motor_Area",
-                               "Paracentral_Lobule"),
-    "auditory": _bilateral("Heschl", "Temporal_Sup", "Rolandic_Oper"),
-    "limbic": _bilateral("Hippocampus", "ParaHippocampal", "Amygdala"),
-    "cerebellar": _bilateral("Cerebelum_Crus1", "Cerebelum_Crus2", "Cerebelum_6"),
-}
-#: Regions carrying only independent smooth noise (spread over the lobes).
-NOISE_ONLY: tuple[str, ...] = _bilateral(
-    "Frontal_Inf_Tri", "Frontal_Inf_Orb_2", "OFClat", "Temporal_Inf", "Temporal_Pole_Mid",
-    "SupraMarginal", "Occipital_Inf", "Putamen", "Cerebelum_7b", "Cerebelum_8",
-)
-#: Regions where ``adhd`` participants differ (limbic and cerebellar, as in Doodipala et al.).
-ADHD_REGIONS: tuple[str, ...] = _bilateral("Hippocampus", "Amygdala", "Cerebelum_Crus1")
-#: Regions whose courses correlate in ``coupled`` participants only: large cortical regions outside
-#: the networks, noise-only and ADHD regions, each owning at least 8 tokens of the ``tiny`` grid.
-COUPLED_REGIONS: tuple[str, ...] = _bilateral(
-    "Frontal_Sup_2", "Frontal_Mid_2", "Parietal_Sup", "Temporal_Mid", "Occipital_Mid",
-)
 
 
 @dataclass(frozen=True)
@@ -206,8 +128,8 @@ def make_demo_dataset(out_dir: Path, *, n_participants: int = 24, n_frames: int 
     coupling_rng = np.random.default_rng([seed, 1])
     labels = atlas.resample_to(MNI_2MM_SHAPE, MNI_2MM_AFFINE)  # (91, 109, 91) label values
     layout = _layout(rng, atlas, labels)
-    participants = _participants(rng, n_participants)
-    participants["coupling"] = _coupling(coupling_rng, participants)
+    participants = draw_participants(rng, n_participants)
+    participants["coupling"] = draw_coupling(coupling_rng, participants)
     truth = _truth(atlas, seed, n_frames, repetition_time, participants)
     for row in participants.itertuples():
         bold = _participant_bold(rng, coupling_rng, layout, row.diagnosis, row.coupling,
@@ -234,33 +156,6 @@ def _brain_mask(labels: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(ndimage.binary_dilation(mask, structure))
 
 
-def _lattice_upsampler(shape: tuple[int, ...], voxels: np.ndarray,
-                       step: int) -> sparse.csr_matrix:
-    """Trilinear interpolation from a ``step``-voxel lattice to the given voxels.
-
-    Each row is divided by its norm, so white unit-variance lattice noise becomes unit-variance
-    voxel noise everywhere (a node and a point between nodes alike).
-    """
-    voxels = np.column_stack(np.unravel_index(voxels, shape, order="F"))  # (V, 3)
-    lattice_shape = tuple(int(n) // step + 2 for n in shape)
-    position = voxels / step
-    base = np.floor(position).astype(np.int64)
-    frac = position - base
-    rows, cols, vals = [], [], []
-    for corner in np.ndindex(2, 2, 2):
-        offset = np.array(corner)
-        weight = np.prod(np.where(offset == 1, frac, 1 - frac), axis=1)  # (V,)
-        rows.append(np.arange(len(voxels)))
-        cols.append(np.ravel_multi_index((base + offset).T, lattice_shape))
-        vals.append(weight)
-    matrix = sparse.csr_matrix(
-        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-        shape=(len(voxels), int(np.prod(lattice_shape))),
-    )
-    norms = np.sqrt(matrix.multiply(matrix).sum(axis=1)).A1
-    return sparse.csr_matrix(sparse.diags(1 / norms) @ matrix, dtype=np.float32)
-
-
 def _layout(rng: np.random.Generator, atlas: Atlas, labels: np.ndarray) -> _Layout:
     mask = _brain_mask(labels)
     # Fortran order, NIfTI's: a run is then written without transposing the volume.
@@ -278,91 +173,12 @@ def _layout(rng: np.random.Generator, atlas: Atlas, labels: np.ndarray) -> _Layo
         source[coupled] = len(NETWORKS) + 1 + j
         weight[coupled] = COUPLING_WEIGHT
     planted = np.isin(voxel_labels, _region_indices(atlas, ADHD_REGIONS))
-    upsample = _lattice_upsampler(mask.shape, voxels, LATTICE_VOXELS)
+    upsample = lattice_upsampler(mask.shape, voxels, LATTICE_VOXELS)
     profile = upsample @ rng.standard_normal(upsample.shape[1], dtype=np.float32)
     drift = upsample @ rng.standard_normal(upsample.shape[1], dtype=np.float32)
     return _Layout(mask=mask, voxels=voxels, source=source, weight=weight, planted=planted,
                    upsample=upsample, baseline=BASELINE * (1 + PROFILE_SD * profile),
                    drift=DRIFT_SD * drift)
-
-
-def _participants(rng: np.random.Generator, n: int) -> pd.DataFrame:
-    """Balanced diagnoses and sites (each site gets both diagnoses), shuffled."""
-    cells = [(DIAGNOSES[i % 2], list(SITES)[(i // 2) % 2]) for i in range(n)]
-    order = rng.permutation(n)
-    width = max(2, len(str(n)))
-    return pd.DataFrame({
-        "participant_id": [f"sub-{i + 1:0{width}d}" for i in range(n)],
-        "diagnosis": [cells[j][0] for j in order],
-        "age": rng.integers(7, 18, size=n),
-        "sex": rng.choice(["M", "F"], size=n),
-        "site": [cells[j][1] for j in order],
-        "gain": np.round(1 + GAIN_SD * rng.standard_normal(n), 4),
-    })
-
-
-def _coupling(rng: np.random.Generator, participants: pd.DataFrame) -> list[str]:
-    """Balanced ``coupling`` labels, balanced within every diagnosis x site cell where sizes allow.
-
-    The participants are walked cell by cell (members shuffled), alternating the two labels from a
-    random first one. The cells are visited so that consecutive cells share a diagnosis or a site
-    (control/A, control/B, adhd/B, adhd/A): with one participant per cell, the two coupled
-    participants then differ in diagnosis and in site instead of sharing one of them.
-    """
-    sites = list(SITES)
-    cells = [(DIAGNOSES[0], sites[0]), (DIAGNOSES[0], sites[1]),
-             (DIAGNOSES[1], sites[1]), (DIAGNOSES[1], sites[0])]
-    order = np.concatenate([
-        rng.permutation(np.flatnonzero((participants["diagnosis"] == diagnosis).to_numpy()
-                                       & (participants["site"] == site).to_numpy()))
-        for diagnosis, site in cells
-    ])
-    first = int(rng.integers(2))
-    labels = [""] * len(participants)
-    for position, i in enumerate(order):
-        labels[i] = COUPLINGS[(first + position) % 2]
-    return labels
-
-
-def _ar1(rng: np.random.Generator, n: int, n_frames: int, phi: float) -> np.ndarray:
-    """(n, n_frames) float32 AR(1) series, each standardized over the run (mean 0, SD 1)."""
-    series = rng.standard_normal((n, n_frames), dtype=np.float32)  # innovations, then in place
-    scale = np.float32(np.sqrt(1 - phi**2))
-    for t in range(1, n_frames):
-        series[:, t] = phi * series[:, t - 1] + scale * series[:, t]
-    # Zero run mean makes a voxel's run mean exactly its baseline; unit SD makes amplitudes exact.
-    series -= series.mean(axis=1, keepdims=True)
-    series /= series.std(axis=1, keepdims=True)
-    return series
-
-
-def _coupled_courses(rng: np.random.Generator, coupling: str, global_course: np.ndarray,
-                     phi: float) -> np.ndarray:
-    """(len(COUPLED_REGIONS), T) courses: independent, or sharing the global course if ``coupled``.
-
-    Both groups draw the same numbers (one course per region), so the stream does not depend on
-    the labels, and every course is standardized: only the covariance differs.
-
-    Parameters
-    ----------
-    rng : numpy.random.Generator
-        The coupling effect's generator.
-    coupling : str
-        ``coupled`` or ``uncoupled``.
-    global_course : ndarray, shape (1, T)
-        The participant's global course (standardized), shared with the background.
-    phi : float
-        AR(1) coefficient of the courses.
-    """
-    own = _ar1(rng, len(COUPLED_REGIONS), global_course.shape[1], phi)
-    if coupling == "uncoupled":
-        return own
-    mixed = np.sqrt(COUPLING, dtype=np.float32) * global_course + np.sqrt(1 - COUPLING,
-                                                                          dtype=np.float32) * own
-    # The sample correlation of g and own is not exactly 0: restore run mean 0, SD 1.
-    mixed -= mixed.mean(axis=1, keepdims=True)
-    mixed /= mixed.std(axis=1, keepdims=True)
-    return mixed
 
 
 def _participant_bold(rng: np.random.Generator, coupling_rng: np.random.Generator,
@@ -374,9 +190,9 @@ def _participant_bold(rng: np.random.Generator, coupling_rng: np.random.Generato
     touched by few in-place operations: this is most of the demo's run time.
     """
     phi = np.exp(-repetition_time / COURSE_TAU_S)
-    courses = _ar1(rng, len(NETWORKS) + 1, n_frames, phi)  # global course, then the networks'
-    courses = np.concatenate([courses, _coupled_courses(coupling_rng, coupling, courses[:1], phi)])
-    lattice_noise = _ar1(rng, layout.upsample.shape[1], n_frames,
+    courses = ar1(rng, len(NETWORKS) + 1, n_frames, phi)  # global course, then the networks'
+    courses = np.concatenate([courses, coupled_courses(coupling_rng, coupling, courses[:1], phi)])
+    lattice_noise = ar1(rng, layout.upsample.shape[1], n_frames,
                          np.exp(-repetition_time / NOISE_TAU_S))
     planted = layout.planted & (diagnosis == "adhd")
     scaled = (gain * site["scale"]) * layout.baseline  # (V,) g * scale * b
