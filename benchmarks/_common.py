@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -73,9 +75,20 @@ def best_of(repeats: int, fn: Callable[..., dict], *args: Any) -> dict:
     return {**best, "repeats": repeats}
 
 
+def _json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinities as ``None`` (JSON has no such numbers)."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
 def emit(record: dict[str, Any]) -> None:
-    """Print one measurement as a JSON object on one line."""
-    print(json.dumps({**record, "machine": machine()}, default=float), flush=True)
+    """Print one measurement as a JSON object on one line (a value that is not finite as null)."""
+    print(json.dumps(_json_safe({**record, "machine": machine()}), default=float), flush=True)
 
 
 def step_seconds(model: torch.nn.Module, masking: Callable, optimizer: torch.optim.Optimizer,

@@ -29,7 +29,8 @@ RUN_FILES = (
     *(f"{{sub}}_{ENTITIES}_desc-roi_{name}" for name in (
         "embedding.tsv", "embedding.json", "stat-mean_embedding.tsv", "stat-mean_embedding.json")),
     *(f"{{sub}}_{ATLAS_ENTITIES}_desc-roi_{name}" for name in (
-        "stat-occluded_embedding.tsv", "attribution.tsv", "stat-bygroup_attribution.tsv",
+        "stat-occluded_embedding.tsv", "attribution.tsv", "attribution.json",
+        "stat-bygroup_attribution.tsv",
         "stat-reconerror_boldmap.nii.gz", "stat-reconerror_boldmap.json",
         "stat-occlusion_boldmap.nii.gz", "stat-occlusion_boldmap.json")),
     # The region readouts, and the connectivity baseline (no desc: it does not depend on the model).
@@ -79,7 +80,7 @@ def test_every_job_finishes_with_all_its_outputs(array_output) -> None:
         table = pd.read_csv(func / RUN_FILES[5].format(sub=f"sub-{label}"), sep="\t",
                             na_values="n/a")
         assert len(table) == 166
-        assert nib.load(func / RUN_FILES[7].format(sub=f"sub-{label}")).shape == (91, 109, 91)
+        assert nib.load(func / RUN_FILES[8].format(sub=f"sub-{label}")).shape == (91, 109, 91)
     assert sorted(p.name for p in out.rglob("*.tmp*")) == []
     # Every job kept its own log and configuration.
     assert len(list((out / "logs").glob("roimae-participant-*_config.json"))) == N_JOBS
