@@ -23,20 +23,29 @@ from scipy import ndimage, sparse
 from bidsapp import __version__
 from bidsapp.atlas import Atlas, load_atlas
 from bidsapp.errors import UsageError
-from bidsapp.grid import MNI_2MM_AFFINE, MNI_2MM_SHAPE
+from bidsapp.grid import (
+    CUBE_OFFSET,
+    CUBE_SHAPE,
+    MNI_2MM_AFFINE,
+    MNI_2MM_SHAPE,
+    cube_affine,
+    to_cube,
+)
 from bidsapp.io import atomic_path, atomic_write_text, ensure_dir, json_text
 from bidsapp.logs import get_logger
 
 __all__ = ["ADHD_AMPLITUDE", "ADHD_REGIONS", "ADHD_SHIFT", "COUPLED_REGIONS", "COUPLING", "NETWORKS",
-           "NOISE_ONLY", "SIGNAL_MODEL", "make_demo_dataset"]
+           "NOISE_ONLY", "SIGNAL_MODEL", "SPLIT_REGIONS", "SPLIT_SHARE", "Split", "make_demo_dataset",
+           "split_halves"]
 
 log = get_logger("demo")
 
 #: The signal model of the demo, written into the truth record as ``signal_model``.
 SIGNAL_MODEL = """\
 All randomness comes from one ``numpy.random.Generator(seed)``, except that of the coupling effect
-(below), which comes from a second one, ``Generator([seed, 1])``: adding it left every other label
-and voxel as it was. The brain mask is AAL3 > 0, closed and dilated by one voxel, holes filled
+(below), which comes from a second one, ``Generator([seed, 1])``, and that of the subregional
+effect, from a third, ``Generator([seed, 2])``: adding each left every other label and voxel as it
+was. The brain mask is AAL3 > 0, closed and dilated by one voxel, holes filled
 (``scipy.ndimage``). Inside it, voxel ``v`` of a participant at frame ``t`` is::
 
     y[v, t] = gain * scale[site] * b[v] * (1 + shift[v] + a[v] * f[v, t] + d[v] * r[t])
@@ -78,6 +87,31 @@ and voxel as it was. The brain mask is AAL3 > 0, closed and dilated by one voxel
   the ~90 background regions, so whole-brain connectivity shows it. Every voxel keeps its mean and
   its fluctuation amplitude (each course has run mean 0 and SD 1 in both groups): only covariance
   differs, which a mean over tokens and frames cannot see;
+* subregional effect, structure inside regions that region means cannot see: a third label,
+  ``subregional`` (``whole`` or ``split``), balanced within every diagnosis x site x coupling cell
+  as far as the cell sizes allow (the cells are walked in a Gray-code order), hence independent of
+  the other three. Each of the four :data:`SPLIT_REGIONS` (large regions outside the networks,
+  noise-only, ADHD and coupled regions) is cut in two by a plane of the ``tiny`` token grid (16 mm
+  tokens of the 96^3 cube): of the planes at multiples of 8 cube voxels along x, y or z, the one
+  that halves the region's *core* most evenly (:func:`split_halves`). The core is the region's
+  voxels whose 4 mm cell (2 x 2 x 2 cube voxels, a working voxel of ``tiny``) lies wholly in the
+  region, so that no neighbouring region shares a cell with it at 4 mm either. In ``split``
+  participants, with ``k = SPLIT_SHARE`` (0.5), the own noise ``n`` of the core voxels of half
+  ``H`` becomes::
+
+      m_H[t] + sqrt(1 - k * h_H**2) * (n[v, t] - m_H[t]) + sqrt(k) * h_H * s[t]
+
+  where ``m_H`` is the half's baseline-weighted mean noise, ``s`` a course of the region's own
+  (AR(1), standardized, drawn for every participant so the stream does not depend on the labels),
+  and ``h_A = +sqrt(W_B / W_A)``, ``h_B = -sqrt(W_A / W_B)`` with ``W_H`` the half's summed
+  baseline ``b``. The two halves then carry ``+s`` and ``-s`` in opposite phase, weighted so that
+  the sum of the change over the region's voxels is exactly 0 at every frame: **the region's mean
+  time series is unchanged** (at 2 mm, and at 4 mm, where every cell of the core is wholly the
+  region's), as are every voxel's mean and, in expectation, its variance (up to a factor
+  ``1 + k * h_H**2 * var(m_H)`` on that of its own noise; ``var(m_H)`` is 5 to 9 %, so at most
+  +4 % of a voxel's fluctuation variance). Region means, their correlations and their
+  tangent-space covariances are blind to it by construction; the covariance between the region's
+  tokens is not (the halves anti-correlate, each half's tokens correlate more with each other);
 * site and participant: a global ``scale`` per site (1.0, 1.15), a thermal white noise ``e`` of SD
   ``sigma`` (0.3 %, 0.6 % of ``BASELINE``) per site, and a participant ``gain`` ~ N(1, 0.03).
 
@@ -113,6 +147,14 @@ COUPLINGS = ("uncoupled", "coupled")
 COUPLING = 0.7
 #: Variance share of a coupled region's course (the networks' share: region means follow it).
 COUPLING_WEIGHT = NETWORK_WEIGHT
+SPLITS = ("whole", "split")
+#: In ``split`` participants: the share of the variance of a core voxel's own noise that the
+#: halves' opposite courses replace (scaled by ``h**2`` per half, see :data:`SIGNAL_MODEL`).
+SPLIT_SHARE = 0.5
+#: Edge of the token grid the split planes lie on, in 2 mm cube voxels (the ``tiny`` preset's
+#: tokens: patch 4 x downsample 2), and of the cells the core is made of (its working voxels).
+SPLIT_TOKEN_EDGE = 8
+SPLIT_CELL_EDGE = 2
 
 
 def _bilateral(*stems: str) -> tuple[str, ...]:
@@ -141,6 +183,49 @@ ADHD_REGIONS: tuple[str, ...] = _bilateral("Hippocampus", "Amygdala", "Cerebelum
 COUPLED_REGIONS: tuple[str, ...] = _bilateral(
     "Frontal_Sup_2", "Frontal_Mid_2", "Parietal_Sup", "Temporal_Mid", "Occipital_Mid",
 )
+#: Regions split in two halves of opposite courses in ``split`` participants: four of the largest
+#: regions outside the sets above (in four lobes, both hemispheres), each with 6 to 10 tokens of
+#: the ``tiny`` grid per half.
+SPLIT_REGIONS: tuple[str, ...] = ("Fusiform_R", "Parietal_Inf_L", "Cingulate_Mid_R", "Insula_L")
+
+
+@dataclass(frozen=True)
+class Split:
+    """One region of :data:`SPLIT_REGIONS` cut in two halves by a token plane (its core only).
+
+    Attributes
+    ----------
+    name : str
+    axis : int
+        0, 1 or 2: the axis (x, y, z of the voxel grids) the plane is normal to.
+    plane : int
+        The plane lies before this cube voxel index along ``axis``: half A holds the core voxels of
+        cube index ``< plane``, half B the others.
+    plane_mm : float
+        The plane's MNI coordinate along ``axis`` (mm).
+    half_a, half_b : ndarray of int
+        Fortran-order flat indices, on the MNI 2 mm grid, of the core voxels of each half.
+    tokens : tuple of int
+        The ``tiny`` tokens each half's core voxels lie in.
+    """
+
+    name: str
+    axis: int
+    plane: int
+    plane_mm: float
+    half_a: np.ndarray
+    half_b: np.ndarray
+    tokens: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class _SplitRows:
+    """The rows (among the V brain voxels) of one split region's halves and their weights h."""
+
+    half_a: np.ndarray  # (K_A,) int rows of half A
+    half_b: np.ndarray  # (K_B,) int rows of half B
+    h_a: float          # +sqrt(W_B / W_A)
+    h_b: float          # -sqrt(W_A / W_B)
 
 
 @dataclass(frozen=True)
@@ -152,6 +237,7 @@ class _Layout:
     source: np.ndarray      # (V,) int: 0 global course, k = 1..6 network k, 7 + j coupled region j
     weight: np.ndarray      # (V,) float32 variance share of the source course (w)
     planted: np.ndarray     # (V,) bool: voxel of an ADHD region
+    split_rows: tuple[_SplitRows, ...]  # one per SPLIT_REGIONS region
     upsample: sparse.csr_matrix  # (V, L) lattice -> voxel, rows scaled to unit output variance
     baseline: np.ndarray    # (V,) float32 b
     drift: np.ndarray       # (V,) float32 d
@@ -171,12 +257,14 @@ def make_demo_dataset(out_dir: Path, *, n_participants: int = 24, n_frames: int 
     n_frames : int
         Frames per run (at least 2).
     seed : int
-        Seed of the random generators (the main one and the coupling effect's).
+        Seed of the random generators (the main one, the coupling effect's and the subregional
+        effect's).
     repetition_time : float
         TR in seconds.
     atlas : Atlas, optional
         An AAL3 atlas (default: :func:`bidsapp.atlas.load_atlas`); it must name every region
-        of :data:`NETWORKS`, :data:`NOISE_ONLY`, :data:`ADHD_REGIONS` and :data:`COUPLED_REGIONS`.
+        of :data:`NETWORKS`, :data:`NOISE_ONLY`, :data:`ADHD_REGIONS`, :data:`COUPLED_REGIONS`
+        and :data:`SPLIT_REGIONS`.
 
     Returns
     -------
@@ -202,19 +290,23 @@ def make_demo_dataset(out_dir: Path, *, n_participants: int = 24, n_frames: int 
     atlas = atlas if atlas is not None else load_atlas()
     out_dir = ensure_dir(Path(out_dir))
     rng = np.random.default_rng(seed)
-    # A second stream for the coupling effect: the first one draws exactly what it drew before.
+    # A stream per later effect: the first one draws exactly what it drew before each was added.
     coupling_rng = np.random.default_rng([seed, 1])
+    split_rng = np.random.default_rng([seed, 2])
     labels = atlas.resample_to(MNI_2MM_SHAPE, MNI_2MM_AFFINE)  # (91, 109, 91) label values
-    layout = _layout(rng, atlas, labels)
+    splits = split_halves(atlas, labels)
+    layout = _layout(rng, atlas, labels, splits)
     participants = _participants(rng, n_participants)
     participants["coupling"] = _coupling(coupling_rng, participants)
-    truth = _truth(atlas, seed, n_frames, repetition_time, participants)
+    participants["subregional"] = _subregional(split_rng, participants)
+    truth = _truth(atlas, seed, n_frames, repetition_time, participants, splits, layout)
     for row in participants.itertuples():
-        bold = _participant_bold(rng, coupling_rng, layout, row.diagnosis, row.coupling,
-                                 SITES[row.site], row.gain, n_frames, repetition_time)
+        bold = _participant_bold(rng, coupling_rng, split_rng, layout, row.diagnosis, row.coupling,
+                                 row.subregional, SITES[row.site], row.gain, n_frames,
+                                 repetition_time)
         _write_run(out_dir, row.participant_id, layout, bold, repetition_time)
-        log.debug("demo: wrote %s (%s, %s, %s)", row.participant_id, row.diagnosis, row.coupling,
-                  row.site)
+        log.debug("demo: wrote %s (%s, %s, %s, %s)", row.participant_id, row.diagnosis,
+                  row.coupling, row.subregional, row.site)
     _write_metadata(out_dir, participants.drop(columns="gain"), truth)
     return truth
 
@@ -261,7 +353,64 @@ def _lattice_upsampler(shape: tuple[int, ...], voxels: np.ndarray,
     return sparse.csr_matrix(sparse.diags(1 / norms) @ matrix, dtype=np.float32)
 
 
-def _layout(rng: np.random.Generator, atlas: Atlas, labels: np.ndarray) -> _Layout:
+def split_halves(atlas: Atlas, labels: np.ndarray | None = None) -> list[Split]:
+    """The two halves of the core of every region of :data:`SPLIT_REGIONS`.
+
+    The core of a region is its voxels whose 4 mm cell (``SPLIT_CELL_EDGE^3`` voxels of the 96^3
+    cube) lies wholly in the region. Of the planes between tokens of the ``tiny`` grid (every
+    ``SPLIT_TOKEN_EDGE`` cube voxels) along x, y and z that cut the core, the one leaving the
+    most equal halves is taken (ties: the first axis, then the lowest plane).
+
+    Parameters
+    ----------
+    atlas : Atlas
+        An AAL3 atlas naming every region of :data:`SPLIT_REGIONS`.
+    labels : ndarray, shape (91, 109, 91), optional
+        The atlas's label values on the MNI 2 mm grid (default: resampled from ``atlas``).
+
+    Returns
+    -------
+    list of Split
+        In the order of :data:`SPLIT_REGIONS`.
+
+    Raises
+    ------
+    UsageError
+        A region is missing from the atlas, or has no core a token plane cuts.
+    """
+    if labels is None:
+        labels = atlas.resample_to(MNI_2MM_SHAPE, MNI_2MM_AFFINE)
+    cube = to_cube(np.asarray(labels).astype(np.int64), fill=0)  # (96, 96, 96) label values
+    e, n = SPLIT_CELL_EDGE, CUBE_SHAPE[0] // SPLIT_CELL_EDGE
+    cells = cube.reshape(n, e, n, e, n, e)
+    first = cells[:, :1, :, :1, :, :1]
+    pure = (cells == first).all(axis=(1, 3, 5))                                 # (n, n, n)
+    core = np.where(pure, first[:, 0, :, 0, :, 0], 0)
+    core = core.repeat(e, axis=0).repeat(e, axis=1).repeat(e, axis=2)          # (96, 96, 96)
+    affine = cube_affine()
+    splits = []
+    for name, index in zip(SPLIT_REGIONS, _region_indices(atlas, SPLIT_REGIONS), strict=True):
+        where = np.argwhere(core == index)                                      # (K, 3) cube
+        planes = [(axis, plane) for axis in range(3)
+                  for plane in range(SPLIT_TOKEN_EDGE, CUBE_SHAPE[axis], SPLIT_TOKEN_EDGE)
+                  if len(where) and where[:, axis].min() < plane <= where[:, axis].max()]
+        if not planes:
+            raise UsageError(f"region {name} of atlas {atlas.name} has no core that a token "
+                             "plane cuts: the demo needs an AAL3 atlas")
+        axis, plane = min(planes, key=lambda ap: abs(2 * int((where[:, ap[0]] < ap[1]).sum())
+                                                     - len(where)))
+        below = where[:, axis] < plane
+        flat = [np.sort(np.ravel_multi_index((where[side] - np.asarray(CUBE_OFFSET)).T,
+                                             MNI_2MM_SHAPE, order="F")) for side in (below, ~below)]
+        tokens = tuple(len(np.unique(where[side] // SPLIT_TOKEN_EDGE, axis=0))
+                       for side in (below, ~below))
+        plane_mm = float(affine[axis, axis] * (plane - 0.5) + affine[axis, 3])
+        splits.append(Split(name, axis, plane, plane_mm, flat[0], flat[1], tokens))
+    return splits
+
+
+def _layout(rng: np.random.Generator, atlas: Atlas, labels: np.ndarray,
+            splits: list[Split]) -> _Layout:
     mask = _brain_mask(labels)
     # Fortran order, NIfTI's: a run is then written without transposing the volume.
     voxels = np.flatnonzero(mask.ravel(order="F"))
@@ -281,8 +430,16 @@ def _layout(rng: np.random.Generator, atlas: Atlas, labels: np.ndarray) -> _Layo
     upsample = _lattice_upsampler(mask.shape, voxels, LATTICE_VOXELS)
     profile = upsample @ rng.standard_normal(upsample.shape[1], dtype=np.float32)
     drift = upsample @ rng.standard_normal(upsample.shape[1], dtype=np.float32)
+    baseline = BASELINE * (1 + PROFILE_SD * profile)
+    split_rows = []
+    for split in splits:
+        rows_a, rows_b = np.searchsorted(voxels, split.half_a), np.searchsorted(voxels, split.half_b)
+        w_a, w_b = (float(baseline[rows].sum(dtype=np.float64)) for rows in (rows_a, rows_b))
+        split_rows.append(_SplitRows(rows_a, rows_b, np.sqrt(w_b / w_a), -np.sqrt(w_a / w_b)))
+        if SPLIT_SHARE * max(w_a / w_b, w_b / w_a) > 1:
+            raise UsageError(f"region {split.name}: halves too unequal for SPLIT_SHARE")
     return _Layout(mask=mask, voxels=voxels, source=source, weight=weight, planted=planted,
-                   upsample=upsample, baseline=BASELINE * (1 + PROFILE_SD * profile),
+                   split_rows=tuple(split_rows), upsample=upsample, baseline=baseline,
                    drift=DRIFT_SD * drift)
 
 
@@ -321,6 +478,32 @@ def _coupling(rng: np.random.Generator, participants: pd.DataFrame) -> list[str]
     labels = [""] * len(participants)
     for position, i in enumerate(order):
         labels[i] = COUPLINGS[(first + position) % 2]
+    return labels
+
+
+def _subregional(rng: np.random.Generator, participants: pd.DataFrame) -> list[str]:
+    """Balanced ``subregional`` labels, balanced within diagnosis x site x coupling cells.
+
+    As :func:`_coupling`, one level to three factors: the participants are walked cell by cell
+    (members shuffled), alternating the two labels from a random first one, the cells visited in
+    a Gray-code order of (diagnosis, site, coupling), so that consecutive cells differ in one
+    factor. With equal cells of odd size (3 each for 24 participants), every level of every
+    factor, and every pair of factors, gets both labels equally.
+    """
+    sites = list(SITES)
+    gray = [(0, 0, 0), (0, 0, 1), (0, 1, 1), (0, 1, 0), (1, 1, 0), (1, 1, 1), (1, 0, 1), (1, 0, 0)]
+    columns = {column: participants[column].to_numpy()
+               for column in ("diagnosis", "site", "coupling")}
+    order = np.concatenate([
+        rng.permutation(np.flatnonzero((columns["diagnosis"] == DIAGNOSES[d])
+                                       & (columns["site"] == sites[s])
+                                       & (columns["coupling"] == COUPLINGS[c])))
+        for d, s, c in gray
+    ])
+    first = int(rng.integers(2))
+    labels = [""] * len(participants)
+    for position, i in enumerate(order):
+        labels[i] = SPLITS[(first + position) % 2]
     return labels
 
 
@@ -365,9 +548,36 @@ def _coupled_courses(rng: np.random.Generator, coupling: str, global_course: np.
     return mixed
 
 
+def _split_half(noise: np.ndarray, rows: np.ndarray, scale: np.ndarray, h: float,
+                course: np.ndarray) -> None:
+    """Give one half of a split region its course, in place (:data:`SIGNAL_MODEL`).
+
+    Parameters
+    ----------
+    noise : ndarray, shape (V, T)
+        The scaled own noise of every brain voxel (``amplitude * sqrt(1 - w) * n``).
+    rows : ndarray of int, shape (K,)
+        The half's rows.
+    scale : ndarray, shape (K,)
+        Their ``amplitude * sqrt(1 - w)`` (proportional to the baseline inside a region).
+    h : float
+        The half's weight.
+    course : ndarray, shape (T,)
+        The region's standardized course ``s``.
+    """
+    half = noise[rows]                                                         # (K, T)
+    # The half's baseline-weighted mean noise, kept: the deviations from it sum to 0.
+    mean = half.sum(axis=0, dtype=np.float64) / scale.sum(dtype=np.float64)   # (T,)
+    common = scale[:, None] * mean.astype(np.float32)
+    keep = np.float32(np.sqrt(1 - SPLIT_SHARE * h**2))
+    noise[rows] = (common + keep * (half - common)
+                   + np.float32(np.sqrt(SPLIT_SHARE) * h) * scale[:, None] * course)
+
+
 def _participant_bold(rng: np.random.Generator, coupling_rng: np.random.Generator,
-                      layout: _Layout, diagnosis: str, coupling: str, site: dict[str, float],
-                      gain: float, n_frames: int, repetition_time: float) -> np.ndarray:
+                      split_rng: np.random.Generator, layout: _Layout, diagnosis: str,
+                      coupling: str, subregional: str, site: dict[str, float], gain: float,
+                      n_frames: int, repetition_time: float) -> np.ndarray:
     """(V, T) float32 BOLD of one participant's brain voxels (the model of :data:`SIGNAL_MODEL`).
 
     The per-voxel factors are folded into (V,) coefficients first, so the (V, T) arrays are
@@ -376,13 +586,20 @@ def _participant_bold(rng: np.random.Generator, coupling_rng: np.random.Generato
     phi = np.exp(-repetition_time / COURSE_TAU_S)
     courses = _ar1(rng, len(NETWORKS) + 1, n_frames, phi)  # global course, then the networks'
     courses = np.concatenate([courses, _coupled_courses(coupling_rng, coupling, courses[:1], phi)])
+    # Drawn for every participant: the stream does not depend on the labels.
+    split_courses = _ar1(split_rng, len(layout.split_rows), n_frames, phi)
     lattice_noise = _ar1(rng, layout.upsample.shape[1], n_frames,
                          np.exp(-repetition_time / NOISE_TAU_S))
     planted = layout.planted & (diagnosis == "adhd")
     scaled = (gain * site["scale"]) * layout.baseline  # (V,) g * scale * b
     amplitude = scaled * np.where(planted, FLUCTUATION * ADHD_AMPLITUDE, FLUCTUATION)
     bold = layout.upsample @ lattice_noise  # (V, T) smooth noise n
-    bold *= (amplitude * np.sqrt(1 - layout.weight))[:, None]
+    noise_scale = amplitude * np.sqrt(1 - layout.weight)  # (V,)
+    bold *= noise_scale[:, None]
+    if subregional == "split":
+        for rows, course in zip(layout.split_rows, split_courses, strict=True):
+            _split_half(bold, rows.half_a, noise_scale[rows.half_a], rows.h_a, course)
+            _split_half(bold, rows.half_b, noise_scale[rows.half_b], rows.h_b, course)
     bold += (amplitude * np.sqrt(layout.weight))[:, None] * courses[layout.source]
     bold += (scaled * np.where(planted, 1 + ADHD_SHIFT, 1.0))[:, None]
     bold += (scaled * layout.drift)[:, None] * np.linspace(-0.5, 0.5, n_frames, dtype=np.float32)
@@ -438,8 +655,22 @@ def _region_records(atlas: Atlas, names: tuple[str, ...]) -> list[dict[str, Any]
                                                      strict=True)]
 
 
+def _split_records(atlas: Atlas, splits: list[Split], layout: _Layout) -> list[dict[str, Any]]:
+    records = []
+    for split, rows, record in zip(splits, layout.split_rows,
+                                   _region_records(atlas, SPLIT_REGIONS), strict=True):
+        axis = "xyz"[split.axis]
+        # Half A holds the lower cube indices: larger mm where the axis is flipped (x).
+        side = ">" if cube_affine()[split.axis, split.axis] < 0 else "<"
+        records.append({**record, "axis": axis, "plane_mm": split.plane_mm,
+                        "half_a": f"{axis} {side} {split.plane_mm:g} mm",
+                        "core_voxels": [len(split.half_a), len(split.half_b)],
+                        "tokens": list(split.tokens), "h": [rows.h_a, rows.h_b]})
+    return records
+
+
 def _truth(atlas: Atlas, seed: int, n_frames: int, repetition_time: float,
-           participants: pd.DataFrame) -> dict[str, Any]:
+           participants: pd.DataFrame, splits: list[Split], layout: _Layout) -> dict[str, Any]:
     return {
         "seed": seed,
         "n_frames": n_frames,
@@ -471,6 +702,18 @@ def _truth(atlas: Atlas, seed: int, n_frames: int, repetition_time: float,
             "course_weight": COUPLING_WEIGHT,
             "independent_of": ["diagnosis", "site"],
         },
+        "subregional_effect": {
+            "label_column": "subregional",
+            "levels": {"split": "each region's core carries +s in one half and -s in the other, "
+                                "its mean time series unchanged",
+                       "whole": "no planted structure inside the regions"},
+            "regions": _split_records(atlas, splits, layout),
+            "variance_share": SPLIT_SHARE,
+            "token_edge_mm": 2.0 * SPLIT_TOKEN_EDGE,
+            "core_cell_mm": 2.0 * SPLIT_CELL_EDGE,
+            "region_means_unchanged": True,
+            "independent_of": ["diagnosis", "site", "coupling"],
+        },
         "sites": SITES,
         "participants": json.loads(participants.to_json(orient="records")),
         "scl_slope": SCL_SLOPE,
@@ -501,6 +744,11 @@ def _write_metadata(out_dir: Path, participants: pd.DataFrame, truth: dict[str, 
                      "Levels": {"coupled": "planted covariance between the regions of the truth "
                                            "record (no mean or amplitude change)",
                                 "uncoupled": "no planted covariance"}},
+        "subregional": {"Description": "Third synthetic group, independent of diagnosis, site "
+                                       "and coupling",
+                        "Levels": {"split": "the regions of the truth record carry opposite "
+                                            "courses in two halves (region means unchanged)",
+                                   "whole": "no planted structure inside regions"}},
     }
     readme = (
         "# roimae synthetic demo dataset\n\n"
@@ -510,6 +758,8 @@ def _write_metadata(out_dir: Path, participants: pd.DataFrame, truth: dict[str, 
         "`adhd` participants carry a planted effect in a few limbic and cerebellar regions; in\n"
         "`coupled` participants (a second, independent label) ten cortical regions share the\n"
         "brain-wide course, which they do not in `uncoupled` ones (a change of covariance only).\n"
+        "In `split` participants (a third label) four large regions carry opposite courses in two\n"
+        "halves, which leaves their mean time series unchanged: structure inside regions only.\n"
         f"Everything planted is listed in `{TRUTH_FILE}`; the model is described there and in\n"
         "SIGNAL_MODEL of bidsapp/demo.py.\n"
     )
