@@ -90,28 +90,29 @@ was. The brain mask is AAL3 > 0, closed and dilated by one voxel, holes filled
 * subregional effect, structure inside regions that region means cannot see: a third label,
   ``subregional`` (``whole`` or ``split``), balanced within every diagnosis x site x coupling cell
   as far as the cell sizes allow (the cells are walked in a Gray-code order), hence independent of
-  the other three. Each of the four :data:`SPLIT_REGIONS` (large regions outside the networks,
+  the other three. Each of the eight :data:`SPLIT_REGIONS` (large regions outside the networks,
   noise-only, ADHD and coupled regions) is cut in two by a plane of the ``tiny`` token grid (16 mm
   tokens of the 96^3 cube): of the planes at multiples of 8 cube voxels along x, y or z, the one
   that halves the region's *core* most evenly (:func:`split_halves`). The core is the region's
   voxels whose 4 mm cell (2 x 2 x 2 cube voxels, a working voxel of ``tiny``) lies wholly in the
   region, so that no neighbouring region shares a cell with it at 4 mm either. In ``split``
-  participants, with ``k = SPLIT_SHARE`` (0.5), the own noise ``n`` of the core voxels of half
+  participants, with ``k = SPLIT_SHARE`` (0.8), the own noise ``n`` of the core voxels of half
   ``H`` becomes::
 
       m_H[t] + sqrt(1 - k * h_H**2) * (n[v, t] - m_H[t]) + sqrt(k) * h_H * s[t]
 
   where ``m_H`` is the half's baseline-weighted mean noise, ``s`` a course of the region's own
   (AR(1), standardized, drawn for every participant so the stream does not depend on the labels),
-  and ``h_A = +sqrt(W_B / W_A)``, ``h_B = -sqrt(W_A / W_B)`` with ``W_H`` the half's summed
-  baseline ``b``. The two halves then carry ``+s`` and ``-s`` in opposite phase, weighted so that
-  the sum of the change over the region's voxels is exactly 0 at every frame: **the region's mean
-  time series is unchanged** (at 2 mm, and at 4 mm, where every cell of the core is wholly the
-  region's), as are every voxel's mean and, in expectation, its variance (up to a factor
-  ``1 + k * h_H**2 * var(m_H)`` on that of its own noise; ``var(m_H)`` is 5 to 9 %, so at most
-  +4 % of a voxel's fluctuation variance). Region means, their correlations and their
-  tangent-space covariances are blind to it by construction; the covariance between the region's
-  tokens is not (the halves anti-correlate, each half's tokens correlate more with each other);
+  and ``h_A = +min(1, W_B / W_A)``, ``h_B = -min(1, W_A / W_B)`` with ``W_H`` the half's summed
+  baseline ``b`` (the smaller half gets ``|h| = 1``, the larger ``|h| <= 1``). The two halves then
+  carry ``+s`` and ``-s`` in opposite phase, weighted so that the sum of the change over the
+  region's voxels is exactly 0 at every frame: **the region's mean time series is unchanged** (at 2
+  mm, and at 4 mm, where every cell of the core is wholly the region's), as are every voxel's mean
+  and, in expectation, its variance (up to a factor ``1 + k * h_H**2 * var(m_H)`` on that of its own
+  noise; ``var(m_H)`` is 5 to 11 %, so at most +6 % of a voxel's fluctuation variance). Region
+  means, their correlations and their tangent-space covariances are blind to it by construction; the
+  covariance between the region's tokens is not (the halves anti-correlate, each half's tokens
+  correlate more with each other);
 * site and participant: a global ``scale`` per site (1.0, 1.15), a thermal white noise ``e`` of SD
   ``sigma`` (0.3 %, 0.6 % of ``BASELINE``) per site, and a participant ``gain`` ~ N(1, 0.03).
 
@@ -149,8 +150,9 @@ COUPLING = 0.7
 COUPLING_WEIGHT = NETWORK_WEIGHT
 SPLITS = ("whole", "split")
 #: In ``split`` participants: the share of the variance of a core voxel's own noise that the
-#: halves' opposite courses replace (scaled by ``h**2`` per half, see :data:`SIGNAL_MODEL`).
-SPLIT_SHARE = 0.5
+#: halves' opposite courses replace in the smaller half (``h**2`` times it in the larger one, see
+#: :data:`SIGNAL_MODEL`).
+SPLIT_SHARE = 0.8
 #: Edge of the token grid the split planes lie on, in 2 mm cube voxels (the ``tiny`` preset's
 #: tokens: patch 4 x downsample 2), and of the cells the core is made of (its working voxels).
 SPLIT_TOKEN_EDGE = 8
@@ -183,10 +185,10 @@ ADHD_REGIONS: tuple[str, ...] = _bilateral("Hippocampus", "Amygdala", "Cerebelum
 COUPLED_REGIONS: tuple[str, ...] = _bilateral(
     "Frontal_Sup_2", "Frontal_Mid_2", "Parietal_Sup", "Temporal_Mid", "Occipital_Mid",
 )
-#: Regions split in two halves of opposite courses in ``split`` participants: four of the largest
-#: regions outside the sets above (in four lobes, both hemispheres), each with 6 to 10 tokens of
-#: the ``tiny`` grid per half.
-SPLIT_REGIONS: tuple[str, ...] = ("Fusiform_R", "Parietal_Inf_L", "Cingulate_Mid_R", "Insula_L")
+#: Regions split in two halves of opposite courses in ``split`` participants: the eight largest
+#: regions outside the sets above (four bilateral pairs in four lobes), each half's core lying in
+#: 3 to 10 tokens of the ``tiny`` grid.
+SPLIT_REGIONS: tuple[str, ...] = _bilateral("Fusiform", "Parietal_Inf", "Cingulate_Mid", "Insula")
 
 
 @dataclass(frozen=True)
@@ -224,8 +226,8 @@ class _SplitRows:
 
     half_a: np.ndarray  # (K_A,) int rows of half A
     half_b: np.ndarray  # (K_B,) int rows of half B
-    h_a: float          # +sqrt(W_B / W_A)
-    h_b: float          # -sqrt(W_A / W_B)
+    h_a: float          # +min(1, W_B / W_A)
+    h_b: float          # -min(1, W_A / W_B)
 
 
 @dataclass(frozen=True)
@@ -435,9 +437,8 @@ def _layout(rng: np.random.Generator, atlas: Atlas, labels: np.ndarray,
     for split in splits:
         rows_a, rows_b = np.searchsorted(voxels, split.half_a), np.searchsorted(voxels, split.half_b)
         w_a, w_b = (float(baseline[rows].sum(dtype=np.float64)) for rows in (rows_a, rows_b))
-        split_rows.append(_SplitRows(rows_a, rows_b, np.sqrt(w_b / w_a), -np.sqrt(w_a / w_b)))
-        if SPLIT_SHARE * max(w_a / w_b, w_b / w_a) > 1:
-            raise UsageError(f"region {split.name}: halves too unequal for SPLIT_SHARE")
+        # The smaller half takes the full share, the larger a share scaled so the sums cancel.
+        split_rows.append(_SplitRows(rows_a, rows_b, min(1.0, w_b / w_a), -min(1.0, w_a / w_b)))
     return _Layout(mask=mask, voxels=voxels, source=source, weight=weight, planted=planted,
                    split_rows=tuple(split_rows), upsample=upsample, baseline=baseline,
                    drift=DRIFT_SD * drift)
@@ -758,7 +759,7 @@ def _write_metadata(out_dir: Path, participants: pd.DataFrame, truth: dict[str, 
         "`adhd` participants carry a planted effect in a few limbic and cerebellar regions; in\n"
         "`coupled` participants (a second, independent label) ten cortical regions share the\n"
         "brain-wide course, which they do not in `uncoupled` ones (a change of covariance only).\n"
-        "In `split` participants (a third label) four large regions carry opposite courses in two\n"
+        "In `split` participants (a third label) eight large regions carry opposite courses in two\n"
         "halves, which leaves their mean time series unchanged: structure inside regions only.\n"
         f"Everything planted is listed in `{TRUTH_FILE}`; the model is described there and in\n"
         "SIGNAL_MODEL of bidsapp/demo.py.\n"

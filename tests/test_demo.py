@@ -190,17 +190,21 @@ def test_truth_record(demo: tuple[Path, dict], participants: pd.DataFrame) -> No
     assert "AR(1)" in truth["signal_model"]
     subregional = truth["subregional_effect"]
     assert [(r["name"], r["index"]) for r in subregional["regions"]] == [
-        ("Fusiform_R", 60), ("Parietal_Inf_L", 65), ("Cingulate_Mid_R", 38), ("Insula_L", 33)]
+        ("Fusiform_L", 59), ("Fusiform_R", 60), ("Parietal_Inf_L", 65), ("Parietal_Inf_R", 66),
+        ("Cingulate_Mid_L", 37), ("Cingulate_Mid_R", 38), ("Insula_L", 33), ("Insula_R", 34)]
     assert [r["name"] for r in subregional["regions"]] == list(SPLIT_REGIONS)
     assert subregional["label_column"] == "subregional"
     assert set(subregional["levels"]) == {"split", "whole"}
     assert subregional["variance_share"] == SPLIT_SHARE
     assert subregional["independent_of"] == ["diagnosis", "site", "coupling"]
     for region in subregional["regions"]:
-        # Large regions: every half covers several 16 mm tokens of the tiny grid.
-        assert min(region["tokens"]) >= 5 and min(region["core_voxels"]) >= 300, region
+        # Large regions: every half's core spreads over several 16 mm tokens of the tiny grid.
+        assert min(region["tokens"]) >= 3 and min(region["core_voxels"]) >= 300, region
+        # The smaller half (by summed baseline, about its voxel count) has |h| = 1.
         h_a, h_b = region["h"]
-        assert h_a > 0 > h_b and abs(h_a * h_b + 1) < 1e-12  # h_a = sqrt(W_B/W_A) = -1/h_b
+        small, large = sorted(region["core_voxels"])
+        assert h_a > 0 > h_b and max(h_a, -h_b) == 1, region
+        assert abs(min(h_a, -h_b) - small / large) < 0.02, region
     planted |= {r["name"] for r in coupling["regions"]}
     assert planted.isdisjoint(SPLIT_REGIONS)
     assert "subregional effect" in truth["signal_model"]
@@ -365,6 +369,7 @@ def test_split_leaves_region_means_unchanged(demo: tuple[Path, dict], whole_twin
     labels = np.asarray(atlas.image.dataobj).astype(np.int64).ravel(order="F")
     splits = split_halves(atlas)
     core = np.concatenate([np.concatenate([s.half_a, s.half_b]) for s in splits])
+    sd_ratios = []
     assert np.isin(labels[core], [r["index"] for r in truth["subregional_effect"]["regions"]]).all()
     for participant, level in zip(participants["participant_id"], participants["subregional"],
                                   strict=True):
@@ -386,10 +391,12 @@ def test_split_leaves_region_means_unchanged(demo: tuple[Path, dict], whole_twin
             assert np.corrcoef(change_a, change_b)[0, 1] < -0.95, split.name
             ratio = change_a.std() / change_b.std()
             assert abs(ratio / abs(record["h"][0] / record["h"][1]) - 1) < 0.1, split.name
-            # Variance-neutral in expectation: the median voxel keeps its SD.
             voxels = np.concatenate([split.half_a, split.half_b])
-            sd_ratio = planted[voxels].std(axis=1) / plain[voxels].std(axis=1)
-            assert abs(np.median(sd_ratio) - 1) < 0.1, (split.name, np.median(sd_ratio))
+            sd_ratios.append(np.median(planted[voxels].std(axis=1) / plain[voxels].std(axis=1)))
+    # Variance-neutral in expectation: the median voxel keeps its SD, up to the sample
+    # correlations of one region's course with the others over 16 frames.
+    assert abs(np.mean(np.log(sd_ratios))) < 0.05 and np.all(np.abs(np.log(sd_ratios)) < 0.25), \
+        sd_ratios
 
 
 def test_subregional_is_invisible_to_region_means_but_not_to_halves(coupling_demo: tuple) -> None:
