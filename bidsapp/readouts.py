@@ -285,6 +285,38 @@ def within_region_dispersion(tokens: torch.Tensor, valid: torch.Tensor,
     return sums.result()
 
 
+def input_token_signals(run: CachedRun, token_cells: int) -> torch.Tensor:
+    """The model's input averaged over each token: the model-free counterpart of token features.
+
+    :func:`within_region_dispersion` of these one-channel "features" is what the statistic finds
+    without a model (the ``subregion`` readout's baseline, as ``fc`` is ``connectivity``'s).
+
+    Parameters
+    ----------
+    run : CachedRun
+        The preprocessed run (all stored frames, the leftovers after the last window included).
+    token_cells : int
+        Token edge in stored cells (the preset's ``patch_size`` when the cache is stored at its
+        downsampling, as the participant level stores it).
+
+    Returns
+    -------
+    torch.Tensor, shape (n_frames, gd, gh, gw, 1), float64
+        The mean z-scored value of each token's cells (background cells count as 0, as the model
+        sees them).
+    """
+    depth, height, width = run.shape
+    e = token_cells
+    if depth % e or height % e or width % e:
+        raise ValueError(f"a grid {run.shape} does not tile into {e}-cell tokens")
+    out = np.zeros((run.n_frames, depth // e, height // e, width // e), dtype=np.float64)
+    for start in range(0, run.n_frames, _CHUNK_FRAMES):
+        chunk = run.frames(start, min(start + _CHUNK_FRAMES, run.n_frames))  # (t, D, H, W)
+        grid = chunk.reshape(len(chunk), depth // e, e, height // e, e, width // e, e)
+        out[start:start + len(chunk)] = grid.mean(axis=(2, 4, 6), dtype=np.float64)
+    return torch.from_numpy(out[..., None])
+
+
 def region_embedding(features: np.ndarray) -> np.ndarray:
     """Mean region features over frames.
 

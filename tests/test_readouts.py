@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -30,6 +31,7 @@ from bidsapp.readouts import (
     dispersion_weights,
     edge_regions,
     feature_correlation,
+    input_token_signals,
     region_embedding,
     region_timeseries,
     vectorize,
@@ -318,3 +320,15 @@ def test_dispersion_covers_the_demo_s_split_regions_at_tiny(atlas_dir: Path) -> 
     regions, w = weights.regions.numpy(), weights.weights.numpy()
     np.testing.assert_allclose(np.bincount(regions, w)[sorted(set(regions))], 1)
     assert (1 / np.bincount(regions, w**2)[sorted(set(regions))] >= 2).all()
+
+
+def test_input_token_signals_average_each_token_s_cells() -> None:
+    frames = np.arange(3 * 4 * 4 * 4, dtype=np.float32).reshape(3, 4, 4, 4)
+    run = SimpleNamespace(shape=(4, 4, 4), n_frames=3,
+                          frames=lambda start, stop: frames[start:stop])
+    signals = input_token_signals(run, 2)  # (3, 2, 2, 2, 1): tokens of 2^3 cells
+    assert signals.shape == (3, 2, 2, 2, 1) and signals.dtype == torch.float64
+    np.testing.assert_allclose(signals[1, 0, 1, 1, 0], frames[1, 0:2, 2:4, 2:4].mean())
+    np.testing.assert_allclose(signals[2, 1, 0, 1, 0], frames[2, 2:4, 0:2, 2:4].mean())
+    with pytest.raises(ValueError, match="tile"):
+        input_token_signals(run, 3)
