@@ -16,7 +16,6 @@ run of a model's set must come from the same model (by weight hash).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from bidsapp.outputs import (
     model_dir,
     read_embeddings,
     read_relmat,
+    recorded_atlas,
     set_names,
 )
 from bidsapp.readouts import edge_regions, vectorize
@@ -317,19 +317,12 @@ def load_feature_set(desc: str | None, readout: str, dataset, writer: Derivative
 def check_atlas(sidecar: dict | Path, atlas_sha256: str | None, path: Path) -> None:
     """Refuse (65) features written with another atlas than the group level's (same label).
 
-    ``sidecar``: the run's completion sidecar, or the path of a baseline file's sidecar.
-    Outputs of roimae 0.1, whose sidecars name no atlas hash, are taken as they are.
+    ``sidecar``: the run's completion sidecar, or the path of a baseline file's sidecar
+    (:func:`~bidsapp.outputs.recorded_atlas`).
     """
-    if atlas_sha256 is None:
-        return
-    if isinstance(sidecar, Path):
-        try:
-            sidecar = json.loads(sidecar.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            return
-    found = sidecar.get("AtlasSHA256") if isinstance(sidecar, dict) else None
+    found = None if atlas_sha256 is None else recorded_atlas(sidecar)
     if found not in (None, atlas_sha256):
-        raise BadDataError(f"{path.name} was written with another atlas ({str(found)[:12]}...) "
+        raise BadDataError(f"{path.name} was written with another atlas ({found[:12]}...) "
                            f"than this one ({atlas_sha256[:12]}...) of the same label: pass the "
                            "atlas the participant level used (--atlas)")
 

@@ -160,6 +160,7 @@ def _feature_sets(config: Config, dataset: InputDataset, writer: DerivativesWrit
     """Every feature set to score, on the same runs (reads; writes nothing)."""
     targets, cv_groups = _targets(config, dataset)
     wanted = wanted_sets(config)
+    atlas_sha256 = atlas.sha256()
     sets = []
     for desc, readout in wanted:
         if readout == "covariates":
@@ -167,7 +168,7 @@ def _feature_sets(config: Config, dataset: InputDataset, writer: DerivativesWrit
         try:
             sets.append(load_feature_set(desc, readout, dataset, writer, targets, cv_groups,
                                          atlas_label(atlas), len(atlas.regions),
-                                         atlas.has_groups, atlas.sha256()))
+                                         atlas.has_groups, atlas_sha256))
         except NoInputError:
             if readout not in ("fc", "tangent") or config.group.compare is not None:
                 raise

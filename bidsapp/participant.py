@@ -31,7 +31,6 @@ exists with all its outputs is complete and skipped (unless ``--overwrite``); an
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
 
@@ -54,6 +53,7 @@ from bidsapp.inference import RoimaeModel, RunAttribution, analyse_run, load_mod
 from bidsapp.io import remove_temporaries
 from bidsapp.logs import get_logger
 from bidsapp.outputs import (
+    ATLAS_SHA256,
     BIDSIGNORE,
     NOTE_HIDDEN_BY_VOXEL,
     RunOutputs,
@@ -61,6 +61,7 @@ from bidsapp.outputs import (
     complete_runs,
     embedding_frame,
     find_model,
+    recorded_atlas,
     run_stem,
 )
 from bidsapp.reports import report_lock, write_participant_report
@@ -71,8 +72,12 @@ log = get_logger("participant")
 
 
 def write_readouts(writer: DerivativesWriter, out: RunOutputs, run: RunEmbedding, atlas: Atlas,
-                   sources: list[str], model_info: dict) -> None:
-    """The region readouts of the model and the functional-connectivity baseline of one run."""
+                   atlas_sha256: str, sources: list[str], model_info: dict) -> None:
+    """The region readouts of the model and the functional-connectivity baseline of one run.
+
+    ``atlas_sha256``: the atlas's hash, recorded in the baseline's sidecars (the model's, which
+    :func:`~bidsapp.inference.load_model` checked against ``atlas``).
+    """
     writer.write_tsv(out.region_embedding, run.region_embedding_table)
     writer.write_sidecar(out.region_embedding, {
         "Description": "Region embeddings: the encoder's finest-stage token features pooled per "
@@ -89,13 +94,13 @@ def write_readouts(writer: DerivativesWriter, out: RunOutputs, run: RunEmbedding
         "Description": "Functional-connectivity baseline: mean z-scored signal of each region's "
                        "voxels in the run's brain mask, every frame, from the cache on the "
                        "model's working grid (cells weighted by their voxels of the region)",
-        "Atlas": atlas.name, "AtlasSHA256": atlas.sha256(), "Sources": sources,
+        "Atlas": atlas.name, ATLAS_SHA256: atlas_sha256, "Sources": sources,
         "RepetitionTime": run.repetition_time})
     writer.write_tsv(out.fc, run.fc_table)
     writer.write_sidecar(out.fc, {
         "Description": "Functional-connectivity baseline: Pearson correlation of the region "
                        "time series (nilearn ConnectivityMeasure, empirical covariance)",
-        "Atlas": atlas.name, "AtlasSHA256": atlas.sha256(),
+        "Atlas": atlas.name, ATLAS_SHA256: atlas_sha256,
         "Sources": [*sources, writer.bids_uri(out.timeseries)]})
 
 
@@ -130,7 +135,7 @@ def write_run(writer: DerivativesWriter, out: RunOutputs, bold: BoldRun, run: Ru
     writer.write_sidecar(out.mean_embedding, {
         "Description": "Run embedding: mean of the window embeddings", "Sources": sources,
         "Model": model_info})
-    write_readouts(writer, out, run, atlas, sources, model_info)
+    write_readouts(writer, out, run, atlas, model.meta.atlas.sha256, sources, model_info)
     meta: dict = {
         "Description": "Window embeddings of the pretrained roimae encoder (no masking)",
         "Sources": sources, "Model": model_info, "RepetitionTime": run.repetition_time,
@@ -138,7 +143,8 @@ def write_run(writer: DerivativesWriter, out: RunOutputs, bold: BoldRun, run: Ru
         "FramesUsed": len(run.window_embeddings) * model.window_frames,
         "FramesInRun": run.n_frames,
         "WindowSpread": window_spread(run.result.window_embeddings),
-        "SoftwareVersion": __version__, "Attribution": None, "AtlasSHA256": atlas.sha256(),
+        "SoftwareVersion": __version__, "Attribution": None,
+        ATLAS_SHA256: model.meta.atlas.sha256,
     }
     if run.regions is not None:
         writer.write_tsv(out.occluded, run.occluded_embeddings)
@@ -223,14 +229,10 @@ def check_one_atlas(outputs: list[tuple[BoldRun, RunOutputs]], atlas: Atlas) -> 
     """
     sha = atlas.sha256()
     for _, out in outputs:
-        try:
-            found = json.loads(out.timeseries.with_suffix(".json").read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            continue
-        other = found.get("AtlasSHA256") if isinstance(found, dict) else None
+        other = recorded_atlas(out.timeseries.with_suffix(".json"))
         if other not in (None, sha):
             raise UsageError(f"{out.timeseries.name} was written with another atlas of the label "
-                             f"atlas-{atlas_label(atlas)} ({str(other)[:12]}..., this one "
+                             f"atlas-{atlas_label(atlas)} ({other[:12]}..., this one "
                              f"{sha[:12]}...): give this atlas file another name, or write to "
                              "another OUTPUT_DIR")
 

@@ -347,6 +347,24 @@ def _run_atlas(done: Path, atlas_label: str, groups: bool) -> tuple[str, bool]:
     return labels.pop(), any("_stat-bygroup_" in n for n in names) if attributed else groups
 
 
+#: The sidecar key of the atlas (SHA-256) that a run's outputs were computed with.
+ATLAS_SHA256 = "AtlasSHA256"
+
+
+def recorded_atlas(sidecar: Path | Mapping[str, Any]) -> str | None:
+    """The atlas hash a sidecar (a path or its content) records; None when it records none.
+
+    Sidecars of roimae 0.1, and unreadable ones, record none: their outputs are taken as they are.
+    """
+    if isinstance(sidecar, Path):
+        try:
+            sidecar = json.loads(sidecar.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+    found = sidecar.get(ATLAS_SHA256) if isinstance(sidecar, Mapping) else None
+    return found if isinstance(found, str) else None
+
+
 def model_descs(output_dir: Path) -> list[str]:
     """The ``desc`` of every model with run embeddings in ``output_dir``, sorted.
 
