@@ -99,7 +99,7 @@ def test_console_demo_writes_a_dataset(tmp_path: Path) -> None:
     assert [p.name.split("_")[0] for p in bold] == ["sub-01", "sub-02", "sub-03", "sub-04"]
     assert len(masks) == 4
     header = (out / "participants.tsv").read_text().splitlines()[0].split("\t")
-    assert header == ["participant_id", "diagnosis", "age", "sex", "site", "coupling"]
+    assert header == ["participant_id", "diagnosis", "age", "sex", "site", "coupling", "subregional"]
 
 
 def test_demo_into_a_non_empty_dir_needs_overwrite(tmp_path: Path, capsys) -> None:

@@ -1,5 +1,6 @@
-"""Tests of bidsapp.demo: a 4-participant demo written once per module and read back, and a
-16-participant one (40 frames, as ``roimae demo``) for the coupling effect's known answers."""
+"""Tests of bidsapp.demo: a 4-participant demo written once per module and read back (and its twin
+without the subregional effect), and a 16-participant one (40 frames, as ``roimae demo``) for the
+coupling and subregional effects' known answers."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+import bidsapp.demo as demo_module
 from bidsapp.atlas import Atlas, Region, load_atlas
 from bidsapp.bids.validation import run_bids_validator
 from bidsapp.demo import (
@@ -28,8 +30,11 @@ from bidsapp.demo import (
     COUPLING,
     NETWORKS,
     NOISE_ONLY,
+    SPLIT_REGIONS,
+    SPLIT_SHARE,
     TRUTH_FILE,
     make_demo_dataset,
+    split_halves,
 )
 from bidsapp.errors import UsageError
 
@@ -133,7 +138,7 @@ def test_files_and_headers(demo: tuple[Path, dict], atlas: Atlas) -> None:
 
 def test_participants_are_balanced(participants: pd.DataFrame) -> None:
     assert list(participants.columns) == ["participant_id", "diagnosis", "age", "sex", "site",
-                                          "coupling"]
+                                          "coupling", "subregional"]
     assert tuple(participants["participant_id"]) == PARTICIPANTS
     assert participants["diagnosis"].value_counts().to_dict() == {"control": 2, "adhd": 2}
     for _, site in participants.groupby("site"):
@@ -144,6 +149,8 @@ def test_participants_are_balanced(participants: pd.DataFrame) -> None:
             assert sorted(group["coupling"]) == ["coupled", "uncoupled"], column
     assert set(participants["site"]) == {"siteA", "siteB"}
     assert set(participants["sex"]) <= {"M", "F"}
+    # Four participants cannot balance a fourth binary label against three: overall only.
+    assert participants["subregional"].value_counts().to_dict() == {"split": 2, "whole": 2}
 
 
 def test_truth_record(demo: tuple[Path, dict], participants: pd.DataFrame) -> None:
@@ -181,9 +188,30 @@ def test_truth_record(demo: tuple[Path, dict], participants: pd.DataFrame) -> No
     assert planted.isdisjoint(COUPLED_REGIONS)
     assert "coupling effect" in truth["signal_model"]
     assert "AR(1)" in truth["signal_model"]
+    subregional = truth["subregional_effect"]
+    assert [(r["name"], r["index"]) for r in subregional["regions"]] == [
+        ("Fusiform_L", 59), ("Fusiform_R", 60), ("Parietal_Inf_L", 65), ("Parietal_Inf_R", 66),
+        ("Cingulate_Mid_L", 37), ("Cingulate_Mid_R", 38), ("Insula_L", 33), ("Insula_R", 34)]
+    assert [r["name"] for r in subregional["regions"]] == list(SPLIT_REGIONS)
+    assert subregional["label_column"] == "subregional"
+    assert set(subregional["levels"]) == {"split", "whole"}
+    assert subregional["variance_share"] == SPLIT_SHARE
+    assert subregional["independent_of"] == ["diagnosis", "site", "coupling"]
+    for region in subregional["regions"]:
+        # Large regions: every half's core spreads over several 16 mm tokens of the tiny grid.
+        assert min(region["tokens"]) >= 3 and min(region["core_voxels"]) >= 300, region
+        # The smaller half (by summed baseline, about its voxel count) has |h| = 1.
+        h_a, h_b = region["h"]
+        small, large = sorted(region["core_voxels"])
+        assert h_a > 0 > h_b and max(h_a, -h_b) == 1, region
+        assert abs(min(h_a, -h_b) - small / large) < 0.02, region
+    planted |= {r["name"] for r in coupling["regions"]}
+    assert planted.isdisjoint(SPLIT_REGIONS)
+    assert "subregional effect" in truth["signal_model"]
     recorded = pd.DataFrame(truth["participants"])
     assert recorded["diagnosis"].tolist() == participants["diagnosis"].tolist()
     assert recorded["coupling"].tolist() == participants["coupling"].tolist()
+    assert recorded["subregional"].tolist() == participants["subregional"].tolist()
 
 
 def test_passes_bids_validator(demo: tuple[Path, dict]) -> None:
@@ -233,9 +261,10 @@ def test_planted_amplitude(region_means: dict, participants: pd.DataFrame) -> No
 
 
 @pytest.fixture(scope="module")
-def coupling_demo(tmp_path_factory: pytest.TempPathFactory,
-                  atlas: Atlas) -> tuple[pd.DataFrame, list[str], np.ndarray, np.ndarray]:
-    """(participants, region names, (P, T, R) region mean courses, (P,) brain run means).
+def coupling_demo(tmp_path_factory: pytest.TempPathFactory, atlas: Atlas
+                  ) -> tuple[pd.DataFrame, list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """(participants, region names, (P, T, R) region mean courses, (P,) brain run means,
+    (P, T, 2 x len(SPLIT_REGIONS)) mean courses of the split regions' halves, A then B each).
 
     Regions with at least MIN_VOXELS voxels; courses averaged from the stored int16 values (the
     slope is applied after averaging, which is linear) through one sparse matrix, which is fast.
@@ -251,19 +280,25 @@ def coupling_demo(tmp_path_factory: pytest.TempPathFactory,
     voxels = np.flatnonzero(column[labels] >= 0)
     average = sparse.csr_matrix((1.0 / counts[labels[voxels]], (column[labels[voxels]], voxels)),
                                 shape=(len(regions), len(labels)))
+    halves = [half for split in split_halves(atlas) for half in (split.half_a, split.half_b)]
+    half_average = sparse.csr_matrix((np.concatenate([np.full(len(h), 1.0 / len(h)) for h in halves]),
+                                      (np.repeat(np.arange(len(halves)), [len(h) for h in halves]),
+                                       np.concatenate(halves))), shape=(len(halves), len(labels)))
     participants = pd.read_csv(root / "participants.tsv", sep="\t")
-    courses, brain_means = [], []
+    courses, brain_means, half_courses = [], [], []
     for participant in participants["participant_id"]:
         bold = nib.load(_bold_path(root, participant))
         data = bold.dataobj.get_unscaled().reshape(len(labels), -1, order="F")  # (X*Y*Z, T)
         courses.append(bold.dataobj.slope * (average @ data.astype(np.float32)).T)
+        half_courses.append(bold.dataobj.slope * (half_average @ data.astype(np.float32)).T)
         brain = np.asanyarray(nib.load(_mask_path(root, participant)).dataobj).ravel(order="F") > 0
         brain_means.append(bold.dataobj.slope * data[brain].mean())
-    return participants, [r.name for r in regions], np.array(courses), np.array(brain_means)
+    return (participants, [r.name for r in regions], np.array(courses), np.array(brain_means),
+            np.array(half_courses))
 
 
 def test_coupling_changes_covariance_only(coupling_demo: tuple) -> None:
-    participants, names, courses, brain_means = coupling_demo
+    participants, names, courses, brain_means, _ = coupling_demo
     for column in ("diagnosis", "site"):  # balanced within each cell of 4
         for _, group in participants.groupby(column):
             assert group["coupling"].value_counts().to_dict() == {"coupled": 4, "uncoupled": 4}
@@ -295,7 +330,7 @@ def _balanced_accuracy(features: np.ndarray, labels: np.ndarray) -> float:
 def test_coupling_is_found_by_connectivity_not_by_means(coupling_demo: tuple) -> None:
     # The known answer a region-aware readout must reach: whole-brain functional connectivity
     # (every region, nothing selected) classifies coupling; per-region mean and SD do not.
-    participants, _, courses, _ = coupling_demo
+    participants, _, courses, _, _ = coupling_demo
     labels = (participants["coupling"] == "coupled").to_numpy()
     connectivity = ConnectivityMeasure(kind="correlation", vectorize=True,
                                        discard_diagonal=True).fit_transform(list(courses))
@@ -303,6 +338,87 @@ def test_coupling_is_found_by_connectivity_not_by_means(coupling_demo: tuple) ->
     fc, mean_sd = _balanced_accuracy(connectivity, labels), _balanced_accuracy(moments, labels)
     assert fc >= 0.85, (fc, mean_sd)
     assert mean_sd <= 0.7, (fc, mean_sd)
+
+
+@pytest.fixture(scope="module")
+def whole_twin(tmp_path_factory: pytest.TempPathFactory, atlas: Atlas) -> Path:
+    """The 4-participant demo with every participant ``whole``: the same draws otherwise (the
+    main stream does not feed the subregional effect)."""
+    root = tmp_path_factory.mktemp("whole") / "bids"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(demo_module, "draw_subregional", lambda rng, participants: ["whole"] * len(
+            participants))
+        make_demo_dataset(root, n_participants=N_PARTICIPANTS, n_frames=N_FRAMES, seed=7,
+                          repetition_time=TR, atlas=atlas)
+    return root
+
+
+def _voxels(root: Path, participant: str) -> np.ndarray:
+    """(X*Y*Z, T) float64 BOLD values, Fortran-order voxels."""
+    bold = nib.load(_bold_path(root, participant))
+    return bold.dataobj.slope * np.asanyarray(bold.dataobj.get_unscaled(), dtype=np.float64
+                                              ).reshape(-1, bold.shape[3], order="F")
+
+
+def test_split_leaves_region_means_unchanged(demo: tuple[Path, dict], whole_twin: Path,
+                                             participants: pd.DataFrame, atlas: Atlas) -> None:
+    """Known answer: in ``split`` participants only the split regions' core voxels change; every
+    region's mean time series is the same as without the effect (to int16 rounding), while the
+    two halves carry the region's course in opposite phase, weighted by h."""
+    root, truth = demo
+    labels = np.asarray(atlas.image.dataobj).astype(np.int64).ravel(order="F")
+    splits = split_halves(atlas)
+    core = np.concatenate([np.concatenate([s.half_a, s.half_b]) for s in splits])
+    sd_ratios = []
+    assert np.isin(labels[core], [r["index"] for r in truth["subregional_effect"]["regions"]]).all()
+    for participant, level in zip(participants["participant_id"], participants["subregional"],
+                                  strict=True):
+        planted, plain = _voxels(root, participant), _voxels(whole_twin, participant)
+        if level == "whole":
+            assert np.array_equal(planted, plain)
+            continue
+        changed = np.flatnonzero((planted != plain).any(axis=1))
+        assert np.isin(changed, core).all() and len(changed) > 0.99 * len(core)
+        for region in atlas.regions:
+            voxels = labels == region.index
+            if voxels.any():
+                # int16 rounding (slope 0.5) moves a voxel by at most 0.25 in either run.
+                difference = planted[voxels].mean(axis=0) - plain[voxels].mean(axis=0)
+                assert np.abs(difference).max() < 0.02, (participant, region.name)
+        for split, record in zip(splits, truth["subregional_effect"]["regions"], strict=True):
+            change_a = (planted[split.half_a] - plain[split.half_a]).mean(axis=0)  # (T,)
+            change_b = (planted[split.half_b] - plain[split.half_b]).mean(axis=0)
+            assert np.corrcoef(change_a, change_b)[0, 1] < -0.95, split.name
+            ratio = change_a.std() / change_b.std()
+            assert abs(ratio / abs(record["h"][0] / record["h"][1]) - 1) < 0.1, split.name
+            voxels = np.concatenate([split.half_a, split.half_b])
+            sd_ratios.append(np.median(planted[voxels].std(axis=1) / plain[voxels].std(axis=1)))
+    # Variance-neutral in expectation: the median voxel keeps its SD, up to the sample
+    # correlations of one region's course with the others over 16 frames.
+    assert abs(np.mean(np.log(sd_ratios))) < 0.05 and np.all(np.abs(np.log(sd_ratios)) < 0.25), \
+        sd_ratios
+
+
+def test_subregional_is_invisible_to_region_means_but_not_to_halves(coupling_demo: tuple) -> None:
+    """The known answer of the subregional effect: region mean signals (their whole-brain
+    connectivity, their mean and SD) stay at chance, the correlation between the halves of the
+    split regions (what a readout inside the regions can see) separates the groups."""
+    participants, _, courses, _, halves = coupling_demo
+    # Two participants per diagnosis x site x coupling cell: one of each level in every cell.
+    for _, cell in participants.groupby(["diagnosis", "site", "coupling"]):
+        assert sorted(cell["subregional"]) == ["split", "whole"]
+    labels = (participants["subregional"] == "split").to_numpy()
+    connectivity = ConnectivityMeasure(kind="correlation", vectorize=True,
+                                       discard_diagonal=True).fit_transform(list(courses))
+    moments = np.concatenate([courses.mean(axis=1), courses.std(axis=1)], axis=1)  # (P, 2R)
+    within = np.array([[_correlation(p[:, 2 * j], p[:, 2 * j + 1])
+                        for j in range(len(SPLIT_REGIONS))] for p in halves])  # (P, 4)
+    fc, mean_sd = _balanced_accuracy(connectivity, labels), _balanced_accuracy(moments, labels)
+    inside = _balanced_accuracy(within, labels)
+    assert fc <= 0.6 and mean_sd <= 0.6, (fc, mean_sd, inside)
+    assert inside >= 0.9, (fc, mean_sd, inside)
+    # The halves anti-correlate in split participants only.
+    assert np.all(within[labels].mean(axis=1) < np.min(within[~labels].mean(axis=1))), within
 
 
 def test_seed_reproducibility(tmp_path: Path, atlas: Atlas) -> None:

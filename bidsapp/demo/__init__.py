@@ -43,11 +43,26 @@ from bidsapp.demo.signal import (
     SCL_SLOPE,
     SIGNAL_MODEL,
     SITES,
+    SPLIT_CELL_EDGE,
+    SPLIT_REGIONS,
+    SPLIT_SHARE,
+    SPLIT_TOKEN_EDGE,
     ar1,
     coupled_courses,
     draw_coupling,
     draw_participants,
     lattice_upsampler,
+    region_indices,
+    region_records,
+)
+from bidsapp.demo.subregional import (
+    Split,
+    SplitRows,
+    draw_subregional,
+    plant_split,
+    split_halves,
+    split_records,
+    split_rows,
 )
 from bidsapp.errors import UsageError
 from bidsapp.grid import MNI_2MM_AFFINE, MNI_2MM_SHAPE
@@ -55,7 +70,8 @@ from bidsapp.io import atomic_path, atomic_write_text, ensure_dir, json_text
 from bidsapp.logs import get_logger
 
 __all__ = ["ADHD_AMPLITUDE", "ADHD_REGIONS", "ADHD_SHIFT", "COUPLED_REGIONS", "COUPLING", "NETWORKS",
-           "NOISE_ONLY", "SIGNAL_MODEL", "make_demo_dataset"]
+           "NOISE_ONLY", "SIGNAL_MODEL", "SPLIT_REGIONS", "SPLIT_SHARE", "Split", "make_demo_dataset",
+           "split_halves"]
 
 log = get_logger("demo")
 
@@ -74,6 +90,7 @@ class _Layout:
     source: np.ndarray      # (V,) int: 0 global course, k = 1..6 network k, 7 + j coupled region j
     weight: np.ndarray      # (V,) float32 variance share of the source course (w)
     planted: np.ndarray     # (V,) bool: voxel of an ADHD region
+    split_rows: tuple[SplitRows, ...]  # one per SPLIT_REGIONS region
     upsample: sparse.csr_matrix  # (V, L) lattice -> voxel, rows scaled to unit output variance
     baseline: np.ndarray    # (V,) float32 b
     drift: np.ndarray       # (V,) float32 d
@@ -93,12 +110,14 @@ def make_demo_dataset(out_dir: Path, *, n_participants: int = 24, n_frames: int 
     n_frames : int
         Frames per run (at least 2).
     seed : int
-        Seed of the random generators (the main one and the coupling effect's).
+        Seed of the random generators (the main one, the coupling effect's and the subregional
+        effect's).
     repetition_time : float
         TR in seconds.
     atlas : Atlas, optional
         An AAL3 atlas (default: :func:`bidsapp.atlas.load_atlas`); it must name every region
-        of :data:`NETWORKS`, :data:`NOISE_ONLY`, :data:`ADHD_REGIONS` and :data:`COUPLED_REGIONS`.
+        of :data:`NETWORKS`, :data:`NOISE_ONLY`, :data:`ADHD_REGIONS`, :data:`COUPLED_REGIONS`
+        and :data:`SPLIT_REGIONS`.
 
     Returns
     -------
@@ -124,29 +143,24 @@ def make_demo_dataset(out_dir: Path, *, n_participants: int = 24, n_frames: int 
     atlas = atlas if atlas is not None else load_atlas()
     out_dir = ensure_dir(Path(out_dir))
     rng = np.random.default_rng(seed)
-    # A second stream for the coupling effect: the first one draws exactly what it drew before.
+    # A stream per later effect: the first one draws exactly what it drew before each was added.
     coupling_rng = np.random.default_rng([seed, 1])
+    split_rng = np.random.default_rng([seed, 2])
     labels = atlas.resample_to(MNI_2MM_SHAPE, MNI_2MM_AFFINE)  # (91, 109, 91) label values
-    layout = _layout(rng, atlas, labels)
+    splits = split_halves(atlas, labels)
+    layout = _layout(rng, atlas, labels, splits)
     participants = draw_participants(rng, n_participants)
     participants["coupling"] = draw_coupling(coupling_rng, participants)
-    truth = _truth(atlas, seed, n_frames, repetition_time, participants)
+    participants["subregional"] = draw_subregional(split_rng, participants)
+    truth = _truth(atlas, seed, n_frames, repetition_time, participants, splits, layout)
     for row in participants.itertuples():
-        bold = _participant_bold(rng, coupling_rng, layout, row.diagnosis, row.coupling,
-                                 SITES[row.site], row.gain, n_frames, repetition_time)
+        bold = _participant_bold(rng, coupling_rng, split_rng, layout, row, n_frames,
+                                 repetition_time)
         _write_run(out_dir, row.participant_id, layout, bold, repetition_time)
-        log.debug("demo: wrote %s (%s, %s, %s)", row.participant_id, row.diagnosis, row.coupling,
-                  row.site)
+        log.debug("demo: wrote %s (%s, %s, %s, %s)", row.participant_id, row.diagnosis,
+                  row.coupling, row.subregional, row.site)
     _write_metadata(out_dir, participants.drop(columns="gain"), truth)
     return truth
-
-
-def _region_indices(atlas: Atlas, names: tuple[str, ...]) -> list[int]:
-    index_of = {region.name: region.index for region in atlas.regions}
-    missing = [name for name in names if name not in index_of]
-    if missing:
-        raise UsageError(f"the demo needs an AAL3 atlas; atlas {atlas.name} lacks {missing}")
-    return [index_of[name] for name in names]
 
 
 def _brain_mask(labels: np.ndarray) -> np.ndarray:
@@ -156,7 +170,8 @@ def _brain_mask(labels: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(ndimage.binary_dilation(mask, structure))
 
 
-def _layout(rng: np.random.Generator, atlas: Atlas, labels: np.ndarray) -> _Layout:
+def _layout(rng: np.random.Generator, atlas: Atlas, labels: np.ndarray,
+            splits: list[Split]) -> _Layout:
     mask = _brain_mask(labels)
     # Fortran order, NIfTI's: a run is then written without transposing the volume.
     voxels = np.flatnonzero(mask.ravel(order="F"))
@@ -164,41 +179,50 @@ def _layout(rng: np.random.Generator, atlas: Atlas, labels: np.ndarray) -> _Layo
     source = np.zeros(voxel_labels.shape, dtype=np.int64)
     weight = np.full(voxel_labels.shape, OTHER_WEIGHT, dtype=np.float32)
     for k, names in enumerate(NETWORKS.values(), start=1):
-        in_network = np.isin(voxel_labels, _region_indices(atlas, names))
+        in_network = np.isin(voxel_labels, region_indices(atlas, names))
         source[in_network] = k
         weight[in_network] = NETWORK_WEIGHT
-    weight[np.isin(voxel_labels, _region_indices(atlas, NOISE_ONLY))] = 0.0
-    for j, index in enumerate(_region_indices(atlas, COUPLED_REGIONS)):
+    weight[np.isin(voxel_labels, region_indices(atlas, NOISE_ONLY))] = 0.0
+    for j, index in enumerate(region_indices(atlas, COUPLED_REGIONS)):
         coupled = voxel_labels == index
         source[coupled] = len(NETWORKS) + 1 + j
         weight[coupled] = COUPLING_WEIGHT
-    planted = np.isin(voxel_labels, _region_indices(atlas, ADHD_REGIONS))
+    planted = np.isin(voxel_labels, region_indices(atlas, ADHD_REGIONS))
     upsample = lattice_upsampler(mask.shape, voxels, LATTICE_VOXELS)
     profile = upsample @ rng.standard_normal(upsample.shape[1], dtype=np.float32)
     drift = upsample @ rng.standard_normal(upsample.shape[1], dtype=np.float32)
+    baseline = BASELINE * (1 + PROFILE_SD * profile)
     return _Layout(mask=mask, voxels=voxels, source=source, weight=weight, planted=planted,
-                   upsample=upsample, baseline=BASELINE * (1 + PROFILE_SD * profile),
-                   drift=DRIFT_SD * drift)
+                   split_rows=split_rows(splits, voxels, baseline), upsample=upsample,
+                   baseline=baseline, drift=DRIFT_SD * drift)
 
 
 def _participant_bold(rng: np.random.Generator, coupling_rng: np.random.Generator,
-                      layout: _Layout, diagnosis: str, coupling: str, site: dict[str, float],
-                      gain: float, n_frames: int, repetition_time: float) -> np.ndarray:
+                      split_rng: np.random.Generator, layout: _Layout, participant: Any,
+                      n_frames: int, repetition_time: float) -> np.ndarray:
     """(V, T) float32 BOLD of one participant's brain voxels (the model of :data:`SIGNAL_MODEL`).
 
     The per-voxel factors are folded into (V,) coefficients first, so the (V, T) arrays are
     touched by few in-place operations: this is most of the demo's run time.
     """
+    diagnosis, site, gain = participant.diagnosis, SITES[participant.site], participant.gain
     phi = np.exp(-repetition_time / COURSE_TAU_S)
     courses = ar1(rng, len(NETWORKS) + 1, n_frames, phi)  # global course, then the networks'
-    courses = np.concatenate([courses, coupled_courses(coupling_rng, coupling, courses[:1], phi)])
+    courses = np.concatenate([courses, coupled_courses(coupling_rng, participant.coupling,
+                                                       courses[:1], phi)])
+    # Drawn for every participant: the stream does not depend on the labels.
+    split_courses = ar1(split_rng, len(layout.split_rows), n_frames, phi)
     lattice_noise = ar1(rng, layout.upsample.shape[1], n_frames,
                          np.exp(-repetition_time / NOISE_TAU_S))
     planted = layout.planted & (diagnosis == "adhd")
     scaled = (gain * site["scale"]) * layout.baseline  # (V,) g * scale * b
     amplitude = scaled * np.where(planted, FLUCTUATION * ADHD_AMPLITUDE, FLUCTUATION)
     bold = layout.upsample @ lattice_noise  # (V, T) smooth noise n
-    bold *= (amplitude * np.sqrt(1 - layout.weight))[:, None]
+    noise_scale = amplitude * np.sqrt(1 - layout.weight)  # (V,)
+    bold *= noise_scale[:, None]
+    if participant.subregional == "split":
+        for rows, course in zip(layout.split_rows, split_courses, strict=True):
+            plant_split(bold, rows, noise_scale, course)
     bold += (amplitude * np.sqrt(layout.weight))[:, None] * courses[layout.source]
     bold += (scaled * np.where(planted, 1 + ADHD_SHIFT, 1.0))[:, None]
     bold += (scaled * layout.drift)[:, None] * np.linspace(-0.5, 0.5, n_frames, dtype=np.float32)
@@ -249,13 +273,8 @@ def _json(data: dict[str, Any]) -> str:
     return json_text(data, indent=2) + "\n"
 
 
-def _region_records(atlas: Atlas, names: tuple[str, ...]) -> list[dict[str, Any]]:
-    return [{"name": n, "index": i} for n, i in zip(names, _region_indices(atlas, names),
-                                                     strict=True)]
-
-
 def _truth(atlas: Atlas, seed: int, n_frames: int, repetition_time: float,
-           participants: pd.DataFrame) -> dict[str, Any]:
+           participants: pd.DataFrame, splits: list[Split], layout: _Layout) -> dict[str, Any]:
     return {
         "seed": seed,
         "n_frames": n_frames,
@@ -272,20 +291,32 @@ def _truth(atlas: Atlas, seed: int, n_frames: int, repetition_time: float,
         "network_weight": NETWORK_WEIGHT,
         "other_weight": OTHER_WEIGHT,
         "adhd_effect": {
-            "regions": _region_records(atlas, ADHD_REGIONS),
+            "regions": region_records(atlas, ADHD_REGIONS),
             "amplitude_factor": ADHD_AMPLITUDE,
             "baseline_shift": ADHD_SHIFT,
         },
-        "networks": {net: _region_records(atlas, names) for net, names in NETWORKS.items()},
-        "noise_only": _region_records(atlas, NOISE_ONLY),
+        "networks": {net: region_records(atlas, names) for net, names in NETWORKS.items()},
+        "noise_only": region_records(atlas, NOISE_ONLY),
         "coupling_effect": {
             "label_column": "coupling",
             "levels": {"coupled": "the regions' courses share the global course",
                        "uncoupled": "the regions' courses are independent of every other course"},
-            "regions": _region_records(atlas, COUPLED_REGIONS),
+            "regions": region_records(atlas, COUPLED_REGIONS),
             "course_correlation": COUPLING,
             "course_weight": COUPLING_WEIGHT,
             "independent_of": ["diagnosis", "site"],
+        },
+        "subregional_effect": {
+            "label_column": "subregional",
+            "levels": {"split": "each region's core carries +s in one half and -s in the other, "
+                                "its mean time series unchanged",
+                       "whole": "no planted structure inside the regions"},
+            "regions": split_records(atlas, splits, layout.split_rows),
+            "variance_share": SPLIT_SHARE,
+            "token_edge_mm": 2.0 * SPLIT_TOKEN_EDGE,
+            "core_cell_mm": 2.0 * SPLIT_CELL_EDGE,
+            "region_means_unchanged": True,
+            "independent_of": ["diagnosis", "site", "coupling"],
         },
         "sites": SITES,
         "participants": json.loads(participants.to_json(orient="records")),
@@ -317,6 +348,11 @@ def _write_metadata(out_dir: Path, participants: pd.DataFrame, truth: dict[str, 
                      "Levels": {"coupled": "planted covariance between the regions of the truth "
                                            "record (no mean or amplitude change)",
                                 "uncoupled": "no planted covariance"}},
+        "subregional": {"Description": "Third synthetic group, independent of diagnosis, site "
+                                       "and coupling",
+                        "Levels": {"split": "the regions of the truth record carry opposite "
+                                            "courses in two halves (region means unchanged)",
+                                   "whole": "no planted structure inside regions"}},
     }
     readme = (
         "# roimae synthetic demo dataset\n\n"
@@ -326,8 +362,10 @@ def _write_metadata(out_dir: Path, participants: pd.DataFrame, truth: dict[str, 
         "`adhd` participants carry a planted effect in a few limbic and cerebellar regions; in\n"
         "`coupled` participants (a second, independent label) ten cortical regions share the\n"
         "brain-wide course, which they do not in `uncoupled` ones (a change of covariance only).\n"
+        "In `split` participants (a third label) eight large regions carry opposite courses in two\n"
+        "halves, which leaves their mean time series unchanged: structure inside regions only.\n"
         f"Everything planted is listed in `{TRUTH_FILE}`; the model is described there and in\n"
-        "SIGNAL_MODEL of bidsapp/demo.py.\n"
+        "SIGNAL_MODEL of bidsapp/demo/signal.py.\n"
     )
     atomic_write_text(out_dir / "dataset_description.json", _json(description))
     atomic_write_text(out_dir / "README", readme)

@@ -6,15 +6,23 @@ too); :mod:`bidsapp.demo` writes the dataset from it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from bidsapp.errors import UsageError
+
+if TYPE_CHECKING:
+    from bidsapp.atlas import Atlas
+
 #: The signal model of the demo, written into the truth record as ``signal_model``.
 SIGNAL_MODEL = """\
 All randomness comes from one ``numpy.random.Generator(seed)``, except that of the coupling effect
-(below), which comes from a second one, ``Generator([seed, 1])``: adding it left every other label
-and voxel as it was. The brain mask is AAL3 > 0, closed and dilated by one voxel, holes filled
+(below), which comes from a second one, ``Generator([seed, 1])``, and that of the subregional
+effect, from a third, ``Generator([seed, 2])``: adding each left every other label and voxel as it
+was. The brain mask is AAL3 > 0, closed and dilated by one voxel, holes filled
 (``scipy.ndimage``). Inside it, voxel ``v`` of a participant at frame ``t`` is::
 
     y[v, t] = gain * scale[site] * b[v] * (1 + shift[v] + a[v] * f[v, t] + d[v] * r[t])
@@ -56,6 +64,32 @@ and voxel as it was. The brain mask is AAL3 > 0, closed and dilated by one voxel
   the ~90 background regions, so whole-brain connectivity shows it. Every voxel keeps its mean and
   its fluctuation amplitude (each course has run mean 0 and SD 1 in both groups): only covariance
   differs, which a mean over tokens and frames cannot see;
+* subregional effect, structure inside regions that region means cannot see: a third label,
+  ``subregional`` (``whole`` or ``split``), balanced within every diagnosis x site x coupling cell
+  as far as the cell sizes allow (the cells are walked in a Gray-code order), hence independent of
+  the other three. Each of the eight :data:`SPLIT_REGIONS` (large regions outside the networks,
+  noise-only, ADHD and coupled regions) is cut in two by a plane of the ``tiny`` token grid (16 mm
+  tokens of the 96^3 cube): of the planes at multiples of 8 cube voxels along x, y or z, the one
+  that halves the region's *core* most evenly (:func:`split_halves`). The core is the region's
+  voxels whose 4 mm cell (2 x 2 x 2 cube voxels, a working voxel of ``tiny``) lies wholly in the
+  region, so that no neighbouring region shares a cell with it at 4 mm either. In ``split``
+  participants, with ``k = SPLIT_SHARE`` (0.8), the own noise ``n`` of the core voxels of half
+  ``H`` becomes::
+
+      m_H[t] + sqrt(1 - k * h_H**2) * (n[v, t] - m_H[t]) + sqrt(k) * h_H * s[t]
+
+  where ``m_H`` is the half's baseline-weighted mean noise, ``s`` a course of the region's own
+  (AR(1), standardized, drawn for every participant so the stream does not depend on the labels),
+  and ``h_A = +min(1, W_B / W_A)``, ``h_B = -min(1, W_A / W_B)`` with ``W_H`` the half's summed
+  baseline ``b`` (the smaller half gets ``|h| = 1``, the larger ``|h| <= 1``). The two halves then
+  carry ``+s`` and ``-s`` in opposite phase, weighted so that the sum of the change over the
+  region's voxels is exactly 0 at every frame: **the region's mean time series is unchanged** (at 2
+  mm, and at 4 mm, where every cell of the core is wholly the region's), as are every voxel's mean
+  and, in expectation, its variance (up to a factor ``1 + k * h_H**2 * var(m_H)`` on that of its own
+  noise; ``var(m_H)`` is 5 to 11 %, so at most +6 % of a voxel's fluctuation variance). Region
+  means, their correlations and their tangent-space covariances are blind to it by construction; the
+  covariance between the region's tokens is not (the halves anti-correlate, each half's tokens
+  correlate more with each other);
 * site and participant: a global ``scale`` per site (1.0, 1.15), a thermal white noise ``e`` of SD
   ``sigma`` (0.3 %, 0.6 % of ``BASELINE``) per site, and a participant ``gain`` ~ N(1, 0.03).
 
@@ -87,6 +121,15 @@ COUPLINGS = ("uncoupled", "coupled")
 COUPLING = 0.7
 #: Variance share of a coupled region's course (the networks' share: region means follow it).
 COUPLING_WEIGHT = NETWORK_WEIGHT
+SPLITS = ("whole", "split")
+#: In ``split`` participants: the share of the variance of a core voxel's own noise that the
+#: halves' opposite courses replace in the smaller half (``h**2`` times it in the larger one, see
+#: :data:`SIGNAL_MODEL`).
+SPLIT_SHARE = 0.8
+#: Edge of the token grid the split planes lie on, in 2 mm cube voxels (the ``tiny`` preset's
+#: tokens: patch 4 x downsample 2), and of the cells the core is made of (its working voxels).
+SPLIT_TOKEN_EDGE = 8
+SPLIT_CELL_EDGE = 2
 
 
 def _bilateral(*stems: str) -> tuple[str, ...]:
@@ -115,6 +158,25 @@ ADHD_REGIONS: tuple[str, ...] = _bilateral("Hippocampus", "Amygdala", "Cerebelum
 COUPLED_REGIONS: tuple[str, ...] = _bilateral(
     "Frontal_Sup_2", "Frontal_Mid_2", "Parietal_Sup", "Temporal_Mid", "Occipital_Mid",
 )
+#: Regions split in two halves of opposite courses in ``split`` participants: the eight largest
+#: regions outside the sets above (four bilateral pairs in four lobes), each half's core lying in
+#: 3 to 10 tokens of the ``tiny`` grid.
+SPLIT_REGIONS: tuple[str, ...] = _bilateral("Fusiform", "Parietal_Inf", "Cingulate_Mid", "Insula")
+
+
+def region_indices(atlas: Atlas, names: tuple[str, ...]) -> list[int]:
+    """The atlas's label value of every named region; 64 unless it names them all (AAL3)."""
+    index_of = {region.name: region.index for region in atlas.regions}
+    missing = [name for name in names if name not in index_of]
+    if missing:
+        raise UsageError(f"the demo needs an AAL3 atlas; atlas {atlas.name} lacks {missing}")
+    return [index_of[name] for name in names]
+
+
+def region_records(atlas: Atlas, names: tuple[str, ...]) -> list[dict[str, Any]]:
+    """``{"name", "index"}`` of every named region, for the truth record."""
+    return [{"name": n, "index": i} for n, i in zip(names, region_indices(atlas, names),
+                                                     strict=True)]
 
 
 def lattice_upsampler(shape: tuple[int, ...], voxels: np.ndarray,
