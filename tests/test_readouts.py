@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -14,6 +15,7 @@ from sklearn.covariance import EmpiricalCovariance
 
 from bidsapp.atlas import load_atlas
 from bidsapp.cache import PreprocessParams
+from bidsapp.demo import SPLIT_REGIONS
 from bidsapp.grid import (
     MNI_2MM_AFFINE,
     MNI_2MM_SHAPE,
@@ -24,13 +26,17 @@ from bidsapp.grid import (
 )
 from bidsapp.preprocess import prepare_run
 from bidsapp.readouts import (
+    DispersionSums,
     RegionPooling,
     correlation_matrix,
+    dispersion_weights,
     edge_regions,
     feature_correlation,
+    input_token_signals,
     region_embedding,
     region_timeseries,
     vectorize,
+    within_region_dispersion,
 )
 
 
@@ -232,3 +238,98 @@ def test_encode_tokens_gives_the_embedding_of_encode(backbone: str) -> None:
     # Tokens outside the brain carry nothing for vit4d (it never encodes them).
     if backbone == "vit4d":
         assert (tokens[0, :, ~valid[0]] == 0).all()
+
+
+def _two_token_region() -> tuple[CubeAtlas, torch.Tensor]:
+    """A cube of 48-voxel tokens (2^3 grid): region 0 fills tokens (0,0,0) and (0,0,1) alike;
+    region 1 fills token (1,1,1) and holds one voxel of token (1,1,0); region 2 has no voxel."""
+    labels = np.full((96, 96, 96), -1)
+    labels[0:48, 0:48, 0:96] = 0
+    labels[48:96, 48:96, 48:96] = 1
+    labels[50, 50, 10] = 1
+    return _cube(labels, 3), torch.ones(2, 2, 2, dtype=torch.bool)
+
+
+def test_dispersion_weights_favour_the_region_s_own_tokens() -> None:
+    labels = np.full((96, 96, 96), -1)
+    labels[0:48, 0:48, 0:48] = 0           # token (0,0,0): all of it
+    labels[0:48, 0:48, 48:72] = 0          # token (0,0,1): half of it
+    cube = _cube(labels, 1)
+    # Pooling weights (exponent 0): 2/3 and 1/3; purity cubed: 1 * 1 and 1/2 * 1/8, i.e. 16/17
+    # and 1/17 (1.12 effective tokens, so none at the default threshold of 2).
+    for exponent, expected in ((0, [2 / 3, 1 / 3]), (3, [16 / 17, 1 / 17])):
+        weights = dispersion_weights(cube, 48, exponent=exponent, min_effective_tokens=1)
+        assert weights.tokens.tolist() == [0, 1]
+        np.testing.assert_allclose(weights.weights.numpy(), expected)
+    assert len(dispersion_weights(cube, 48).weights) == 0
+
+
+def test_within_region_dispersion_sees_a_split_and_not_a_region_mean_change() -> None:
+    """Known answer: two tokens of equal weight, ``x_a = c + n_a``, ``x_b = c + n_b``; the
+    dispersion is ``log Var((x_a - x_b) / 2)``, whatever happens to the region mean ``c``."""
+    cube, valid = _two_token_region()
+    weights = dispersion_weights(cube, 48)
+    assert sorted(set(weights.regions.tolist())) == [0]  # region 1: one effective token
+    rng = np.random.default_rng(0)
+    frames, channels = 30, 3
+    course, split = rng.standard_normal((2, frames, channels))
+    noise = 0.3 * rng.standard_normal((2, frames, channels))
+
+    def dispersion(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        tokens = torch.zeros(frames, 2, 2, 2, channels, dtype=torch.float64)
+        tokens[:, 0, 0, 0], tokens[:, 0, 0, 1] = torch.from_numpy(a), torch.from_numpy(b)
+        tokens[:, 1, 1, 1] = torch.from_numpy(course)  # region 1's token: never counted
+        return within_region_dispersion(tokens, valid, weights)  # (R, C)
+
+    base = dispersion(course + noise[0], course + noise[1])
+    assert base.shape == (3, channels) and np.isnan(base[1:]).all()
+    np.testing.assert_allclose(base[0], np.log(((noise[0] - noise[1]) / 2).var(axis=0)))
+    # The region mean changes in amplitude and course, each token gets its own offset: no change.
+    louder = 3 * course + rng.standard_normal((frames, 1))
+    np.testing.assert_allclose(dispersion(louder + noise[0] + 5, louder + noise[1] - 2), base,
+                               atol=1e-12)
+    # One half carries +s, the other -s: the region mean is as before, the dispersion is not.
+    planted = dispersion(course + noise[0] + split, course + noise[1] - split)
+    np.testing.assert_allclose(planted[0], np.log(((noise[0] - noise[1]) / 2 + split).var(axis=0)))
+    assert (planted[0] > base[0] + 1).all()
+
+
+def test_dispersion_sums_over_windows_equal_one_pass_and_follow_valid_tokens() -> None:
+    cube, valid = _two_token_region()
+    weights = dispersion_weights(cube, 48)
+    tokens = torch.from_numpy(np.random.default_rng(1).standard_normal((25, 2, 2, 2, 4)))
+    whole = within_region_dispersion(tokens, valid, weights)
+    sums = DispersionSums(weights)
+    for start in range(0, 25, 10):  # windows of 10, 10 and 5 frames
+        sums.add(tokens[start:start + 10], valid)
+    np.testing.assert_allclose(sums.result(), whole, rtol=1e-12)
+    # Without one of its tokens, region 0 has a single token left: no dispersion.
+    partial = valid.clone()
+    partial[0, 0, 1] = False
+    assert np.isnan(within_region_dispersion(tokens, partial, weights)).all()
+    with pytest.raises(ValueError, match="valid tokens changed"):
+        sums.add(tokens[:5], partial)
+
+
+def test_dispersion_covers_the_demo_s_split_regions_at_tiny(atlas_dir: Path) -> None:
+    atlas = load_atlas(atlas_dir / "AAL3v1_2mm.nii.gz", atlas_dir / "AAL3v1_labels.tsv")
+    weights = dispersion_weights(cube_atlas(atlas), 8)  # tiny: patch 4 x downsample 2
+    covered = {atlas.regions[r].name for r in set(weights.regions.tolist())}
+    assert len(covered) == 77
+    assert set(SPLIT_REGIONS) <= covered
+    # Each covered region's weights sum to 1 over at least two effective tokens.
+    regions, w = weights.regions.numpy(), weights.weights.numpy()
+    np.testing.assert_allclose(np.bincount(regions, w)[sorted(set(regions))], 1)
+    assert (1 / np.bincount(regions, w**2)[sorted(set(regions))] >= 2).all()
+
+
+def test_input_token_signals_average_each_token_s_cells() -> None:
+    frames = np.arange(3 * 4 * 4 * 4, dtype=np.float32).reshape(3, 4, 4, 4)
+    run = SimpleNamespace(shape=(4, 4, 4), n_frames=3,
+                          frames=lambda start, stop: frames[start:stop])
+    signals = input_token_signals(run, 2)  # (3, 2, 2, 2, 1): tokens of 2^3 cells
+    assert signals.shape == (3, 2, 2, 2, 1) and signals.dtype == torch.float64
+    np.testing.assert_allclose(signals[1, 0, 1, 1, 0], frames[1, 0:2, 2:4, 2:4].mean())
+    np.testing.assert_allclose(signals[2, 1, 0, 1, 0], frames[2, 2:4, 0:2, 2:4].mean())
+    with pytest.raises(ValueError, match="tile"):
+        input_token_signals(run, 3)
