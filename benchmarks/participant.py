@@ -33,7 +33,7 @@ from bidsapp.inference import RoimaeModel, analyse_run
 from bidsapp.model.factory import build_model
 from bidsapp.model.presets import PRESETS
 from bidsapp.preprocess import prepare_run
-from bidsapp.readouts import RegionPooling
+from bidsapp.readouts import RegionPooling, dispersion_weights
 
 
 def make_run(root: Path, frames: int) -> tuple[Path, Path]:
@@ -64,9 +64,10 @@ def participant(bold: Path, mask: Path, cache: Path, preset_name: str, attributi
         "format": FORMAT, "epoch": 0, "backbone": preset.backbone, "preset": {"name": preset.name},
         "masking": {"masking": "roi"}, "window_frames": 20,
         "atlas": {"name": atlas.name, "sha256": atlas.sha256(), "n_regions": len(atlas.regions)}})
-    pooling = RegionPooling.from_atlas(cube_atlas(atlas), preset.patch_size * preset.downsample)
-    loaded = RoimaeModel(model, meta, Path("untrained"), "0" * 64, preset, grid, pooling.to(device),
-                         atlas)
+    cube, token_edge = cube_atlas(atlas), preset.patch_size * preset.downsample
+    loaded = RoimaeModel(model, meta, Path("untrained"), "0" * 64, preset, grid,
+                         RegionPooling.from_atlas(cube, token_edge).to(device),
+                         dispersion_weights(cube, token_edge).to(device), atlas)
     start = time.perf_counter()
     result = analyse_run(loaded, run, attribution=attribution, n_subsets=subsets, seed=0)
     seconds = time.perf_counter() - start

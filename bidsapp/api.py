@@ -236,11 +236,13 @@ class RoimaeEmbedder(TransformerMixin, BaseEstimator):
     ----------
     model : str or Path
         ``model.safetensors`` of a pretrained roimae model (or its folder).
-    readout : {"global", "region", "connectivity"}
+    readout : {"global", "region", "subregion", "connectivity"}
         The features, as the group level's ``--features``: the run embedding, the region
-        embeddings (regions x channels, flattened), or the Fisher z of the connectivity of the
-        region features (upper triangle; NaN for a region without varying features, so put a
-        :class:`~sklearn.impute.SimpleImputer` before a classifier that needs finite values).
+        embeddings (regions x channels, flattened), the within-region dispersions (regions x
+        channels; NaN for a region under two effective tokens), or the Fisher z of the
+        connectivity of the region features (upper triangle; NaN for a region without varying
+        features). Put a :class:`~sklearn.impute.SimpleImputer` before a classifier that needs
+        finite values.
     atlas, atlas_labels : str or Path, optional
         The atlas the model was pretrained with (default AAL3), as in :func:`load_model`.
     mask_img : niimg-like, optional
@@ -332,7 +334,8 @@ class RoimaeEmbedder(TransformerMixin, BaseEstimator):
 
     def _names(self) -> list[str]:
         model = self.model_
-        width = {"global": model.n_features, "region": len(model.atlas.regions) * model.preset.embed_dim,
+        per_region = len(model.atlas.regions) * model.preset.embed_dim
+        width = {"global": model.n_features, "region": per_region, "subregion": per_region,
                  "connectivity": 0}[self.readout]
         return feature_names(self.readout, [region.name for region in model.atlas.regions], width)
 

@@ -129,6 +129,10 @@ WHAT_IT_SEES: dict[str, tuple[str, str]] = {
                "covariance between regions or frames"),
     "connectivity": ("between-region covariance, in the model's feature space",
                      "a first-order shift that leaves correlations unchanged"),
+    "subregion": ("within-region structure: how far each region's tokens move apart over frames "
+                  "(parts of a region that follow different courses)",
+                  "regions under two effective tokens of the model's grid; covariance between "
+                  "regions"),
     "fc": ("between-region covariance of region mean signals (Pearson)",
            "anything inside a region that leaves its mean signal unchanged; first-order shifts"),
     "tangent": ("between-region covariance of region mean signals (tangent space)",
@@ -142,39 +146,43 @@ def run_features(readout: str, run: RunEmbedding) -> np.ndarray:
 
     Parameters
     ----------
-    readout : {"global", "region", "connectivity"}
+    readout : {"global", "region", "subregion", "connectivity"}
     run : bidsapp.results.RunEmbedding
 
     Returns
     -------
     numpy.ndarray, shape (F,)
-        The run embedding; the region embeddings, region by region; or the Fisher z of the upper
-        triangle of the feature-space connectivity.
+        The run embedding; the region embeddings or the within-region dispersions, region by
+        region; or the Fisher z of the upper triangle of the feature-space connectivity.
     """
     if readout == "global":
         return run.embedding
     if readout == "region":
         return run.result.region_embeddings.ravel()
+    if readout == "subregion":
+        return run.result.subregion.ravel()
     return vectorize(run.result.feature_connectivity)
 
 
 def readout_file(out: RunOutputs, readout: str) -> Path:
     """The participant-level file that holds a model readout of one run."""
     return {"global": out.mean_embedding, "region": out.region_embedding,
-            "connectivity": out.connectivity}[readout]
+            "subregion": out.subregion, "connectivity": out.connectivity}[readout]
 
 
 def feature_names(readout: str, region_names: list[str], n_features: int) -> list[str]:
     """Names of the features of a model readout (``roimae_`` prefix, as scikit-learn expects).
 
     ``roimae_e000``... (global), ``roimae_<region>_e000``... (region),
-    ``roimae_<region>__<region>`` (connectivity); ``n_features`` is the readout's width.
+    ``roimae_<region>_subregion_e000``... (subregion), ``roimae_<region>__<region>``
+    (connectivity); ``n_features`` is the readout's width.
     """
     if readout == "global":
         return [f"roimae_e{i:03d}" for i in range(n_features)]
-    if readout == "region":
+    if readout in ("region", "subregion"):
         width = n_features // len(region_names)
-        return [f"roimae_{name}_e{i:03d}" for name in region_names for i in range(width)]
+        kind = "_subregion" if readout == "subregion" else ""
+        return [f"roimae_{name}{kind}_e{i:03d}" for name in region_names for i in range(width)]
     first, second = edge_regions(len(region_names))
     return [f"roimae_{region_names[a]}__{region_names[b]}" for a, b in zip(first, second, strict=True)]
 
@@ -223,7 +231,7 @@ def feature_regions(readout: str, n_regions: int, n_features: int) -> list[np.nd
     if readout in ("connectivity", "fc"):
         first, second = edge_regions(n_regions)
         return [np.flatnonzero((first == r) | (second == r)) for r in range(n_regions)]
-    if readout == "region":
+    if readout in ("region", "subregion"):
         width = n_features // n_regions
         return [np.arange(r * width, (r + 1) * width) for r in range(n_regions)]
     return None
@@ -310,6 +318,10 @@ def load_feature_set(desc: str | None, readout: str, dataset, writer: Derivative
     else:
         X = np.vstack(vectors)
         regions = feature_regions(readout, n_regions, X.shape[1])
+        if regions is not None:
+            # A region without a value in any run (no token of its own, too few for a
+            # dispersion) cannot be hidden from the classifier: no importance, not zero.
+            regions = [c if np.isfinite(X[:, c]).any() else c[:0] for c in regions]
     return EmbeddingSet(name, stem, desc, readout, pd.DataFrame(rows), X, regions,
                         next(iter(models)) if models else None)
 

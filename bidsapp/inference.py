@@ -29,7 +29,13 @@ from bidsapp.model.masking import RegionTokenOrVoxelMasking, RegionVoxelMasking
 from bidsapp.model.presets import BACKBONE_PRESETS, ModelPreset
 from bidsapp.model.regions import RegionGrid
 from bidsapp.outputs import MODEL_WEIGHTS, embedding_columns
-from bidsapp.readouts import RegionPooling, feature_correlation, region_embedding
+from bidsapp.readouts import (
+    DispersionSums,
+    RegionPooling,
+    dispersion_weights,
+    feature_correlation,
+    region_embedding,
+)
 from bidsapp.runtime import step_generator
 
 
@@ -55,6 +61,9 @@ class RoimaeModel:
         The atlas on the preset's working and token grids, on the model's device.
     pooling : RegionPooling
         Token features -> region features.
+    dispersion : RegionPooling
+        The token weights of the ``subregion`` readout
+        (:func:`~bidsapp.readouts.dispersion_weights`).
     atlas : bidsapp.atlas.Atlas
         The parcellation the model was pretrained with.
     """
@@ -66,6 +75,7 @@ class RoimaeModel:
     preset: ModelPreset
     region_grid: RegionGrid
     pooling: RegionPooling
+    dispersion: RegionPooling
     atlas: Atlas
 
     @property
@@ -251,9 +261,11 @@ def load_model(path: Path, atlas: Atlas, device: torch.device) -> RoimaeModel:
                            f"{str(exc).splitlines()[0]}") from exc
     model.to(device).eval()
     weights = path.with_suffix(".safetensors")
-    pooling = RegionPooling.from_atlas(cube_atlas(atlas), preset.patch_size * preset.downsample)
+    cube, token_edge = cube_atlas(atlas), preset.patch_size * preset.downsample
     return RoimaeModel(model, meta, weights, file_sha256(weights), preset,
-                       build_region_grid(atlas, preset).to(device), pooling.to(device), atlas)
+                       build_region_grid(atlas, preset).to(device),
+                       RegionPooling.from_atlas(cube, token_edge).to(device),
+                       dispersion_weights(cube, token_edge).to(device), atlas)
 
 
 @dataclass
@@ -263,6 +275,7 @@ class RunAttribution:
     window_embeddings: np.ndarray     # (W, C)
     embedding: np.ndarray             # (C,) mean over windows
     region_embeddings: np.ndarray     # (R, C0) region features, mean over frames
+    subregion: np.ndarray             # (R, C0) log within-region dispersion, NaN: too few tokens
     feature_connectivity: np.ndarray  # (R, R) correlation of region features over frames
     recon_error: np.ndarray | None    # (R,) NaN where a region cannot be hidden
     recon_error_se: np.ndarray | None  # (R,)
@@ -289,6 +302,7 @@ def analyse_run(loaded: RoimaeModel, run: CachedRun, *, attribution: bool, n_sub
     passes = RegionPasses(loaded.model, region_masking,
                           batch_size or (4 if device.type == "cuda" else 1))
     sums = AttributionSums()
+    dispersion = DispersionSums(loaded.dispersion)
     window_embs, region_feats = [], []
     example: dict[str, np.ndarray] = {}
     brain = torch.from_numpy(run.brain)[None].to(device)                # (1, D, H, W) working grid
@@ -297,6 +311,7 @@ def analyse_run(loaded: RoimaeModel, run: CachedRun, *, attribution: bool, n_sub
         emb, tokens, valid = loaded.model.encode_tokens(x, brain)       # (1, C), (1, T', g.., C0)
         window_embs.append(emb[0])
         region_feats.append(loaded.pooling(tokens[0], valid[0]).cpu())  # (T', R, C0)
+        dispersion.add(tokens[0], valid[0])
         if attribution:
             # The subsets of window w depend on (seed, w) alone, on any device.
             regions = subsets(region_masking.eligible, n_subsets,
@@ -307,7 +322,8 @@ def analyse_run(loaded: RoimaeModel, run: CachedRun, *, attribution: bool, n_sub
     window_embeddings = torch.stack(window_embs).float().cpu().numpy()  # (W, C)
     features = torch.cat(region_feats).double().numpy()                # (F, R, C0)
     result = RunAttribution(window_embeddings, window_embeddings.mean(0),
-                            region_embedding(features), feature_correlation(features),
+                            region_embedding(features), dispersion.result(),
+                            feature_correlation(features),
                             None, None, None, None, region_masking.eligible.cpu().numpy(), example)
     if attribution:
         found = sums.result(window_embeddings, result.eligible)

@@ -7,6 +7,9 @@ the model's masking ``<m>`` (``desc-<m>``), written beside the run in ``OUTPUT_D
 - ``<source>_desc-<m>_stat-mean_embedding.tsv``: the run embedding (mean over windows), one row
 - ``<source>_atlas-AAL3v1_desc-<m>_stat-region_embedding.tsv``: one row per region, its features at the
   encoder's finest stage averaged over frames (:mod:`bidsapp.readouts`)
+- ``<source>_atlas-AAL3v1_desc-<m>_stat-subregion_embedding.tsv``: one row per region, the log
+  dispersion of its tokens' features about the region's mean token over frames, per channel:
+  structure inside the region that region means average away (NaN: fewer than two effective tokens)
 - ``<source>_atlas-AAL3v1_desc-<m>_stat-pearsoncorrelation_relmat.tsv``: region x region correlation
   of the region features over frames (connectivity in the model's feature space)
 - ``<source>_atlas-AAL3v1_stat-mean_timeseries.tsv`` and ``..._stat-pearsoncorrelation_relmat.tsv``
@@ -83,6 +86,17 @@ def write_readouts(writer: DerivativesWriter, out: RunOutputs, run: RunEmbedding
         "Description": "Region embeddings: the encoder's finest-stage token features pooled per "
                        "region (weighted by the share of the region's voxels in each token) and "
                        "averaged over frames", "Atlas": atlas.name, "Sources": sources,
+        "Model": model_info})
+    writer.write_tsv(out.subregion, run.subregion_table)
+    writer.write_sidecar(out.subregion, {
+        "Description": "Within-region dispersion (the subregion readout): for every region and "
+                       "channel, the log of the weighted mean over the region's tokens of the "
+                       "variance over frames of the token's feature minus the region's weighted "
+                       "mean token, at the encoder's finest stage. Tokens are weighted by their "
+                       "share of the region's voxels times their purity (share of the token that "
+                       "is the region) cubed; n/a for a region with fewer than two effective "
+                       "tokens. It sees structure inside a region that leaves the region's mean "
+                       "signal unchanged", "Atlas": atlas.name, "Sources": sources,
         "Model": model_info})
     writer.write_tsv(out.connectivity, run.connectivity_table)
     writer.write_sidecar(out.connectivity, {

@@ -43,6 +43,10 @@ class RunEmbedding:
     region_embedding_table : pandas.DataFrame
         One row per region: ``index``, ``name``, its features at the encoder's finest stage
         averaged over frames (``_stat-region_embedding.tsv``).
+    subregion_table : pandas.DataFrame
+        One row per region: ``index``, ``name``, the log within-region dispersion of its token
+        features per channel (:func:`~bidsapp.readouts.within_region_dispersion`; NaN for a
+        region with fewer than two effective tokens) (``_stat-subregion_embedding.tsv``).
     connectivity_table : pandas.DataFrame
         Region x region correlation of the region features over frames, with a ``Node`` column
         (``_desc-<m>_stat-pearsoncorrelation_relmat.tsv``).
@@ -74,6 +78,7 @@ class RunEmbedding:
     window_embeddings: pd.DataFrame
     embedding: np.ndarray
     region_embedding_table: pd.DataFrame
+    subregion_table: pd.DataFrame
     connectivity_table: pd.DataFrame
     timeseries: pd.DataFrame
     fc_table: pd.DataFrame
@@ -128,6 +133,14 @@ def region_table(atlas: Atlas, model: RoimaeModel, result: RunAttribution,
     return table
 
 
+def _per_region(atlas: Atlas, values: np.ndarray) -> pd.DataFrame:
+    """``index``, ``name`` and ``e000``... of an (R, C) region readout."""
+    table = embedding_frame(values)
+    table.insert(0, "name", [region.name for region in atlas.regions])
+    table.insert(0, "index", [region.index for region in atlas.regions])
+    return table
+
+
 def run_embedding(model: RoimaeModel, cached: CachedRun, result: RunAttribution,
                   shape: Sequence[int], affine: np.ndarray) -> RunEmbedding:
     """Every table and map of one analysed run.
@@ -153,9 +166,8 @@ def run_embedding(model: RoimaeModel, cached: CachedRun, result: RunAttribution,
     windows.insert(0, "onset", np.arange(len(windows)) * model.window_frames * tr
                    if tr is not None else np.nan)
     windows.insert(0, "window", np.arange(len(windows)))
-    region_features = embedding_frame(result.region_embeddings)
-    region_features.insert(0, "name", names)
-    region_features.insert(0, "index", [region.index for region in atlas.regions])
+    region_features, subregion = (_per_region(atlas, values) for values in
+                                  (result.region_embeddings, result.subregion))
     timeseries = region_timeseries(cached, cube_atlas(atlas))
     regions = by_group = occluded = None
     maps: dict[str, nib.Nifti1Image] = {}
@@ -170,7 +182,7 @@ def run_embedding(model: RoimaeModel, cached: CachedRun, result: RunAttribution,
             by_group = group_summary(regions, ("reconerror", "occlusion"))
     return RunEmbedding(
         window_embeddings=windows, embedding=result.embedding,
-        region_embedding_table=region_features,
+        region_embedding_table=region_features, subregion_table=subregion,
         connectivity_table=relmat_frame(result.feature_connectivity, names),
         timeseries=pd.DataFrame(timeseries, columns=names),
         fc_table=relmat_frame(correlation_matrix(timeseries), names),

@@ -179,6 +179,7 @@ def test_embedder_readouts_are_the_participant_level_readouts(pretrained_demo: P
     run = embed_imgs(model, [img], attribution=False, cache_dir=tmp_path / "cache")[0]
     n_regions, width = len(model.atlas.regions), model.preset.embed_dim
     for readout, expected in (("region", run.result.region_embeddings.ravel()),
+                              ("subregion", run.result.subregion.ravel()),
                               ("connectivity", vectorize(run.result.feature_connectivity))):
         embedder = RoimaeEmbedder(str(pretrained_demo.model), readout=readout,
                                   memory=tmp_path / "cache").fit()
@@ -188,6 +189,12 @@ def test_embedder_readouts_are_the_participant_level_readouts(pretrained_demo: P
         np.testing.assert_array_equal(features[0], expected.astype(np.float32))
         if readout == "region":
             assert len(names) == n_regions * width and names[0] == "roimae_Precentral_L_e000"
+        elif readout == "subregion":
+            assert len(names) == n_regions * width
+            assert names[0] == "roimae_Precentral_L_subregion_e000"
+            # Large regions have a dispersion; small ones (under two effective tokens) n/a.
+            by_region = features[0].reshape(n_regions, width)
+            assert 40 <= np.isfinite(by_region).all(axis=1).sum() < n_regions
         else:
             assert len(names) == n_regions * (n_regions - 1) // 2
             assert names[0] == "roimae_Precentral_L__Precentral_R"

@@ -210,6 +210,36 @@ def test_covariance_only_effect_is_found_by_the_connectivity_readout(chain: dict
     assert scores["roi-region"] < scores["roi-connectivity"] - 0.2, scores
 
 
+def test_structure_inside_regions_is_found_by_the_subregion_readout_only(chain: dict) -> None:
+    """``subregional`` leaves every region's mean time series unchanged (the demo's known
+    answer): region-mean FC and the tangent space stay at chance by construction, the subregion
+    readout of a model finds it, and its region importance puts the split regions on top."""
+    config = demo_configs(chain["bids"], chain["out"])[-1]
+    config = config.model_copy(update={"group": config.group.model_copy(update={
+        "target": "subregional", "compare": [*DEMO_MASKINGS, "fc", "tangent"],
+        "features": ["subregion", "region"], "covariates": [], "n_permutations": 0})})
+    assert run(config) == 0
+    group = chain["out"] / "group"
+    scores = pd.read_csv(group / "target-subregional_scores.tsv", sep="\t",
+                         na_values="n/a").set_index("set")["balanced_accuracy"]
+    assert max(scores[f"{desc}-subregion"] for desc in DEMO_MASKINGS) >= 0.8, scores
+    assert scores["fc"] <= 0.6 and scores["tangent"] <= 0.6, scores
+    planted = set(_names(chain["truth"]["subregional_effect"]["regions"]))
+    for desc in DEMO_MASKINGS:
+        if scores[f"{desc}-subregion"] < 0.8:
+            continue
+        table = pd.read_csv(group / f"target-subregional_atlas-AAL3v1_desc-{desc}_"
+                            "feature-subregion_attribution.tsv", sep="\t",
+                            na_values="n/a").dropna(subset=["importance"])
+        is_planted = table["name"].isin(planted)
+        assert is_planted.sum() == len(planted)
+        others = table.loc[~is_planted, "importance"]
+        margin = table.loc[is_planted, "importance"].mean() - others.median()
+        assert margin > 2 * others.std(ddof=1) / np.sqrt(is_planted.sum()), (desc, margin)
+    report = (chain["out"] / "group_target-subregional.html").read_text()
+    assert "within-region structure" in report
+
+
 def test_whole_output_passes_the_bids_validator(chain: dict) -> None:
     errors = [i for i in run_bids_validator(chain["out"]) if i.severity == "error"]
     assert errors == []

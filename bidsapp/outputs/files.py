@@ -185,6 +185,8 @@ class RunOutputs:
     ----------
     embedding, mean_embedding, region_embedding : Path
         The window embeddings, the run embedding and the region embeddings.
+    subregion : Path
+        The within-region dispersion of the token features (the ``subregion`` readout).
     connectivity : Path
         The model's feature-space connectivity.
     timeseries, fc : Path
@@ -208,6 +210,7 @@ class RunOutputs:
         self.mean_embedding = path("embedding", ".tsv", desc=desc, stat="mean")
         self.region_embedding = path("embedding", ".tsv", atlas=atlas_label, desc=desc,
                                      stat="region")
+        self.subregion = path("embedding", ".tsv", atlas=atlas_label, desc=desc, stat="subregion")
         self.connectivity = path("relmat", ".tsv", atlas=atlas_label, desc=desc,
                                  stat="pearsoncorrelation")
         self.timeseries, self.fc = baseline_outputs(writer, entities, atlas_label)
@@ -232,8 +235,8 @@ class RunOutputs:
         -------
         list of Path
         """
-        files = [self.embedding, self.mean_embedding, self.region_embedding, self.connectivity,
-                 self.timeseries, self.fc]
+        files = [self.embedding, self.mean_embedding, self.region_embedding, self.subregion,
+                 self.connectivity, self.timeseries, self.fc]
         if attribution:
             files += [self.occluded, self.recon_map, self.occlusion_map, self.table, self.groups]
         return [f for f in files if f is not None]
