@@ -26,6 +26,8 @@ QUICK_ARGUMENTS = {
                          "--window-frames", "5", "--steps", "1", "--rounds", "1"],
     "pretrain_epoch.py": ["--runs", "2", "--steps", "2", "--rounds", "1", "--frames", "8",
                           "--window-frames", "4", "--batch-size", "1"],
+    "subregional.py": ["--participants", "8", "--frames", "20", "--epochs", "1", "--maskings",
+                       "roi", "--targets", "subregional", "--cv-folds", "2", "--cv-repeats", "1"],
 }
 
 
