@@ -236,10 +236,11 @@ class RoimaeEmbedder(TransformerMixin, BaseEstimator):
     ----------
     model : str or Path
         ``model.safetensors`` of a pretrained roimae model (or its folder).
-    readout : {"global", "region", "subregion", "connectivity"}
+    readout : {"global", "region", "subregion", "inputsubregion", "connectivity"}
         The features, as the group level's ``--features``: the run embedding, the region
         embeddings (regions x channels, flattened), the within-region dispersions (regions x
-        channels; NaN for a region under two effective tokens), or the Fisher z of the
+        channels; NaN for a region under two effective tokens), the same statistic of the
+        model's input (one per region, no model features), or the Fisher z of the
         connectivity of the region features (upper triangle; NaN for a region without varying
         features). Put a :class:`~sklearn.impute.SimpleImputer` before a classifier that needs
         finite values.
@@ -336,7 +337,7 @@ class RoimaeEmbedder(TransformerMixin, BaseEstimator):
         model = self.model_
         per_region = len(model.atlas.regions) * model.preset.embed_dim
         width = {"global": model.n_features, "region": per_region, "subregion": per_region,
-                 "connectivity": 0}[self.readout]
+                 "inputsubregion": len(model.atlas.regions), "connectivity": 0}[self.readout]
         return feature_names(self.readout, [region.name for region in model.atlas.regions], width)
 
     def transform(self, X: Sequence[NiimgLike]) -> np.ndarray:

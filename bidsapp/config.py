@@ -44,7 +44,7 @@ UpstreamFamily = Literal["neurostorm", "swift"]
 UPSTREAM_FAMILIES: tuple[str, ...] = get_args(UpstreamFamily)
 Device = Literal["auto", "cpu", "cuda"]
 #: Readouts of a model's outputs for the group level, the default first (docs/science.md).
-READOUTS = ("connectivity", "region", "subregion", "global")
+READOUTS = ("connectivity", "region", "subregion", "inputsubregion", "global")
 #: Feature sets that need no model: Pearson FC, tangent-space FC, phenotype covariates.
 BASELINES = ("fc", "tangent", "covariates")
 Readout = Literal[READOUTS]

@@ -133,6 +133,9 @@ WHAT_IT_SEES: dict[str, tuple[str, str]] = {
                   "(parts of a region that follow different courses)",
                   "regions under two effective tokens of the model's grid; covariance between "
                   "regions"),
+    "inputsubregion": ("the subregion statistic of the model's input averaged per token, no "
+                       "features: what within-region structure shows without the model",
+                       "what the model's features add; covariance between regions"),
     "fc": ("between-region covariance of region mean signals (Pearson)",
            "anything inside a region that leaves its mean signal unchanged; first-order shifts"),
     "tangent": ("between-region covariance of region mean signals (tangent space)",
@@ -141,12 +144,16 @@ WHAT_IT_SEES: dict[str, tuple[str, str]] = {
 }
 
 
+#: Readouts with a block of columns per region (regions x channels, flattened).
+PER_REGION = ("region", "subregion", "inputsubregion")
+
+
 def run_features(readout: str, run: RunEmbedding) -> np.ndarray:
     """The features of one analysed run for a model readout, as :func:`read_features` reads them.
 
     Parameters
     ----------
-    readout : {"global", "region", "subregion", "connectivity"}
+    readout : {"global", "region", "subregion", "inputsubregion", "connectivity"}
     run : bidsapp.results.RunEmbedding
 
     Returns
@@ -161,27 +168,31 @@ def run_features(readout: str, run: RunEmbedding) -> np.ndarray:
         return run.result.region_embeddings.ravel()
     if readout == "subregion":
         return run.result.subregion.ravel()
+    if readout == "inputsubregion":
+        return run.result.input_subregion.ravel()
     return vectorize(run.result.feature_connectivity)
 
 
 def readout_file(out: RunOutputs, readout: str) -> Path:
     """The participant-level file that holds a model readout of one run."""
     return {"global": out.mean_embedding, "region": out.region_embedding,
-            "subregion": out.subregion, "connectivity": out.connectivity}[readout]
+            "subregion": out.subregion, "inputsubregion": out.input_subregion,
+            "connectivity": out.connectivity}[readout]
 
 
 def feature_names(readout: str, region_names: list[str], n_features: int) -> list[str]:
     """Names of the features of a model readout (``roimae_`` prefix, as scikit-learn expects).
 
     ``roimae_e000``... (global), ``roimae_<region>_e000``... (region),
-    ``roimae_<region>_subregion_e000``... (subregion), ``roimae_<region>__<region>``
-    (connectivity); ``n_features`` is the readout's width.
+    ``roimae_<region>_subregion_e000``... (subregion), ``roimae_<region>_inputsubregion_e000``
+    (inputsubregion), ``roimae_<region>__<region>`` (connectivity); ``n_features`` is the
+    readout's width.
     """
     if readout == "global":
         return [f"roimae_e{i:03d}" for i in range(n_features)]
-    if readout in ("region", "subregion"):
+    if readout in PER_REGION:
         width = n_features // len(region_names)
-        kind = "_subregion" if readout == "subregion" else ""
+        kind = "" if readout == "region" else f"_{readout}"
         return [f"roimae_{name}{kind}_e{i:03d}" for name in region_names for i in range(width)]
     first, second = edge_regions(len(region_names))
     return [f"roimae_{region_names[a]}__{region_names[b]}" for a, b in zip(first, second, strict=True)]
@@ -231,7 +242,7 @@ def feature_regions(readout: str, n_regions: int, n_features: int) -> list[np.nd
     if readout in ("connectivity", "fc"):
         first, second = edge_regions(n_regions)
         return [np.flatnonzero((first == r) | (second == r)) for r in range(n_regions)]
-    if readout in ("region", "subregion"):
+    if readout in PER_REGION:
         width = n_features // n_regions
         return [np.arange(r * width, (r + 1) * width) for r in range(n_regions)]
     return None

@@ -34,7 +34,9 @@ from bidsapp.readouts import (
     RegionPooling,
     dispersion_weights,
     feature_correlation,
+    input_token_signals,
     region_embedding,
+    within_region_dispersion,
 )
 from bidsapp.runtime import step_generator
 
@@ -276,6 +278,7 @@ class RunAttribution:
     embedding: np.ndarray             # (C,) mean over windows
     region_embeddings: np.ndarray     # (R, C0) region features, mean over frames
     subregion: np.ndarray             # (R, C0) log within-region dispersion, NaN: too few tokens
+    input_subregion: np.ndarray       # (R, 1) the same statistic of the input's token means
     feature_connectivity: np.ndarray  # (R, R) correlation of region features over frames
     recon_error: np.ndarray | None    # (R,) NaN where a region cannot be hidden
     recon_error_se: np.ndarray | None  # (R,)
@@ -321,8 +324,10 @@ def analyse_run(loaded: RoimaeModel, run: CachedRun, *, attribution: bool, n_sub
             example = shown if w == 0 else example
     window_embeddings = torch.stack(window_embs).float().cpu().numpy()  # (W, C)
     features = torch.cat(region_feats).double().numpy()                # (F, R, C0)
+    inputs = input_token_signals(run, loaded.preset.patch_size).to(device)  # (F, g, g, g, 1)
     result = RunAttribution(window_embeddings, window_embeddings.mean(0),
                             region_embedding(features), dispersion.result(),
+                            within_region_dispersion(inputs, valid[0], loaded.dispersion),
                             feature_correlation(features),
                             None, None, None, None, region_masking.eligible.cpu().numpy(), example)
     if attribution:

@@ -9,7 +9,9 @@ the model's masking ``<m>`` (``desc-<m>``), written beside the run in ``OUTPUT_D
   encoder's finest stage averaged over frames (:mod:`bidsapp.readouts`)
 - ``<source>_atlas-AAL3v1_desc-<m>_stat-subregion_embedding.tsv``: one row per region, the log
   dispersion of its tokens' features about the region's mean token over frames, per channel:
-  structure inside the region that region means average away (NaN: fewer than two effective tokens)
+  structure inside the region that region means average away (NaN: fewer than two effective tokens),
+  and ``..._stat-inputsubregion_embedding.tsv``, the same statistic of the model's input averaged
+  per token (what it finds without the model's features)
 - ``<source>_atlas-AAL3v1_desc-<m>_stat-pearsoncorrelation_relmat.tsv``: region x region correlation
   of the region features over frames (connectivity in the model's feature space)
 - ``<source>_atlas-AAL3v1_stat-mean_timeseries.tsv`` and ``..._stat-pearsoncorrelation_relmat.tsv``
@@ -98,6 +100,12 @@ def write_readouts(writer: DerivativesWriter, out: RunOutputs, run: RunEmbedding
                        "tokens. It sees structure inside a region that leaves the region's mean "
                        "signal unchanged", "Atlas": atlas.name, "Sources": sources,
         "Model": model_info})
+    writer.write_tsv(out.input_subregion, run.input_subregion_table)
+    writer.write_sidecar(out.input_subregion, {
+        "Description": "Reference of the subregion readout without the model's features: the "
+                       "same within-region dispersion (same token weights) of the model's input, "
+                       "z-scored and averaged over each token's cells, over every stored frame",
+        "Atlas": atlas.name, "Sources": sources, "Model": model_info})
     writer.write_tsv(out.connectivity, run.connectivity_table)
     writer.write_sidecar(out.connectivity, {
         "Description": "Connectivity in the model's feature space: for every channel, the Pearson "

@@ -47,6 +47,9 @@ class RunEmbedding:
         One row per region: ``index``, ``name``, the log within-region dispersion of its token
         features per channel (:func:`~bidsapp.readouts.within_region_dispersion`; NaN for a
         region with fewer than two effective tokens) (``_stat-subregion_embedding.tsv``).
+    input_subregion_table : pandas.DataFrame
+        The same statistic of the model's input averaged per token, one column ``e000``: what
+        it finds without the model (``_stat-inputsubregion_embedding.tsv``).
     connectivity_table : pandas.DataFrame
         Region x region correlation of the region features over frames, with a ``Node`` column
         (``_desc-<m>_stat-pearsoncorrelation_relmat.tsv``).
@@ -79,6 +82,7 @@ class RunEmbedding:
     embedding: np.ndarray
     region_embedding_table: pd.DataFrame
     subregion_table: pd.DataFrame
+    input_subregion_table: pd.DataFrame
     connectivity_table: pd.DataFrame
     timeseries: pd.DataFrame
     fc_table: pd.DataFrame
@@ -166,8 +170,9 @@ def run_embedding(model: RoimaeModel, cached: CachedRun, result: RunAttribution,
     windows.insert(0, "onset", np.arange(len(windows)) * model.window_frames * tr
                    if tr is not None else np.nan)
     windows.insert(0, "window", np.arange(len(windows)))
-    region_features, subregion = (_per_region(atlas, values) for values in
-                                  (result.region_embeddings, result.subregion))
+    region_features, subregion, input_subregion = (
+        _per_region(atlas, values)
+        for values in (result.region_embeddings, result.subregion, result.input_subregion))
     timeseries = region_timeseries(cached, cube_atlas(atlas))
     regions = by_group = occluded = None
     maps: dict[str, nib.Nifti1Image] = {}
@@ -183,6 +188,7 @@ def run_embedding(model: RoimaeModel, cached: CachedRun, result: RunAttribution,
     return RunEmbedding(
         window_embeddings=windows, embedding=result.embedding,
         region_embedding_table=region_features, subregion_table=subregion,
+        input_subregion_table=input_subregion,
         connectivity_table=relmat_frame(result.feature_connectivity, names),
         timeseries=pd.DataFrame(timeseries, columns=names),
         fc_table=relmat_frame(correlation_matrix(timeseries), names),

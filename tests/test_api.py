@@ -180,6 +180,7 @@ def test_embedder_readouts_are_the_participant_level_readouts(pretrained_demo: P
     n_regions, width = len(model.atlas.regions), model.preset.embed_dim
     for readout, expected in (("region", run.result.region_embeddings.ravel()),
                               ("subregion", run.result.subregion.ravel()),
+                              ("inputsubregion", run.result.input_subregion.ravel()),
                               ("connectivity", vectorize(run.result.feature_connectivity))):
         embedder = RoimaeEmbedder(str(pretrained_demo.model), readout=readout,
                                   memory=tmp_path / "cache").fit()
@@ -195,6 +196,13 @@ def test_embedder_readouts_are_the_participant_level_readouts(pretrained_demo: P
             # Large regions have a dispersion; small ones (under two effective tokens) n/a.
             by_region = features[0].reshape(n_regions, width)
             assert 40 <= np.isfinite(by_region).all(axis=1).sum() < n_regions
+        elif readout == "inputsubregion":
+            assert names[0] == "roimae_Precentral_L_inputsubregion_e000"
+            # The same regions as the model's subregion readout have a value.
+            subregion = run.result.subregion
+            assert len(names) == n_regions
+            np.testing.assert_array_equal(np.isfinite(features[0]),
+                                          np.isfinite(subregion).all(axis=1))
         else:
             assert len(names) == n_regions * (n_regions - 1) // 2
             assert names[0] == "roimae_Precentral_L__Precentral_R"

@@ -217,7 +217,8 @@ def test_structure_inside_regions_is_found_by_the_subregion_readout_only(chain: 
     config = demo_configs(chain["bids"], chain["out"])[-1]
     config = config.model_copy(update={"group": config.group.model_copy(update={
         "target": "subregional", "compare": [*DEMO_MASKINGS, "fc", "tangent"],
-        "features": ["subregion", "region"], "covariates": [], "n_permutations": 0})})
+        "features": ["subregion", "inputsubregion", "region"], "covariates": [],
+        "n_permutations": 0})})
     assert run(config) == 0
     group = chain["out"] / "group"
     scores = pd.read_csv(group / "target-subregional_scores.tsv", sep="\t",

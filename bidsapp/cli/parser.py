@@ -277,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
             "tangent, and covariates when --covariates is given)")
     _option(grp, "group.features", "--features", nargs="+",
             help="readouts of each model: connectivity of its region features, region "
-            "embeddings, within-region dispersion (subregion), or the run embedding")
+            "embeddings, within-region dispersion (subregion) and its model-free reference "
+            "(inputsubregion), or the run embedding")
     _option(grp, "group.covariates", "--covariates", nargs="+", metavar="COLUMN",
             help="participants.tsv columns of the covariates baseline (e.g. age sex)")
     return parser

@@ -185,8 +185,9 @@ class RunOutputs:
     ----------
     embedding, mean_embedding, region_embedding : Path
         The window embeddings, the run embedding and the region embeddings.
-    subregion : Path
-        The within-region dispersion of the token features (the ``subregion`` readout).
+    subregion, input_subregion : Path
+        The within-region dispersion of the token features (the ``subregion`` readout), and of
+        the model's input averaged per token (the ``inputsubregion`` reference).
     connectivity : Path
         The model's feature-space connectivity.
     timeseries, fc : Path
@@ -211,6 +212,8 @@ class RunOutputs:
         self.region_embedding = path("embedding", ".tsv", atlas=atlas_label, desc=desc,
                                      stat="region")
         self.subregion = path("embedding", ".tsv", atlas=atlas_label, desc=desc, stat="subregion")
+        self.input_subregion = path("embedding", ".tsv", atlas=atlas_label, desc=desc,
+                                    stat="inputsubregion")
         self.connectivity = path("relmat", ".tsv", atlas=atlas_label, desc=desc,
                                  stat="pearsoncorrelation")
         self.timeseries, self.fc = baseline_outputs(writer, entities, atlas_label)
@@ -236,7 +239,7 @@ class RunOutputs:
         list of Path
         """
         files = [self.embedding, self.mean_embedding, self.region_embedding, self.subregion,
-                 self.connectivity, self.timeseries, self.fc]
+                 self.input_subregion, self.connectivity, self.timeseries, self.fc]
         if attribution:
             files += [self.occluded, self.recon_map, self.occlusion_map, self.table, self.groups]
         return [f for f in files if f is not None]
