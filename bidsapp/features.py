@@ -257,7 +257,7 @@ def load_feature_set(desc: str | None, readout: str, dataset, writer: Derivative
     Only complete runs count (their completion sidecar, written last, lists every output), and
     every run of a model's set must come from the same model (by weight hash).
     """
-    rows, vectors, missing, stale = [], [], 0, 0
+    rows, vectors, missing, stale, without = [], [], 0, 0, 0
     models: dict[str, list[str]] = {}
     current = None if desc is None else current_model(writer.output_dir, desc)
     for run in dataset.runs:
@@ -285,7 +285,9 @@ def load_feature_set(desc: str | None, readout: str, dataset, writer: Derivative
             path = readout_file(out, readout)
         vec = read_features(readout, path)
         if vec is None:
-            missing += 1
+            # A complete run without this readout's file: written by an earlier roimae.
+            without += out is not None
+            missing += out is None
             continue
         check_atlas(meta if desc is not None else path.with_suffix(".json"), atlas_sha256, path)
         # NaN is a missing feature (a region without signal; imputed in the folds), but a run
@@ -305,11 +307,19 @@ def load_feature_set(desc: str | None, readout: str, dataset, writer: Derivative
         log.warning("%s: %d selected runs have no complete %s features (participant level not "
                     "run for them, or its job was killed before the end); they are left out",
                     name, missing, readout)
+    if without:
+        log.warning("%s: %d complete runs have no %s file (written by an earlier roimae "
+                    "without this readout); they are left out: rerun the participant level for "
+                    "them with --overwrite", name, without, readout)
     if stale:
         log.warning("%s: %d runs hold the features of an earlier desc-%s model, not of "
                     "models/desc-%s (%s...; pretrained again with --overwrite?); they are left "
                     "out: rerun the participant level for them", name, stale, desc, desc,
                     current[:12])
+    if not rows and without and not stale:
+        raise NoInputError(f"no desc-{desc} run has {readout} features (written by an earlier "
+                           "roimae without this readout): rerun the participant level with "
+                           "--overwrite")
     if not rows and stale:
         raise NoInputError(f"every desc-{desc} run holds the features of a model that "
                            f"models/desc-{desc} no longer holds ({current[:12]}...): rerun the "

@@ -404,6 +404,18 @@ def test_group_level_uses_only_complete_runs(demo: Path, tmp_path: Path, atlas: 
     assert not {"sub-01", "sub-02"} & set(predictions["participant_id"])
 
 
+def test_runs_written_before_a_readout_existed_say_how_to_get_it(demo: Path, tmp_path: Path,
+                                                                 atlas: Atlas, capsys) -> None:
+    """Complete runs of an earlier roimae lack the subregion files: rerun, not "run first"."""
+    out = tmp_path / "out"
+    write_fake_outputs(demo, out, atlas)
+    code, err = run_group([demo, out, "group", "--target", "diagnosis", "--n-permutations", "0",
+                           "--cv-repeats", "1", "--features", "subregion"], capsys)
+    assert code == 66, err
+    assert "no desc-roi run has subregion features (written by an earlier roimae" in err
+    assert "--overwrite" in err and "Traceback" not in err
+
+
 @pytest.fixture
 def demo_copy(demo: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "demo"
