@@ -8,6 +8,10 @@ Each row runs in a fresh process: seconds and peak RSS are its own. Floor: nibab
 decompression of the run. Targets: peak RSS <= 2.5 GB at ``base`` for a 200-frame run; attribution
 <= 10x the embedding-only time (the naive way, one pass per region, costs ~166x); its precision
 is the median over regions of the reconstruction error's standard error relative to its value.
+
+Efficiency of the model passes (``model_seconds``, preprocessing excluded): their FLOPs counted by
+PyTorch in a second, untimed pass, as TFLOP/s and as a fraction of a 2048^2 float32 matrix
+product's rate measured in the same process (of the card's dense bf16 peak on a GPU).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from _common import best_of, emit
+from _common import best_of, count_flops, efficiency, emit
 
 from bidsapp.atlas import load_atlas
 from bidsapp.cache import PreprocessParams
@@ -50,7 +54,7 @@ def participant(bold: Path, mask: Path, cache: Path, preset_name: str, attributi
                 subsets: int) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset = PRESETS[preset_name]
-    start = time.perf_counter()
+    began = start = time.perf_counter()
     # A fresh cache per row: each row pays for its preprocessing, as a first participant run does;
     # stored at the preset's working resolution, as the participant level stores it.
     run = prepare_run(bold, mask, cache / uuid.uuid4().hex,
@@ -70,11 +74,16 @@ def participant(bold: Path, mask: Path, cache: Path, preset_name: str, attributi
     start = time.perf_counter()
     result = analyse_run(loaded, run, attribution=attribution, n_subsets=subsets, seed=0)
     seconds = time.perf_counter() - start
+    total = time.perf_counter() - began  # what the row times: not the counting pass below
+    # Counted in a second pass: the counter slows the one it watches.
+    flops = count_flops(lambda: analyse_run(loaded, run, attribution=attribution,
+                                            n_subsets=subsets, seed=0))
     precision = None
     if attribution:  # the median standard error of a region's reconstruction error, relative
         precision = float(np.nanmedian(result.recon_error_se / result.recon_error))
     return {"windows": run.n_windows, "preprocess_seconds": prepared, "model_seconds": seconds,
-            "recon_error_relative_se": precision}
+            "recon_error_relative_se": precision, "efficiency": efficiency(flops, seconds, device),
+            "seconds": total}
 
 
 def main() -> None:
@@ -101,6 +110,7 @@ def main() -> None:
                       "preprocess_seconds": result["preprocess_seconds"],
                       "peak_rss_mb": result["peak_rss_mb"], "repeats": args.repeats,
                       "recon_error_relative_se": result["recon_error_relative_se"],
+                      **result["efficiency"],
                       "floor": "nibabel load + decompress",
                       "floor_seconds": floor["seconds"],
                       "ratio": result["seconds"] / floor["seconds"],

@@ -52,10 +52,34 @@ def test_every_benchmark_is_tested() -> None:
     assert scripts - {"real_signal.py"} == set(QUICK_ARGUMENTS)
 
 
+#: The benchmarks whose rows give FLOPs and their fraction of a peak (issue #25).
+WITH_EFFICIENCY = {"backbones.py", "participant.py", "pretrain_step.py"}
+
+
 @pytest.mark.parametrize("script", sorted(set(QUICK_ARGUMENTS) - {"pretrain_epoch.py"}))
 def test_benchmark_prints_finite_rows(script: str) -> None:
     for row in _rows(script):
         assert _finite(row), row
+        if script in WITH_EFFICIENCY:  # on the CPU: of the matmul rate measured in the same run
+            assert row["flops"] > 0 and row["peak"] == "2048^2 float32 matmul, measured", row
+            assert row["tflops"] > 0 and row["peak_tflops"] > 0, row
+            assert row["fraction_of_peak"] == pytest.approx(row["tflops"] / row["peak_tflops"])
+
+
+def test_flops_of_cpu_attention_are_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    # PyTorch's counter has no formula for the CPU attention kernel: swin4d's attention counted 0.
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import torch
+    from _common import count_flops
+
+    q = torch.randn(3, 2, 16, 8, requires_grad=True)  # (windows, heads, tokens, channels)
+    mask = torch.ones(3, 1, 16, 16, dtype=torch.bool)
+    attention = torch.nn.functional.scaled_dot_product_attention
+    forward = 2 * (2 * 3 * 2 * 16 * 16 * 8)  # q k^T, then the weights times v
+    with torch.no_grad():
+        assert count_flops(lambda: attention(q, q, q, attn_mask=mask)) == forward
+    # The backward recomputes q k^T and takes four more products of the same size.
+    assert count_flops(lambda: attention(q, q, q, attn_mask=mask).sum().backward()) == 3.5 * forward
 
 
 def test_pretrain_epoch_benchmark_runs() -> None:
