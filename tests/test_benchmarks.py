@@ -29,8 +29,8 @@ QUICK_ARGUMENTS = {
 }
 
 
-def _rows(script: str) -> list[dict]:
-    command = [sys.executable, str(BENCHMARKS / script), *QUICK_ARGUMENTS[script]]
+def _rows(script: str, *extra: str) -> list[dict]:
+    command = [sys.executable, str(BENCHMARKS / script), *QUICK_ARGUMENTS[script], *extra]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
@@ -90,7 +90,26 @@ def test_pretrain_epoch_benchmark_runs() -> None:
     assert row["downsample"] == 2 and row["input_shape"] == [48, 48, 48]
     assert row["train_windows"] == 2 and row["held_out_windows"] >= 1
     for key in ("seconds_per_window", "epoch_seconds_per_window", "floor_seconds_per_window",
-                "ratio", "peak_rss_mb", "peak_rss_mb_epochs", "cache_mb_per_run"):
+                "ratio", "peak_rss_mb", "peak_rss_mb_epochs", "cache_mb_per_run",
+                "load_seconds_per_window", "trainer_in_memory_seconds_per_window",
+                "epoch_end_seconds", "pretrain_epoch_seconds_per_window"):
+        assert math.isfinite(row[key]) and row[key] > 0, key
+
+
+def test_pretrain_epoch_benchmark_runs_on_a_bids_dataset(tmp_path: Path) -> None:
+    # --bids: every window of the runs of a derivatives dataset, preprocessed as pretrain does.
+    from bidsapp.demo import make_demo_dataset
+
+    make_demo_dataset(tmp_path / "bids", n_participants=4, n_frames=8, seed=0)
+    rows = _rows("pretrain_epoch.py", "--bids", str(tmp_path / "bids"), "--steps", "0")
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["runs"] == 4 and row["train_runs"] == 3 and row["held_out_runs"] == 1
+    assert row["train_windows"] == 6 and row["held_out_windows"] == 2  # 2 windows of 4 frames
+    assert row["cache"] == "preprocessed from bids (4 participants)"
+    for key in ("seconds_per_window", "floor_seconds_per_window", "load_seconds_per_window",
+                "trainer_in_memory_seconds_per_window", "held_out_seconds_per_window",
+                "epoch_end_seconds", "pretrain_epoch_ratio", "cache_write_seconds"):
         assert math.isfinite(row[key]) and row[key] > 0, key
 
 
