@@ -19,7 +19,8 @@ attention; not elementwise work such as Mamba's selective scan), TFLOP/s and the
 peak: a 2048^2 float32 matrix product measured in the same process on the CPU, the card's dense
 bf16 peak on CUDA (:func:`_common.efficiency`). Under torchrun every
 rank measures in its own process and rank 0 prints the rows (``world_size``; samples/s counts
-every rank's batch).
+every rank's batch). ``first_step_seconds`` is the first step alone, before the warm-up: with
+``--compile``, the compilation (inductor, on the CPU too) is in it and not in the timed steps.
 
     python benchmarks/backbones.py --forward [--frames 20] [--steps 2] [--threads 1]
 
@@ -82,6 +83,8 @@ def measure(backbone: str, preset_name: str, batch: int, frames: int, steps: int
             lambda _m, args, _out: encoded.append(args[1].sum().item() / batch))
     n_tokens = frames * torch.tensor(preset.grid_shape()).prod().item() / preset.tubelet
     batches = itertools.repeat({"x": x, "brain": brain})
+    # The first step alone, before the warm-up: with --compile, it compiles (reported apart).
+    first = step_seconds(network, masking, optimizer, batches, device, steps=1, warmup=0)
     seconds = step_seconds(network, masking, optimizer, batches, device, steps, warmup)
     world = ctx.world_size
     ctx.shutdown()
@@ -89,6 +92,7 @@ def measure(backbone: str, preset_name: str, batch: int, frames: int, steps: int
             "device": device.type, "batch": batch, "frames": frames,
             "compile": compile_model, "world_size": world,
             "seconds_per_step": seconds, "samples_per_second": batch * world / seconds,
+            "first_step_seconds": first,
             "n_parameters": count_parameters(preset),
             "visible_token_fraction": sum(encoded) / len(encoded) / n_tokens if encoded else 1.0,
             "steps": steps, "warmup": warmup,

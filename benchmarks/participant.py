@@ -12,6 +12,10 @@ is the median over regions of the reconstruction error's standard error relative
 Efficiency of the model passes (``model_seconds``, preprocessing excluded): their FLOPs counted by
 PyTorch in a second, untimed pass, as TFLOP/s and as a fraction of a 2048^2 float32 matrix
 product's rate measured in the same process (of the card's dense bf16 peak on a GPU).
+
+``--compile`` compiles the passes with ``torch.compile`` (inductor; CPU or GPU) on the plain path
+(no background skipping, static shapes); a first, untimed run over the same windows compiles
+them, reported apart (``first_run_seconds``: compilation and one run).
 """
 
 from __future__ import annotations
@@ -50,8 +54,19 @@ def decompress(bold: Path) -> dict:
     return {"checksum": float(np.asarray(nib.load(bold).dataobj)[..., 0].sum())}
 
 
+def compile_passes(model: torch.nn.Module) -> None:
+    """Compile the passes the participant level runs (``encode_tokens``, the masked forward).
+
+    On the plain path (no background skipping): its shapes are static, as for
+    ``pretrain --torch-compile`` (:func:`bidsapp.training.training_network`).
+    """
+    model.skip_background = False
+    model.encode_tokens = torch.compile(model.encode_tokens)
+    model.forward = torch.compile(model.forward)
+
+
 def participant(bold: Path, mask: Path, cache: Path, preset_name: str, attribution: bool,
-                subsets: int) -> dict:
+                subsets: int, compile_model: bool = False) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset = PRESETS[preset_name]
     began = start = time.perf_counter()
@@ -71,10 +86,18 @@ def participant(bold: Path, mask: Path, cache: Path, preset_name: str, attributi
     pooling = RegionPooling.from_atlas(cube_atlas(atlas), preset.patch_size * preset.downsample)
     loaded = RoimaeModel(model, meta, Path("untrained"), "0" * 64, preset, grid, pooling.to(device),
                          atlas)
+    compiled = None
+    if compile_model:  # compiled in a first, untimed run of the same passes
+        compile_passes(model)
+        start = time.perf_counter()
+        analyse_run(loaded, run, attribution=attribution, n_subsets=subsets, seed=0)
+        compiled = time.perf_counter() - start
     start = time.perf_counter()
     result = analyse_run(loaded, run, attribution=attribution, n_subsets=subsets, seed=0)
     seconds = time.perf_counter() - start
     total = time.perf_counter() - began  # what the row times: not the counting pass below
+    if compile_model:  # the counter sees no operation inside a compiled graph: count eagerly
+        del model.encode_tokens, model.forward  # the class's methods again, on the plain path
     # Counted in a second pass: the counter slows the one it watches.
     flops = count_flops(lambda: analyse_run(loaded, run, attribution=attribution,
                                             n_subsets=subsets, seed=0))
@@ -83,7 +106,8 @@ def participant(bold: Path, mask: Path, cache: Path, preset_name: str, attributi
         precision = float(np.nanmedian(result.recon_error_se / result.recon_error))
     return {"windows": run.n_windows, "preprocess_seconds": prepared, "model_seconds": seconds,
             "recon_error_relative_se": precision, "efficiency": efficiency(flops, seconds, device),
-            "seconds": total}
+            "seconds": total, "compile": compile_model,
+            "first_run_seconds": compiled}
 
 
 def main() -> None:
@@ -92,6 +116,9 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
     parser.add_argument("--subsets", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=2, help="rows are the fastest of these")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the model passes with torch.compile (inductor): an untimed "
+                             "first run compiles, its seconds reported as first_run_seconds")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -101,12 +128,13 @@ def main() -> None:
             rows = {}
             for attribution in (False, True):
                 rows[attribution] = best_of(args.repeats, participant, bold, mask, root / "cache",
-                                            preset, attribution, args.subsets)
+                                            preset, attribution, args.subsets, args.compile)
             for attribution, result in rows.items():
                 emit({"benchmark": "participant", "preset": preset, "frames": args.frames,
                       "attribution": attribution, "subsets": args.subsets if attribution else 0,
                       "windows": result["windows"], "seconds": result["seconds"],
-                      "model_seconds": result["model_seconds"],
+                      "model_seconds": result["model_seconds"], "compile": args.compile,
+                      "first_run_seconds": result["first_run_seconds"],
                       "preprocess_seconds": result["preprocess_seconds"],
                       "peak_rss_mb": result["peak_rss_mb"], "repeats": args.repeats,
                       "recon_error_relative_se": result["recon_error_relative_se"],
