@@ -6,6 +6,7 @@ memory (``VmHWM``) is its own and no cache of an earlier measurement helps it.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -21,6 +22,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import (
+    FlopCounterMode,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+)
 
 
 def machine() -> dict[str, Any]:
@@ -121,26 +127,99 @@ def step_seconds(model: torch.nn.Module, masking: Callable, optimizer: torch.opt
     return statistics.median(times)
 
 
-#: Dense bf16 peak of known cards (TFLOP/s), for the fraction-of-peak column.
+#: Dense bf16 peak of known cards (TFLOP/s), for the fraction-of-peak column on CUDA.
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0}
 
+#: Side of the float32 matrices whose product gives the CPU's reference rate.
+MATMUL_SIZE = 2048
 
-def bf16_peak_fraction(network: torch.nn.Module, masking: Callable, batch: dict,
-                       device: torch.device, seconds_per_step: float) -> dict[str, float | None]:
-    """TFLOP/s of one training step (FLOPs counted by PyTorch) and its fraction of the card's peak.
 
-    Only on CUDA (an empty dict elsewhere); the fraction is ``None`` for a card not in
-    :data:`BF16_PEAK_TFLOPS`.
+@functools.cache
+def matmul_flops_per_second(size: int = MATMUL_SIZE, repeats: int = 5) -> float:
+    """FLOP/s of one ``size x size`` float32 matrix product on the CPU, with this process's threads.
+
+    The fastest of ``repeats`` products after one untimed one: the rate the CPU reaches on the
+    operation it does best, measured in the run whose rows it divides (same threads, same load).
+    Measured once per process.
     """
-    if device.type != "cuda":
-        return {}
-    from torch.utils.flop_counter import FlopCounterMode
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    out = torch.empty(size, size)
+    torch.mm(a, b, out=out)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
 
+
+def _attention_shapes(*shapes: Any) -> tuple:
+    # Axes before (heads, tokens, channels) folded into one batch axis, as the kernel reads them.
+    return tuple((math.prod(s[:-3]), *s[-3:]) for s in shapes)
+
+
+def _cpu_attention_flops(query: Any, key: Any, value: Any, *_args: Any, out_shape: Any = None,
+                         **_kwargs: Any) -> int:
+    return sdpa_flop_count(*_attention_shapes(query, key, value))
+
+
+def _cpu_attention_backward_flops(grad_out: Any, query: Any, key: Any, value: Any, *_args: Any,
+                                  out_shape: Any = None, **_kwargs: Any) -> int:
+    return sdpa_backward_flop_count(*_attention_shapes(grad_out, query, key, value))
+
+
+#: Flop formulas PyTorch's counter lacks: the CPU attention kernel that
+#: ``scaled_dot_product_attention`` runs on the CPU, forward and backward (without them, a
+#: swin4d step's attention would count 0 FLOPs).
+CPU_FLOP_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        _cpu_attention_backward_flops,
+}
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of ``fn()`` as PyTorch counts them (:class:`~torch.utils.flop_counter.FlopCounterMode`).
+
+    Matrix products, convolutions and attention (CPU kernels included); elementwise work (norms,
+    activations, the optimizer, Mamba's selective scan) is not counted, so the fractions of peak
+    derived from it are lower bounds. ``fn`` runs once, slower than alone: never time it here.
+    """
+    with FlopCounterMode(display=False, custom_mapping=CPU_FLOP_FORMULAS) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def efficiency(flops: int, seconds: float, device: torch.device) -> dict[str, Any]:
+    """The columns of a row that did ``flops`` in ``seconds``: TFLOP/s and its fraction of a peak.
+
+    The peak is the card's dense bf16 peak on CUDA (``None`` for a card not in
+    :data:`BF16_PEAK_TFLOPS`) and, on the CPU, the rate of a 2048^2 float32 matrix product
+    measured in this process (:func:`matmul_flops_per_second`).
+    """
+    tflops = flops / seconds / 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(0)
+        peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+        reference = f"{name} dense bf16 peak"
+    else:
+        peak = matmul_flops_per_second() / 1e12
+        reference = f"{MATMUL_SIZE}^2 float32 matmul, measured"
+    return {"flops": flops, "tflops": tflops, "peak_tflops": peak, "peak": reference,
+            "fraction_of_peak": tflops / peak if peak else None}
+
+
+def step_efficiency(network: torch.nn.Module, masking: Callable, batch: dict,
+                    device: torch.device, seconds_per_step: float) -> dict[str, Any]:
+    """:func:`efficiency` of one training step (forward and backward, as :func:`step_seconds`).
+
+    Runs one more forward and backward, whose gradients are left to the next ``zero_grad``.
+    """
     x, brain = batch["x"].to(device), batch["brain"].to(device)
-    with FlopCounterMode(display=False) as counter, \
-            torch.autocast("cuda", dtype=torch.bfloat16):
-        network(x, brain, masking(x.shape[0], x.shape[1])).loss.backward()
-    tflops = counter.get_total_flops() / seconds_per_step / 1e12
-    name = torch.cuda.get_device_name(0)
-    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
-    return {"tflops": tflops, "fraction_of_bf16_peak": tflops / peak if peak else None}
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = network(x, brain, masking(x.shape[0], x.shape[1])).loss
+        loss.backward()
+
+    return efficiency(count_flops(step), seconds_per_step, device)

@@ -13,10 +13,14 @@ MAE at its released size (its one preset, ``released``, stands in for ``base`` a
 ``--presets base --backbones swin4d neurostorm`` compares the two). The visible-token fraction is
 the share of the cube's tokens (all frames) that the encoder processes. Every measurement runs in
 a fresh process; with ``--repeats`` the backbones are measured in turn and each row gives the
-median (the ratio to swin4d is of medians). CUDA with bf16 autocast when available, else the CPU;
-on CUDA a row also gives TFLOP/s and the fraction of the card's bf16 peak. Under torchrun every
+median (the ratio to swin4d is of medians). CUDA with bf16 autocast when available, else the CPU.
+Every row gives the FLOPs of a step (or forward pass), counted by PyTorch (matrix products and
+attention; not elementwise work such as Mamba's selective scan), TFLOP/s and their fraction of a
+peak: a 2048^2 float32 matrix product measured in the same process on the CPU, the card's dense
+bf16 peak on CUDA (:func:`_common.efficiency`). Under torchrun every
 rank measures in its own process and rank 0 prints the rows (``world_size``; samples/s counts
-every rank's batch).
+every rank's batch). ``first_step_seconds`` is the first step alone, before the warm-up: with
+``--compile``, the compilation (inductor, on the CPU too) is in it and not in the timed steps.
 
     python benchmarks/backbones.py --forward [--frames 20] [--steps 2] [--threads 1]
 
@@ -36,7 +40,15 @@ import itertools
 import statistics
 
 import torch
-from _common import bf16_peak_fraction, emit, in_child, peak_rss_mb, step_seconds
+from _common import (
+    count_flops,
+    efficiency,
+    emit,
+    in_child,
+    peak_rss_mb,
+    step_efficiency,
+    step_seconds,
+)
 
 from bidsapp.distributed import env_rank, env_world_size
 
@@ -71,6 +83,8 @@ def measure(backbone: str, preset_name: str, batch: int, frames: int, steps: int
             lambda _m, args, _out: encoded.append(args[1].sum().item() / batch))
     n_tokens = frames * torch.tensor(preset.grid_shape()).prod().item() / preset.tubelet
     batches = itertools.repeat({"x": x, "brain": brain})
+    # The first step alone, before the warm-up: with --compile, it compiles (reported apart).
+    first = step_seconds(network, masking, optimizer, batches, device, steps=1, warmup=0)
     seconds = step_seconds(network, masking, optimizer, batches, device, steps, warmup)
     world = ctx.world_size
     ctx.shutdown()
@@ -78,10 +92,13 @@ def measure(backbone: str, preset_name: str, batch: int, frames: int, steps: int
             "device": device.type, "batch": batch, "frames": frames,
             "compile": compile_model, "world_size": world,
             "seconds_per_step": seconds, "samples_per_second": batch * world / seconds,
+            "first_step_seconds": first,
             "n_parameters": count_parameters(preset),
             "visible_token_fraction": sum(encoded) / len(encoded) / n_tokens if encoded else 1.0,
             "steps": steps, "warmup": warmup,
-            **bf16_peak_fraction(network, masking, {"x": x, "brain": brain}, device, seconds)}
+            # Counted on the module itself: a compiled graph hides its operations from the counter
+            # (its FLOPs are the plain path's, which compiling selects).
+            **step_efficiency(model, masking, {"x": x, "brain": brain}, device, seconds)}
 
 
 def backbone_preset(backbone: str, preset_name: str):
@@ -159,11 +176,13 @@ def measure_forward(name: str, frames: int, steps: int, threads: int | None = No
                 torch.cuda.synchronize()
             if i:
                 times.append(time.perf_counter() - start)
+        flops = count_flops(run)
+    seconds = statistics.median(times)
     return {"benchmark": "backbone-forward", "backbone": name, "part": FORWARD_MODELS[name],
             "preset": "base" if name.startswith("swin4d") else "released", "device": device.type,
-            "batch": 1, "frames": frames, "seconds_per_forward": statistics.median(times),
+            "batch": 1, "frames": frames, "seconds_per_forward": seconds,
             "seconds_per_forward_runs": times, "n_parameters": n_parameters, "steps": steps,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), **efficiency(flops, seconds, device)}
 
 
 def forward_rows(frames: int, steps: int, threads: int | None) -> None:

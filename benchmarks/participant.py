@@ -8,6 +8,14 @@ Each row runs in a fresh process: seconds and peak RSS are its own. Floor: nibab
 decompression of the run. Targets: peak RSS <= 2.5 GB at ``base`` for a 200-frame run; attribution
 <= 10x the embedding-only time (the naive way, one pass per region, costs ~166x); its precision
 is the median over regions of the reconstruction error's standard error relative to its value.
+
+Efficiency of the model passes (``model_seconds``, preprocessing excluded): their FLOPs counted by
+PyTorch in a second, untimed pass, as TFLOP/s and as a fraction of a 2048^2 float32 matrix
+product's rate measured in the same process (of the card's dense bf16 peak on a GPU).
+
+``--compile`` compiles the passes with ``torch.compile`` (inductor; CPU or GPU) on the plain path
+(no background skipping, static shapes); a first, untimed run over the same windows compiles
+them, reported apart (``first_run_seconds``: compilation and one run).
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from _common import best_of, emit
+from _common import best_of, count_flops, efficiency, emit
 
 from bidsapp.atlas import load_atlas
 from bidsapp.cache import PreprocessParams
@@ -46,11 +54,22 @@ def decompress(bold: Path) -> dict:
     return {"checksum": float(np.asarray(nib.load(bold).dataobj)[..., 0].sum())}
 
 
+def compile_passes(model: torch.nn.Module) -> None:
+    """Compile the passes the participant level runs (``encode_tokens``, the masked forward).
+
+    On the plain path (no background skipping): its shapes are static, as for
+    ``pretrain --torch-compile`` (:func:`bidsapp.training.training_network`).
+    """
+    model.skip_background = False
+    model.encode_tokens = torch.compile(model.encode_tokens)
+    model.forward = torch.compile(model.forward)
+
+
 def participant(bold: Path, mask: Path, cache: Path, preset_name: str, attribution: bool,
-                subsets: int) -> dict:
+                subsets: int, compile_model: bool = False) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset = PRESETS[preset_name]
-    start = time.perf_counter()
+    began = start = time.perf_counter()
     # A fresh cache per row: each row pays for its preprocessing, as a first participant run does;
     # stored at the preset's working resolution, as the participant level stores it.
     run = prepare_run(bold, mask, cache / uuid.uuid4().hex,
@@ -68,14 +87,28 @@ def participant(bold: Path, mask: Path, cache: Path, preset_name: str, attributi
     loaded = RoimaeModel(model, meta, Path("untrained"), "0" * 64, preset, grid,
                          RegionPooling.from_atlas(cube, token_edge).to(device),
                          dispersion_weights(cube, token_edge).to(device), atlas)
+    compiled = None
+    if compile_model:  # compiled in a first, untimed run of the same passes
+        compile_passes(model)
+        start = time.perf_counter()
+        analyse_run(loaded, run, attribution=attribution, n_subsets=subsets, seed=0)
+        compiled = time.perf_counter() - start
     start = time.perf_counter()
     result = analyse_run(loaded, run, attribution=attribution, n_subsets=subsets, seed=0)
     seconds = time.perf_counter() - start
+    total = time.perf_counter() - began  # what the row times: not the counting pass below
+    if compile_model:  # the counter sees no operation inside a compiled graph: count eagerly
+        del model.encode_tokens, model.forward  # the class's methods again, on the plain path
+    # Counted in a second pass: the counter slows the one it watches.
+    flops = count_flops(lambda: analyse_run(loaded, run, attribution=attribution,
+                                            n_subsets=subsets, seed=0))
     precision = None
     if attribution:  # the median standard error of a region's reconstruction error, relative
         precision = float(np.nanmedian(result.recon_error_se / result.recon_error))
     return {"windows": run.n_windows, "preprocess_seconds": prepared, "model_seconds": seconds,
-            "recon_error_relative_se": precision}
+            "recon_error_relative_se": precision, "efficiency": efficiency(flops, seconds, device),
+            "seconds": total, "compile": compile_model,
+            "first_run_seconds": compiled}
 
 
 def main() -> None:
@@ -84,6 +117,9 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
     parser.add_argument("--subsets", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=2, help="rows are the fastest of these")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the model passes with torch.compile (inductor): an untimed "
+                             "first run compiles, its seconds reported as first_run_seconds")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -93,15 +129,17 @@ def main() -> None:
             rows = {}
             for attribution in (False, True):
                 rows[attribution] = best_of(args.repeats, participant, bold, mask, root / "cache",
-                                            preset, attribution, args.subsets)
+                                            preset, attribution, args.subsets, args.compile)
             for attribution, result in rows.items():
                 emit({"benchmark": "participant", "preset": preset, "frames": args.frames,
                       "attribution": attribution, "subsets": args.subsets if attribution else 0,
                       "windows": result["windows"], "seconds": result["seconds"],
-                      "model_seconds": result["model_seconds"],
+                      "model_seconds": result["model_seconds"], "compile": args.compile,
+                      "first_run_seconds": result["first_run_seconds"],
                       "preprocess_seconds": result["preprocess_seconds"],
                       "peak_rss_mb": result["peak_rss_mb"], "repeats": args.repeats,
                       "recon_error_relative_se": result["recon_error_relative_se"],
+                      **result["efficiency"],
                       "floor": "nibabel load + decompress",
                       "floor_seconds": floor["seconds"],
                       "ratio": result["seconds"] / floor["seconds"],

@@ -5,8 +5,11 @@
 The loader reads windows from the memory-mapped cache, stored at the preset's working resolution
 (as ``pretrain`` does); the floor is the same
 model steps on the same batches already in memory. The two alternate for ``--rounds`` and each
-keeps its fastest round (the median of its steps). Target: loader step <= 1.1x in-memory step. On
-a GPU the row also gives the fraction of the card's bf16 peak reached (FLOPs counted by PyTorch).
+keeps its fastest round (the median of its steps). Target: loader step <= 1.1x in-memory step.
+
+Efficiency: the FLOPs of one step (counted by PyTorch, :func:`_common.count_flops`) over the
+in-memory step's seconds, as TFLOP/s and as a fraction of a peak: on the CPU the rate of a 2048^2
+float32 matrix product measured in the same process, on a GPU the card's dense bf16 peak.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _common import bf16_peak_fraction, emit, step_seconds
+from _common import emit, step_efficiency, step_seconds
 
 
 def prepare(root: Path, frames: int, window: int, downsample: int):
@@ -92,7 +95,7 @@ def main() -> None:
                    "seconds_per_step": loaded, "samples_per_second": args.batch_size / loaded,
                    "floor": "same steps, batches in memory", "floor_seconds": in_memory,
                    "ratio": loaded / in_memory, "target_ratio": 1.1,
-                   **bf16_peak_fraction(model, masking, batch, device, loaded)}
+                   **step_efficiency(model, masking, batch, device, in_memory)}
             emit(row)
 
 

@@ -63,10 +63,13 @@ def collate_windows(items: Sequence[dict]) -> dict:
         raise ValueError("cannot batch windows of runs cached at different resolutions: "
                          f"{sorted({tuple(item['brain'].shape) for item in items})}")
     n_frames = items[0]["values"].shape[0]
-    x = torch.zeros(len(items), n_frames, int(np.prod(shape)))
+    x = np.zeros((len(items), n_frames, int(np.prod(shape))), np.float32)
     for row, item in enumerate(items):
-        x[row].index_copy_(1, item["support_index"], item["values"].float())
-    return {"x": x.view(len(items), n_frames, *shape),
+        # numpy's indexed assignment (float16 cast exactly) rather than torch's index_copy_ along
+        # the columns: two 20-frame windows in 10 ms instead of 31 at 48^3, 72 instead of 112 at
+        # 96^3 (2 cores, both measured while other jobs ran).
+        x[row][:, item["support_index"].numpy()] = item["values"].numpy()
+    return {"x": torch.from_numpy(x).view(len(items), n_frames, *shape),
             "brain": torch.stack([item["brain"] for item in items]),
             "run": torch.tensor([item["run"] for item in items]),
             "window": torch.tensor([item["window"] for item in items])}

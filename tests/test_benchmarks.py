@@ -31,8 +31,8 @@ QUICK_ARGUMENTS = {
 }
 
 
-def _rows(script: str) -> list[dict]:
-    command = [sys.executable, str(BENCHMARKS / script), *QUICK_ARGUMENTS[script]]
+def _rows(script: str, *extra: str) -> list[dict]:
+    command = [sys.executable, str(BENCHMARKS / script), *QUICK_ARGUMENTS[script], *extra]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
@@ -54,10 +54,34 @@ def test_every_benchmark_is_tested() -> None:
     assert scripts - {"real_signal.py"} == set(QUICK_ARGUMENTS)
 
 
+#: The benchmarks whose rows give FLOPs and their fraction of a peak (issue #25).
+WITH_EFFICIENCY = {"backbones.py", "participant.py", "pretrain_step.py"}
+
+
 @pytest.mark.parametrize("script", sorted(set(QUICK_ARGUMENTS) - {"pretrain_epoch.py"}))
 def test_benchmark_prints_finite_rows(script: str) -> None:
     for row in _rows(script):
         assert _finite(row), row
+        if script in WITH_EFFICIENCY:  # on the CPU: of the matmul rate measured in the same run
+            assert row["flops"] > 0 and row["peak"] == "2048^2 float32 matmul, measured", row
+            assert row["tflops"] > 0 and row["peak_tflops"] > 0, row
+            assert row["fraction_of_peak"] == pytest.approx(row["tflops"] / row["peak_tflops"])
+
+
+def test_flops_of_cpu_attention_are_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    # PyTorch's counter has no formula for the CPU attention kernel: swin4d's attention counted 0.
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import torch
+    from _common import count_flops
+
+    q = torch.randn(3, 2, 16, 8, requires_grad=True)  # (windows, heads, tokens, channels)
+    mask = torch.ones(3, 1, 16, 16, dtype=torch.bool)
+    attention = torch.nn.functional.scaled_dot_product_attention
+    forward = 2 * (2 * 3 * 2 * 16 * 16 * 8)  # q k^T, then the weights times v
+    with torch.no_grad():
+        assert count_flops(lambda: attention(q, q, q, attn_mask=mask)) == forward
+    # The backward recomputes q k^T and takes four more products of the same size.
+    assert count_flops(lambda: attention(q, q, q, attn_mask=mask).sum().backward()) == 3.5 * forward
 
 
 def test_pretrain_epoch_benchmark_runs() -> None:
@@ -68,7 +92,26 @@ def test_pretrain_epoch_benchmark_runs() -> None:
     assert row["downsample"] == 2 and row["input_shape"] == [48, 48, 48]
     assert row["train_windows"] == 2 and row["held_out_windows"] >= 1
     for key in ("seconds_per_window", "epoch_seconds_per_window", "floor_seconds_per_window",
-                "ratio", "peak_rss_mb", "peak_rss_mb_epochs", "cache_mb_per_run"):
+                "ratio", "peak_rss_mb", "peak_rss_mb_epochs", "cache_mb_per_run",
+                "load_seconds_per_window", "trainer_in_memory_seconds_per_window",
+                "epoch_end_seconds", "pretrain_epoch_seconds_per_window"):
+        assert math.isfinite(row[key]) and row[key] > 0, key
+
+
+def test_pretrain_epoch_benchmark_runs_on_a_bids_dataset(tmp_path: Path) -> None:
+    # --bids: every window of the runs of a derivatives dataset, preprocessed as pretrain does.
+    from bidsapp.demo import make_demo_dataset
+
+    make_demo_dataset(tmp_path / "bids", n_participants=4, n_frames=8, seed=0)
+    rows = _rows("pretrain_epoch.py", "--bids", str(tmp_path / "bids"), "--steps", "0")
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["runs"] == 4 and row["train_runs"] == 3 and row["held_out_runs"] == 1
+    assert row["train_windows"] == 6 and row["held_out_windows"] == 2  # 2 windows of 4 frames
+    assert row["cache"] == "preprocessed from bids (4 participants)"
+    for key in ("seconds_per_window", "floor_seconds_per_window", "load_seconds_per_window",
+                "trainer_in_memory_seconds_per_window", "held_out_seconds_per_window",
+                "epoch_end_seconds", "pretrain_epoch_ratio", "cache_write_seconds"):
         assert math.isfinite(row[key]) and row[key] > 0, key
 
 
