@@ -21,8 +21,11 @@
 #      corrected resampled t-test; skipped, with a line, where the data are not there (the device
 #      machine gets only the checkout: copy realdata into it and set ROIMAE_SHARED_DIR).
 # --quick runs the same steps at the smallest sizes on whatever device there is (the forward rows
-# on 4 frames, without the NeuroSTORM step); the tests run it on the CPU. OUT_DIR/rows.jsonl is never overwritten: give a new OUT_DIR for a new run.
+# on 4 frames, without the NeuroSTORM step); the tests run it on the CPU. OUT_DIR/rows.jsonl is
+# never overwritten: give a new OUT_DIR for a new run. $PYTHON runs the benchmarks (default: the
+# `python` on PATH), so a virtual environment need not be activated.
 set -euo pipefail
+python="${PYTHON:-python}"
 
 here="$(cd "$(dirname "$0")" && pwd)"
 quick=0
@@ -64,7 +67,7 @@ else
 fi
 default_preset=tiny
 
-n_gpus="$(python -c 'import torch; print(torch.cuda.device_count())')"
+n_gpus="$("$python" -c 'import torch; print(torch.cuda.device_count())')"
 start=$SECONDS
 
 # Runs one benchmark: its JSON rows go to rows.jsonl (and the screen), its stderr to the log.
@@ -80,29 +83,29 @@ measure() {
     echo "gpu.sh: $name done in $((SECONDS - began)) s" >&2
 }
 
-measure "step" python "$here/backbones.py" --presets "${presets[@]}" \
+measure "step" "$python" "$here/backbones.py" --presets "${presets[@]}" \
     --backbones swin4d vit4d "${step[@]}"
-measure "compiled step" python "$here/backbones.py" --presets "$default_preset" \
+measure "compiled step" "$python" "$here/backbones.py" --presets "$default_preset" \
     --backbones swin4d vit4d "${step[@]}" --compile
 if [[ ${#upstream_step[@]} -gt 0 ]]; then
-    measure "upstream step" python "$here/backbones.py" --presets base \
+    measure "upstream step" "$python" "$here/backbones.py" --presets base \
         --backbones swin4d neurostorm "${upstream_step[@]}"
 fi
-measure "forward" python "$here/backbones.py" --forward "${forward[@]}"
-measure "loader" python "$here/pretrain_step.py" "${loader[@]}"
-measure "participant" python "$here/participant.py" "${participant[@]}"
+measure "forward" "$python" "$here/backbones.py" --forward "${forward[@]}"
+measure "loader" "$python" "$here/pretrain_step.py" "${loader[@]}"
+measure "participant" "$python" "$here/participant.py" "${participant[@]}"
 if [[ "$n_gpus" -ge 2 ]]; then
-    measure "ddp" python -m torch.distributed.run --standalone --nproc-per-node 2 \
+    measure "ddp" "$python" -m torch.distributed.run --standalone --nproc-per-node 2 \
         "$here/backbones.py" --presets "$default_preset" --backbones swin4d "${step[@]}"
 else
     echo "gpu.sh: $n_gpus GPU(s): the 2-process DDP step runs on the CPU (gloo)" >&2
-    CUDA_VISIBLE_DEVICES="" measure "ddp" python -m torch.distributed.run --standalone \
+    CUDA_VISIBLE_DEVICES="" measure "ddp" "$python" -m torch.distributed.run --standalone \
         --nproc-per-node 2 "$here/backbones.py" --presets "$default_preset" \
         --backbones swin4d --batch-size 1 --frames 10 --steps 1 --warmup 1
 fi
 realdata="${ROIMAE_SHARED_DIR:-$here/../../shared}/realdata/development_fmri"
 if [[ -f "$realdata/timeseries_aal116.npz" ]]; then
-    measure "roi vs random" python "$here/real_signal.py" "$out/real-signal" \
+    measure "roi vs random" "$python" "$here/real_signal.py" "$out/real-signal" \
         --realdata "$realdata" "${real_signal[@]}"
 else
     echo "gpu.sh: no $realdata: the roi vs random row is skipped" >&2

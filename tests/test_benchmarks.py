@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -129,7 +130,8 @@ def test_gpu_suite_runs_quick_on_the_cpu(tmp_path: Path) -> None:
     # benchmarks/gpu.sh fills the GPU rows of docs/performance.md; --quick runs every step of it.
     out = tmp_path / "gpu"
     done = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh"), "--quick", str(out)],
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHON": sys.executable})
     assert done.returncode == 0, done.stderr[-3000:] + (out / "gpu.log").read_text()[-3000:]
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
     assert all(_finite(row) for row in rows)
