@@ -76,4 +76,5 @@ def test_another_seed_changes_only_the_attribution(pretrained, tmp_path: Path) -
         # attribution draws random region subsets.
         assert same == (name.startswith("cache") or "desc-roi_embedding" in name
                         or "stat-mean_embedding" in name or "stat-region_embedding" in name
+                        or name.endswith("subregion_embedding.tsv")
                         or name.endswith(("_relmat.tsv", "_timeseries.tsv"))), name

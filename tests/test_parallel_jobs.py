@@ -36,6 +36,8 @@ RUN_FILES = (
     # The region readouts, and the connectivity baseline (no desc: it does not depend on the model).
     *(f"{{sub}}_{ATLAS_ENTITIES}_desc-roi_{name}" for name in (
         "stat-region_embedding.tsv", "stat-region_embedding.json",
+        "stat-subregion_embedding.tsv", "stat-subregion_embedding.json",
+        "stat-inputsubregion_embedding.tsv", "stat-inputsubregion_embedding.json",
         "stat-pearsoncorrelation_relmat.tsv", "stat-pearsoncorrelation_relmat.json")),
     *(f"{{sub}}_{ATLAS_ENTITIES}_{name}" for name in (
         "stat-mean_timeseries.tsv", "stat-mean_timeseries.json",
