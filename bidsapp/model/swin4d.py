@@ -78,7 +78,7 @@ def window_reverse(windows: torch.Tensor, window: Shape4, grid: Shape4) -> torch
     return x.reshape(b, t, d, h, w, c)
 
 
-@functools.lru_cache(maxsize=32)  # a few MB each: 2.5 MiB for small's stage 0 at batch 2
+@functools.lru_cache(maxsize=64)
 def window_order(
     padded: Shape4, window: Shape4, shift: Shape4, batch: int, device: torch.device,
     inference: bool = False,
@@ -129,7 +129,7 @@ def permute_rows(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) ->
     return _PermuteRows.apply(x, order, inverse)
 
 
-@functools.lru_cache(maxsize=16)  # 20 MiB for small's shifted stage 0 at 20 frames
+@functools.lru_cache(maxsize=64)
 def window_attention_mask(
     grid: Shape4, window: Shape4, shift: Shape4, device: torch.device, inference: bool = False
 ) -> torch.Tensor | None:
