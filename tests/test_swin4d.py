@@ -235,11 +235,3 @@ def test_background_skipping_in_encode() -> None:
     skipped = model.encode(x, brain)
     model.skip_background = False
     torch.testing.assert_close(skipped, model.encode(x, brain), atol=1e-5, rtol=1e-4)
-
-
-def test_shifted_block_compiles_without_graph_breaks() -> None:
-    # The window indices are cached in eager mode only; asking whether inference mode is on broke
-    # the compiled graph in two.
-    block = SwinBlock4D(8, 2, (2, 2, 2, 2), shifted=True, mlp_ratio=2.0)
-    explained = torch._dynamo.explain(block)(torch.randn(1, 4, 4, 4, 4, 8))
-    assert explained.graph_break_count == 0

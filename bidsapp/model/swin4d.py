@@ -180,13 +180,9 @@ class SwinBlock4D(Block):
             y = F.pad(y, (0, 0, 0, pad[3], 0, pad[2], 0, pad[1], 0, pad[0]))
         padded = tuple(y.shape[1:5])
         b, c = y.shape[0], y.shape[-1]
-        if torch.compiler.is_compiling():  # traced into the graph once: no cache to consult
-            to_windows, to_grid = window_order.__wrapped__(padded, window, shift, b, x.device)
-            mask = window_attention_mask.__wrapped__(grid, window, shift, x.device)
-        else:
-            inference = torch.is_inference_mode_enabled()  # breaks a graph: eager only
-            to_windows, to_grid = window_order(padded, window, shift, b, x.device, inference)
-            mask = window_attention_mask(grid, window, shift, x.device, inference)
+        inference = torch.is_inference_mode_enabled()
+        to_windows, to_grid = window_order(padded, window, shift, b, x.device, inference)
+        mask = window_attention_mask(grid, window, shift, x.device, inference)
         windows = permute_rows(y.reshape(-1, c), to_windows, to_grid)  # (nW * B * N, C)
         out = self.attn(windows.view(-1, b, math.prod(window), c), mask)  # (nW, B, N, C)
         y = permute_rows(out.reshape(-1, c), to_grid, to_windows).view(b, *padded, c)
