@@ -29,7 +29,6 @@ gathering would cost more than they save.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -78,60 +77,8 @@ def window_reverse(windows: torch.Tensor, window: Shape4, grid: Shape4) -> torch
     return x.reshape(b, t, d, h, w, c)
 
 
-@functools.lru_cache(maxsize=64)
-def window_order(
-    padded: Shape4, window: Shape4, shift: Shape4, batch: int, device: torch.device,
-    inference: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The shifted window partition of ``batch`` samples as a permutation of token rows.
-
-    Returns ``(to_windows, to_grid)``, int64 of length ``batch * prod(padded)``: row ``i`` of
-    ``window_partition(y.roll(-shift), window)`` flattened to ``(nW * B * N, C)`` is row
-    ``to_windows[i]`` of ``y (B, *padded, C)`` flattened to ``(B * L, C)``, and ``to_grid`` is the
-    inverse permutation (:func:`window_reverse`, then the roll back). One gather each way replaces
-    the roll and the partition's copy (and the reverse's and the roll's). Cached per shape, as
-    the blocks of a stage ask for the same ones at every step; ``inference`` (whether inference
-    mode is on) is part of the key only: a tensor made in inference mode cannot be saved for a
-    backward pass.
-    """
-    dims = (1, 2, 3, 4)
-    rows = torch.arange(batch * math.prod(padded), device=device).view(batch, *padded, 1)
-    if any(shift):
-        rows = rows.roll([-s for s in shift], dims=dims)
-    to_windows = window_partition(rows, window)  # (nW, B, N, 1)
-    slots = torch.arange(to_windows.numel(), device=device).view(to_windows.shape)
-    to_grid = window_reverse(slots, window, padded)  # (B, *padded, 1)
-    if any(shift):
-        to_grid = to_grid.roll(list(shift), dims=dims)
-    return to_windows.flatten(), to_grid.flatten()
-
-
-class _PermuteRows(torch.autograd.Function):
-    """``x[order]`` for a permutation ``order`` of the rows of ``x``.
-
-    Its gradient is a gather by the inverse permutation, where autograd's own for
-    ``index_select`` would scatter-add into zeros.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, order)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
-
-
-def permute_rows(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """Rows ``order`` of the 2D ``x``, differentiable; ``inverse`` is the inverse permutation."""
-    return _PermuteRows.apply(x, order, inverse)
-
-
-@functools.lru_cache(maxsize=64)
 def window_attention_mask(
-    grid: Shape4, window: Shape4, shift: Shape4, device: torch.device, inference: bool = False
+    grid: Shape4, window: Shape4, shift: Shape4, device: torch.device
 ) -> torch.Tensor | None:
     """Which token pairs of each window may attend: ``(nW, 1, N, N)`` bool, or None for all.
 
@@ -139,7 +86,7 @@ def window_attention_mask(
     ``< s`` form one segment and the rest another (after the cyclic shift they only share the last
     window, where they are not neighbours); padded positions get label -1. The labels are shifted
     and partitioned like the tokens, and two tokens attend iff their labels are equal, so real
-    tokens never see padding or tokens across the shift boundary. Cached as :func:`window_order`.
+    tokens never see padding or tokens across the shift boundary.
     """
     padded = tuple(math.ceil(g / w) * w for g, w in zip(grid, window, strict=True))
     if padded == grid and not any(shift):
@@ -179,13 +126,13 @@ class SwinBlock4D(Block):
         if any(pad):
             y = F.pad(y, (0, 0, 0, pad[3], 0, pad[2], 0, pad[1], 0, pad[0]))
         padded = tuple(y.shape[1:5])
-        b, c = y.shape[0], y.shape[-1]
-        inference = torch.is_inference_mode_enabled()
-        to_windows, to_grid = window_order(padded, window, shift, b, x.device, inference)
-        mask = window_attention_mask(grid, window, shift, x.device, inference)
-        windows = permute_rows(y.reshape(-1, c), to_windows, to_grid)  # (nW * B * N, C)
-        out = self.attn(windows.view(-1, b, math.prod(window), c), mask)  # (nW, B, N, C)
-        y = permute_rows(out.reshape(-1, c), to_grid, to_windows).view(b, *padded, c)
+        dims = (1, 2, 3, 4)
+        if any(shift):
+            y = y.roll([-s for s in shift], dims=dims)
+        mask = window_attention_mask(grid, window, shift, x.device)
+        y = window_reverse(self.attn(window_partition(y, window), mask), window, padded)
+        if any(shift):
+            y = y.roll(list(shift), dims=dims)
         x = x + y[:, : grid[0], : grid[1], : grid[2], : grid[3]]
         return x + self.mlp(self.norm2(x))
 
