@@ -83,34 +83,30 @@ def write_readouts(writer: DerivativesWriter, out: RunOutputs, run: RunEmbedding
     ``atlas_sha256``: the atlas's hash, recorded in the baseline's sidecars (the model's, which
     :func:`~bidsapp.inference.load_model` checked against ``atlas``).
     """
-    writer.write_tsv(out.region_embedding, run.region_embedding_table)
-    writer.write_sidecar(out.region_embedding, {
-        "Description": "Region embeddings: the encoder's finest-stage token features pooled per "
-                       "region (weighted by the share of the region's voxels in each token) and "
-                       "averaged over frames", "Atlas": atlas.name, "Sources": sources,
-        "Model": model_info})
-    writer.write_tsv(out.subregion, run.subregion_table)
-    writer.write_sidecar(out.subregion, {
-        "Description": "Within-region dispersion (the subregion readout): for every region and "
-                       "channel, the log of the weighted mean over the region's tokens of the "
-                       "variance over frames of the token's feature minus the region's weighted "
-                       "mean token, at the encoder's finest stage. Tokens are weighted by their "
-                       "share of the region's voxels times their purity (share of the token that "
-                       "is the region) cubed; n/a for a region with fewer than two effective "
-                       "tokens. It sees structure inside a region that leaves the region's mean "
-                       "signal unchanged", "Atlas": atlas.name, "Sources": sources,
-        "Model": model_info})
-    writer.write_tsv(out.input_subregion, run.input_subregion_table)
-    writer.write_sidecar(out.input_subregion, {
-        "Description": "Reference of the subregion readout without the model's features: the "
-                       "same within-region dispersion (same token weights) of the model's input, "
-                       "z-scored and averaged over each token's cells, over every stored frame",
-        "Atlas": atlas.name, "Sources": sources, "Model": model_info})
-    writer.write_tsv(out.connectivity, run.connectivity_table)
-    writer.write_sidecar(out.connectivity, {
-        "Description": "Connectivity in the model's feature space: for every channel, the Pearson "
-                       "correlation of two regions' features over frames, averaged over channels",
-        "Atlas": atlas.name, "Sources": sources, "Model": model_info})
+    model_readouts = (
+        (out.region_embedding, run.region_embedding_table,
+         "Region embeddings: the encoder's finest-stage token features pooled per region "
+         "(weighted by the share of the region's voxels in each token) and averaged over frames"),
+        (out.subregion, run.subregion_table,
+         "Within-region dispersion (the subregion readout): for every region and channel, the log "
+         "of the weighted mean over the region's tokens of the variance over frames of the "
+         "token's feature minus the region's weighted mean token, at the encoder's finest stage. "
+         "Tokens are weighted by their share of the region's voxels times their purity (share of "
+         "the token that is the region) cubed; n/a for a region with fewer than two effective "
+         "tokens. It sees structure inside a region that leaves the region's mean signal "
+         "unchanged"),
+        (out.input_subregion, run.input_subregion_table,
+         "Reference of the subregion readout without the model's features: the same "
+         "within-region dispersion (same token weights) of the model's input, z-scored and "
+         "averaged over each token's cells, over every stored frame"),
+        (out.connectivity, run.connectivity_table,
+         "Connectivity in the model's feature space: for every channel, the Pearson correlation "
+         "of two regions' features over frames, averaged over channels"),
+    )
+    for path, table, description in model_readouts:
+        writer.write_tsv(path, table)
+        writer.write_sidecar(path, {"Description": description, "Atlas": atlas.name,
+                                    "Sources": sources, "Model": model_info})
     writer.write_tsv(out.timeseries, run.timeseries)
     writer.write_sidecar(out.timeseries, {
         "Description": "Functional-connectivity baseline: mean z-scored signal of each region's "

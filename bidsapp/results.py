@@ -179,9 +179,7 @@ def run_embedding(model: RoimaeModel, cached: CachedRun, result: RunAttribution,
     if result.recon_error is not None:
         contiguous = atlas.contiguous(atlas.resample_to(tuple(shape[:3]), affine))
         regions = region_table(atlas, model, result, region_voxels(contiguous, len(atlas.regions)))
-        occluded = embedding_frame(result.occluded_embeddings)
-        occluded.insert(0, "name", regions["name"])
-        occluded.insert(0, "index", regions["index"])
+        occluded = _per_region(atlas, result.occluded_embeddings)
         maps = {c: region_map(regions[c].to_numpy(), contiguous, affine) for c in MAPPED_MEASURES}
         if atlas.has_groups:
             by_group = group_summary(regions, ("reconerror", "occlusion"))
