@@ -22,8 +22,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import (
     FlopCounterMode,
+    flop_registry,
     sdpa_backward_flop_count,
     sdpa_flop_count,
 )
@@ -178,35 +180,94 @@ CPU_FLOP_FORMULAS = {
 }
 
 
-def count_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs of ``fn()`` as PyTorch counts them (:class:`~torch.utils.flop_counter.FlopCounterMode`).
+class _CountedOps(TorchDispatchMode):
+    """Records every call of an operation whose FLOPs PyTorch counts, with its arguments (the
+    tensors themselves: they stay alive until the calls are replayed)."""
 
-    Matrix products, convolutions and attention (CPU kernels included); elementwise work (norms,
-    activations, the optimizer, Mamba's selective scan) is not counted, so the fractions of peak
-    derived from it are lower bounds. ``fn`` runs once, slower than alone: never time it here.
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[Any, tuple, dict]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func.overloadpacket in flop_registry or func.overloadpacket in CPU_FLOP_FORMULAS:
+            self.calls.append((func, args, kwargs))
+        return func(*args, **kwargs)
+
+
+def counted_ops(fn: Callable[[], Any], device: torch.device,
+                repeats: int = 3) -> dict[str, dict[str, float]]:
+    """The FLOPs of ``fn()`` by operator, and the seconds its counted operations take alone.
+
+    Every call of an operation whose FLOPs PyTorch counts (:class:`~torch.utils.flop_counter.
+    FlopCounterMode`: matrix products, convolutions, and attention with the CPU kernels of
+    :data:`CPU_FLOP_FORMULAS`) is recorded with its arguments, then run again on them: once under
+    the counter, then ``repeats`` times, the fastest kept. Elementwise work (norms, activations,
+    the optimizer, Mamba's selective scan) is not counted, so fractions of peak derived from these
+    FLOPs are lower bounds. ``fn`` runs once, slower than alone: never time it here.
+
+    Returns, per operator (``aten.mm``, ...): ``calls``, ``flops`` and ``seconds_alone`` (summed
+    over its calls). Their total is what ``fn()`` would cost if everything else (copies, norms,
+    activations, indexing, the optimizer, Python) were free: the FLOPs over it bound the fraction
+    of peak that the model's own shapes allow.
     """
-    with FlopCounterMode(display=False, custom_mapping=CPU_FLOP_FORMULAS) as counter:
+    recorder = _CountedOps()
+    with recorder:
         fn()
-    return counter.get_total_flops()
+    ops: dict[str, dict[str, float]] = {}
+    with torch.inference_mode():
+        for func, args, kwargs in recorder.calls:
+            with FlopCounterMode(display=False, custom_mapping=CPU_FLOP_FORMULAS) as counter:
+                func(*args, **kwargs)
+            best = float("inf")
+            for _ in range(repeats):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                func(*args, **kwargs)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - start)
+            op = ops.setdefault(str(func.overloadpacket), {"calls": 0, "flops": 0,
+                                                             "seconds_alone": 0.0})
+            op["calls"] += 1
+            op["flops"] += counter.get_total_flops()
+            op["seconds_alone"] += best
+    return ops
 
 
-def efficiency(flops: int, seconds: float, device: torch.device) -> dict[str, Any]:
-    """The columns of a row that did ``flops`` in ``seconds``: TFLOP/s and its fraction of a peak.
+def efficiency(ops: dict[str, dict[str, float]], seconds: float,
+               device: torch.device) -> dict[str, Any]:
+    """The columns of a row whose counted operations ``ops`` (:func:`counted_ops`) ran in ``seconds``.
 
-    The peak is the card's dense bf16 peak on CUDA (``None`` for a card not in
-    :data:`BF16_PEAK_TFLOPS`) and, on the CPU, the rate of a 2048^2 float32 matrix product
-    measured in this process (:func:`matmul_flops_per_second`).
+    ``flops`` (their total), ``tflops`` (their rate) and ``fraction_of_peak`` of ``peak_tflops``:
+    the card's dense bf16 peak on CUDA (``None`` for a card not in :data:`BF16_PEAK_TFLOPS`) and,
+    on the CPU, the rate of a 2048^2 float32 matrix product measured in this process
+    (:func:`matmul_flops_per_second`). Then the bound the operations' own shapes set:
+    ``counted_ops_seconds`` (what they take alone), ``counted_ops_share`` (of ``seconds``),
+    ``counted_ops_fraction_of_peak`` (the fraction the row would reach if nothing else took
+    time), and ``by_op``: each operator's calls, FLOPs, seconds alone and fraction of the peak.
     """
-    tflops = flops / seconds / 1e12
+    flops = sum(op["flops"] for op in ops.values())
+    alone = sum(op["seconds_alone"] for op in ops.values())
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(0)
-        peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
-        reference = f"{name} dense bf16 peak"
+        card = torch.cuda.get_device_name(0)
+        peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in card), None)
+        reference = f"{card} dense bf16 peak"
     else:
         peak = matmul_flops_per_second() / 1e12
         reference = f"{MATMUL_SIZE}^2 float32 matmul, measured"
-    return {"flops": flops, "tflops": tflops, "peak_tflops": peak, "peak": reference,
-            "fraction_of_peak": tflops / peak if peak else None}
+
+    def fraction(n_flops: float, in_seconds: float) -> float | None:
+        return n_flops / in_seconds / 1e12 / peak if peak and in_seconds > 0 else None
+
+    return {"flops": flops, "tflops": flops / seconds / 1e12, "peak_tflops": peak,
+            "peak": reference, "fraction_of_peak": fraction(flops, seconds),
+            "counted_ops_seconds": alone, "counted_ops_share": alone / seconds,
+            "counted_ops_fraction_of_peak": fraction(flops, alone),
+            "by_op": {name: {**op, "fraction_of_peak": fraction(op["flops"], op["seconds_alone"])}
+                      for name, op in ops.items()}}
 
 
 def step_efficiency(network: torch.nn.Module, masking: Callable, batch: dict,
@@ -222,4 +283,4 @@ def step_efficiency(network: torch.nn.Module, masking: Callable, batch: dict,
             loss = network(x, brain, masking(x.shape[0], x.shape[1])).loss
         loss.backward()
 
-    return efficiency(count_flops(step), seconds_per_step, device)
+    return efficiency(counted_ops(step, device), seconds_per_step, device)

@@ -41,7 +41,7 @@ import statistics
 
 import torch
 from _common import (
-    count_flops,
+    counted_ops,
     efficiency,
     emit,
     in_child,
@@ -176,13 +176,13 @@ def measure_forward(name: str, frames: int, steps: int, threads: int | None = No
                 torch.cuda.synchronize()
             if i:
                 times.append(time.perf_counter() - start)
-        flops = count_flops(run)
+        ops = counted_ops(run, device)
     seconds = statistics.median(times)
     return {"benchmark": "backbone-forward", "backbone": name, "part": FORWARD_MODELS[name],
             "preset": "base" if name.startswith("swin4d") else "released", "device": device.type,
             "batch": 1, "frames": frames, "seconds_per_forward": seconds,
             "seconds_per_forward_runs": times, "n_parameters": n_parameters, "steps": steps,
-            "threads": torch.get_num_threads(), **efficiency(flops, seconds, device)}
+            "threads": torch.get_num_threads(), **efficiency(ops, seconds, device)}
 
 
 def forward_rows(frames: int, steps: int, threads: int | None) -> None:

@@ -11,7 +11,9 @@ is the median over regions of the reconstruction error's standard error relative
 
 Efficiency of the model passes (``model_seconds``, preprocessing excluded): their FLOPs counted by
 PyTorch in a second, untimed pass, as TFLOP/s and as a fraction of a 2048^2 float32 matrix
-product's rate measured in the same process (of the card's dense bf16 peak on a GPU).
+product's rate measured in the same process (of the card's dense bf16 peak on a GPU), and
+the bound those operations set when each is replayed alone (``counted_ops_*``:
+:func:`_common.counted_ops`).
 
 ``--compile`` compiles the passes with ``torch.compile`` (inductor; CPU or GPU) on the plain path
 (no background skipping, static shapes); a first, untimed run over the same windows compiles
@@ -29,7 +31,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from _common import best_of, count_flops, efficiency, emit
+from _common import best_of, counted_ops, efficiency, emit
 
 from bidsapp.atlas import load_atlas
 from bidsapp.cache import PreprocessParams
@@ -99,14 +101,15 @@ def participant(bold: Path, mask: Path, cache: Path, preset_name: str, attributi
     total = time.perf_counter() - began  # what the row times: not the counting pass below
     if compile_model:  # the counter sees no operation inside a compiled graph: count eagerly
         del model.encode_tokens, model.forward  # the class's methods again, on the plain path
-    # Counted in a second pass: the counter slows the one it watches.
-    flops = count_flops(lambda: analyse_run(loaded, run, attribution=attribution,
-                                            n_subsets=subsets, seed=0))
+    def passes() -> None:  # counted in a second pass: the counter slows the one it watches
+        analyse_run(loaded, run, attribution=attribution, n_subsets=subsets, seed=0)
+
+    ops = counted_ops(passes, device)
     precision = None
     if attribution:  # the median standard error of a region's reconstruction error, relative
         precision = float(np.nanmedian(result.recon_error_se / result.recon_error))
     return {"windows": run.n_windows, "preprocess_seconds": prepared, "model_seconds": seconds,
-            "recon_error_relative_se": precision, "efficiency": efficiency(flops, seconds, device),
+            "recon_error_relative_se": precision, "efficiency": efficiency(ops, seconds, device),
             "seconds": total, "compile": compile_model,
             "first_run_seconds": compiled}
 

@@ -9,7 +9,9 @@ keeps its fastest round (the median of its steps). Target: loader step <= 1.1x i
 
 Efficiency: the FLOPs of one step (counted by PyTorch, :func:`_common.count_flops`) over the
 in-memory step's seconds, as TFLOP/s and as a fraction of a peak: on the CPU the rate of a 2048^2
-float32 matrix product measured in the same process, on a GPU the card's dense bf16 peak.
+float32 matrix product measured in the same process, on a GPU the card's dense bf16 peak; and
+the bound set by the step's own matrix products and attention, each replayed alone on its
+arguments (``counted_ops_*``: :func:`_common.counted_ops`).
 """
 
 from __future__ import annotations

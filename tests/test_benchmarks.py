@@ -67,22 +67,57 @@ def test_benchmark_prints_finite_rows(script: str) -> None:
             assert row["flops"] > 0 and row["peak"] == "2048^2 float32 matmul, measured", row
             assert row["tflops"] > 0 and row["peak_tflops"] > 0, row
             assert row["fraction_of_peak"] == pytest.approx(row["tflops"] / row["peak_tflops"])
+            # The bound of the counted operations alone: positive, above the row's own fraction.
+            assert 0 < row["counted_ops_seconds"], row
+            assert sum(op["flops"] for op in row["by_op"].values()) == row["flops"], row
+            assert row["counted_ops_share"] < 1.5, row  # alone, no slower than in the row
+            assert row["counted_ops_fraction_of_peak"] == pytest.approx(
+                row["fraction_of_peak"] / row["counted_ops_share"])
 
 
 def test_flops_of_cpu_attention_are_counted(monkeypatch: pytest.MonkeyPatch) -> None:
     # PyTorch's counter has no formula for the CPU attention kernel: swin4d's attention counted 0.
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import torch
-    from _common import count_flops
+    from _common import counted_ops
+
+    def flops(fn: object) -> int:
+        return sum(op["flops"] for op in counted_ops(fn, torch.device("cpu")).values())
 
     q = torch.randn(3, 2, 16, 8, requires_grad=True)  # (windows, heads, tokens, channels)
     mask = torch.ones(3, 1, 16, 16, dtype=torch.bool)
     attention = torch.nn.functional.scaled_dot_product_attention
     forward = 2 * (2 * 3 * 2 * 16 * 16 * 8)  # q k^T, then the weights times v
     with torch.no_grad():
-        assert count_flops(lambda: attention(q, q, q, attn_mask=mask)) == forward
+        assert flops(lambda: attention(q, q, q, attn_mask=mask)) == forward
     # The backward recomputes q k^T and takes four more products of the same size.
-    assert count_flops(lambda: attention(q, q, q, attn_mask=mask).sum().backward()) == 3.5 * forward
+    assert flops(lambda: attention(q, q, q, attn_mask=mask).sum().backward()) == 3.5 * forward
+
+
+def test_counted_operations_are_replayed_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only the matrix products and attention are replayed: the rest of the step costs nothing.
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import time
+
+    import torch
+    from _common import counted_ops
+
+    a = torch.randn(64, 64)
+    q = torch.randn(2, 1, 16, 8)
+    calls = []
+
+    def step() -> None:
+        calls.append(1)
+        time.sleep(0.5)  # not an operation PyTorch counts
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        (a @ a).relu()
+
+    ops = counted_ops(step, torch.device("cpu"))
+    assert calls == [1]  # the step itself runs once; its operations are replayed
+    assert {name: op["calls"] for name, op in ops.items()} == {
+        "aten._scaled_dot_product_flash_attention_for_cpu": 1, "aten.mm": 1}
+    assert ops["aten.mm"]["flops"] == 2 * 64**3
+    assert 0 < sum(op["seconds_alone"] for op in ops.values()) < 0.1
 
 
 def test_pretrain_epoch_benchmark_runs() -> None:
