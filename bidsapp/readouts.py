@@ -304,16 +304,21 @@ def input_token_signals(run: CachedRun, token_cells: int) -> torch.Tensor:
         The mean z-scored value of each token's cells (background cells count as 0, as the model
         sees them).
     """
-    depth, height, width = run.shape
     e = token_cells
-    if depth % e or height % e or width % e:
+    if any(size % e for size in run.shape):
         raise ValueError(f"a grid {run.shape} does not tile into {e}-cell tokens")
-    out = np.zeros((run.n_frames, depth // e, height // e, width // e), dtype=np.float64)
+    tokens = tuple(size // e for size in run.shape)
+    support = run.support_index   # read from the entry
+    # Support cell -> its token; cells outside the support hold 0 and add nothing to the sums.
+    token = np.ravel_multi_index([axis // e for axis in np.unravel_index(support, run.shape)],
+                                 tokens)
+    matrix = sparse.csr_matrix((np.full(len(support), 1.0 / e**3), (token, np.arange(len(support)))),
+                               shape=(math.prod(tokens), len(support)))  # (G, n_support)
+    out = np.zeros((run.n_frames, math.prod(tokens)))
     for start in range(0, run.n_frames, _CHUNK_FRAMES):
-        chunk = run.frames(start, min(start + _CHUNK_FRAMES, run.n_frames))  # (t, D, H, W)
-        grid = chunk.reshape(len(chunk), depth // e, e, height // e, e, width // e, e)
-        out[start:start + len(chunk)] = grid.mean(axis=(2, 4, 6), dtype=np.float64)
-    return torch.from_numpy(out[..., None])
+        chunk = np.asarray(run.data[start:start + _CHUNK_FRAMES], dtype=np.float64)
+        out[start:start + len(chunk)] = (matrix @ chunk.T).T
+    return torch.from_numpy(out.reshape(run.n_frames, *tokens, 1))
 
 
 def region_embedding(features: np.ndarray) -> np.ndarray:

@@ -324,12 +324,16 @@ def test_dispersion_covers_the_demo_s_split_regions_at_tiny(atlas_dir: Path) -> 
 
 
 def test_input_token_signals_average_each_token_s_cells() -> None:
-    frames = np.arange(3 * 4 * 4 * 4, dtype=np.float32).reshape(3, 4, 4, 4)
-    run = SimpleNamespace(shape=(4, 4, 4), n_frames=3,
-                          frames=lambda start, stop: frames[start:stop])
+    frames = np.arange(1, 3 * 4 * 4 * 4 + 1, dtype=np.float32).reshape(3, 4, 4, 4)
+    frames[:, 0, 2, 3] = frames[:, 3, 1, 0] = 0  # background: stored cells are the others
+    support = np.flatnonzero(frames[0].ravel())
+    run = SimpleNamespace(shape=(4, 4, 4), n_frames=3, support_index=support,
+                          data=frames.reshape(3, -1)[:, support].astype(np.float16))
     signals = input_token_signals(run, 2)  # (3, 2, 2, 2, 1): tokens of 2^3 cells
     assert signals.shape == (3, 2, 2, 2, 1) and signals.dtype == torch.float64
-    np.testing.assert_allclose(signals[1, 0, 1, 1, 0], frames[1, 0:2, 2:4, 2:4].mean())
-    np.testing.assert_allclose(signals[2, 1, 0, 1, 0], frames[2, 2:4, 0:2, 2:4].mean())
+    stored = frames.astype(np.float16).astype(np.float64)  # as the cache holds them
+    np.testing.assert_allclose(signals[1, 0, 1, 1, 0], stored[1, 0:2, 2:4, 2:4].mean())
+    np.testing.assert_allclose(signals[2, 1, 0, 1, 0], stored[2, 2:4, 0:2, 2:4].mean())
+    np.testing.assert_allclose(signals[:, 1, 0, 0, 0], stored[:, 2:4, 0:2, 0:2].mean((1, 2, 3)))
     with pytest.raises(ValueError, match="tile"):
         input_token_signals(run, 3)
