@@ -172,6 +172,8 @@ class PretrainConfig(_Section):
     resume: bool = False
     overwrite: bool = False
     torch_compile: bool = False
+    #: bfloat16 autocast on the CPU (CUDA always trains in it); needs a CPU with bf16 instructions.
+    cpu_bf16: bool = False
     #: A model to continue pretraining from (its folder or weights; :mod:`bidsapp.origin`).
     init_from: Path | None = None
 

@@ -19,7 +19,7 @@ from bidsapp.errors import interruption_in, interruption_message
 from bidsapp.io import atomic_write_text, ensure_dir
 from bidsapp.logs import FILE_ONLY, get_logger, setup_logging
 from bidsapp.outputs import LOGS_DIR
-from bidsapp.runtime import resolve_device, set_threads
+from bidsapp.runtime import check_cpu_bf16, resolve_device, set_threads
 
 
 def start_run(config: Config) -> Path | None:
@@ -45,6 +45,8 @@ def run(config: Config) -> int:
     """Run the analysis level of ``config``; return the exit code (errors are raised)."""
     check_paths(config)
     device = resolve_device(config.device)
+    if config.analysis_level == "pretrain" and config.pretrain.cpu_bf16:
+        check_cpu_bf16(device)
     start_run(config)
     moved = prepare_caches(config.work_dir)   # again: for callers other than the CLI
     set_threads(config.omp_nthreads)

@@ -160,7 +160,7 @@ def training_settings(config: Config) -> TrainingSettings:
                             batch_size=train.batch_size, lr=train.lr,
                             weight_decay=train.weight_decay, warmup_epochs=train.warmup_epochs,
                             clip_grad=train.clip_grad, num_workers=max(0, config.nprocs - 1),
-                            compile_model=train.torch_compile)
+                            compile_model=train.torch_compile, cpu_bf16=train.cpu_bf16)
 
 
 def _windows(runs: list[CachedRun], subjects_of_runs: list[str],

@@ -24,6 +24,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX, through oneDNN)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def check_cpu_bf16(device: torch.device) -> None:
+    """``--cpu-bf16`` on a CPU without bfloat16 instructions is a usage error (exit 64).
+
+    PyTorch would emulate them, several times slower than float32: never what was asked for.
+    """
+    if device.type == "cpu" and not cpu_has_bf16():
+        raise UsageError("--cpu-bf16: this CPU has no bfloat16 instructions (AVX512-BF16 or "
+                         "AMX); train without --cpu-bf16")
+
+
 def set_threads(n_threads: int) -> None:
     """Use ``n_threads`` threads for PyTorch and (via the environment) BLAS in workers."""
     torch.set_num_threads(n_threads)

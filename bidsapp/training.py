@@ -1,4 +1,6 @@
-"""The pretraining loop: AdamW, warmup + cosine schedule, gradient clipping, bf16 autocast on CUDA.
+"""The pretraining loop: AdamW, warmup + cosine schedule, gradient clipping, bf16 autocast.
+
+bf16 autocast runs on CUDA, and on the CPU with ``--cpu-bf16``.
 
 Determinism: the data order of epoch ``e`` comes from a sampler seeded with ``(seed, e)`` and the masks of
 step ``s`` from a generator seeded with ``(seed, e, s, rank)``; neither depends on what ran before, so a run
@@ -195,6 +197,8 @@ class TrainingSettings:
         Data-loader worker processes (0: load in the training process).
     compile_model : bool
         Compile the forward pass with :func:`torch.compile`.
+    cpu_bf16 : bool
+        On the CPU, run the forward pass in bfloat16 autocast, as on CUDA (where it always is).
     """
 
     seed: int
@@ -206,6 +210,7 @@ class TrainingSettings:
     clip_grad: float
     num_workers: int = 0
     compile_model: bool = False
+    cpu_bf16: bool = False
 
 
 class Trainer:
@@ -246,7 +251,7 @@ class Trainer:
         self.schedule = Schedule(lr, max(1, round(settings.warmup_epochs * steps_per_epoch)),
                                  epochs * steps_per_epoch)
         self.steps_per_epoch = steps_per_epoch
-        self.autocast = ctx.device.type == "cuda"
+        self.autocast = ctx.device.type == "cuda" or settings.cpu_bf16
 
     def _batches(self, loader: Iterable, desc: str) -> Iterable:
         return tqdm(loader, desc=desc, leave=False, disable=None if self.ctx.is_main else True,

@@ -1,10 +1,12 @@
 """The CPU attention fast path: every backbone runs with only the fused (flash) SDPA kernel, which
-never materialises the N x N attention matrix, and agrees with the reference (math) kernel."""
+never materialises the N x N attention matrix, and agrees with the reference (math) kernel; under
+bf16 autocast on the CPU (``--cpu-bf16``) it stays in float32."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bidsapp.atlas import load_atlas
@@ -14,6 +16,7 @@ from bidsapp.model.factory import build_model
 from bidsapp.model.mae import MaskedAutoencoder
 from bidsapp.model.masking import build_masking
 from bidsapp.model.presets import BACKBONE_PRESETS
+from bidsapp.runtime import cpu_has_bf16
 
 
 def _outputs(model: MaskedAutoencoder, x: torch.Tensor, brain: torch.Tensor,
@@ -46,3 +49,36 @@ def test_fused_attention_kernel_serves_every_backbone(backbone: str) -> None:
     for name in reference:
         torch.testing.assert_close(fused[name], reference[name], atol=2e-5, rtol=1e-4,
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="needs a CPU with bfloat16 instructions")
+@pytest.mark.parametrize("backbone", ["swin4d", "vit4d"])
+def test_cpu_bf16_autocast_keeps_attention_in_float32(backbone: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """--cpu-bf16: linear layers in bfloat16, attention in float32; the loss within 1% of the
+    float32 one and the gradients pointing the same way."""
+    preset = BACKBONE_PRESETS[backbone]["tiny"]
+    torch.manual_seed(0)
+    model = build_model(preset)
+    brain = torch.from_numpy(cube_atlas(load_atlas()).brain)[None].expand(2, -1, -1, -1)
+    x = torch.randn(2, 10, 96, 96, 96) * brain[:, None]
+    reference = _outputs(model, x, brain, "roi", SDPBackend.FLASH_ATTENTION)
+    seen = []
+    attention = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, *args, **kwargs: seen.append(q.dtype) or attention(q, *args,
+                                                                                      **kwargs))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = _outputs(model, x, brain, "roi", SDPBackend.FLASH_ATTENTION)
+    assert seen and set(seen) == {torch.float32}
+    assert abs(bf16["loss"].float() - reference["loss"]) < 0.01 * reference["loss"]
+    names = sorted(reference.keys() - {"loss", "pred", "embedding"})
+
+    def cosine(grads: list[torch.Tensor], references: list[torch.Tensor]) -> float:
+        return F.cosine_similarity(torch.cat([g.flatten().float() for g in grads]),
+                                   torch.cat([r.flatten() for r in references]), 0).item()
+
+    # The whole gradient, and each tensor's (the norms' small gradients are the noisiest).
+    assert cosine([bf16[n] for n in names], [reference[n] for n in names]) > 0.999
+    each = {name: cosine([bf16[name]], [reference[name]]) for name in names}
+    assert min(each.values()) > 0.9, min(each.items(), key=lambda item: item[1])

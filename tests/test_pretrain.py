@@ -19,6 +19,7 @@ from bidsapp.cache import load_cached
 from bidsapp.cli import main
 from bidsapp.demo import make_demo_dataset
 from bidsapp.io import json_text
+from bidsapp.runtime import cpu_has_bf16
 
 COMMON = ["--window-frames", "10", "--batch-size", "2", "--random-seed", "3", "--nprocs", "1"]
 
@@ -159,6 +160,29 @@ def test_device_cuda_without_gpu_exits_64(small_demo: Path, tmp_path: Path,
     assert _pretrain(small_demo, tmp_path / "out", "--device", "cuda") == 64
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no CUDA GPU" in err[0]
+
+
+def test_cpu_bf16_without_bf16_instructions_exits_64(small_demo: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr("bidsapp.runtime.cpu_has_bf16", lambda: False)
+    assert _pretrain(small_demo, tmp_path / "out", "--device", "cpu", "--cpu-bf16") == 64
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no bfloat16 instructions" in err[0], err
+    assert not (tmp_path / "out" / "models").exists()
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="needs a CPU with bfloat16 instructions")
+def test_cpu_bf16_trains_as_float32_does(small_demo: Path, tmp_path: Path) -> None:
+    """--cpu-bf16 follows the float32 run's losses within 2% and says so in the model."""
+    assert _pretrain(small_demo, tmp_path / "float32", "--epochs", "2") == 0
+    assert _pretrain(small_demo, tmp_path / "bf16", "--epochs", "2", "--cpu-bf16") == 0
+    logs = {run: pd.read_csv(tmp_path / run / "models/desc-roi/training_log.tsv", sep="\t")
+            for run in ("float32", "bf16")}
+    for column in ("train_loss", "val_loss"):
+        np.testing.assert_allclose(logs["bf16"][column], logs["float32"][column], rtol=0.02)
+    meta = json.loads((tmp_path / "bf16/models/desc-roi/model.json").read_text())
+    assert meta["training"]["cpu_bf16"] is True
 
 
 @pytest.mark.slow

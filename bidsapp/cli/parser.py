@@ -233,8 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
             "OUTPUT_DIR/models/desc-neurostorm from `roimae import-model`, or its .safetensors): "
             "its backbone, sizes, window length and TR, with this run's --masking")
     _option(tr, "pretrain.torch_compile", *_both("torch-compile"), action="store_true",
-            help="compile the training step with torch.compile (pays off on CUDA over long runs; "
-            "the first steps are slower while it compiles)")
+            help="compile the training step with torch.compile (on a GPU, or on a CPU over runs "
+            "of more than a few thousand steps: the first step compiles, for a minute or more)")
+    _option(tr, "pretrain.cpu_bf16", *_both("cpu-bf16"), action="store_true",
+            help="on the CPU, train in bfloat16 autocast as on CUDA (attention stays float32); "
+            "needs AVX512-BF16 or AMX; 10-15%% faster steps, 20-25%% with --torch-compile")
 
     par = parser.add_argument_group("Participant level")
     _option(par, "participant.model", "--model",

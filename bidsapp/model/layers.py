@@ -70,6 +70,21 @@ def sincos_embedding_4d(grid: tuple[int, int, int, int], dim: int,
     return torch.cat(parts, -1).flatten(0, 3)
 
 
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+    """``scaled_dot_product_attention``; in float32 under the CPU's bf16 autocast.
+
+    PyTorch's CPU attention kernel is slower in bfloat16 than in float32 (its backward 5-9x at
+    roimae's window shapes: docs/performance.md), while the linear layers around it gain from
+    bf16 (AVX512-BF16, AMX). On CUDA the bf16 kernels are used as they are.
+    """
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                  attn_mask=mask).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head self-attention inside groups of tokens, through ``scaled_dot_product_attention``.
 
@@ -96,7 +111,7 @@ class MultiHeadAttention(nn.Module):
         qkv = self.qkv(x).view(n_win, b, n, 3, h, c // h)
         # Batch and heads share one axis so that the (nW, 1, N, N) mask broadcasts without a copy.
         q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).reshape(3, n_win, b * h, n, c // h)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (nW, B*h, N, C/h)
+        out = _attention(q, k, v, mask)  # (nW, B*h, N, C/h)
         out = out.view(n_win, b, h, n, c // h).transpose(2, 3).reshape(n_win, b, n, c)
         return self.proj(out)
 
