@@ -193,6 +193,13 @@ class _CountedOps(TorchDispatchMode):
         kwargs = kwargs or {}
         if func.overloadpacket in flop_registry or func.overloadpacket in CPU_FLOP_FORMULAS:
             self.calls.append((func, args, kwargs))
+        elif func is not torch.ops.prim.device.default:
+            # Composite operations reach a mode undecomposed under inference mode (``matmul``,
+            # ``linear``): decompose them into the counted ones, as the FLOP counter does.
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
         return func(*args, **kwargs)
 
 

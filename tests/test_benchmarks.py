@@ -118,6 +118,12 @@ def test_counted_operations_are_replayed_alone(monkeypatch: pytest.MonkeyPatch) 
         "aten._scaled_dot_product_flash_attention_for_cpu": 1, "aten.mm": 1}
     assert ops["aten.mm"]["flops"] == 2 * 64**3
     assert 0 < sum(op["seconds_alone"] for op in ops.values()) < 0.1
+    # Under inference mode (the participant level's passes) composite operations reach the
+    # recorder undecomposed; they are decomposed into the counted ones.
+    linear = torch.nn.Linear(64, 32)
+    inference = counted_ops(torch.inference_mode()(lambda: linear(a) @ a[:32]), torch.device("cpu"))
+    assert {name: op["flops"] for name, op in inference.items()} == {
+        "aten.addmm": 2 * 64 * 64 * 32, "aten.mm": 2 * 64 * 32 * 64}
 
 
 def test_pretrain_epoch_benchmark_runs() -> None:
