@@ -101,14 +101,15 @@ def emit(record: dict[str, Any]) -> None:
 
 def step_seconds(model: torch.nn.Module, masking: Callable, optimizer: torch.optim.Optimizer,
                  batches: Iterable[dict], device: torch.device, steps: int,
-                 warmup: int = 1) -> float:
+                 warmup: int = 1, cpu_bf16: bool = False) -> float:
     """Median seconds of ``steps`` pretraining steps (as the pretrain level runs them: mask draw,
-    forward with bf16 autocast on CUDA, backward, AdamW) after ``warmup`` untimed ones.
+    forward with bf16 autocast on CUDA, and on the CPU with ``cpu_bf16`` as ``--cpu-bf16``,
+    backward, AdamW) after ``warmup`` untimed ones.
 
     ``batches`` yields dicts with ``x`` (B, T, 96, 96, 96) and ``brain`` (B, 96, 96, 96), or at
     the model's working shape, on any device; moving them to ``device`` is part of the step.
     """
-    autocast = device.type == "cuda"
+    autocast = device.type == "cuda" or cpu_bf16
     times = []
     for i, batch in enumerate(itertools.islice(batches, warmup + steps)):
         if device.type == "cuda":

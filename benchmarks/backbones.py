@@ -2,13 +2,15 @@
 
     python benchmarks/backbones.py [--presets tiny small] [--backbones swin4d swin4d-plain vit4d]
                                    [--batch-size 2] [--frames 20] [--steps 3] [--compile]
+                                   [--cpu-bf16] [--threads N]
     torchrun --standalone --nproc-per-node 2 benchmarks/backbones.py --backbones swin4d
 
 A step is what the pretrain level does per batch (mask draw, forward, backward, AdamW) on windows
 of noise in the AAL3 brain (0 outside, as the cache gives), with ``roi`` masking at 50% of the
 regions, through the module the pretrain level trains (:func:`bidsapp.training.training_network`:
 compiled with ``--compile`` as ``--torch-compile`` does, in DistributedDataParallel under
-torchrun). ``swin4d-plain`` is swin4d without background skipping; ``neurostorm`` is NeuroSTORM's
+torchrun; in bf16 autocast on the CPU too with ``--cpu-bf16``, as ``pretrain --cpu-bf16``).
+``swin4d-plain`` is swin4d without background skipping; ``neurostorm`` is NeuroSTORM's
 MAE at its released size (its one preset, ``released``, stands in for ``base`` and vice versa, so
 ``--presets base --backbones swin4d neurostorm`` compares the two). The visible-token fraction is
 the share of the cube's tokens (all frames) that the encoder processes. Every measurement runs in
@@ -54,7 +56,8 @@ from bidsapp.distributed import env_rank, env_world_size
 
 
 def measure(backbone: str, preset_name: str, batch: int, frames: int, steps: int,
-            warmup: int, compile_model: bool = False) -> dict:
+            warmup: int, compile_model: bool = False, cpu_bf16: bool = False,
+            threads: int | None = None) -> dict:
     from bidsapp.atlas import load_atlas
     from bidsapp.data import build_region_grid
     from bidsapp.distributed import DistributedContext
@@ -63,6 +66,8 @@ def measure(backbone: str, preset_name: str, batch: int, frames: int, steps: int
     from bidsapp.model.masking import build_masking
     from bidsapp.training import training_network
 
+    if threads:
+        torch.set_num_threads(threads)
     ctx = DistributedContext.setup(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     device = ctx.device
     preset = backbone_preset(backbone, preset_name)
@@ -84,13 +89,16 @@ def measure(backbone: str, preset_name: str, batch: int, frames: int, steps: int
     n_tokens = frames * torch.tensor(preset.grid_shape()).prod().item() / preset.tubelet
     batches = itertools.repeat({"x": x, "brain": brain})
     # The first step alone, before the warm-up: with --compile, it compiles (reported apart).
-    first = step_seconds(network, masking, optimizer, batches, device, steps=1, warmup=0)
-    seconds = step_seconds(network, masking, optimizer, batches, device, steps, warmup)
+    first = step_seconds(network, masking, optimizer, batches, device, steps=1, warmup=0,
+                         cpu_bf16=cpu_bf16)
+    seconds = step_seconds(network, masking, optimizer, batches, device, steps, warmup,
+                           cpu_bf16=cpu_bf16)
     world = ctx.world_size
     ctx.shutdown()
     return {"benchmark": "backbone-step", "backbone": backbone, "preset": preset.name,
             "device": device.type, "batch": batch, "frames": frames,
-            "compile": compile_model, "world_size": world,
+            "compile": compile_model, "cpu_bf16": cpu_bf16, "threads": torch.get_num_threads(),
+            "world_size": world,
             "seconds_per_step": seconds, "samples_per_second": batch * world / seconds,
             "first_step_seconds": first,
             "n_parameters": count_parameters(preset),
@@ -211,13 +219,20 @@ def main() -> None:
                         help="compile the forward pass, as pretrain --torch-compile does")
     parser.add_argument("--forward", action="store_true",
                         help="time forward passes of swin4d base, SwiFT and NeuroSTORM instead")
+    parser.add_argument("--cpu-bf16", action="store_true",
+                        help="steps on the CPU in bf16 autocast, as pretrain --cpu-bf16 does")
     parser.add_argument("--threads", type=int, default=None,
-                        help="--forward: PyTorch threads (default: PyTorch's; 1 on a shared machine)")
+                        help="PyTorch threads (default: PyTorch's; 1 on a shared machine)")
     args = parser.parse_args()
     if args.forward:
         forward_rows(args.frames, args.steps, args.threads)
         return
-    measured = (args.batch_size, args.frames, args.steps, args.warmup, args.compile)
+    if args.cpu_bf16:
+        from bidsapp.runtime import check_cpu_bf16
+
+        check_cpu_bf16(torch.device("cpu"))
+    measured = (args.batch_size, args.frames, args.steps, args.warmup, args.compile,
+                args.cpu_bf16, args.threads)
     if env_world_size() > 1:  # under torchrun: every rank is already its own fresh process
         if len(args.presets) * len(args.backbones) > 1:
             parser.error("under torchrun, measure one preset and one backbone per launch")

@@ -7,7 +7,7 @@ The loader reads windows from the memory-mapped cache, stored at the preset's wo
 model steps on the same batches already in memory. The two alternate for ``--rounds`` and each
 keeps its fastest round (the median of its steps). Target: loader step <= 1.1x in-memory step.
 
-Efficiency: the FLOPs of one step (counted by PyTorch, :func:`_common.count_flops`) over the
+Efficiency: the FLOPs of one step (counted by PyTorch, :func:`_common.counted_ops`) over the
 in-memory step's seconds, as TFLOP/s and as a fraction of a peak: on the CPU the rate of a 2048^2
 float32 matrix product measured in the same process, on a GPU the card's dense bf16 peak; and
 the bound set by the step's own matrix products and attention, each replayed alone on its

@@ -75,6 +75,15 @@ def test_benchmark_prints_finite_rows(script: str) -> None:
                 row["fraction_of_peak"] / row["counted_ops_share"])
 
 
+def test_backbone_steps_in_bf16_on_the_cpu() -> None:
+    from bidsapp.runtime import cpu_has_bf16
+
+    if not cpu_has_bf16():
+        pytest.skip("needs a CPU with bfloat16 instructions")
+    rows = _rows("backbones.py", "--cpu-bf16", "--threads", "1")
+    assert {(row["cpu_bf16"], row["threads"]) for row in rows} == {(True, 1)}
+
+
 def test_flops_of_cpu_attention_are_counted(monkeypatch: pytest.MonkeyPatch) -> None:
     # PyTorch's counter has no formula for the CPU attention kernel: swin4d's attention counted 0.
     monkeypatch.syspath_prepend(str(BENCHMARKS))
