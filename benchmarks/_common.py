@@ -61,7 +61,7 @@ def _child(fn: Callable[..., dict], args: tuple) -> dict:
     start = time.perf_counter()
     result = fn(*args)
     result.setdefault("seconds", time.perf_counter() - start)
-    result["peak_rss_mb"] = peak_rss_mb()
+    result.setdefault("peak_rss_mb", peak_rss_mb())  # ``fn`` may measure it before counting
     return result
 
 
@@ -182,19 +182,25 @@ CPU_FLOP_FORMULAS = {
 
 
 class _CountedOps(TorchDispatchMode):
-    """Records every call of an operation whose FLOPs PyTorch counts, with its arguments (the
-    tensors themselves: they stay alive until the calls are replayed)."""
+    """Runs every call of an operation whose FLOPs PyTorch counts again, alone, right after it.
 
-    def __init__(self) -> None:
+    Replaying each call as it happens holds no tensor beyond it (keeping the arguments for later
+    would keep a whole pass's activations alive). Per operator: calls, FLOPs, seconds alone.
+    """
+
+    def __init__(self, device: torch.device, repeats: int) -> None:
         super().__init__()
-        self.calls: list[tuple[Any, tuple, dict]] = []
+        self.device, self.repeats = device, repeats
+        self.ops: dict[str, dict[str, float]] = {}
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (),
                            kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if func.overloadpacket in flop_registry or func.overloadpacket in CPU_FLOP_FORMULAS:
-            self.calls.append((func, args, kwargs))
-        elif func is not torch.ops.prim.device.default:
+            out = func(*args, **kwargs)
+            self._replay(func, args, kwargs)
+            return out
+        if func is not torch.ops.prim.device.default:
             # Composite operations reach a mode undecomposed under inference mode (``matmul``,
             # ``linear``): decompose them into the counted ones, as the FLOP counter does.
             with self:
@@ -203,6 +209,24 @@ class _CountedOps(TorchDispatchMode):
                 return out
         return func(*args, **kwargs)
 
+    def _replay(self, func: Any, args: tuple, kwargs: dict) -> None:
+        with FlopCounterMode(display=False, custom_mapping=CPU_FLOP_FORMULAS) as counter:
+            func(*args, **kwargs)
+        best = float("inf")
+        for _ in range(self.repeats):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            func(*args, **kwargs)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+        op = self.ops.setdefault(str(func.overloadpacket),
+                                 {"calls": 0, "flops": 0, "seconds_alone": 0.0})
+        op["calls"] += 1
+        op["flops"] += counter.get_total_flops()
+        op["seconds_alone"] += best
+
 
 def counted_ops(fn: Callable[[], Any], device: torch.device,
                 repeats: int = 3) -> dict[str, dict[str, float]]:
@@ -210,9 +234,9 @@ def counted_ops(fn: Callable[[], Any], device: torch.device,
 
     Every call of an operation whose FLOPs PyTorch counts (:class:`~torch.utils.flop_counter.
     FlopCounterMode`: matrix products, convolutions, and attention with the CPU kernels of
-    :data:`CPU_FLOP_FORMULAS`) is recorded with its arguments, then run again on them: once under
-    the counter, then ``repeats`` times, the fastest kept. Elementwise work (norms, activations,
-    the optimizer, Mamba's selective scan) is not counted, so fractions of peak derived from these
+    :data:`CPU_FLOP_FORMULAS`) is run again on its arguments as it happens: once under the
+    counter, then ``repeats`` times, the fastest kept. Elementwise work (norms, activations, the
+    optimizer, Mamba's selective scan) is not counted, so fractions of peak derived from these
     FLOPs are lower bounds. ``fn`` runs once, slower than alone: never time it here.
 
     Returns, per operator (``aten.mm``, ...): ``calls``, ``flops`` and ``seconds_alone`` (summed
@@ -220,29 +244,10 @@ def counted_ops(fn: Callable[[], Any], device: torch.device,
     activations, indexing, the optimizer, Python) were free: the FLOPs over it bound the fraction
     of peak that the model's own shapes allow.
     """
-    recorder = _CountedOps()
+    recorder = _CountedOps(device, repeats)
     with recorder:
         fn()
-    ops: dict[str, dict[str, float]] = {}
-    with torch.inference_mode():
-        for func, args, kwargs in recorder.calls:
-            with FlopCounterMode(display=False, custom_mapping=CPU_FLOP_FORMULAS) as counter:
-                func(*args, **kwargs)
-            best = float("inf")
-            for _ in range(repeats):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                func(*args, **kwargs)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                best = min(best, time.perf_counter() - start)
-            op = ops.setdefault(str(func.overloadpacket), {"calls": 0, "flops": 0,
-                                                             "seconds_alone": 0.0})
-            op["calls"] += 1
-            op["flops"] += counter.get_total_flops()
-            op["seconds_alone"] += best
-    return ops
+    return recorder.ops
 
 
 def efficiency(ops: dict[str, dict[str, float]], seconds: float,

@@ -95,7 +95,9 @@ def measure(backbone: str, preset_name: str, batch: int, frames: int, steps: int
                            cpu_bf16=cpu_bf16)
     world = ctx.world_size
     ctx.shutdown()
-    return {"benchmark": "backbone-step", "backbone": backbone, "preset": preset.name,
+    peak = peak_rss_mb()  # before the counting pass below
+    return {"benchmark": "backbone-step", "peak_rss_mb": peak, "backbone": backbone,
+            "preset": preset.name,
             "device": device.type, "batch": batch, "frames": frames,
             "compile": compile_model, "cpu_bf16": cpu_bf16, "threads": torch.get_num_threads(),
             "world_size": world,
@@ -184,9 +186,11 @@ def measure_forward(name: str, frames: int, steps: int, threads: int | None = No
                 torch.cuda.synchronize()
             if i:
                 times.append(time.perf_counter() - start)
+        peak = peak_rss_mb()  # before the counting pass
         ops = counted_ops(run, device)
     seconds = statistics.median(times)
     return {"benchmark": "backbone-forward", "backbone": name, "part": FORWARD_MODELS[name],
+            "peak_rss_mb": peak,
             "preset": "base" if name.startswith("swin4d") else "released", "device": device.type,
             "batch": 1, "frames": frames, "seconds_per_forward": seconds,
             "seconds_per_forward_runs": times, "n_parameters": n_parameters, "steps": steps,
@@ -238,7 +242,7 @@ def main() -> None:
             parser.error("under torchrun, measure one preset and one backbone per launch")
         row = measure(args.backbones[0], args.presets[0], *measured)
         if env_rank() == 0:
-            emit({**row, "peak_rss_mb": peak_rss_mb()})
+            emit(row)
         return
     backbones = ["swin4d", *(b for b in args.backbones if b != "swin4d")]
     for preset in args.presets:

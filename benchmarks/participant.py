@@ -31,7 +31,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from _common import best_of, counted_ops, efficiency, emit
+from _common import best_of, counted_ops, efficiency, emit, peak_rss_mb
 
 from bidsapp.atlas import load_atlas
 from bidsapp.cache import PreprocessParams
@@ -99,6 +99,7 @@ def participant(bold: Path, mask: Path, cache: Path, preset_name: str, attributi
     result = analyse_run(loaded, run, attribution=attribution, n_subsets=subsets, seed=0)
     seconds = time.perf_counter() - start
     total = time.perf_counter() - began  # what the row times: not the counting pass below
+    peak = peak_rss_mb()  # nor its memory
     if compile_model:  # the counter sees no operation inside a compiled graph: count eagerly
         del model.encode_tokens, model.forward  # the class's methods again, on the plain path
     def passes() -> None:  # counted in a second pass: the counter slows the one it watches
@@ -110,7 +111,7 @@ def participant(bold: Path, mask: Path, cache: Path, preset_name: str, attributi
         precision = float(np.nanmedian(result.recon_error_se / result.recon_error))
     return {"windows": run.n_windows, "preprocess_seconds": prepared, "model_seconds": seconds,
             "recon_error_relative_se": precision, "efficiency": efficiency(ops, seconds, device),
-            "seconds": total, "compile": compile_model,
+            "seconds": total, "peak_rss_mb": peak, "compile": compile_model,
             "first_run_seconds": compiled}
 
 
