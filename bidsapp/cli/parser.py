@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
             "of more than a few thousand steps: the first step compiles, for a minute or more)")
     _option(tr, "pretrain.cpu_bf16", *_both("cpu-bf16"), action="store_true",
             help="on the CPU, train in bfloat16 autocast as on CUDA (attention stays float32); "
-            "needs AVX512-BF16 or AMX; 10-15%% faster steps, 20-25%% with --torch-compile")
+            "needs AVX512-BF16 or AMX; steps up to 20%% faster, 22-27%% with --torch-compile")
 
     par = parser.add_argument_group("Participant level")
     _option(par, "participant.model", "--model",

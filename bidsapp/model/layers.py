@@ -74,7 +74,7 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: torch.Tensor | None) -> torch.Tensor:
     """``scaled_dot_product_attention``; in float32 under the CPU's bf16 autocast.
 
-    PyTorch's CPU attention kernel is slower in bfloat16 than in float32 (its backward 5-9x at
+    PyTorch's CPU attention kernel is slower in bfloat16 than in float32 (its backward 2-5x at
     roimae's window shapes: docs/performance.md), while the linear layers around it gain from
     bf16 (AVX512-BF16, AMX). On CUDA the bf16 kernels are used as they are.
     """
