@@ -4,6 +4,8 @@ bf16 autocast on the CPU (``--cpu-bf16``) it stays in float32."""
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -78,7 +80,9 @@ def test_cpu_bf16_autocast_keeps_attention_in_float32(backbone: str,
         return F.cosine_similarity(torch.cat([g.flatten().float() for g in grads]),
                                    torch.cat([r.flatten() for r in references]), 0).item()
 
-    # The whole gradient, and each tensor's (the norms' small gradients are the noisiest).
-    assert cosine([bf16[n] for n in names], [reference[n] for n in names]) > 0.999
+    # The whole gradient, and each tensor's: measured 0.9986-0.99995 overall, a median tensor at
+    # 0.99998, the worst (a norm's small gradient) at 0.89-0.999, with 1 or 2 threads.
+    assert cosine([bf16[n] for n in names], [reference[n] for n in names]) > 0.99
     each = {name: cosine([bf16[name]], [reference[name]]) for name in names}
-    assert min(each.values()) > 0.9, min(each.items(), key=lambda item: item[1])
+    assert statistics.median(each.values()) > 0.999
+    assert min(each.values()) > 0.8, min(each.items(), key=lambda item: item[1])
