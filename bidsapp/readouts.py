@@ -312,13 +312,21 @@ def input_token_signals(run: CachedRun, token_cells: int) -> torch.Tensor:
     # Support cell -> its token; cells outside the support hold 0 and add nothing to the sums.
     token = np.ravel_multi_index([axis // e for axis in np.unravel_index(support, run.shape)],
                                  tokens)
-    matrix = sparse.csr_matrix((np.full(len(support), 1.0 / e**3), (token, np.arange(len(support)))),
-                               shape=(math.prod(tokens), len(support)))  # (G, n_support)
-    out = np.zeros((run.n_frames, math.prod(tokens)))
+    matrix = sparse.csr_matrix((np.full(len(support), 1.0 / e**3), (np.arange(len(support)), token)),
+                               shape=(len(support), math.prod(tokens)))  # (n_support, G)
+    return torch.from_numpy(_stored_frames_times(run, matrix).reshape(run.n_frames, *tokens, 1))
+
+
+def _stored_frames_times(run: CachedRun, matrix: sparse.csr_matrix) -> np.ndarray:
+    """Every stored frame of ``run`` (its support cells) times ``matrix (n_support, K)``.
+
+    Read in chunks of frames, in float64: ``(n_frames, K)``.
+    """
+    out = np.zeros((run.n_frames, matrix.shape[1]))
     for start in range(0, run.n_frames, _CHUNK_FRAMES):
         chunk = np.asarray(run.data[start:start + _CHUNK_FRAMES], dtype=np.float64)
-        out[start:start + len(chunk)] = (matrix @ chunk.T).T
-    return torch.from_numpy(out.reshape(run.n_frames, *tokens, 1))
+        out[start:start + len(chunk)] = (matrix.T @ chunk.T).T
+    return out
 
 
 def region_embedding(features: np.ndarray) -> np.ndarray:
@@ -401,11 +409,7 @@ def region_timeseries(run: CachedRun, cube: CubeAtlas) -> np.ndarray:
     scale = s**3 / run.cell_voxels().ravel()[cells] if s > 1 else np.ones(len(cells))
     matrix = sparse.csr_matrix((weights * scale / totals[regions], (columns, regions)),
                                shape=(len(support), cube.n_regions))  # (n_support, R)
-    out = np.zeros((run.n_frames, cube.n_regions))
-    for start in range(0, run.n_frames, _CHUNK_FRAMES):
-        chunk = np.asarray(run.data[start:start + _CHUNK_FRAMES], dtype=np.float64)
-        out[start:start + len(chunk)] = (matrix.T @ chunk.T).T
-    return np.where(totals > 0, out, np.nan)
+    return np.where(totals > 0, _stored_frames_times(run, matrix), np.nan)
 
 
 def correlation_matrix(timeseries: np.ndarray) -> np.ndarray:
