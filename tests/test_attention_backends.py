@@ -37,13 +37,17 @@ def _outputs(model: MaskedAutoencoder, x: torch.Tensor, brain: torch.Tensor,
     return {"loss": out.loss.detach(), "pred": out.pred.detach(), "embedding": embedding, **grads}
 
 
+def _tiny_model_and_batch(backbone: str) -> tuple[MaskedAutoencoder, torch.Tensor, torch.Tensor]:
+    """The backbone's ``tiny`` model (seeded) and 2 windows of 10 frames of noise in the brain."""
+    torch.manual_seed(0)
+    model = build_model(BACKBONE_PRESETS[backbone]["tiny"])
+    brain = torch.from_numpy(cube_atlas(load_atlas()).brain)[None].expand(2, -1, -1, -1)
+    return model, torch.randn(2, 10, 96, 96, 96) * brain[:, None], brain
+
+
 @pytest.mark.parametrize("backbone", ["swin4d", "vit4d"])
 def test_fused_attention_kernel_serves_every_backbone(backbone: str) -> None:
-    preset = BACKBONE_PRESETS[backbone]["tiny"]
-    torch.manual_seed(0)
-    model = build_model(preset)
-    brain = torch.from_numpy(cube_atlas(load_atlas()).brain)[None].expand(2, -1, -1, -1)
-    x = torch.randn(2, 10, 96, 96, 96) * brain[:, None]
+    model, x, brain = _tiny_model_and_batch(backbone)
     # With only the flash kernel allowed, SDPA raises rather than falling back to the math one.
     fused = _outputs(model, x, brain, "roi", SDPBackend.FLASH_ATTENTION)
     reference = _outputs(model, x, brain, "roi", SDPBackend.MATH)
@@ -59,11 +63,7 @@ def test_cpu_bf16_autocast_keeps_attention_in_float32(backbone: str,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """--cpu-bf16: linear layers in bfloat16, attention in float32; the loss within 1% of the
     float32 one and the gradients pointing the same way."""
-    preset = BACKBONE_PRESETS[backbone]["tiny"]
-    torch.manual_seed(0)
-    model = build_model(preset)
-    brain = torch.from_numpy(cube_atlas(load_atlas()).brain)[None].expand(2, -1, -1, -1)
-    x = torch.randn(2, 10, 96, 96, 96) * brain[:, None]
+    model, x, brain = _tiny_model_and_batch(backbone)
     reference = _outputs(model, x, brain, "roi", SDPBackend.FLASH_ATTENTION)
     seen = []
     attention = torch.nn.functional.scaled_dot_product_attention
