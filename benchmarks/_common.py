@@ -284,15 +284,18 @@ def efficiency(ops: dict[str, dict[str, float]], seconds: float,
 
 
 def step_efficiency(network: torch.nn.Module, masking: Callable, batch: dict,
-                    device: torch.device, seconds_per_step: float) -> dict[str, Any]:
-    """:func:`efficiency` of one training step (forward and backward, as :func:`step_seconds`).
+                    device: torch.device, seconds_per_step: float,
+                    cpu_bf16: bool = False) -> dict[str, Any]:
+    """:func:`efficiency` of one training step (forward and backward, as :func:`step_seconds`,
+    with the same autocast).
 
     Runs one more forward and backward, whose gradients are left to the next ``zero_grad``.
     """
     x, brain = batch["x"].to(device), batch["brain"].to(device)
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16,
+                            enabled=device.type == "cuda" or cpu_bf16):
             loss = network(x, brain, masking(x.shape[0], x.shape[1])).loss
         loss.backward()
 

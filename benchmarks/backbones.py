@@ -108,7 +108,8 @@ def measure(backbone: str, preset_name: str, batch: int, frames: int, steps: int
             "steps": steps, "warmup": warmup,
             # Counted on the module itself: a compiled graph hides its operations from the counter
             # (its FLOPs are the plain path's, which compiling selects).
-            **step_efficiency(model, masking, {"x": x, "brain": brain}, device, seconds)}
+            **step_efficiency(model, masking, {"x": x, "brain": brain}, device, seconds,
+                              cpu_bf16)}
 
 
 def backbone_preset(backbone: str, preset_name: str):
